@@ -1,0 +1,51 @@
+"""slide2vec-dask: whole-slide images to embeddings, as a streaming Dask dataflow.
+
+The public surface is imported lazily so that ``import slide2vec_dask`` stays
+fast: torch, timm and dask load only when a model or slide is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Model": "slide2vec_dask.model",
+    "PreprocessingConfig": "slide2vec_dask.config",
+    "ExecutionOptions": "slide2vec_dask.config",
+    "EmbeddedSlide": "slide2vec_dask.results",
+    "open_slide": "slide2vec_dask.slide",
+    "Slide": "slide2vec_dask.slide",
+    "MissingSpacingError": "slide2vec_dask.slide",
+    "UnreadableSlideError": "slide2vec_dask.slide",
+    "TileGrid": "slide2vec_dask.tiling",
+    "list_models": "slide2vec_dask.encoders.registry",
+    "activate_progress_reporter": "slide2vec_dask.progress",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'slide2vec_dask' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+    from slide2vec_dask.encoders.registry import list_models
+    from slide2vec_dask.model import Model
+    from slide2vec_dask.progress import activate_progress_reporter
+    from slide2vec_dask.results import EmbeddedSlide
+    from slide2vec_dask.slide import MissingSpacingError, Slide, UnreadableSlideError, open_slide
+    from slide2vec_dask.tiling import TileGrid

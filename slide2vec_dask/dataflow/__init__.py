@@ -1,0 +1,1 @@
+"""The Dask dataflow: graphs over slide blocks, worker-side model cache, executors."""

@@ -1,0 +1,107 @@
+"""Run selected blocks of a graph, a bounded number at a time.
+
+Two executors, one contract: ``run_blocks`` submits block tasks (a block's
+read and its embedding), keeps at most ``window`` in flight, and hands each
+result to ``on_block`` as it lands.
+
+* local (no cluster): a thread pool in this process runs each block's small
+  culled graph with Dask's synchronous scheduler; the model is shared by all
+  threads and the device lock serialises it, so while one thread runs the
+  encoder the others decode the next blocks.
+* distributed: the blocks' graphs go to the cluster; with ``num_gpus > 0``
+  the embedding tasks ask for ``resources={"GPU": 1}`` and so land only on
+  GPU workers, while reads run anywhere.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+from typing import Callable, Iterable
+
+from slide2vec_dask.dataflow.graph import SlideGraph
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Callable, *, client=None,
+               num_workers: int, prefetch_factor: int, gpu_resources: bool) -> None:
+    """Compute each (graph, block) and call ``on_block(graph, block, result)`` as results arrive."""
+    if client is not None:
+        _run_distributed(jobs, on_block, client, num_workers * prefetch_factor, gpu_resources)
+    else:
+        _run_local(jobs, on_block, num_workers, prefetch_factor)
+
+
+def _subgraph(graph: SlideGraph, block: tuple[int, int], cache: dict) -> tuple[dict, tuple]:
+    from dask.optimization import cull
+
+    dsk = cache.get(graph.array.name)
+    if dsk is None:
+        dsk = cache[graph.array.name] = dict(graph.array.__dask_graph__())
+    key = graph.key(block)
+    return cull(dsk, [key])[0], key
+
+
+def _run_local(jobs, on_block, num_workers: int, prefetch_factor: int) -> None:
+    from dask.local import get_sync
+
+    cache: dict = {}
+    # One extra thread so the encoder always has a block to chew on while num_workers threads decode.
+    threads = num_workers + 1
+    window = threads * prefetch_factor
+    with cf.ThreadPoolExecutor(threads, thread_name_prefix="slide2vec-block") as pool:
+        pending: dict[cf.Future, tuple] = {}
+        try:
+            for graph, block in jobs:
+                dsk, key = _subgraph(graph, block, cache)
+                pending[pool.submit(get_sync, dsk, key)] = (graph, block)
+                if len(pending) >= window:
+                    _drain(pending, on_block, cf.FIRST_COMPLETED)
+            while pending:
+                _drain(pending, on_block, cf.FIRST_COMPLETED)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def _drain(pending: dict, on_block, how) -> None:
+    done, _ = cf.wait(pending, return_when=how)
+    for future in done:
+        graph, block = pending.pop(future)
+        on_block(graph, block, future.result())
+
+
+def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool) -> None:
+    from distributed import as_completed
+
+    cache: dict = {}
+    results = as_completed(with_results=True)
+    meta: dict = {}
+    in_flight = 0
+
+    def submit(graph, block):
+        dsk, key = _subgraph(graph, block, cache)
+        resources = {key: {"GPU": 1}} if gpu_resources else None
+        future = client.get(dsk, key, sync=False, resources=resources)
+        meta[future.key] = (graph, block)
+        results.add(future)
+
+    jobs = iter(jobs)
+    for graph, block in jobs:
+        submit(graph, block)
+        in_flight += 1
+        if in_flight >= window:
+            break
+    for future, result in results:
+        graph, block = meta.pop(future.key)
+        on_block(graph, block, result)
+        nxt = next(jobs, None)
+        if nxt is not None:
+            submit(*nxt)

@@ -1,0 +1,208 @@
+"""Slides in, `EmbeddedSlide`s out: open, plan, build graphs, stream blocks.
+
+Blocks of every slide flow through one executor, so the encoder never
+waits between slides; each slide's rows are placed as its blocks land.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+from slide2vec_dask.dataflow.clusters import cluster_threads, resolve_client
+from slide2vec_dask.dataflow.driver import default_threads, run_blocks
+from slide2vec_dask.dataflow.graph import EmbedSettings, SlideGraph, tile_embedding_graph
+from slide2vec_dask.encoders.base import EncoderSpec
+from slide2vec_dask.progress import get_progress_reporter
+from slide2vec_dask.results import EmbeddedSlide
+from slide2vec_dask.slide import open_slide
+from slide2vec_dask.tiling.grid import TileGrid
+from slide2vec_dask.tiling.plan import Plan, plan_slide
+
+
+@dataclass
+class SlideInput:
+    """One slide as the API accepts it: a path, or a dict with the manifest's columns."""
+
+    image_path: Path
+    sample_id: str
+    mask_path: Path | None = None
+    spacing_at_level_0: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, slide: Any, *, spacing_at_level_0: float | None = None, mask_path=None,
+              sample_id: str | None = None) -> "SlideInput":
+        if isinstance(slide, SlideInput):
+            return slide
+        if isinstance(slide, Mapping):
+            if "image_path" not in slide:
+                raise ValueError(f"a slide dict needs an 'image_path' key, got keys {sorted(slide)}")
+            d = dict(slide)
+            path = Path(d.pop("image_path"))
+            sid = d.pop("sample_id", None) or sample_id or path.stem
+            mask = d.pop("mask_path", None) or mask_path
+            spacing = d.pop("spacing_at_level_0", None)
+            spacing = spacing if spacing is not None else spacing_at_level_0
+            return cls(path, str(sid), Path(mask) if mask else None,
+                       None if spacing is None else float(spacing), d)
+        if isinstance(slide, (str, Path)):
+            path = Path(slide)
+            return cls(path, sample_id or path.stem, Path(mask_path) if mask_path else None, spacing_at_level_0)
+        raise TypeError(f"a slide is a path or a dict with 'image_path', got {type(slide).__name__}")
+
+
+def resolve_request(spec: EncoderSpec, config: PreprocessingConfig) -> tuple[float, int]:
+    """Spacing and tile size to tile at: the config's, else the model's own contract."""
+    spacing = config.requested_spacing_um if config.requested_spacing_um is not None else spec.spacing_um
+    if spacing is None:
+        raise ValueError(f"model {spec.name!r} has no native spacing; set PreprocessingConfig(requested_spacing_um=...)")
+    tile = config.requested_tile_size_px or spec.tile_size_px
+    return spacing, tile
+
+
+def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
+             execution: ExecutionOptions) -> tuple[Any, Plan]:
+    slide = open_slide(item.image_path, backend=config.backend, spacing_at_level_0=item.spacing_at_level_0)
+    spacing, tile = resolve_request(spec, config)
+    out = Path(execution.output_dir) if execution.output_dir is not None else None
+    saved = _saved_plan(item, config, out)
+    if saved is not None:
+        _check_plan(saved, slide, spacing, tile, item)
+        return slide, Plan(saved)
+    plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
+                      mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
+    if out is not None:
+        plan.grid.save(out / "coordinates" / f"{item.sample_id}.npz")
+    return slide, plan
+
+
+def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None) -> TileGrid | None:
+    if config.read_coordinates_from is not None:
+        source = Path(config.read_coordinates_from)
+        path = source / f"{item.sample_id}.npz" if source.is_dir() else source
+        if not path.exists():
+            raise FileNotFoundError(f"{item.sample_id}: no saved coordinates at {path} (read_coordinates_from)")
+        return TileGrid.load(path)
+    if config.resume and out is not None:
+        path = out / "coordinates" / f"{item.sample_id}.npz"
+        if path.exists():
+            grid = TileGrid.load(path)
+            from slide2vec_dask.tiling.plan import _selection_config
+
+            same = (grid.meta.get("config") == _selection_config(config)
+                    and grid.meta.get("image_path") == str(item.image_path)
+                    and grid.meta.get("mask_path") == (None if item.mask_path is None else str(item.mask_path)))
+            return grid if same else None
+    return None
+
+
+def _check_plan(grid: TileGrid, slide, spacing: float, tile: int, item: SlideInput) -> None:
+    problems = []
+    if abs(grid.requested_spacing_um - spacing) > 1e-9 or grid.requested_tile_size_px != tile:
+        problems.append(f"it was made for {grid.requested_tile_size_px} px at {grid.requested_spacing_um} µm/px, "
+                        f"this run asks for {tile} px at {spacing} µm/px")
+    if grid.level >= slide.level_count:
+        problems.append(f"it reads level {grid.level}, the slide has {slide.level_count}")
+    else:
+        lh, lw = slide.level_shapes[grid.level]
+        if grid.shape[0] * grid.read_tile_size_px > lh or grid.shape[1] * grid.read_tile_size_px > lw:
+            problems.append("its grid does not fit this slide's dimensions")
+    if problems:
+        raise ValueError(f"{item.sample_id}: saved coordinates do not fit: " + "; ".join(problems))
+
+
+def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: PreprocessingConfig,
+                 execution: ExecutionOptions) -> list[EmbeddedSlide]:
+    """Embed several slides, results in input order (any failure raises)."""
+    client = resolve_client(execution.scheduler_address)
+    num_gpus = _num_gpus(execution, client)
+    settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)
+
+    planners = execution.num_preprocessing_workers or min(len(items), default_threads()) or 1
+    with cf.ThreadPoolExecutor(planners, thread_name_prefix="slide2vec-plan") as pool:
+        planned = list(pool.map(lambda it: plan_for(it, spec, config, execution), items))
+
+    graphs: list[SlideGraph] = []
+    outputs: list[np.ndarray] = []
+    index_grids: list[np.ndarray] = []
+    for slide, plan in planned:
+        grid = plan.grid
+        graphs.append(tile_embedding_graph(slide, grid, spec, settings, config.use_supertiles))
+        outputs.append(np.zeros((grid.num_tiles, spec.feature_dim), dtype=np.float32))
+        index = np.full(grid.shape, -1, dtype=np.int64)
+        index[grid.keep] = np.arange(grid.num_tiles)
+        index_grids.append(index)
+    slot = {id(g): i for i, g in enumerate(graphs)}
+
+    reporter = get_progress_reporter()
+    total = sum(p.grid.num_tiles for _, p in planned)
+    reporter.start(total, items[0].sample_id if len(items) == 1 else f"{len(items)} slides")
+
+    def on_block(graph: SlideGraph, block: tuple[int, int], result: np.ndarray) -> None:
+        i = slot[id(graph)]
+        k = graph.k
+        index = index_grids[i][block[0] * k : (block[0] + 1) * k, block[1] * k : (block[1] + 1) * k]
+        kept = index >= 0
+        outputs[i][index[kept]] = result[kept]
+        reporter.advance(int(kept.sum()))
+
+    jobs = ((g, b) for g in graphs for b in g.blocks)
+    num_workers = execution.num_workers or (cluster_threads(client) if client is not None else default_threads())
+    try:
+        run_blocks(jobs, on_block, client=client, num_workers=num_workers,
+                   prefetch_factor=execution.prefetch_factor, gpu_resources=client is not None and num_gpus > 0)
+    finally:
+        reporter.close()
+        if client is None and not execution.persistent_workers:
+            from slide2vec_dask.dataflow.worker import release_encoders
+
+            release_encoders(spec.key)
+    return [_result(item, plan, emb, spec, settings) for item, (_, plan), emb in zip(items, planned, outputs)]
+
+
+def _num_gpus(execution: ExecutionOptions, client) -> int:
+    if execution.num_gpus is not None:
+        if execution.num_gpus > 0 and client is None:
+            import torch
+
+            if torch.cuda.device_count() == 0:
+                raise ValueError(f"num_gpus={execution.num_gpus} but no CUDA device is visible here; "
+                                 "use num_gpus=0 (CPU) or run on a GPU machine or cluster")
+        return execution.num_gpus
+    if client is not None:
+        return 0  # a cluster's GPUs are declared by its workers; ask for them with num_gpus
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _result(item: SlideInput, plan: Plan, embeddings: np.ndarray, spec: EncoderSpec,
+            settings: EmbedSettings) -> EmbeddedSlide:
+    import torch
+
+    grid = plan.grid
+    return EmbeddedSlide(
+        sample_id=item.sample_id,
+        tile_embeddings=torch.from_numpy(embeddings),
+        x=grid.x, y=grid.y, tile_size_lv0=grid.tile_size_lv0,
+        image_path=item.image_path, mask_path=item.mask_path,
+        mask_preview_path=plan.mask_preview_path, tiling_preview_path=plan.tiling_preview_path,
+        attrs={
+            "encoder": spec.name,
+            "feature_dim": int(spec.feature_dim),
+            "requested_spacing_um": grid.requested_spacing_um,
+            "requested_tile_size_px": grid.requested_tile_size_px,
+            "read_level": grid.level,
+            "read_spacing_um": grid.read_spacing_um,
+            "read_tile_size_px": grid.read_tile_size_px,
+            "slide_spacing_um": grid.slide_spacing_um,
+            "tissue_threshold": grid.tissue_threshold,
+            "precision": settings.precision or "auto",
+        },
+    )

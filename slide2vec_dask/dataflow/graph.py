@@ -1,0 +1,96 @@
+"""A slide's tile embeddings as a lazy dask array over its tile grid.
+
+``pixels = slide.to_dask(level, chunks=k * read_tile)`` reads blocks of k x k
+tiles; ``map_blocks(embed_block, pixels, keep)`` embeds the kept tiles of a
+block, giving a ``(rows, cols, feature)`` float32 array (NaN where a tile is
+not kept).  Only blocks that hold kept tiles are ever computed, so glass is
+never decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from slide2vec_dask.encoders.base import EncoderSpec
+from slide2vec_dask.slide import Slide
+from slide2vec_dask.tiling.grid import TileGrid
+
+DEFAULT_BLOCK_PX = 2048
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """What an embedding task needs besides pixels (small, picklable)."""
+
+    batch_size: int = 32
+    num_gpus: int = 0
+    precision: str | None = None
+    channels_last: bool = True
+
+
+def block_tiles(grid: TileGrid, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX) -> int:
+    """Tiles per block side: about ``block_px`` read-level pixels, or 1 without supertiles."""
+    return max(1, round(block_px / grid.read_tile_size_px)) if use_supertiles else 1
+
+
+def cut_tiles(pixels: np.ndarray, keep: np.ndarray, tile: int) -> np.ndarray:
+    """The kept tiles of a block, ``(n, tile, tile, 3)``, in row-major order."""
+    rows, cols = keep.shape
+    grid = pixels[: rows * tile, : cols * tile].reshape(rows, tile, cols, tile, 3).swapaxes(1, 2)
+    return np.ascontiguousarray(grid[keep])
+
+
+def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
+                settings: EmbedSettings) -> np.ndarray:
+    from slide2vec_dask.dataflow.worker import acquire_device, get_encoder
+
+    keep = keep[:, :, 0]
+    out = np.full(keep.shape + (spec.feature_dim,), np.nan, dtype=np.float32)
+    if keep.any():
+        tiles = cut_tiles(pixels, keep, read_tile)
+        with acquire_device(settings.num_gpus) as device:
+            encoder = get_encoder(spec, device, settings.precision, settings.channels_last)
+            out[keep] = encoder.embed(tiles, settings.batch_size)
+    return out
+
+
+@dataclass
+class SlideGraph:
+    """The embedding array of one slide and the blocks worth computing."""
+
+    array: object                        # dask array (rows, cols, feature)
+    blocks: list[tuple[int, int]]        # (block_row, block_col) holding kept tiles
+    tiles_per_block: list[int]
+    k: int
+
+    def key(self, block: tuple[int, int]) -> tuple:
+        return (self.array.name, block[0], block[1], 0)
+
+
+def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settings: EmbedSettings,
+                         use_supertiles: bool = True, block_px: int = DEFAULT_BLOCK_PX) -> SlideGraph:
+    import dask
+    import dask.array as da
+
+    if spec.feature_dim is None:
+        raise ValueError(f"encoder {spec.name!r}: feature_dim must be known to build the graph")
+    k = block_tiles(grid, use_supertiles, block_px)
+    rt = grid.read_tile_size_px
+    rows, cols = grid.shape
+    pixels = slide.to_dask(grid.level, chunks=k * rt)[: rows * rt, : cols * rt]
+    # A trailing length-1 axis lines ``keep`` up with the pixels' (y, x, channel) blocks.
+    keep = da.from_array(grid.keep[:, :, None], chunks=(k, k, 1), name=f"keep-{dask.base.tokenize(grid.keep)}")
+    spec_node = dask.delayed(spec, name=f"encoder-{spec.key}", pure=True)
+    array = da.map_blocks(
+        embed_block, pixels, keep,
+        spec=spec_node, read_tile=rt, settings=settings,
+        chunks=(keep.chunks[0], keep.chunks[1], (spec.feature_dim,)),
+        dtype=np.float32,
+        name=f"embed-{dask.base.tokenize(pixels.name, keep.name, spec.key, settings)}",
+    )
+    counts = np.add.reduceat(np.add.reduceat(grid.keep, np.arange(0, rows, k), axis=0),
+                             np.arange(0, cols, k), axis=1) if rows and cols else np.zeros((0, 0), int)
+    blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
+    return SlideGraph(array, blocks, [int(counts[b]) for b in blocks], k)

@@ -1,0 +1,7 @@
+"""Encoders: picklable specs, the preset registry, and the on-device runtime."""
+
+from slide2vec_dask.encoders.base import EncoderSpec, ModuleBuilder, TimmBuilder, load_checkpoint
+from slide2vec_dask.encoders.registry import get_preset, list_models, register_preset
+
+__all__ = ["EncoderSpec", "TimmBuilder", "ModuleBuilder", "load_checkpoint", "get_preset", "list_models",
+           "register_preset"]

@@ -1,0 +1,112 @@
+"""What an encoder is, as data: a picklable recipe plus its input contract.
+
+An `EncoderSpec` travels in the Dask graph; the heavy `torch.nn.Module` is
+built from it once per worker process (see `slide2vec_dask.dataflow.worker`),
+so tasks never carry weights.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A tile encoder: how to build it, and what it expects and returns.
+
+    ``build`` returns a module mapping normalised float ``(B, 3, H, W)`` to
+    ``(B, feature_dim)``.  ``key`` identifies the built module in worker
+    caches: two specs with the same key share one loaded model.
+    """
+
+    name: str
+    build: Callable[[], Any]
+    spacing_um: float | None
+    tile_size_px: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    feature_dim: int | None = None
+    level: str = "tile"
+    default_precision: str = "fp32"
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TimmBuilder:
+    """Builds a timm architecture, optionally loading a local checkpoint."""
+
+    arch: str
+    pretrained: bool = False
+    checkpoint_path: str | None = None
+    kwargs: tuple = ()
+
+    def __call__(self):
+        import timm
+
+        model = timm.create_model(self.arch, pretrained=self.pretrained, **dict(self.kwargs))
+        if self.checkpoint_path is not None:
+            load_checkpoint(model, self.checkpoint_path, what=f"timm model {self.arch!r}")
+        return model
+
+
+@dataclass(frozen=True)
+class ModuleBuilder:
+    """Hands out a user's ready-made module (pickled once per worker when distributed)."""
+
+    module: Any
+
+    def __call__(self):
+        return self.module
+
+
+def read_state_dict(path: str | Path, what: str) -> dict:
+    """Tensors from ``.safetensors`` or a ``.pt/.pth/.bin`` state dict, never arbitrary pickles."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what}: checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{what}: {path} is not a weights-only torch checkpoint ({exc}); "
+                         "re-save it as a state dict or .safetensors") from exc
+    for nested in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and nested in state and isinstance(state[nested], dict):
+            state = state[nested]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def load_checkpoint(model, path: str | Path, what: str) -> None:
+    """Load a state dict strictly, with an error that says which keys do not fit."""
+    state = read_state_dict(path, what)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        detail = []
+        if missing:
+            detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+        if unexpected:
+            detail.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+        if shapes:
+            k = shapes[0]
+            detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint "
+                          f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ValueError(f"{what}: checkpoint {path} does not fit the architecture: " + "; ".join(detail))
+    model.load_state_dict(state, strict=True)

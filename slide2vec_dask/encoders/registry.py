@@ -1,0 +1,62 @@
+"""The preset registry: one entry per named model, as data (timm-style).
+
+A preset module calls `register_preset(...)` at import; adding a model
+touches one place.  `get_preset` and `list_models` are all callers need.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from slide2vec_dask.encoders.base import EncoderSpec
+
+LEVELS = ("tile", "slide", "patient")
+
+# name -> factory(checkpoint_path=None, output_variant=None) -> EncoderSpec
+_PRESETS: dict[str, Callable[..., EncoderSpec]] = {}
+_LEVEL: dict[str, str] = {}
+
+
+def register_preset(name: str, level: str = "tile"):
+    """Decorator registering ``factory(checkpoint_path=None, output_variant=None) -> EncoderSpec``."""
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+
+    def decorate(factory: Callable[..., EncoderSpec]) -> Callable[..., EncoderSpec]:
+        if name in _PRESETS:
+            raise ValueError(f"preset {name!r} is registered twice")
+        _PRESETS[name] = factory
+        _LEVEL[name] = level
+        return factory
+
+    return decorate
+
+
+def _load_presets() -> None:
+    import importlib
+
+    # Preset modules register themselves on import; a missing module just means no presets yet.
+    try:
+        importlib.import_module("slide2vec_dask.encoders.presets")
+    except ModuleNotFoundError as exc:
+        if exc.name != "slide2vec_dask.encoders.presets":
+            raise
+
+
+def get_preset(name: str) -> Callable[..., EncoderSpec]:
+    _load_presets()
+    key = name.lower()
+    if key not in _PRESETS:
+        close = difflib.get_close_matches(key, list(_PRESETS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown model preset {name!r}{hint} (list_models() shows all {len(_PRESETS)})")
+    return _PRESETS[key]
+
+
+def list_models(level: str | None = None) -> list[str]:
+    """Names of the registered presets, optionally only those of one level."""
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS} or None, got {level!r}")
+    _load_presets()
+    return sorted(n for n in _PRESETS if level is None or _LEVEL[n] == level)

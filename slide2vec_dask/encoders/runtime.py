@@ -1,0 +1,78 @@
+"""A built encoder on one device: uint8 tiles in, float32 embeddings out.
+
+Tiles travel as uint8 (4x smaller than float) and become floats on the
+device, where resizing and normalisation happen in one fused pass; the
+normalisation constants are folded into a single multiply-add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from slide2vec_dask.encoders.base import EncoderSpec
+
+_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+class LoadedEncoder:
+    def __init__(self, spec: EncoderSpec, device: str, precision: str, channels_last: bool = True):
+        import torch
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        module = spec.build()
+        module.eval().requires_grad_(False)
+        self.module = module.to(self.device, memory_format=torch.channels_last) if channels_last else module.to(self.device)
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        # (x / 255 - mean) / std  ==  x * scale + shift
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = -mean / std
+
+    def embed(self, tiles: np.ndarray, batch_size: int) -> np.ndarray:
+        """``(N, h, w, 3)`` uint8 tiles -> ``(N, D)`` float32 embeddings."""
+        import torch
+
+        outputs = []
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(tiles), batch_size):
+                outputs.append(self._forward(torch.from_numpy(tiles[start : start + batch_size])))
+        if not outputs:
+            return np.zeros((0, self.spec.feature_dim or 0), dtype=np.float32)
+        return torch.cat(outputs).float().cpu().numpy()
+
+    def _forward(self, batch):
+        import torch
+        import torch.nn.functional as F
+
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC view = channels_last NCHW
+        x = x.float()
+        size = self.spec.tile_size_px
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = torch.addcmul(self._shift, x, self._scale)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = self.module(x)
+        if out.ndim != 2:
+            raise ValueError(f"encoder {self.spec.name!r} returned shape {tuple(out.shape)}; a tile encoder "
+                             "must map (B, 3, H, W) to (B, D)")
+        return out
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, _DTYPES[self.precision]))
+
+
+def resolve_precision(spec: EncoderSpec, requested: str | None, device_type: str) -> str:
+    """None picks the model's default on GPU and fp32 on CPU (no fast half precision there)."""
+    if requested is not None:
+        return requested
+    return spec.default_precision if device_type == "cuda" else "fp32"

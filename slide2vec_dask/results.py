@@ -1,0 +1,52 @@
+"""What the API returns: plain containers with an xarray view."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class EmbeddedSlide:
+    """One slide's tile embeddings (row ``i`` is the tile at ``x[i], y[i]``, level 0)."""
+
+    sample_id: str
+    tile_embeddings: Any                  # torch.Tensor (N, D) float32
+    x: np.ndarray                         # (N,) int64, level-0 px of each tile's top-left corner
+    y: np.ndarray
+    tile_size_lv0: int
+    image_path: Path
+    mask_path: Path | None = None
+    slide_embedding: Any = None           # (D,) for slide-level models
+    latents: Any = None
+    mask_preview_path: Path | None = None
+    tiling_preview_path: Path | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def num_tiles(self) -> int:
+        return int(len(self.x))
+
+    def to_xarray(self):
+        """``embedding (tile, feature)`` with level-0 ``x``/``y`` coordinates and provenance attrs."""
+        import xarray as xr
+
+        emb = self.tile_embeddings
+        values = emb.numpy() if hasattr(emb, "numpy") else np.asarray(emb)
+        return xr.Dataset(
+            {"embedding": (("tile", "feature"), values)},
+            coords={
+                "x": ("tile", self.x, {"units": "pixels (level 0)", "long_name": "tile left edge"}),
+                "y": ("tile", self.y, {"units": "pixels (level 0)", "long_name": "tile top edge"}),
+            },
+            attrs={
+                "sample_id": self.sample_id,
+                "image_path": str(self.image_path),
+                "mask_path": "" if self.mask_path is None else str(self.mask_path),
+                "tile_size_lv0": self.tile_size_lv0,
+                **self.attrs,
+            },
+        )

@@ -1,0 +1,214 @@
+"""The `Slide`: a lazy, picklable view of one whole-slide image.
+
+A backend ("reader") knows one file format family and decodes pixels; the
+`Slide` adds what every backend shares: spacing resolution and its override,
+level geometry, thumbnails and the lazy dask view.  A `Slide` pickles as its
+path and options and re-opens the file in the receiving process, so Dask can
+ship it to workers without shipping file handles.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class UnreadableSlideError(ValueError):
+    """The file exists but is not a slide any backend can read."""
+
+
+class MissingSpacingError(ValueError):
+    """The slide does not say how many µm a pixel is, and none was given."""
+
+
+class Reader(Protocol):
+    """What a backend provides; everything is in pixels of the given level."""
+
+    backend: str
+    vendor: str
+    level_shapes: list[tuple[int, int]]        # (height, width) per level
+    level_downsamples: list[float]
+    spacing_um: float | None                   # level-0 µm/px from the file, if any
+
+    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class Slide:
+    """A whole-slide image opened lazily: metadata now, pixels on demand."""
+
+    def __init__(self, path: Path, reader: Reader, spacing_at_level_0: float | None = None):
+        self.path = path
+        self._reader = reader
+        self._spacing_override = spacing_at_level_0
+        self._thumb_lock = threading.Lock()
+        self._thumb_cache: tuple[tuple[int, int], np.ndarray] | None = None
+        spacing = spacing_at_level_0 if spacing_at_level_0 is not None else reader.spacing_um
+        if spacing is None or not math.isfinite(spacing) or spacing <= 0:
+            reader.close()
+            raise MissingSpacingError(
+                f"{path}: the slide does not record its pixel spacing (µm/px at level 0). "
+                "Pass it explicitly, e.g. open_slide(path, spacing_at_level_0=0.25), "
+                "embed_slide(..., spacing_at_level_0=0.25) or a 'spacing_at_level_0' manifest column."
+            )
+        self.spacing = float(spacing)
+
+    # -- metadata ---------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._reader.backend
+
+    @property
+    def vendor(self) -> str:
+        return self._reader.vendor
+
+    @property
+    def level_count(self) -> int:
+        return len(self._reader.level_shapes)
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each level, finest first."""
+        return list(self._reader.level_shapes)
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return list(self._reader.level_downsamples)
+
+    @property
+    def level_spacings(self) -> list[float]:
+        """µm per pixel at each level."""
+        return [self.spacing * d for d in self._reader.level_downsamples]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height), as OpenSlide reports it."""
+        h, w = self._reader.level_shapes[0]
+        return w, h
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{h}x{w}" for h, w in self.level_shapes)
+        return (f"<Slide {self.path.name!r} backend={self.backend} vendor={self.vendor} "
+                f"spacing={self.spacing:g}µm levels=[{shapes}]>")
+
+    # -- pixels -----------------------------------------------------------
+    def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        """RGB uint8 ``(height, width, 3)`` at ``level``, origin in that level's pixels.
+
+        Pixels outside the level are white, so edge blocks need no special case.
+        """
+        if not 0 <= level < self.level_count:
+            raise IndexError(f"{self.path}: level {level} out of range (0..{self.level_count - 1})")
+        lh, lw = self._reader.level_shapes[level]
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + height, lh), min(x + width, lw)
+        if (y0, x0, y1, x1) == (y, x, y + height, x + width):
+            return self._reader.read(level, y, x, height, width)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        if y1 > y0 and x1 > x0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._reader.read(level, y0, x0, y1 - y0, x1 - x0)
+        return out
+
+    def to_dask(self, level: int = 0, chunks: int | tuple[int, int] = 2048):
+        """The level as a lazy ``(height, width, 3)`` uint8 dask array.
+
+        Each chunk is one task that decodes its own pixels straight from the
+        file, so choose block-sized chunks here rather than rechunking later.
+        """
+        import dask.array as da
+
+        if isinstance(chunks, int):
+            chunks = (chunks, chunks)
+        view = _LevelArray(self, level)
+        name = f"slide-{_token(self)}-L{level}-{chunks[0]}x{chunks[1]}"
+        return da.from_array(view, chunks=(chunks[0], chunks[1], 3), name=name,
+                             asarray=False, lock=False, fancy=False)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample``."""
+        fitting = [i for i, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-6)]
+        return max(fitting, key=lambda i: self.level_downsamples[i], default=0)
+
+    def thumbnail(self, downsample: float) -> np.ndarray:
+        """RGB image of the whole slide, ``downsample`` times smaller than level 0.
+
+        Built from the coarsest level that is at least as fine, area-averaged
+        strip by strip (memory stays small even for a single-level slide);
+        the last result is cached, so a mask and a preview can share a decode.
+        """
+        from PIL import Image
+
+        level = self.best_level_for_downsample(downsample)
+        factor = int(max(1, math.floor(downsample / self.level_downsamples[level] + 1e-6)))
+        pixels = self._reduced_level(level, factor)
+        h0, w0 = self.level_shapes[0]
+        out_h, out_w = max(1, round(h0 / downsample)), max(1, round(w0 / downsample))
+        if pixels.shape[:2] != (out_h, out_w):
+            pixels = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.BILINEAR))
+        return pixels
+
+    def _reduced_level(self, level: int, factor: int) -> np.ndarray:
+        with self._thumb_lock:
+            if self._thumb_cache is not None and self._thumb_cache[0] == (level, factor):
+                return self._thumb_cache[1]
+            h, w = self.level_shapes[level]
+            rows = factor * max(1, (1 << 24) // (w * factor))  # ~16 MP per strip
+            strips = [_block_mean(self.read_region(level, y, 0, min(rows, h - y), w), factor)
+                      for y in range(0, h, rows)]
+            pixels = np.concatenate(strips, axis=0)
+            self._thumb_cache = ((level, factor), pixels)
+            return pixels
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __reduce__(self):
+        from slide2vec_dask.slide.open import _reopen
+
+        return _reopen, (str(self.path), self.backend, self._spacing_override)
+
+
+class _LevelArray:
+    """Array-like view of one level for `dask.array.from_array`."""
+
+    def __init__(self, slide: Slide, level: int):
+        self.slide = slide
+        self.level = level
+        h, w = slide.level_shapes[level]
+        self.shape = (h, w, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, key) -> np.ndarray:
+        y0, y1, _ = key[0].indices(self.shape[0])
+        x0, x1, _ = key[1].indices(self.shape[1])
+        block = self.slide.read_region(self.level, y0, x0, y1 - y0, x1 - x0)
+        return block[:, :, key[2]] if len(key) > 2 else block
+
+
+def _token(slide: Slide) -> str:
+    from dask.base import tokenize
+
+    stat = slide.path.stat()
+    return tokenize(str(slide.path), stat.st_size, stat.st_mtime_ns, slide.backend, slide.spacing)
+
+
+def _block_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average by an integer factor; a ragged edge averages what it has."""
+    if factor == 1:
+        return pixels
+    h, w = -(-pixels.shape[0] // factor), -(-pixels.shape[1] // factor)
+    pad = ((0, h * factor - pixels.shape[0]), (0, w * factor - pixels.shape[1]), (0, 0))
+    view = np.pad(pixels, pad, mode="edge").reshape(h, factor, w, factor, -1)
+    return view.mean(axis=(1, 3), dtype=np.float32).round().astype(np.uint8)

@@ -1,0 +1,146 @@
+"""The tile plan of a slide: which level to read, where the tiles are, which are kept.
+
+Geometry.  Tiles sit on one regular grid in the *read level's* pixels:
+tile ``(row, col)`` covers ``[row * read_tile_size_px, (row + 1) * ...)``
+and likewise for columns, starting at the level's top-left pixel.  Its
+level-0 origin is ``x = round(col * read_tile_size_px * downsample)`` (same
+for ``y``); for the usual integer downsamples that is exactly
+``col * tile_size_lv0``.  Only tiles that fit entirely inside the level are
+planned.  Level choice: the level whose spacing is within
+``spacing_tolerance`` of the requested spacing (the closest one); otherwise
+the next finer level is read with a proportionally larger tile and resized
+to the model's tile size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slide2vec_dask.config import PreprocessingConfig
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    level: int
+    read_spacing_um: float
+    read_tile_size_px: int
+    tile_size_lv0: int
+
+
+def choose_level(spacings: list[float], downsamples: list[float], requested_spacing_um: float,
+                 tile_size_px: int, tolerance: float, sample: str = "") -> LevelChoice:
+    """Pick the pyramid level and the tile size to read there."""
+    within = [i for i, s in enumerate(spacings) if abs(s - requested_spacing_um) <= tolerance * requested_spacing_um]
+    if within:
+        level = min(within, key=lambda i: abs(spacings[i] - requested_spacing_um))
+        read_tile = tile_size_px
+    else:
+        finer = [i for i, s in enumerate(spacings) if s < requested_spacing_um]
+        if not finer:
+            raise ValueError(
+                f"{sample or 'slide'}: requested spacing {requested_spacing_um} µm/px is finer than the slide's "
+                f"level 0 ({spacings[0]:.4g} µm/px); choose requested_spacing_um >= {spacings[0]:.4g} or check "
+                "spacing_at_level_0."
+            )
+        level = max(finer, key=lambda i: spacings[i])
+        read_tile = max(1, round(tile_size_px * requested_spacing_um / spacings[level]))
+    return LevelChoice(level, spacings[level], read_tile, round(read_tile * downsamples[level]))
+
+
+@dataclass
+class TileGrid:
+    """A slide's tile plan; small, in memory, and saved to reuse."""
+
+    level: int
+    level_downsample: float
+    slide_spacing_um: float
+    read_spacing_um: float
+    requested_spacing_um: float
+    requested_tile_size_px: int
+    read_tile_size_px: int
+    tile_size_lv0: int
+    tissue_threshold: float
+    tissue_fraction: np.ndarray              # (rows, cols) float32, every grid tile
+    keep: np.ndarray                         # (rows, cols) bool, the tiles to embed
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the full grid."""
+        return self.keep.shape
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        """Grid row and column of each kept tile, in row-major (y, then x) order."""
+        rows, cols = np.nonzero(self.keep)
+        return rows, cols
+
+    @property
+    def x(self) -> np.ndarray:
+        """Level-0 x of each kept tile's top-left pixel."""
+        return self._lv0(self.rows_cols[1])
+
+    @property
+    def y(self) -> np.ndarray:
+        return self._lv0(self.rows_cols[0])
+
+    def _lv0(self, index: np.ndarray) -> np.ndarray:
+        return np.round(index.astype(np.float64) * self.read_tile_size_px * self.level_downsample).astype(np.int64)
+
+    @property
+    def resize_needed(self) -> bool:
+        return self.read_tile_size_px != self.requested_tile_size_px
+
+    # -- persistence ----------------------------------------------------
+    def _params(self) -> dict:
+        params = {k: v for k, v in asdict(self).items() if k not in ("tissue_fraction", "keep")}
+        return params
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as ``.npz`` (arrays, plus x/y for other tools) and a readable ``.json``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path.with_suffix(".npz"), tissue_fraction=self.tissue_fraction, keep=self.keep,
+                            x=self.x, y=self.y, params=json.dumps(self._params()))
+        path.with_suffix(".json").write_text(json.dumps({**self._params(), "num_tiles": self.num_tiles}, indent=2))
+        return path.with_suffix(".npz")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TileGrid":
+        with np.load(Path(path).with_suffix(".npz"), allow_pickle=False) as data:
+            params = json.loads(str(data["params"]))
+            return cls(tissue_fraction=data["tissue_fraction"], keep=data["keep"], **params)
+
+    def matches(self, other: "TileGrid") -> bool:
+        """Same geometry and selection parameters (used to decide whether a saved plan is reusable)."""
+        a, b = self._params(), other._params()
+        return all(a[k] == b[k] for k in a if k != "meta") and a["meta"].get("config") == b["meta"].get("config")
+
+
+def tile_fractions(mask: np.ndarray, level0_shape: tuple[int, int], grid_shape: tuple[int, int],
+                   read_tile_size_px: int, downsample: float) -> np.ndarray:
+    """Fraction of each grid tile covered by ``mask`` (any resolution of the whole slide)."""
+    mh, mw = mask.shape
+    h0, w0 = level0_shape
+    integral = np.zeros((mh + 1, mw + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+
+    def bounds(count: int, full: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        start_lv0 = np.arange(count) * read_tile_size_px * downsample
+        lo = np.clip(np.round(start_lv0 * size / full).astype(np.int64), 0, size - 1)
+        hi = np.round((start_lv0 + read_tile_size_px * downsample) * size / full).astype(np.int64)
+        return lo, np.clip(np.maximum(hi, lo + 1), 1, size)
+
+    r0, r1 = bounds(grid_shape[0], h0, mh)
+    c0, c1 = bounds(grid_shape[1], w0, mw)
+    total = (integral[np.ix_(r1, c1)] - integral[np.ix_(r0, c1)] - integral[np.ix_(r1, c0)] + integral[np.ix_(r0, c0)])
+    area = np.outer(r1 - r0, c1 - c0)
+    return (total / area).astype(np.float32)
