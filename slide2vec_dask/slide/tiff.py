@@ -49,6 +49,11 @@ class TiffReader:
                     f"{page0.dtype}, {page0.samplesperpixel} samples, planar config {page0.planarconfig}"
                 )
             self._levels = [self._level(lv.keyframe) for lv in series.levels]
+            size = os.path.getsize(path)
+            for i, lv in enumerate(self._levels):
+                end = max((o + c for o, c in zip(lv.offsets, lv.counts)), default=0)
+                if end > size:
+                    raise ValueError(f"level {i} needs {end} bytes but the file has {size}: it is truncated")
             self.vendor = "aperio" if page0.is_svs else "ome-tiff" if page0.is_ome else "generic-tiff"
             self.spacing_um = _spacing(self._tif, page0)
         except Exception:
@@ -89,7 +94,13 @@ class TiffReader:
         if count == 0:  # sparse file: a tile that was never written is background
             return np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
         data = os.pread(self._fd, count, lv.offsets[index])
-        seg = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)[0]
+        try:
+            seg = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)[0]
+        except Exception as exc:
+            from slide2vec_dask.slide.base import UnreadableSlideError
+
+            raise UnreadableSlideError(f"{self.path}: tile {index} of page {lv.page.index} cannot be decoded "
+                                       f"({type(exc).__name__}: {exc}); the file is damaged") from exc
         seg = seg.reshape(seg.shape[-3:])
         if seg.shape[-1] == 1:
             return np.repeat(seg, 3, axis=-1)
