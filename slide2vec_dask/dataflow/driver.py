@@ -82,7 +82,7 @@ def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool) -
     from distributed import as_completed
 
     cache: dict = {}
-    results = as_completed(with_results=True)
+    results = as_completed(with_results=True, loop=client.loop)
     meta: dict = {}
     in_flight = 0
 
