@@ -1,0 +1,113 @@
+"""Where a preset's weights come from: a file of its Hugging Face repo.
+
+`fetch_hub_file` resolves one weight file through ``huggingface_hub``: from
+the local cache when it is there, downloading it otherwise.  The
+environment is read at call time, not when ``huggingface_hub`` was
+imported, so a worker (or a test) that sets them late is honoured:
+
+* ``HF_HUB_CACHE`` / ``HF_HOME`` - the cache (``$HF_HOME/hub``);
+* ``HF_HUB_OFFLINE=1`` - never touch the network, only the cache;
+* ``HF_TOKEN`` - the token for gated repos (else ``hf auth login``'s).
+
+Every failure becomes a `WeightsUnavailableError` that names the preset,
+the repo and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+_TRUE = {"1", "on", "yes", "true"}
+
+
+class WeightsUnavailableError(OSError):
+    """A preset's weights cannot be had: gated, not cached while offline, or absent."""
+
+
+def hub_cache_dir() -> str:
+    """The hub cache huggingface_hub would use if it were imported now."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.path.expandvars(os.environ[var]))
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _advice(preset: str, repo_id: str, gated: bool, filename: str) -> str:
+    url = f"https://huggingface.co/{repo_id}"
+    access = (f"accept the licence at {url} with your Hugging Face account, then log in on this machine "
+              "(`hf auth login`, or set HF_TOKEN); " if gated else "")
+    return (f"to use preset {preset!r}: {access}or download {filename} from {url} yourself and pass "
+            f"checkpoint_path=... (Model.from_preset({preset!r}, checkpoint_path='/path/to/{filename}'))")
+
+
+def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated: bool = False,
+                   revision: str | None = None) -> Path:
+    """Local path of the first of ``filenames`` that ``repo_id`` has (cache first)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    cache_dir = hub_cache_dir()
+    offline = hub_offline()
+    token = os.environ.get("HF_TOKEN") or None
+    not_cached: list[str] = []
+    absent: list[str] = []
+    for filename in filenames:
+        try:
+            path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                   local_files_only=offline, token=token)
+            return Path(path)
+        except GatedRepoError as exc:
+            raise WeightsUnavailableError(
+                f"preset {preset!r}: https://huggingface.co/{repo_id} is gated and this machine's "
+                f"Hugging Face token has no access to it ({type(exc).__name__}); "
+                + _advice(preset, repo_id, True, filename)) from exc
+        except RepositoryNotFoundError as exc:
+            raise WeightsUnavailableError(
+                f"preset {preset!r}: the Hugging Face repo {repo_id} was not found, or needs a token "
+                f"that can read it ({type(exc).__name__}); " + _advice(preset, repo_id, gated, filename)) from exc
+        except LocalEntryNotFoundError:
+            not_cached.append(filename)      # not in the cache, and the hub not asked or not reachable
+        except EntryNotFoundError:
+            absent.append(filename)          # the repo has no such file: try the next name
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise WeightsUnavailableError(
+                    f"preset {preset!r}: access to https://huggingface.co/{repo_id} was refused "
+                    f"(HTTP {status}); " + _advice(preset, repo_id, True, filename)) from exc
+            raise WeightsUnavailableError(
+                f"preset {preset!r}: downloading {filename} from {repo_id} failed ({exc}); "
+                + _advice(preset, repo_id, gated, filename)) from exc
+
+    if not_cached:
+        why = ("downloads are off (HF_HUB_OFFLINE=1)" if offline
+               else "the Hugging Face hub could not be reached")
+        raise WeightsUnavailableError(
+            f"preset {preset!r}: {' / '.join(not_cached)} of https://huggingface.co/{repo_id} is not in the "
+            f"Hugging Face cache ({cache_dir}) and {why}. Fill the cache on a connected machine with "
+            f"`hf download {repo_id} {not_cached[0]}` (same HF_HOME), or "
+            + _advice(preset, repo_id, gated, not_cached[0]))
+    raise WeightsUnavailableError(
+        f"preset {preset!r}: the Hugging Face repo {repo_id} has none of the weight files {list(absent)}; "
+        + _advice(preset, repo_id, gated, filenames[0]))

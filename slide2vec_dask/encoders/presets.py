@@ -1,0 +1,536 @@
+"""The tile-encoder model zoo: one `TilePreset` (pure data) per published model.
+
+Adding a model is one entry in `TILE_PRESETS`; it registers itself with
+`register_preset`.  A preset's factory returns an `EncoderSpec` without
+touching torch or the network: its feature dimension comes from the table,
+and the weights are loaded by `PresetBuilder` in ``build()``, on the worker.
+
+Architectures are the published ones, built with timm from the kwargs of
+each model card / hub config (same parameter count, embed dim, token
+layout).  Weights come from ``checkpoint_path`` (``.safetensors``, or a
+weights-only ``.bin/.pt/.pth``) or from the preset's Hugging Face repo
+(`slide2vec_dask.encoders.hub`).  Checkpoints published in the Hugging Face
+``transformers`` layout (Phikon, Phikon-v2, Hibou, Midnight) are mapped onto
+the equivalent timm modules key by key (``layout`` below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, read_state_dict
+from slide2vec_dask.encoders.registry import register_preset
+
+HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+LUNIT_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_STD = (0.21716536, 0.26081574, 0.20723464)
+HIBOU_MEAN = (0.7068, 0.5755, 0.722)
+HIBOU_STD = (0.195, 0.2316, 0.1816)
+HALF = (0.5, 0.5, 0.5)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch")
+# How a checkpoint's position embedding is resampled to the tile grid, when it was
+# published for another grid: the algorithm the official code applies at run time.
+POS_EMBED_INTERP = {
+    "bicubic": dict(mode="bicubic", align_corners=False, antialias=False),    # transformers Dinov2
+    "bicubic_aa": dict(mode="bicubic", align_corners=False, antialias=True),  # timm (dynamic / pretrained)
+}
+CONCH_INSTALL = "pip install git+https://github.com/mahmoodlab/CONCH.git"
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A class (or a partial of one) named in the table, imported only when a model is built."""
+
+    module: str
+    attr: str
+    kwargs: tuple = ()
+
+    def resolve(self):
+        obj = getattr(importlib.import_module(self.module), self.attr)
+        if self.kwargs:
+            import functools
+
+            return functools.partial(obj, **dict(self.kwargs))
+        return obj
+
+
+SWIGLU_PACKED = Ref("timm.layers", "SwiGLUPacked")
+SILU = Ref("torch.nn", "SiLU")
+LAYERNORM_EPS_1E12 = Ref("torch.nn", "LayerNorm", (("eps", 1e-12),))
+
+
+def _kw(**kwargs) -> tuple:
+    return tuple(sorted(kwargs.items()))
+
+
+@dataclass(frozen=True)
+class TilePreset:
+    """A published tile encoder, as data.
+
+    ``kwargs`` are the timm constructor arguments of the *published*
+    architecture; ``outputs`` maps each output variant to its feature
+    dimension, the first being the default.  ``layout`` names the key layout
+    of the published checkpoint.  ``pos_embed_interp`` (a key of
+    `POS_EMBED_INTERP`) lets a checkpoint whose position embedding was
+    published for another grid run at ``tile_size_px``: it is resampled once
+    at load time with the algorithm the official code applies at run time.
+    """
+
+    name: str
+    arch: str | None
+    kwargs: tuple
+    hub_id: str
+    hub_files: tuple[str, ...]
+    outputs: tuple[tuple[str, int], ...]
+    spacing_um: float | None
+    tile_size_px: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    default_precision: str
+    gated: bool
+    licence: str
+    architecture: str
+    layout: str = "timm"
+    pos_embed_interp: str | None = None
+    level: str = "tile"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"preset {self.name!r}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.pos_embed_interp is not None and self.pos_embed_interp not in POS_EMBED_INTERP:
+            raise ValueError(f"preset {self.name!r}: unknown pos_embed_interp {self.pos_embed_interp!r}")
+
+    # -- data -------------------------------------------------------------
+    @property
+    def output_variants(self) -> tuple[str, ...]:
+        return tuple(v for v, _ in self.outputs)
+
+    @property
+    def default_variant(self) -> str:
+        return self.outputs[0][0]
+
+    @property
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.hub_id}"
+
+    def feature_dim(self, output_variant: str | None = None) -> int:
+        return dict(self.outputs)[self._variant(output_variant)]
+
+    def _variant(self, output_variant: str | None) -> str:
+        variant = self.default_variant if output_variant is None else output_variant
+        if variant not in self.output_variants:
+            raise ValueError(f"preset {self.name!r} has no output_variant {variant!r}; "
+                             f"choose one of {list(self.output_variants)} (default {self.default_variant!r})")
+        return variant
+
+    def replace(self, **changes: Any) -> "TilePreset":
+        return dataclasses.replace(self, **changes)
+
+    def with_kwargs(self, **overrides: Any) -> "TilePreset":
+        """A copy whose architecture kwargs are updated (e.g. a shallow twin for tests)."""
+        return self.replace(kwargs=_kw(**{**dict(self.kwargs), **overrides}))
+
+    # -- architecture ----------------------------------------------------
+    def timm_kwargs(self, runtime: bool = False) -> dict:
+        """Constructor kwargs, layer references resolved; ``runtime`` sizes the grid to the tile."""
+        kwargs = {k: v.resolve() if isinstance(v, Ref) else v for k, v in self.kwargs}
+        if runtime and self.pos_embed_interp is not None:
+            kwargs["img_size"] = self.tile_size_px
+        return kwargs
+
+    def create_architecture(self, runtime: bool = False):
+        """The bare timm model, randomly initialised (use a ``meta`` device for a free one)."""
+        if self.arch is None:
+            raise NotImplementedError(f"preset {self.name!r} is not a timm architecture ({self.architecture})")
+        import timm
+
+        return timm.create_model(self.arch, pretrained=False, **self.timm_kwargs(runtime))
+
+    # -- spec --------------------------------------------------------------
+    def spec(self, checkpoint_path: str | Path | None = None, output_variant: str | None = None) -> EncoderSpec:
+        """The `EncoderSpec` of this preset: cheap, no torch, no weights."""
+        variant = self._variant(output_variant)
+        if checkpoint_path is not None:
+            checkpoint_path = Path(checkpoint_path).expanduser().resolve()
+            if not checkpoint_path.exists():
+                raise FileNotFoundError(f"preset {self.name!r}: checkpoint not found: {checkpoint_path}")
+        ckpt = None if checkpoint_path is None else str(checkpoint_path)
+        digest = hashlib.sha1(repr((self.arch, self.kwargs, self.layout, self.pos_embed_interp,
+                                    self.tile_size_px, self.hub_files)).encode()).hexdigest()[:12]
+        source = ckpt if ckpt is not None else f"hf://{self.hub_id}"
+        return EncoderSpec(
+            name=self.name,
+            build=PresetBuilder(self, variant, ckpt),
+            spacing_um=self.spacing_um,
+            tile_size_px=self.tile_size_px,
+            mean=tuple(self.mean),
+            std=tuple(self.std),
+            feature_dim=self.feature_dim(variant),
+            level=self.level,
+            default_precision=self.default_precision,
+            key=f"preset:{self.name}:{variant}:{source}:{digest}",
+            info={"hub_id": self.hub_id, "url": self.url, "gated": self.gated, "licence": self.licence,
+                  "architecture": self.architecture, "output_variant": variant,
+                  "checkpoint_path": ckpt, "hub_files": list(self.hub_files)},
+        )
+
+
+# -- building: architecture + weights, on the worker ----------------------
+@dataclass(frozen=True)
+class PresetBuilder:
+    """Builds a preset's module and loads its weights (picklable; runs where the model runs)."""
+
+    preset: TilePreset
+    output_variant: str
+    checkpoint_path: str | None = None
+
+    def __call__(self):
+        if self.preset.layout == "conch":
+            return self._build_conch()
+        return self._build_timm()
+
+    def _weights_file(self) -> Path:
+        if self.checkpoint_path is not None:
+            return Path(self.checkpoint_path)
+        from slide2vec_dask.encoders.hub import fetch_hub_file
+
+        return fetch_hub_file(self.preset.name, self.preset.hub_id, self.preset.hub_files, gated=self.preset.gated)
+
+    def _build_timm(self):
+        import torch
+
+        from slide2vec_dask.encoders.pooling import TokenPooler
+
+        preset = self.preset
+        path = self._weights_file()
+        what = f"preset {preset.name!r} ({preset.hub_id})"
+        state = read_state_dict(path, what)
+        with torch.device("meta"):
+            model = preset.create_architecture(runtime=True)
+        state = to_timm_layout(state, preset.layout, model)
+        if preset.pos_embed_interp is not None:
+            state = resample_pos_embed(state, model, preset.pos_embed_interp)
+        problems = state_dict_mismatch(model.state_dict(), state)
+        if problems:
+            raise ValueError(
+                f"{what}: checkpoint {path} does not fit the {preset.architecture} architecture: {problems}. "
+                f"Pass the checkpoint published at {preset.url} ({' or '.join(preset.hub_files)}"
+                + (", in the Hugging Face transformers layout or timm's" if preset.layout.startswith("hf_") else "")
+                + "), or leave checkpoint_path unset to fetch it from the hub.")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"{what}: tensors left unloaded after loading {path}: {left[:5]}")
+        return TokenPooler(model, self.output_variant).eval()
+
+    def _build_conch(self):
+        try:
+            from conch.open_clip_custom import create_model_from_pretrained
+        except ImportError as exc:
+            raise ImportError(
+                f"preset {self.preset.name!r} needs the `conch` package (CONCH's own model code, not on "
+                f"PyPI), which is not installed: {CONCH_INSTALL}") from exc
+        from slide2vec_dask.encoders.pooling import ConchImageEncoder
+
+        path = self._weights_file()
+        model, _ = create_model_from_pretrained("conch_ViT-B-16", checkpoint_path=str(path))
+        return ConchImageEncoder(model).eval()
+
+
+# -- checkpoint layouts -----------------------------------------------------
+def _strip(state: dict, prefix: str) -> dict:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _is_timm_layout(state: dict) -> bool:
+    return any(k.startswith("blocks.") for k in state) or "cls_token" in state
+
+
+def to_timm_layout(state: dict, layout: str, model) -> dict:
+    """A published checkpoint's tensors renamed (and fused) to the timm model's keys.
+
+    A checkpoint already in timm's layout passes through for every layout.
+    Keys that do not map stay as they are, so a mismatch is reported by name.
+    """
+    if layout == "timm" or _is_timm_layout(state):
+        return dict(state)
+    if layout == "hf_vit":
+        return _from_hf(_strip(state, "vit."), model, _HF_VIT_LAYER)
+    if layout == "hf_dinov2":
+        return _from_hf(_strip(state, "dinov2."), model, _HF_DINOV2_LAYER)
+    raise ValueError(f"no key mapping for layout {layout!r}")
+
+
+# transformers (on-disk) names inside encoder.layer.N -> timm names inside blocks.N
+_HF_VIT_LAYER = {
+    "layernorm_before": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+}
+_HF_DINOV2_LAYER = {
+    "norm1": "norm1",
+    "attention.output.dense": "attn.proj",
+    "layer_scale1.lambda1": "ls1.gamma",
+    "norm2": "norm2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.fc1",       # SwiGLU: [x1; x2] packed as in timm's SwiGLUPacked
+    "mlp.weights_out": "mlp.fc2",
+    "layer_scale2.lambda1": "ls2.gamma",
+}
+_HF_DROP = ("embeddings.mask_token", "pooler.")
+
+
+def _from_hf(state: dict, model, layer_map: dict) -> dict:
+    import torch
+
+    out: dict = {}
+    qkv: dict = {}
+    for key, value in state.items():
+        if key.startswith(_HF_DROP):
+            continue  # the masked-image-modelling token and the unused pooler head
+        if key == "embeddings.cls_token":
+            out["cls_token"] = value
+        elif key == "embeddings.register_tokens":
+            out["reg_token"] = value
+        elif key == "embeddings.position_embeddings":
+            out["pos_embed"] = value
+        elif key.startswith("embeddings.patch_embeddings.projection."):
+            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("layernorm."):
+            out["norm." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("encoder.layer."):
+            idx, rest = key[len("encoder.layer."):].split(".", 1)
+            if rest.startswith("attention.attention."):
+                name, kind = rest[len("attention.attention."):].split(".")
+                qkv.setdefault((idx, kind), {})[name] = value
+                continue
+            sub, kind = rest.rsplit(".", 1)
+            mapped = layer_map.get(rest) or layer_map.get(sub)
+            if mapped is None:
+                out[key] = value
+            elif mapped.endswith("gamma"):
+                out[f"blocks.{idx}.{mapped}"] = value
+            else:
+                out[f"blocks.{idx}.{mapped}.{kind}"] = value
+        else:
+            out[key] = value
+    for (idx, kind), parts in qkv.items():
+        if set(parts) == {"query", "key", "value"}:
+            out[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
+        else:
+            for name, value in parts.items():
+                out[f"encoder.layer.{idx}.attention.attention.{name}.{kind}"] = value
+    # transformers adds the position embedding to [CLS, patches]; timm models with
+    # registers (no_embed_class) add it to the patches only: fold CLS's into the token.
+    pos = out.get("pos_embed")
+    if getattr(model, "no_embed_class", False) and pos is not None and "cls_token" in out:
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    return out
+
+
+def resample_pos_embed(state: dict, model, interp: str) -> dict:
+    """Resample ``state['pos_embed']`` to the model's patch grid (no-op when it already fits)."""
+    import math
+
+    import torch.nn.functional as F
+
+    pos = state.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is None or target is None or tuple(pos.shape) == tuple(target.shape):
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    grid = model.patch_embed.grid_size
+    n_old = pos.shape[1] - prefix
+    side = math.isqrt(n_old)
+    if side * side != n_old or pos.shape[-1] != target.shape[-1]:
+        return state  # not a square grid of the same width: let the fit check report it
+    head, patches = pos[:, :prefix], pos[:, prefix:]
+    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=tuple(grid), **POS_EMBED_INTERP[interp])
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
+    import torch
+
+    return {**state, "pos_embed": torch.cat([head, patches], dim=1)}
+
+
+def state_dict_mismatch(own: dict, state: dict) -> str:
+    """'' when ``state`` fits ``own`` exactly, else what does not (missing, unexpected, shapes)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    detail = []
+    if missing:
+        detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+    if unexpected:
+        detail.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+    if shapes:
+        k = shapes[0]
+        detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} "
+                      f"vs model {tuple(own[k].shape)}")
+    return "; ".join(detail)
+
+
+# -- the table ----------------------------------------------------------------
+_VIT_G_DINOV2 = dict(embed_dim=1536, depth=40, num_heads=24)
+
+TILE_PRESETS: tuple[TilePreset, ...] = (
+    TilePreset(
+        name="lunit", arch="vit_small_patch8_224", kwargs=_kw(num_classes=0),
+        hub_id="1aurent/vit_small_patch8_224.lunit_dino", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 384),), spacing_um=0.5, tile_size_px=224, mean=LUNIT_MEAN, std=LUNIT_STD,
+        default_precision="fp32", gated=False, licence="Lunit non-commercial",
+        architecture="ViT-S/8 (DINO)"),
+    TilePreset(
+        name="uni", arch="vit_large_patch16_224",
+        kwargs=_kw(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        hub_id="MahmoodLab/UNI", hub_files=("pytorch_model.bin",),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0", architecture="ViT-L/16"),
+    TilePreset(
+        name="uni2", arch="vit_giant_patch14_224",
+        kwargs=_kw(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+                   mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=SWIGLU_PACKED,
+                   act_layer=SILU, reg_tokens=8, dynamic_img_size=True),
+        hub_id="MahmoodLab/UNI2-h", hub_files=("pytorch_model.bin",),
+        outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="bf16", gated=True, licence="CC-BY-NC-ND-4.0",
+        architecture="ViT-H/14 (UNI2-h: 24 blocks, 1536-d, SwiGLU, 8 registers)"),
+    TilePreset(
+        name="virchow", arch="vit_huge_patch14_224",
+        kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
+                   dynamic_img_size=True, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
+        hub_id="paige-ai/Virchow", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls_mean", 2560), ("cls", 1280)), spacing_um=0.5, tile_size_px=224,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", gated=True,
+        licence="Apache-2.0 (with Paige's additional terms)", architecture="ViT-H/14 (SwiGLU)"),
+    TilePreset(
+        name="virchow2", arch="vit_huge_patch14_224",
+        kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
+                   global_pool="", dynamic_img_size=True, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
+        hub_id="paige-ai/Virchow2", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls_mean", 2560), ("cls", 1280)), spacing_um=0.5, tile_size_px=224,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", gated=True,
+        licence="CC-BY-NC-ND-4.0", architecture="ViT-H/14 (SwiGLU, 4 registers)"),
+    TilePreset(
+        name="h-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
+        hub_id="bioptimus/H-optimus-0", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+        default_precision="fp16", gated=True, licence="Apache-2.0",
+        architecture="ViT-g/14 (4 registers)", note="gated with automatic approval"),
+    TilePreset(
+        name="h-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
+        hub_id="bioptimus/H-optimus-1", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
+        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0", architecture="ViT-g/14 (4 registers)"),
+    TilePreset(
+        name="h0-mini", arch="vit_base_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, num_classes=0, global_pool="", mlp_ratio=5.33334, mlp_layer=SWIGLU_PACKED,
+                   act_layer=SILU),
+        hub_id="bioptimus/H0-mini", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls_mean", 1536), ("cls", 768)), spacing_um=0.5, tile_size_px=224,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16", gated=True,
+        licence="CC-BY-NC-ND-4.0", architecture="ViT-B/14 (SwiGLU, 4 registers; distilled from H-optimus-0)"),
+    TilePreset(
+        name="gigapath", arch="vit_giant_patch14_dinov2",
+        kwargs=_kw(img_size=224, in_chans=3, patch_size=16, init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
+                   **_VIT_G_DINOV2),
+        hub_id="prov-gigapath/prov-gigapath", hub_files=("pytorch_model.bin",),
+        outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp16", gated=True, licence="Apache-2.0 (with Prov-GigaPath's conditions)",
+        architecture="ViT-g (DINOv2 giant, 16 px patches)", note="the tile encoder of Prov-GigaPath"),
+    TilePreset(
+        name="phikon", arch="vit_base_patch16_224", kwargs=_kw(num_classes=0, norm_layer=LAYERNORM_EPS_1E12),
+        hub_id="owkin/phikon", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 768),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", gated=False, licence="Owkin non-commercial", architecture="ViT-B/16 (iBOT)",
+        layout="hf_vit", note="published as a transformers ViTModel; mapped onto timm (LayerNorm eps 1e-12)"),
+    TilePreset(
+        name="phikonv2", arch="vit_large_patch16_224", kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0),
+        hub_id="owkin/phikon-v2", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", gated=False, licence="Owkin non-commercial",
+        architecture="ViT-L/16 (DINOv2)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        note="published as a transformers Dinov2Model; mapped onto timm"),
+    TilePreset(
+        name="hibou-b", arch="vit_base_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, num_classes=0, mlp_ratio=5.33334, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
+        hub_id="histai/hibou-b", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 768),), spacing_um=0.5, tile_size_px=224, mean=HIBOU_MEAN, std=HIBOU_STD,
+        default_precision="fp32", gated=True, licence="Apache-2.0",
+        architecture="ViT-B/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        note="published as transformers remote code (Dinov2 with registers); mapped onto timm"),
+    TilePreset(
+        name="hibou-l", arch="vit_large_patch14_reg4_dinov2",
+        # DINOv2's SwiGLU hidden width: (int(1024 * 4 * 2 / 3) + 7) // 8 * 8 = 2736, packed 5472 = 5.34375 x 1024
+        kwargs=_kw(img_size=224, num_classes=0, mlp_ratio=5.34375, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
+        hub_id="histai/hibou-L", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=HIBOU_MEAN, std=HIBOU_STD,
+        default_precision="fp32", gated=True, licence="Apache-2.0",
+        architecture="ViT-L/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        note="published as transformers remote code (Dinov2 with registers); mapped onto timm"),
+    TilePreset(
+        name="midnight", arch="vit_giant_patch14_dinov2",
+        kwargs=_kw(img_size=518, num_classes=0, init_values=1e-5),
+        hub_id="kaiko-ai/midnight", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls_mean", 3072), ("cls", 1536)), spacing_um=0.5, tile_size_px=224,
+        mean=HALF, std=HALF, default_precision="fp16", gated=True, licence="MIT",
+        architecture="ViT-g/14 (DINOv2, SwiGLU)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        note="Midnight-12k; published as a transformers Dinov2Model (518 px grid, run at 224 px as its card does)"),
+    TilePreset(
+        name="conch", arch=None, kwargs=(), hub_id="MahmoodLab/CONCH", hub_files=("pytorch_model.bin",),
+        outputs=(("default", 512),), spacing_um=0.5, tile_size_px=448,
+        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp32", gated=True,
+        licence="CC-BY-NC-ND-4.0", architecture="ViT-B/16 + attentional pooler (CoCa)", layout="conch",
+        note=f"needs the `conch` package: {CONCH_INSTALL}"),
+    TilePreset(
+        name="dinov2-vitb14", arch="vit_base_patch14_dinov2", kwargs=_kw(num_classes=0),
+        hub_id="timm/vit_base_patch14_dinov2.lvd142m", hub_files=("model.safetensors", "pytorch_model.bin"),
+        outputs=(("cls", 768),), spacing_um=None, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", gated=False, licence="Apache-2.0", architecture="ViT-B/14 (DINOv2, natural images)",
+        pos_embed_interp="bicubic_aa",
+        note="natural-image control: no native spacing, set PreprocessingConfig(requested_spacing_um=...)"),
+)
+
+_BY_NAME = {p.name: p for p in TILE_PRESETS}
+
+
+def get_tile_preset(name: str) -> TilePreset:
+    """The `TilePreset` data of a registered tile preset."""
+    from slide2vec_dask.encoders.registry import get_preset
+
+    get_preset(name)  # unknown names fail there, with close matches
+    return _BY_NAME[name.lower()]
+
+
+def _register(preset: TilePreset) -> None:
+    def factory(checkpoint_path=None, output_variant=None) -> EncoderSpec:
+        return preset.spec(checkpoint_path=checkpoint_path, output_variant=output_variant)
+
+    factory.__name__ = f"preset_{preset.name.replace('-', '_')}"
+    factory.__doc__ = f"{preset.name}: {preset.architecture}, {preset.url}"
+    factory.preset = preset
+    register_preset(preset.name, preset.level)(factory)
+
+
+for _preset in TILE_PRESETS:
+    _register(_preset)
+del _preset
