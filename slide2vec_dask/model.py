@@ -65,6 +65,7 @@ class Model:
         """
         import timm
         import torch
+        from dask.base import tokenize
 
         if not timm.is_model(name):
             raise ValueError(f"timm has no architecture {name!r}; timm.list_models('*{name[:8]}*') lists similar ones")
@@ -72,10 +73,13 @@ class Model:
         with torch.device("meta"):
             probe = timm.create_model(name, pretrained=False, **kwargs)
         cfg = getattr(probe, "pretrained_cfg", {}) or {}
+        builder = TimmBuilder(name, pretrained, None if checkpoint_path is None else str(Path(checkpoint_path).resolve()),
+                              tuple(sorted(kwargs.items())))
         spec = EncoderSpec(
             name=name,
-            build=TimmBuilder(name, pretrained, None if checkpoint_path is None else str(checkpoint_path),
-                              tuple(sorted(kwargs.items()))),
+            build=builder,
+            # Same recipe, same key: workers reuse one loaded model across Model instances.
+            key=f"timm:{name}:{tokenize(builder)}",
             spacing_um=spacing_um, tile_size_px=tile_size_px,
             mean=tuple(mean or cfg.get("mean") or IMAGENET_MEAN),
             std=tuple(std or cfg.get("std") or IMAGENET_STD),

@@ -178,9 +178,14 @@ def test_distributed_cluster_gives_the_same_result(tiny, syn_svs):
     from distributed import Client, LocalCluster
 
     local = tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(**EXACT))
+    random_weights = Model.from_timm("vit_tiny_patch16_224")
+    random_local = random_weights.embed_slide(syn_svs)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(**EXACT),
                                   execution=ExecutionOptions(scheduler_address=cluster.scheduler_address))
+        # Random (unloaded) weights are seeded: every worker process builds the same model.
+        random_remote = random_weights.embed_slide(
+            syn_svs, execution=ExecutionOptions(scheduler_address=cluster.scheduler_address))
         with Client(cluster) as client:
             ambient = tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(**EXACT))
             loaded = client.run(lambda: __import__("slide2vec_dask.dataflow.worker").dataflow.worker
@@ -188,9 +193,31 @@ def test_distributed_cluster_gives_the_same_result(tiny, syn_svs):
     np.testing.assert_array_equal(remote.x, local.x)
     torch.testing.assert_close(remote.tile_embeddings, local.tile_embeddings, atol=1e-5, rtol=0)
     torch.testing.assert_close(ambient.tile_embeddings, local.tile_embeddings, atol=1e-5, rtol=0)
+    torch.testing.assert_close(random_remote.tile_embeddings, random_local.tile_embeddings, atol=1e-5, rtol=0)
     # Each worker process built the model at most once, whatever the number of blocks it ran.
     assert all(sum(1 for k in keys if k[0] == tiny.spec.key) <= 1 for keys in loaded.values())
     assert any(keys for keys in loaded.values())
+
+
+def test_gpu_tasks_land_only_on_gpu_workers(tiny, syn_svs):
+    """Embedding tasks ask for resources={"GPU": 1}; reads run anywhere."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    from slide2vec_dask.dataflow import worker
+
+    # One CPU-only worker and one declared as a (fake) GPU worker, as `--resources GPU=1` does.
+    workers = {"cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+               "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        emb = tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(**EXACT),
+                               execution=ExecutionOptions(num_gpus=1))
+        loaded = client.run(worker.loaded_encoder_keys)
+        names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
+    assert emb.num_tiles == len(SYN_TILES)
+    by_name = {names[addr]: [k for k in keys if k[0] == tiny.spec.key] for addr, keys in loaded.items()}
+    assert by_name["gpu"] and not by_name["cpu"]
 
 
 def test_gpu_request_without_gpu_is_a_clear_error(tiny, syn_svs):

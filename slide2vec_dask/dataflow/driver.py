@@ -38,13 +38,13 @@ def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Cal
         _run_local(jobs, on_block, num_workers, prefetch_factor)
 
 
-def _subgraph(graph: SlideGraph, block: tuple[int, int], cache: dict) -> tuple[dict, tuple]:
+def _subgraph_of(array, key: tuple, cache: dict) -> tuple[dict, tuple]:
+    """The tasks ``key`` needs, from the array's graph (materialised once per array)."""
     from dask.optimization import cull
 
-    dsk = cache.get(graph.array.name)
+    dsk = cache.get(array.name)
     if dsk is None:
-        dsk = cache[graph.array.name] = dict(graph.array.__dask_graph__())
-    key = graph.key(block)
+        dsk = cache[array.name] = dict(array.__dask_graph__())
     return cull(dsk, [key])[0], key
 
 
@@ -59,7 +59,7 @@ def _run_local(jobs, on_block, num_workers: int, prefetch_factor: int) -> None:
         pending: dict[cf.Future, tuple] = {}
         try:
             for graph, block in jobs:
-                dsk, key = _subgraph(graph, block, cache)
+                dsk, key = _subgraph_of(graph.array, graph.key(block), cache)
                 pending[pool.submit(get_sync, dsk, key)] = (graph, block)
                 if len(pending) >= window:
                     _drain(pending, on_block, cf.FIRST_COMPLETED)
@@ -79,26 +79,34 @@ def _drain(pending: dict, on_block, how) -> None:
 
 
 def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool) -> None:
+    """Reads go in as the graph's own read tasks; embeddings are submitted on their results.
+
+    The split is what lets the embedding tasks alone carry ``resources={"GPU": 1}``.
+    """
     from distributed import as_completed
 
+    from slide2vec_dask.dataflow.graph import embed_block
+
     cache: dict = {}
+    specs: dict = {}
     results = as_completed(with_results=True, loop=client.loop)
     meta: dict = {}
-    in_flight = 0
 
     def submit(graph, block):
-        dsk, key = _subgraph(graph, block, cache)
-        resources = {key: {"GPU": 1}} if gpu_resources else None
-        future = client.get(dsk, key, sync=False, resources=resources)
+        dsk, read_key = _subgraph_of(graph.pixels, graph.pixels_key(block), cache)
+        pixels = client.get(dsk, read_key, sync=False)
+        spec = specs.get(graph.spec.key)
+        if spec is None:  # one copy of the recipe per worker, not one per task
+            spec = specs[graph.spec.key] = client.scatter(graph.spec, broadcast=True, hash=False)
+        future = client.submit(embed_block, pixels, graph.keep_block(block), spec=spec, read_tile=graph.read_tile,
+                               settings=graph.settings, key=graph.key(block), pure=False,
+                               resources={"GPU": 1} if gpu_resources else None)
         meta[future.key] = (graph, block)
         results.add(future)
 
     jobs = iter(jobs)
-    for graph, block in jobs:
-        submit(graph, block)
-        in_flight += 1
-        if in_flight >= window:
-            break
+    for _, job in zip(range(window), jobs):
+        submit(*job)
     for future, result in results:
         graph, block = meta.pop(future.key)
         on_block(graph, block, result)

@@ -61,12 +61,24 @@ class SlideGraph:
     """The embedding array of one slide and the blocks worth computing."""
 
     array: object                        # dask array (rows, cols, feature)
+    pixels: object                       # dask array (height, width, 3) of the read level
+    keep: np.ndarray                     # (rows, cols) bool
     blocks: list[tuple[int, int]]        # (block_row, block_col) holding kept tiles
     tiles_per_block: list[int]
     k: int
+    spec: EncoderSpec
+    read_tile: int
+    settings: EmbedSettings
 
     def key(self, block: tuple[int, int]) -> tuple:
         return (self.array.name, block[0], block[1], 0)
+
+    def pixels_key(self, block: tuple[int, int]) -> tuple:
+        return (self.pixels.name, block[0], block[1], 0)
+
+    def keep_block(self, block: tuple[int, int]) -> np.ndarray:
+        k = self.k
+        return self.keep[block[0] * k : (block[0] + 1) * k, block[1] * k : (block[1] + 1) * k, None]
 
 
 def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settings: EmbedSettings,
@@ -93,4 +105,4 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
     counts = np.add.reduceat(np.add.reduceat(grid.keep, np.arange(0, rows, k), axis=0),
                              np.arange(0, cols, k), axis=1) if rows and cols else np.zeros((0, 0), int)
     blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
-    return SlideGraph(array, blocks, [int(counts[b]) for b in blocks], k)
+    return SlideGraph(array, pixels, grid.keep, blocks, [int(counts[b]) for b in blocks], k, spec, rt, settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import warnings
 
 from slide2vec_dask.encoders.base import EncoderSpec
 
@@ -37,8 +38,11 @@ def _devices(num_gpus: int) -> list[str]:
 
     available = torch.cuda.device_count()
     if available == 0:
-        raise RuntimeError(f"num_gpus={num_gpus} but this worker sees no CUDA device; "
-                           "use num_gpus=0 to run on CPU, or start GPU workers")
+        # Only reachable on a cluster (locally the request is refused up front): the worker was
+        # declared a GPU worker (--resources GPU=1) but has no CUDA device. Say so, and still work.
+        warnings.warn(f"num_gpus={num_gpus}: this worker was given GPU tasks but sees no CUDA device; "
+                      "running the encoder on its CPU", RuntimeWarning, stacklevel=2)
+        return ["cpu"]
     return [f"cuda:{i}" for i in range(min(num_gpus, available))]
 
 

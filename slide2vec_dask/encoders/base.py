@@ -49,7 +49,13 @@ class TimmBuilder:
 
     def __call__(self):
         import timm
+        import torch
 
+        if not self.pretrained and self.checkpoint_path is None:
+            # Random weights (tests, benchmarks): seeded, so every worker builds the same model.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return timm.create_model(self.arch, pretrained=False, **dict(self.kwargs))
         model = timm.create_model(self.arch, pretrained=self.pretrained, **dict(self.kwargs))
         if self.checkpoint_path is not None:
             load_checkpoint(model, self.checkpoint_path, what=f"timm model {self.arch!r}")
@@ -91,22 +97,27 @@ def read_state_dict(path: str | Path, what: str) -> dict:
     return state
 
 
-def load_checkpoint(model, path: str | Path, what: str) -> None:
-    """Load a state dict strictly, with an error that says which keys do not fit."""
-    state = read_state_dict(path, what)
-    own = model.state_dict()
+def state_dict_mismatch(own: dict, state: dict) -> str:
+    """'' when ``state`` fits ``own`` exactly, else what does not (missing, unexpected, shapes)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or shapes:
-        detail = []
-        if missing:
-            detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-        if unexpected:
-            detail.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
-        if shapes:
-            k = shapes[0]
-            detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint "
-                          f"{tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
-        raise ValueError(f"{what}: checkpoint {path} does not fit the architecture: " + "; ".join(detail))
+    detail = []
+    if missing:
+        detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
+    if unexpected:
+        detail.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
+    if shapes:
+        k = shapes[0]
+        detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} "
+                      f"vs model {tuple(own[k].shape)}")
+    return "; ".join(detail)
+
+
+def load_checkpoint(model, path: str | Path, what: str) -> None:
+    """Load a state dict strictly, with an error that says which keys do not fit."""
+    state = read_state_dict(path, what)
+    problems = state_dict_mismatch(model.state_dict(), state)
+    if problems:
+        raise ValueError(f"{what}: checkpoint {path} does not fit the architecture: {problems}")
     model.load_state_dict(state, strict=True)

@@ -47,6 +47,19 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_token() -> str | None:
+    """``HF_TOKEN``, else the token ``hf auth login`` saved under the current ``HF_HOME``."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("HF_TOKEN_PATH") or (
+        os.path.join(os.path.expanduser(os.path.expandvars(os.environ["HF_HOME"])), "token")
+        if os.environ.get("HF_HOME") else None)
+    if path and os.path.isfile(path):
+        return Path(path).read_text().strip() or None
+    return None  # huggingface_hub falls back to its own lookup
+
+
 def _advice(preset: str, repo_id: str, gated: bool, filename: str) -> str:
     url = f"https://huggingface.co/{repo_id}"
     access = (f"accept the licence at {url} with your Hugging Face account, then log in on this machine "
@@ -69,7 +82,7 @@ def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated
 
     cache_dir = hub_cache_dir()
     offline = hub_offline()
-    token = os.environ.get("HF_TOKEN") or None
+    token = hub_token()
     not_cached: list[str] = []
     absent: list[str] = []
     for filename in filenames:

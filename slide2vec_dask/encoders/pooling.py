@@ -37,7 +37,9 @@ class TokenPooler(nn.Module):
         self.pooling = pooling
         # CLS + registers come first in timm's token layout.
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
-        self.register_state_dict_post_hook(_strip_prefix)
+        # torch < 2.5 has the state-dict post hook under its private name only.
+        post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
     def extra_repr(self) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, read_state_dict
+from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, read_state_dict, state_dict_mismatch
 from slide2vec_dask.encoders.registry import register_preset
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
@@ -349,6 +349,7 @@ def resample_pos_embed(state: dict, model, interp: str) -> dict:
     """Resample ``state['pos_embed']`` to the model's patch grid (no-op when it already fits)."""
     import math
 
+    import torch
     import torch.nn.functional as F
 
     pos = state.get("pos_embed")
@@ -356,35 +357,16 @@ def resample_pos_embed(state: dict, model, interp: str) -> dict:
     if pos is None or target is None or tuple(pos.shape) == tuple(target.shape):
         return state
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-    grid = model.patch_embed.grid_size
+    grid = tuple(model.patch_embed.grid_size)
     n_old = pos.shape[1] - prefix
     side = math.isqrt(n_old)
     if side * side != n_old or pos.shape[-1] != target.shape[-1]:
-        return state  # not a square grid of the same width: let the fit check report it
+        return state  # not a square grid of the same width: the fit check reports it
     head, patches = pos[:, :prefix], pos[:, prefix:]
-    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=tuple(grid), **POS_EMBED_INTERP[interp])
+    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # interpolate in float32
+    patches = F.interpolate(patches, size=grid, **POS_EMBED_INTERP[interp])
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
-    import torch
-
     return {**state, "pos_embed": torch.cat([head, patches], dim=1)}
-
-
-def state_dict_mismatch(own: dict, state: dict) -> str:
-    """'' when ``state`` fits ``own`` exactly, else what does not (missing, unexpected, shapes)."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    detail = []
-    if missing:
-        detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
-    if unexpected:
-        detail.append(f"unexpected {len(unexpected)} key(s), e.g. {unexpected[:3]}")
-    if shapes:
-        k = shapes[0]
-        detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} "
-                      f"vs model {tuple(own[k].shape)}")
-    return "; ".join(detail)
 
 
 # -- the table ----------------------------------------------------------------

@@ -23,11 +23,13 @@ def register_preset(name: str, level: str = "tile"):
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
 
+    key = name.lower()  # get_preset looks names up case-insensitively
+
     def decorate(factory: Callable[..., EncoderSpec]) -> Callable[..., EncoderSpec]:
-        if name in _PRESETS:
+        if key in _PRESETS:
             raise ValueError(f"preset {name!r} is registered twice")
-        _PRESETS[name] = factory
-        _LEVEL[name] = level
+        _PRESETS[key] = factory
+        _LEVEL[key] = level
         return factory
 
     return decorate

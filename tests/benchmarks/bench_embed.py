@@ -18,8 +18,10 @@ exit too, and the larger of the two is reported):
                  channels_last, batches of ``--batch-size`` already-normalised
                  float tensors held in memory, torch's default intra-op
                  threads (what the runtime gets), one untimed warm-up batch,
-                 model build not timed.  As many tiles as the pipeline embeds
-                 (at least ``--bare-min-seconds``).
+                 model build not timed.  As many tiles as the pipeline embeds,
+                 but at least ``--bare-min-seconds`` (20) and at most
+                 ``--bare-max-seconds`` (90; a rate needs no more).  The input
+                 is a pool of ``--bare-pool`` batches re-used round robin.
 2. ``pipeline``  ``Model.from_timm(...).embed_slide`` end to end: open,
                  tissue segmentation, mask + tiling previews, read, decode,
                  cut, normalise, embed (model build included: it is lazy).
@@ -199,6 +201,11 @@ def _finish(result_path: str, result: dict) -> None:
     Path(result_path).write_text(json.dumps(result))
 
 
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def phase_bare(ns) -> dict:
     import timm
     import torch
@@ -230,13 +237,16 @@ def phase_bare(ns) -> dict:
         model(pool[0])                                     # warm-up (oneDNN primitives), not timed
         n_batches = max(1, -(-ns.tiles // b))
         done, i = 0, 0
-        t0 = time.perf_counter()
-        while i < n_batches or time.perf_counter() - t0 < ns.bare_min_seconds:
+        t0, c0 = time.perf_counter(), _cpu()
+        while True:
+            elapsed = time.perf_counter() - t0
+            if elapsed >= ns.bare_min_seconds and (i >= n_batches or elapsed >= ns.bare_max_seconds):
+                break
             out = model(pool[i % len(pool)])
             done += out.shape[0]
             i += 1
-        elapsed = time.perf_counter() - t0
-    return {"tiles": done, "seconds": elapsed, "tps": done / elapsed, "build_s": build_s,
+        elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
+    return {"tiles": done, "seconds": elapsed, "tps": done / elapsed, "cpu_s": cpu, "build_s": build_s,
             "torch_threads": threads, "params": params, "feature_dim": int(out.shape[1]),
             "input_pool_mb": sum(x.numel() * 4 for x in pool) / 2**20}
 
@@ -249,13 +259,13 @@ def _embed(ns, model) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as out_dir:
         execution = ExecutionOptions(output_dir=out_dir, batch_size=ns.batch_size,
                                      num_workers=ns.num_workers, prefetch_factor=ns.prefetch_factor)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         result = model.embed_slide(ns.slide, preprocessing=preprocessing(True), execution=execution)
-        elapsed = time.perf_counter() - t0
+        elapsed, cpu = time.perf_counter() - t0, _cpu() - c0
         previews_ok = bool(result.mask_preview_path and Path(result.mask_preview_path).exists()
                            and result.tiling_preview_path and Path(result.tiling_preview_path).exists())
     emb = result.tile_embeddings
-    return {"tiles": int(result.num_tiles), "seconds": elapsed, "tps": result.num_tiles / elapsed,
+    return {"tiles": int(result.num_tiles), "seconds": elapsed, "tps": result.num_tiles / elapsed, "cpu_s": cpu,
             "torch_threads": torch.get_num_threads(), "previews_ok": previews_ok,
             "finite": bool(torch.isfinite(emb).all()), "feature_dim": int(emb.shape[1])}
 
@@ -346,15 +356,18 @@ def bench_slide(label: str, path: Path, ns, repeats: int, bare: list[dict] | Non
                 continue
             if ns.cold and phase != "bare":
                 evict_page_cache(path)
+            load0 = os.getloadavg()[0]
             res = run_phase(phase, [*base, "--tiles", str(tiles)])
+            res["load"] = (load0, os.getloadavg()[0])
             runs[phase].append(res)
             if phase == "preview":
                 print(f"  [{r + 1}/{repeats}] preview   plan on {res['plan_on_s']:.3f} s, off {res['plan_off_s']:.3f} s"
                       f" -> previews {res['preview_s']:.3f} s; peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             else:
                 print(f"  [{r + 1}/{repeats}] {phase:9s} {res['tiles']:6d} tiles in {res['seconds']:7.1f} s = "
-                      f"{res['tps']:7.1f} tiles/s; peak RSS {res['peak_rss_mb']:.0f} MB "
-                      f"(torch threads {res.get('torch_threads')})", flush=True)
+                      f"{res['tps']:7.1f} tiles/s, {1000 * res['cpu_s'] / res['tiles']:6.1f} CPU-ms/tile; "
+                      f"peak RSS {res['peak_rss_mb']:.0f} MB; torch threads {res.get('torch_threads')}; "
+                      f"load {res['load'][0]:.1f}->{res['load'][1]:.1f}", flush=True)
     if bare is not None:
         runs["bare"] = bare
     return {"label": label, "path": path, "tiles": tiles, "runs": runs}
@@ -390,6 +403,8 @@ def report(results: list[dict], ns) -> bool:
                 row(f"{tag}: pipeline / bare", summary(ratios, "{:.3f}"),
                     f">= {TARGETS['ratio']}" if target else "(info)",
                     med(ratios) >= target if target else None)
+                cpu_ratio = med([r["cpu_s"] / r["tiles"] for r in runs["pipeline"]]) / med([r["cpu_s"] / r["tiles"] for r in bare])
+                row(f"{tag}: pipeline / bare CPU-s per tile", f"{cpu_ratio:.3f}", "(info)", None)
             if not all(r["previews_ok"] and r["finite"] for r in runs["pipeline"]):
                 row(f"{tag}: previews written, embeddings finite", "no", "yes", False)
         data_tps = [r["tps"] for r in runs["datapath"]]
@@ -438,7 +453,9 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=None, help="ExecutionOptions.num_workers (default: the library's)")
     p.add_argument("--prefetch-factor", type=int, default=4)
-    p.add_argument("--bare-min-seconds", type=float, default=20.0)
+    p.add_argument("--bare-min-seconds", type=float, default=20.0, help="the bare model runs at least this long")
+    p.add_argument("--bare-max-seconds", type=float, default=90.0,
+                   help="... and stops at the pipeline's tile count or after this long, whichever comes first")
     p.add_argument("--bare-pool", type=int, default=2, help="distinct in-memory input batches for the bare model")
     p.add_argument("--preview-loops", type=int, default=3, help="on/off plan pairs per preview run")
     p.add_argument("--cold", action="store_true", help="evict the slide from the page cache before each run")
@@ -454,7 +471,8 @@ def parse(argv=None):
 
 def child_args(ns) -> list[str]:
     out = ["--batch-size", str(ns.batch_size), "--prefetch-factor", str(ns.prefetch_factor),
-           "--bare-min-seconds", str(ns.bare_min_seconds), "--bare-pool", str(ns.bare_pool),
+           "--bare-min-seconds", str(ns.bare_min_seconds), "--bare-max-seconds", str(ns.bare_max_seconds),
+           "--bare-pool", str(ns.bare_pool),
            "--preview-loops", str(ns.preview_loops)]
     if ns.num_workers is not None:
         out += ["--num-workers", str(ns.num_workers)]
