@@ -44,15 +44,18 @@ def cut_tiles(pixels: np.ndarray, keep: np.ndarray, tile: int) -> np.ndarray:
 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
                 settings: EmbedSettings) -> np.ndarray:
-    from slide2vec_dask.dataflow.worker import acquire_device, get_encoder
+    from slide2vec_dask.dataflow.worker import get_encoder, run_on_device
 
     keep = keep[:, :, 0]
     out = np.full(keep.shape + (spec.feature_dim,), np.nan, dtype=np.float32)
     if keep.any():
         tiles = cut_tiles(pixels, keep, read_tile)
-        with acquire_device(settings.num_gpus) as device:
+
+        def encode(device: str) -> np.ndarray:
             encoder = get_encoder(spec, device, settings.precision, settings.channels_last)
-            out[keep] = encoder.embed(tiles, settings.batch_size)
+            return encoder.embed(tiles, settings.batch_size)
+
+        out[keep] = run_on_device(settings.num_gpus, encode)
     return out
 
 

@@ -4,11 +4,16 @@ Everything here lives once per process.  A task asks for a device, gets the
 encoder already built on it (built the first time, then cached), runs, and
 gives the device back, so one worker's threads take turns on each GPU while
 its other threads keep decoding blocks.
+
+The encoder always runs on its device's own thread, whichever task thread
+asked: torch's CPU kernels then reuse one OpenMP team and one malloc arena
+instead of growing a model-sized arena in every decoding thread (measured:
+several hundred MB of peak RSS on a 2-core machine).
 """
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures as cf
 import queue
 import threading
 import warnings
@@ -26,7 +31,7 @@ def _device_queue(num_gpus: int) -> queue.Queue:
         if q is None:
             q = queue.Queue()
             for device in _devices(num_gpus):
-                q.put(device)
+                q.put((device, cf.ThreadPoolExecutor(1, thread_name_prefix=f"slide2vec-{device}")))
             _DEVICES[num_gpus] = q
         return q
 
@@ -46,15 +51,14 @@ def _devices(num_gpus: int) -> list[str]:
     return [f"cuda:{i}" for i in range(min(num_gpus, available))]
 
 
-@contextlib.contextmanager
-def acquire_device(num_gpus: int):
-    """Hold one device of this process exclusively for the duration of the block."""
+def run_on_device(num_gpus: int, fn):
+    """Run ``fn(device)`` on a free device of this process, on that device's own thread."""
     q = _device_queue(num_gpus)
-    device = q.get()
+    device, thread = q.get()
     try:
-        yield device
+        return thread.submit(fn, device).result()
     finally:
-        q.put(device)
+        q.put((device, thread))
 
 
 def get_encoder(spec: EncoderSpec, device: str, precision: str | None, channels_last: bool):

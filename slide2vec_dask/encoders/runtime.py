@@ -54,7 +54,7 @@ class LoadedEncoder:
         size = self.spec.tile_size_px
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        x = torch.addcmul(self._shift, x, self._scale)
+        x = torch.addcmul(self._shift, x, self._scale, out=x)  # in place: one float copy per batch
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.module(x)
