@@ -16,6 +16,11 @@ _EXPORTS = {
     "PreprocessingConfig": "slide2vec_dask.config",
     "ExecutionOptions": "slide2vec_dask.config",
     "EmbeddedSlide": "slide2vec_dask.results",
+    "RunResult": "slide2vec_dask.results",
+    "TileArtifact": "slide2vec_dask.results",
+    "Pipeline": "slide2vec_dask.pipeline",
+    "open_embeddings": "slide2vec_dask.store",
+    "read_manifest": "slide2vec_dask.manifest",
     "open_slide": "slide2vec_dask.slide",
     "Slide": "slide2vec_dask.slide",
     "MissingSpacingError": "slide2vec_dask.slide",
@@ -46,6 +51,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from slide2vec_dask.encoders.registry import list_models
     from slide2vec_dask.model import Model
     from slide2vec_dask.progress import activate_progress_reporter
-    from slide2vec_dask.results import EmbeddedSlide
+    from slide2vec_dask.manifest import read_manifest
+    from slide2vec_dask.pipeline import Pipeline
+    from slide2vec_dask.results import EmbeddedSlide, RunResult, TileArtifact
+    from slide2vec_dask.store import open_embeddings
     from slide2vec_dask.slide import MissingSpacingError, Slide, UnreadableSlideError, open_slide
     from slide2vec_dask.tiling import TileGrid

@@ -151,6 +151,7 @@ class ExecutionOptions:
     save_latents: bool = False
     scheduler_address: str | None = None
     channels_last: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size, integer=True)
@@ -163,11 +164,6 @@ class ExecutionOptions:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
         if self.output_format is not None and self.output_format not in ("pt", "npz"):
             raise ValueError(f"output_format must be 'pt', 'npz' or None, got {self.output_format!r}")
-        if self.output_format is not None:
-            raise NotImplementedError(
-                "output_format (flat per-slide .pt/.npz files) comes with the Pipeline; embed_slide "
-                "returns the embeddings in memory."
-            )
         for name in ("save_tile_embeddings", "save_slide_embeddings", "save_latents"):
             if getattr(self, name):
                 raise NotImplementedError(f"{name}=True needs slide-level encoders, not available yet in this release.")

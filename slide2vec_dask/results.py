@@ -50,3 +50,29 @@ class EmbeddedSlide:
                 **self.attrs,
             },
         )
+
+
+@dataclass
+class TileArtifact:
+    """Where one slide's tile embeddings were written."""
+
+    sample_id: str
+    num_tiles: int
+    store_path: Path               # the run's Zarr store
+    group: str                     # "tiles/<sample_id>" inside it
+    coordinates_path: Path | None = None
+    flat_path: Path | None = None  # tile_embeddings/<id>.pt|.npz when output_format asks
+
+
+@dataclass
+class RunResult:
+    """What `Pipeline.run` produced; ``num_failed`` slides are in process_list.csv with their error."""
+
+    tile_artifacts: list[TileArtifact]
+    process_list_path: Path
+    store_path: Path
+    hierarchical_artifacts: list = field(default_factory=list)
+    slide_artifacts: list = field(default_factory=list)
+    patient_artifacts: list = field(default_factory=list)
+    num_failed: int = 0
+    num_skipped: int = 0

@@ -42,3 +42,28 @@ def resolve_client(scheduler_address: str | None):
 def cluster_threads(client) -> int:
     """Total worker threads of a cluster (the natural number of blocks in flight)."""
     return max(1, sum(client.nthreads().values()))
+
+
+def start_local_cluster(num_workers: int | None, num_gpus: int):
+    """A `distributed` cluster on this machine, sized to it.
+
+    CPU only: one worker process with ``num_workers`` threads (one model in
+    memory, threads decode).  With GPUs: one worker process per GPU, pinned
+    with ``CUDA_VISIBLE_DEVICES`` and declared with ``resources={"GPU": 1}``.
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    from slide2vec_dask.dataflow.driver import default_threads
+
+    cpus = default_threads()
+    if num_gpus > 0:
+        threads = num_workers or max(2, cpus // num_gpus)
+        workers = {f"gpu-{i}": {"cls": Nanny, "options": {
+            "nthreads": threads, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(i)}}}
+            for i in range(num_gpus)}
+    else:
+        workers = {"cpu-0": {"cls": Nanny, "options": {"nthreads": num_workers or cpus}}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    cluster = SpecCluster(workers=workers, scheduler=scheduler, name="slide2vec-dask")
+    print(f"slide2vec-dask: local Dask cluster, dashboard at {cluster.dashboard_link}", file=sys.stderr)
+    return cluster

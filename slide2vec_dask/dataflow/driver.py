@@ -30,10 +30,17 @@ def default_threads() -> int:
 
 
 def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Callable, *, client=None,
-               num_workers: int, prefetch_factor: int, gpu_resources: bool) -> None:
-    """Compute each (graph, block) and call ``on_block(graph, block, result)`` as results arrive."""
+               num_workers: int, prefetch_factor: int, gpu_resources: bool, sink: Callable | None = None) -> None:
+    """Compute each (graph, block) and call ``on_block(graph, block, result)`` as results arrive.
+
+    With ``sink`` (distributed only), ``sink(graph, block)`` returns a function run on the worker
+    on the block's embeddings — e.g. writing them to the store — and ``result`` is what it
+    returns; a failed block's ``result`` is its exception, so one bad slide stops nothing else.
+    """
     if client is not None:
-        _run_distributed(jobs, on_block, client, num_workers * prefetch_factor, gpu_resources)
+        _run_distributed(jobs, on_block, client, num_workers * prefetch_factor, gpu_resources, sink)
+    elif sink is not None:
+        raise ValueError("a sink needs a distributed client")
     else:
         _run_local(jobs, on_block, num_workers, prefetch_factor)
 
@@ -78,7 +85,7 @@ def _drain(pending: dict, on_block, how) -> None:
         on_block(graph, block, future.result())
 
 
-def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool) -> None:
+def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool, sink=None) -> None:
     """Reads go in as the graph's own read tasks; embeddings are submitted on their results.
 
     The split is what lets the embedding tasks alone carry ``resources={"GPU": 1}``.
@@ -89,7 +96,7 @@ def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool) -
 
     cache: dict = {}
     specs: dict = {}
-    results = as_completed(with_results=True, loop=client.loop)
+    results = as_completed(loop=client.loop)
     meta: dict = {}
 
     def submit(graph, block):
@@ -101,15 +108,20 @@ def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool) -
         future = client.submit(embed_block, pixels, graph.keep_block(block), spec=spec, read_tile=graph.read_tile,
                                settings=graph.settings, key=graph.key(block), pure=False,
                                resources={"GPU": 1} if gpu_resources else None)
+        if sink is not None:
+            future = client.submit(sink(graph, block), future, pure=False)
         meta[future.key] = (graph, block)
         results.add(future)
 
     jobs = iter(jobs)
     for _, job in zip(range(window), jobs):
         submit(*job)
-    for future, result in results:
+    for future in results:
         graph, block = meta.pop(future.key)
-        on_block(graph, block, result)
+        if future.status == "error" and sink is not None:
+            on_block(graph, block, future.exception())   # that slide fails, the run goes on
+        else:
+            on_block(graph, block, future.result())
         nxt = next(jobs, None)
         if nxt is not None:
             submit(*nxt)

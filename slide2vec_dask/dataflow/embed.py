@@ -120,6 +120,9 @@ def _check_plan(grid: TileGrid, slide, spacing: float, tile: int, item: SlideInp
 def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: PreprocessingConfig,
                  execution: ExecutionOptions) -> list[EmbeddedSlide]:
     """Embed several slides, results in input order (any failure raises)."""
+    if execution.output_format is not None:
+        raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
+                         "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
     client = resolve_client(execution.scheduler_address)
     num_gpus = _num_gpus(execution, client)
     settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)

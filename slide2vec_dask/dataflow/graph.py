@@ -72,6 +72,8 @@ class SlideGraph:
     spec: EncoderSpec
     read_tile: int
     settings: EmbedSettings
+    level: int = 0
+    sample_id: str = ""
 
     def key(self, block: tuple[int, int]) -> tuple:
         return (self.array.name, block[0], block[1], 0)
@@ -85,7 +87,8 @@ class SlideGraph:
 
 
 def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settings: EmbedSettings,
-                         use_supertiles: bool = True, block_px: int = DEFAULT_BLOCK_PX) -> SlideGraph:
+                         use_supertiles: bool = True, block_px: int = DEFAULT_BLOCK_PX,
+                         sample_id: str = "") -> SlideGraph:
     import dask
     import dask.array as da
 
@@ -108,4 +111,5 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
     counts = np.add.reduceat(np.add.reduceat(grid.keep, np.arange(0, rows, k), axis=0),
                              np.arange(0, cols, k), axis=1) if rows and cols else np.zeros((0, 0), int)
     blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
-    return SlideGraph(array, pixels, grid.keep, blocks, [int(counts[b]) for b in blocks], k, spec, rt, settings)
+    return SlideGraph(array, pixels, grid.keep, blocks, [int(counts[b]) for b in blocks], k, spec, rt, settings,
+                      grid.level, sample_id)

@@ -8,6 +8,9 @@ file defines no ``test_`` functions either).  Run it by hand::
     python tests/benchmarks/bench_embed.py                 # 20000 x 16000 slide
     python tests/benchmarks/bench_embed.py --big           # + the 40000 x 40000 slide
     python tests/benchmarks/bench_embed.py --repeats 5 --cold
+    # the big slide alone, its pipeline run stopped after 8 minutes, compared with
+    # the default-slide results (bare model included) saved earlier by --json:
+    python tests/benchmarks/bench_embed.py --big --from-json bench-out/default.json --big-max-seconds 480
 
 What it measures (each run in its own fresh subprocess, whose process tree
 the parent samples for RSS every ~50 ms; the child's own VmHWM is read at
@@ -30,6 +33,15 @@ exit too, and the larger of the two is reported):
 4. ``preview``   ``plan_slide`` with previews on vs off on a freshly opened
                  slide; the difference is the preview cost.
 
+Time cap (``--big-max-seconds T``): one pipeline run on the 40000 x 40000 slide
+takes ~30 min on 2 cores.  With a cap its subprocess is killed after ``T`` s;
+its peak RSS is what the sampler saw until then (plus the child's VmHWM read
+just before the kill), and its tiles/s is tiles done / seconds since the
+``embed_slide`` call, both from a progress reporter the child installs
+(``activate_progress_reporter``, public API).  Every such line and row is
+marked ``CAPPED``.  The running peak RSS every 30 s is printed for pipeline
+runs so one can see the plateau.
+
 Runs are interleaved (bare, pipeline, datapath, bare, ...) so machine noise
 hits every side alike; medians (min..max) of ``--repeats`` runs are printed.
 Page cache: the slide file is warm in the page cache for every run (it was
@@ -45,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -157,20 +170,23 @@ def _descendants(root: int) -> set[int]:
 class TreeRSS:
     """Samples the summed VmRSS of a process and its descendants every ``interval`` s."""
 
-    def __init__(self, pid: int, interval: float = 0.05, rescan: float = 1.0):
-        self.pid, self.interval, self.rescan = pid, interval, rescan
+    def __init__(self, pid: int, interval: float = 0.05, rescan: float = 1.0, mark_every: float = 30.0):
+        self.pid, self.interval, self.rescan, self.mark_every = pid, interval, rescan, mark_every
         self.peak_kb = 0
+        self.marks_kb: list[int] = []     # running peak at mark_every, 2 * mark_every, ... s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        pids, last_scan = {self.pid}, 0.0
+        pids, last_scan, t0 = {self.pid}, 0.0, time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
             if now - last_scan >= self.rescan:
                 pids, last_scan = _descendants(self.pid), now
             self.peak_kb = max(self.peak_kb, sum(_status_kb(p, "VmRSS:") for p in pids))
+            if now - t0 >= self.mark_every * (len(self.marks_kb) + 1):
+                self.marks_kb.append(self.peak_kb)
             self._stop.wait(self.interval)
 
     def stop(self) -> int:
@@ -179,19 +195,52 @@ class TreeRSS:
         return self.peak_kb
 
 
-def run_phase(phase: str, args: list[str]) -> dict:
-    """Run ``--phase`` in a fresh interpreter; its JSON result plus the tree's peak RSS."""
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
-        cmd = [sys.executable, __file__, "--phase", phase, "--result", result.name, *args]
-        proc = subprocess.Popen(cmd)
+def _cpu_of(pid: int) -> float:
+    """user + system CPU seconds of a live process (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def run_phase(phase: str, args: list[str], max_seconds: float | None = None) -> dict:
+    """Run ``--phase`` in a fresh interpreter; its JSON result plus the tree's peak RSS.
+
+    With ``max_seconds`` the child (its own session, so its whole process group) is
+    killed when that time is up; what it had done by then comes from its progress file.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-phase-") as d:
+        result, progress = Path(d) / "result.json", Path(d) / "progress.json"
+        cmd = [sys.executable, __file__, "--phase", phase, "--result", str(result), "--progress", str(progress), *args]
+        proc = subprocess.Popen(cmd, start_new_session=True)
         sampler = TreeRSS(proc.pid)
-        rc = proc.wait()
-        sampled_kb = sampler.stop()
-        if rc != 0:
-            raise RuntimeError(f"phase {phase} failed with exit code {rc}: {' '.join(cmd)}")
-        out = json.loads(Path(result.name).read_text())
+        capped = False
+        try:
+            rc = proc.wait(timeout=max_seconds)
+        except subprocess.TimeoutExpired:
+            capped = True
+            hwm_kb, cpu_s = _status_kb(proc.pid, "VmHWM:"), _cpu_of(proc.pid)
+            killed_at = time.time()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        sampled_kb, marks_kb = sampler.stop(), sampler.marks_kb
+        if capped:
+            prog = json.loads(progress.read_text()) if progress.exists() else {}
+            done, started = prog.get("done", 0), prog.get("started")
+            seconds = (prog.get("t", killed_at) - started) if started else float("nan")
+            out = {"capped": True, "capped_after_s": max_seconds, "vmhwm_kb": hwm_kb, "cpu_s": cpu_s,
+                   "tiles": done, "tiles_total": prog.get("total"), "seconds": seconds,
+                   "tps": done / seconds if done and seconds > 0 else float("nan"),
+                   "tps_steady": prog.get("steady_tps"), "torch_threads": None}
+        else:
+            if proc.returncode != 0:
+                raise RuntimeError(f"phase {phase} failed with exit code {proc.returncode}: {' '.join(cmd)}")
+            out = json.loads(result.read_text())
     out["rss_sampled_mb"] = sampled_kb / 1024
     out["peak_rss_mb"] = max(sampled_kb, out.get("vmhwm_kb", 0)) / 1024
+    out["rss_peak_every_30s_mb"] = [round(k / 1024) for k in marks_kb]
     return out
 
 
@@ -251,10 +300,54 @@ def phase_bare(ns) -> dict:
             "input_pool_mb": sum(x.numel() * 4 for x in pool) / 2**20}
 
 
+class FileProgress:
+    """A progress reporter (public API) that keeps tiles done, with wall times, in a JSON file.
+
+    Lets the parent say how far a run it killed had got.  Rewritten at most every 0.5 s.
+    """
+
+    def __init__(self, path: str, started: float):
+        self.path, self.started = Path(path), started
+        self.total = self.done = 0
+        self.first_t = self.first_done = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def start(self, total: int, description: str) -> None:
+        self.total = total
+        self._write(force=True)
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            if self.first_t is None:                 # first block out: model built, pipeline filled
+                self.first_t, self.first_done = time.time(), self.done
+            self._write()
+
+    def close(self) -> None:
+        self._write(force=True)
+
+    def _write(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last < 0.5:
+            return
+        self._last = now
+        steady = None
+        if self.first_t is not None and now - self.first_t > 1:
+            steady = (self.done - self.first_done) / (now - self.first_t)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"started": self.started, "t": now, "done": self.done, "total": self.total,
+                                   "first_block_t": self.first_t, "steady_tps": steady}))
+        os.replace(tmp, self.path)
+
+
 def _embed(ns, model) -> dict:
     import torch
 
-    from slide2vec_dask import ExecutionOptions
+    from slide2vec_dask import ExecutionOptions, activate_progress_reporter
+
+    if ns.progress:
+        activate_progress_reporter(FileProgress(ns.progress, started=time.time()))
 
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as out_dir:
         execution = ExecutionOptions(output_dir=out_dir, batch_size=ns.batch_size,
@@ -343,10 +436,12 @@ def mark(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
 
-def bench_slide(label: str, path: Path, ns, repeats: int, bare: list[dict] | None, child_args: list[str]) -> dict:
+def bench_slide(label: str, path: Path, ns, repeats: int, bare: list[dict] | None, child_args: list[str],
+                max_seconds: float | None = None) -> dict:
     tiles = count_tiles(path)
     print(f"\n== {label}: {path.name}, {tiles} tissue tiles of {TILE_PX} px at {SPACING_UM} µm/px, "
-          f"{repeats} repeat(s), page cache {'cold' if ns.cold else 'warm'}", flush=True)
+          f"{repeats} repeat(s), page cache {'cold' if ns.cold else 'warm'}"
+          + (f", pipeline runs CAPPED at {max_seconds:.0f} s" if max_seconds else ""), flush=True)
     runs: dict[str, list[dict]] = {"bare": [], "pipeline": [], "datapath": [], "preview": []}
     base = ["--slide", str(path), *child_args]
     for r in range(repeats):
@@ -357,17 +452,26 @@ def bench_slide(label: str, path: Path, ns, repeats: int, bare: list[dict] | Non
             if ns.cold and phase != "bare":
                 evict_page_cache(path)
             load0 = os.getloadavg()[0]
-            res = run_phase(phase, [*base, "--tiles", str(tiles)])
+            res = run_phase(phase, [*base, "--tiles", str(tiles)], max_seconds if phase == "pipeline" else None)
             res["load"] = (load0, os.getloadavg()[0])
             runs[phase].append(res)
             if phase == "preview":
                 print(f"  [{r + 1}/{repeats}] preview   plan on {res['plan_on_s']:.3f} s, off {res['plan_off_s']:.3f} s"
                       f" -> previews {res['preview_s']:.3f} s; peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
             else:
+                cpu_ms = 1000 * res["cpu_s"] / res["tiles"] if res["tiles"] else float("nan")
                 print(f"  [{r + 1}/{repeats}] {phase:9s} {res['tiles']:6d} tiles in {res['seconds']:7.1f} s = "
-                      f"{res['tps']:7.1f} tiles/s, {1000 * res['cpu_s'] / res['tiles']:6.1f} CPU-ms/tile; "
+                      f"{res['tps']:7.1f} tiles/s, {cpu_ms:6.1f} CPU-ms/tile; "
                       f"peak RSS {res['peak_rss_mb']:.0f} MB; torch threads {res.get('torch_threads')}; "
                       f"load {res['load'][0]:.1f}->{res['load'][1]:.1f}", flush=True)
+                if res.get("capped"):
+                    steady = res.get("tps_steady")
+                    print(f"        CAPPED: killed after {res['capped_after_s']:.0f} s with {res['tiles']} of "
+                          f"{res.get('tiles_total')} tiles done; tiles/s above is from the capped part "
+                          f"(since the embed_slide call; {steady if steady is not None else float('nan'):.1f} "
+                          f"since the first block); peak RSS is the peak until the kill", flush=True)
+                if phase == "pipeline":
+                    print(f"        running peak RSS every 30 s (MB): {res.get('rss_peak_every_30s_mb')}", flush=True)
     if bare is not None:
         runs["bare"] = bare
     return {"label": label, "path": path, "tiles": tiles, "runs": runs}
@@ -394,22 +498,23 @@ def report(results: list[dict], ns) -> bool:
     for res in results:
         tag = res["label"]
         runs = res["runs"]
+        ptag = tag + (" (CAPPED)" if any(r.get("capped") for r in runs["pipeline"]) else "")
         pipe_tps = [r["tps"] for r in runs["pipeline"]]
         if pipe_tps:
-            row(f"{tag}: pipeline tiles/s", summary(pipe_tps), "", None)
+            row(f"{ptag}: pipeline tiles/s", summary(pipe_tps), "", None)
             if bare_tps:
                 ratios = [t / med(bare_tps) for t in pipe_tps]
-                target = TARGETS["ratio"] if tag == "default" else None
-                row(f"{tag}: pipeline / bare", summary(ratios, "{:.3f}"),
+                target = TARGETS["ratio"] if res["label"] == "default" else None
+                row(f"{ptag}: pipeline / bare", summary(ratios, "{:.3f}"),
                     f">= {TARGETS['ratio']}" if target else "(info)",
                     med(ratios) >= target if target else None)
                 cpu_ratio = med([r["cpu_s"] / r["tiles"] for r in runs["pipeline"]]) / med([r["cpu_s"] / r["tiles"] for r in bare])
-                row(f"{tag}: pipeline / bare CPU-s per tile", f"{cpu_ratio:.3f}", "(info)", None)
-            if not all(r["previews_ok"] and r["finite"] for r in runs["pipeline"]):
+                row(f"{ptag}: pipeline / bare CPU-s per tile", f"{cpu_ratio:.3f}", "(info)", None)
+            if not all(r["previews_ok"] and r["finite"] for r in runs["pipeline"] if not r.get("capped")):
                 row(f"{tag}: previews written, embeddings finite", "no", "yes", False)
         data_tps = [r["tps"] for r in runs["datapath"]]
         if data_tps:
-            target = TARGETS["datapath_tps"] if tag == "default" else None
+            target = TARGETS["datapath_tps"] if res["label"] == "default" else None
             row(f"{tag}: data path tiles/s (avg-pool)", summary(data_tps),
                 f">= {target:.0f}" if target else "(info)", med(data_tps) >= target if target else None)
         prev = [r["preview_s"] for r in runs["preview"]]
@@ -419,8 +524,8 @@ def report(results: list[dict], ns) -> bool:
         if bare and runs["pipeline"]:
             b_rss = max(r["peak_rss_mb"] for r in bare)
             p_rss = max(r["peak_rss_mb"] for r in runs["pipeline"])
-            row(f"{tag}: peak RSS bare / pipeline MB", f"{b_rss:.0f} / {p_rss:.0f}", "", None)
-            row(f"{tag}: pipeline RSS over bare MB", f"{p_rss - b_rss:+.0f}", f"<= {TARGETS['rss_over_bare_mb']:.0f}",
+            row(f"{ptag}: peak RSS bare / pipeline MB", f"{b_rss:.0f} / {p_rss:.0f}", "", None)
+            row(f"{ptag}: pipeline RSS over bare MB", f"{p_rss - b_rss:+.0f}", f"<= {TARGETS['rss_over_bare_mb']:.0f}",
                 p_rss - b_rss <= TARGETS["rss_over_bare_mb"])
         if runs["datapath"]:
             row(f"{tag}: peak RSS data path MB", f"{max(r['peak_rss_mb'] for r in runs['datapath']):.0f}", "", None)
@@ -428,7 +533,8 @@ def report(results: list[dict], ns) -> bool:
         small = max(r["peak_rss_mb"] for r in results[0]["runs"]["pipeline"])
         big = max(r["peak_rss_mb"] for r in results[1]["runs"]["pipeline"])
         rel = big / small - 1
-        row("pipeline peak RSS big vs default", f"{rel:+.1%}", f"within {TARGETS['rss_big_vs_small']:.0%}",
+        cap = " (big CAPPED)" if any(r.get("capped") for r in results[1]["runs"]["pipeline"]) else ""
+        row("pipeline peak RSS big vs default" + cap, f"{big:.0f} vs {small:.0f} MB = {rel:+.1%}", f"within {TARGETS['rss_big_vs_small']:.0%}",
             abs(rel) <= TARGETS["rss_big_vs_small"])
 
     w = [max(len(str(r[i])) for r in rows + [("metric", "median (min..max)", "target", "")]) for i in range(4)]
@@ -460,12 +566,19 @@ def parse(argv=None):
     p.add_argument("--preview-loops", type=int, default=3, help="on/off plan pairs per preview run")
     p.add_argument("--cold", action="store_true", help="evict the slide from the page cache before each run")
     p.add_argument("--skip", nargs="*", default=[], choices=sorted(PHASES), help="phases to leave out")
+    p.add_argument("--big-max-seconds", type=float, default=None,
+                   help="kill each big-slide pipeline run after this many seconds and report what it did so far "
+                        "(peak RSS until then; tiles/s of the capped part); marked CAPPED")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="take the default slide's results (bare model included) from an earlier --json file "
+                        "instead of running them again; with --big only the big slide is run")
     p.add_argument("--json", type=Path, help="also write all raw results here")
     # child side
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--slide", help=argparse.SUPPRESS)
     p.add_argument("--tiles", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--progress", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -484,13 +597,23 @@ def main(argv=None) -> int:
     if ns.phase:
         _finish(ns.result, PHASES[ns.phase](ns))
         return 0
-    slides = [("default", ensure_slide(ns.slides_dir, DEFAULT_SHAPE, ns.source_svs), ns.repeats)]
-    if ns.big:
-        slides.append(("big", ensure_slide(ns.slides_dir, BIG_SHAPE, ns.source_svs), ns.big_repeats))
     results = []
-    for label, path, repeats in slides:
+    slides = []
+    if ns.from_json:
+        earlier = [r for r in json.loads(ns.from_json.read_text()) if r["label"] == "default"]
+        if not earlier or not earlier[0]["runs"]["bare"]:
+            sys.exit(f"{ns.from_json} holds no default-slide results with bare-model runs")
+        results.append({**earlier[0], "path": Path(earlier[0]["path"])})
+        print(f"default slide: {len(earlier[0]['runs']['pipeline'])} pipeline / {len(earlier[0]['runs']['bare'])} "
+              f"bare runs taken from {ns.from_json} (not re-run)", flush=True)
+    else:
+        slides.append(("default", ensure_slide(ns.slides_dir, DEFAULT_SHAPE, ns.source_svs), ns.repeats, None))
+    if ns.big:
+        slides.append(("big", ensure_slide(ns.slides_dir, BIG_SHAPE, ns.source_svs), ns.big_repeats,
+                       ns.big_max_seconds))
+    for label, path, repeats, cap in slides:
         bare = results[0]["runs"]["bare"] if results else None
-        results.append(bench_slide(label, path, ns, repeats, bare, child_args(ns)))
+        results.append(bench_slide(label, path, ns, repeats, bare, child_args(ns), cap))
     ok = report(results, ns)
     if ns.json:
         ns.json.write_text(json.dumps([{**r, "path": str(r["path"])} for r in results], indent=1, default=str))

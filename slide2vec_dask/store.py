@@ -1,0 +1,190 @@
+"""The run's Zarr store: layout, worker-side writes, and the xarray view.
+
+Layout (Zarr v3, readable with plain xarray)::
+
+    <output_dir>/embeddings.zarr
+      tiles/<sample_id>     embedding (tile, feature); coords x, y (tile), level-0 px;
+                            tissue_fraction (tile); attrs: provenance, complete
+      _staging/<sample_id>  embedding (row, col, feature) on the tile grid, while running
+
+Why a staging grid: a block of k x k tiles is exactly one chunk of the grid
+array, so every worker writes its own chunk with no coordination and no data
+through the client.  When all blocks of a slide landed, one task on a worker
+streams the grid band by band into the flat, row-major ``(tile, feature)``
+array users read, removes the staging grid and writes ``complete = True``
+last: a crash never leaves anything that looks finished.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STORE_NAME = "embeddings.zarr"
+STAGING = "_staging"
+_FLAT_CHUNK_BYTES = 8 << 20
+
+
+def store_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / STORE_NAME
+
+
+def _root(path: str | Path, mode: str = "a"):
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+
+
+def init_store(path: Path, run_attrs: dict[str, Any], overwrite: bool) -> None:
+    """Create the store, or check that an existing one was made with the same settings."""
+    import zarr
+
+    if path.exists() and not overwrite:
+        existing = dict(_root(path).attrs).get("run")
+        if existing is not None and existing != run_attrs:
+            changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
+            raise ValueError(
+                f"{path} holds a run made with other settings ({', '.join(changed)} differ); "
+                "use another output_dir, or ExecutionOptions(overwrite=True) to replace it"
+            )
+    root = zarr.open_group(str(path), mode="w" if overwrite else "a", zarr_format=3)
+    root.attrs["run"] = run_attrs
+    if "tiles" not in root:
+        root.create_group("tiles")
+
+
+def is_complete(path: Path, sample_id: str) -> bool:
+    root = _root(path)
+    key = f"tiles/{sample_id}"
+    return key in root and bool(root[key].attrs.get("complete", False))
+
+
+def prepare_slide(path: Path, sample_id: str, grid_shape: tuple[int, int], k: int, feature_dim: int) -> None:
+    """Remove any earlier (incomplete) output of the slide and create its staging grid."""
+    root = _root(path)
+    for key in (f"tiles/{sample_id}", f"{STAGING}/{sample_id}"):
+        if key in root:
+            del root[key]
+    rows, cols = grid_shape
+    if STAGING not in root:
+        root.create_group(STAGING)
+    root.create_array(f"{STAGING}/{sample_id}", shape=(rows, cols, feature_dim), chunks=(k, k, feature_dim),
+                      dtype="float32", fill_value=np.nan, dimension_names=["row", "col", "feature"])
+
+
+def write_block(path: str, sample_id: str, block: tuple[int, int], k: int, embeddings: np.ndarray) -> int:
+    """Worker side: one block's embeddings into its own chunk of the staging grid."""
+    import zarr
+
+    grid = zarr.open_array(str(Path(path) / STAGING / sample_id), mode="r+")
+    r0, c0 = block[0] * k, block[1] * k
+    grid[r0 : r0 + embeddings.shape[0], c0 : c0 + embeddings.shape[1], :] = embeddings
+    return int(np.isfinite(embeddings[..., 0]).sum())
+
+
+def finalize_slide(path: str, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> int:
+    """Worker side: staging grid -> flat row-major arrays; ``complete`` is written last."""
+    from slide2vec_dask.tiling.grid import TileGrid
+
+    grid = TileGrid.load(plan_path)
+    root = _root(path)
+    staging = root[f"{STAGING}/{sample_id}"]
+    feature_dim = staging.shape[2]
+    n = grid.num_tiles
+    chunk = max(1, min(n, _FLAT_CHUNK_BYTES // (4 * feature_dim)))
+    group = root.create_group(f"tiles/{sample_id}", overwrite=True)
+    emb = group.create_array(
+        "embedding", shape=(n, feature_dim), chunks=(chunk, feature_dim), dtype="float32", fill_value=np.nan,
+        dimension_names=["tile", "feature"],
+        attributes={"coordinates": "x y", "long_name": "tile embedding", "encoder": attrs.get("encoder", "")})
+    written, pending = 0, []
+
+    def flush(final: bool) -> None:
+        nonlocal written, pending
+        rows = np.concatenate(pending)
+        take = len(rows) if final else len(rows) // chunk * chunk   # chunk-aligned until the last
+        emb[written : written + take] = rows[:take]
+        written, pending = written + take, [rows[take:]]
+
+    for r0 in range(0, grid.shape[0], k):
+        keep = grid.keep[r0 : r0 + k]
+        if not keep.any():
+            continue
+        rows = staging[r0 : r0 + keep.shape[0]][keep]
+        if np.isnan(rows[:, 0]).any():
+            raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} never landed")
+        pending.append(rows)
+        if sum(len(p) for p in pending) >= chunk:
+            flush(final=False)
+    if pending:
+        flush(final=True)
+    if written != n:
+        raise RuntimeError(f"{sample_id}: wrote {written} tile rows, the plan has {n}")
+    rows, cols = grid.rows_cols
+    lv0 = {"units": "pixels (level 0)"}
+    _vector(group, "x", grid.x, {**lv0, "long_name": "tile left edge"})
+    _vector(group, "y", grid.y, {**lv0, "long_name": "tile top edge"})
+    _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], {"units": "1"})
+    del root[f"{STAGING}/{sample_id}"]
+    group.attrs.update({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
+                        "tile_size_lv0_units": "pixels (level 0)",
+                        "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px"})
+    group.attrs["complete"] = True
+    return n
+
+
+def _vector(group, name: str, values: np.ndarray, attributes: dict) -> None:
+    arr = group.create_array(name, shape=values.shape, chunks=(max(1, len(values)),), dtype=values.dtype,
+                             dimension_names=["tile"], attributes=attributes, fill_value=0)
+    if len(values):
+        arr[:] = values
+
+
+def export_flat(path: str, sample_id: str, output_dir: Path, fmt: str) -> Path:
+    """The slide's tiles as one flat file (``.pt`` + ``.meta.json``, or ``.npz``) for other tools."""
+    import json
+
+    group = _root(path)[f"tiles/{sample_id}"]
+    emb, x, y = group["embedding"][:], group["x"][:], group["y"][:]
+    folder = output_dir / "tile_embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {k: v for k, v in dict(group.attrs).items() if k != "complete"}
+    if fmt == "npz":
+        target = folder / f"{sample_id}.npz"
+        np.savez(target, embedding=emb, x=x, y=y, meta=json.dumps(meta))
+        return target
+    import torch
+
+    target = folder / f"{sample_id}.pt"
+    torch.save(torch.from_numpy(emb), target)
+    meta.update({"x": x.tolist(), "y": y.tolist()})
+    (folder / f"{sample_id}.meta.json").write_text(json.dumps(meta))
+    return target
+
+
+def discard_staging(path: Path, sample_id: str) -> None:
+    root = _root(path)
+    if f"{STAGING}/{sample_id}" in root:
+        del root[f"{STAGING}/{sample_id}"]
+
+
+def consolidate(path: Path) -> None:
+    """Drop an empty staging group and consolidate metadata, so readers open the store in one read."""
+    import zarr
+
+    root = _root(path)
+    if STAGING in root and not list(root[STAGING].keys()):
+        del root[STAGING]
+    zarr.consolidate_metadata(str(path))
+
+
+def open_embeddings(output_dir: str | Path):
+    """The whole run as an `xarray.DataTree` (lazy; nothing is read until used)."""
+    import xarray as xr
+
+    path = store_path(output_dir)
+    if not path.exists():
+        raise FileNotFoundError(f"no embeddings store at {path}")
+    return xr.open_datatree(str(path), engine="zarr", consolidated=None)
