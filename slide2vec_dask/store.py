@@ -174,10 +174,14 @@ def consolidate(path: Path) -> None:
     """Drop an empty staging group and consolidate metadata, so readers open the store in one read."""
     import zarr
 
+    import warnings
+
     root = _root(path)
     if STAGING in root and not list(root[STAGING].keys()):
         del root[STAGING]
-    zarr.consolidate_metadata(str(path))
+    with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
 
 
 def open_embeddings(output_dir: str | Path):

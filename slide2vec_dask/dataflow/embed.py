@@ -74,10 +74,11 @@ def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
     saved = _saved_plan(item, config, out)
     if saved is not None:
         _check_plan(saved, slide, spacing, tile, item)
-        return slide, Plan(saved)
-    plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
-                      mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
-    if out is not None:
+        plan = Plan(saved)
+    else:
+        plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
+                          mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
+    if out is not None:  # every run's output holds the plans it used
         plan.grid.save(out / "coordinates" / f"{item.sample_id}.npz")
     return slide, plan
 

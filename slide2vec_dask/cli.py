@@ -1,0 +1,433 @@
+"""Command line: ``slide2vec-dask run | embed | models``.
+
+``run CONFIG.yaml [key=value ...]`` runs the `Pipeline` described by a YAML
+file (sections ``manifest``, ``model``, ``preprocessing``, ``execution``),
+with dotted overrides; ``embed`` does the same from flags alone; ``models``
+lists the presets.
+
+Exit codes: 0 when every slide succeeded or was skipped, 1 when any slide
+failed (the summary names them; ``process_list.csv`` has the errors), 2 for
+usage and configuration errors, reported before any work starts.
+
+Importing this module is cheap (argparse only): PyYAML, torch, timm and Dask
+load inside the commands that need them, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+PROG = "slide2vec-dask"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+SECTIONS = ("manifest", "model", "preprocessing", "execution")
+PRESET_KEYS = ("preset", "checkpoint_path", "output_variant")
+TIMM_KEYS = ("timm", "checkpoint_path", "spacing_um", "tile_size_px", "pretrained", "mean", "std")
+MODEL_KEYS = tuple(dict.fromkeys(PRESET_KEYS + TIMM_KEYS))
+# Path-valued settings; in the YAML file they are relative to the file's folder.
+PATH_KEYS = {"manifest": (), "model": ("checkpoint_path",), "execution": ("output_dir",),
+             "preprocessing": ("read_coordinates_from", "read_tiles_from")}
+
+SAMPLE_CONFIG = """\
+manifest: slides.csv            # sample_id,image_path[,mask_path,spacing_at_level_0]
+model:
+  preset: lunit                 # or  timm: vit_small_patch16_224  (+ spacing_um, tile_size_px)
+  # checkpoint_path: weights/lunit.safetensors
+preprocessing:
+  requested_spacing_um: 0.5
+  tissue_threshold: 0.1
+  segmentation: {method: hsv, downsample: 64}
+execution:
+  output_dir: out               # out/embeddings.zarr, out/process_list.csv
+  batch_size: 64
+"""
+
+
+class UsageError(Exception):
+    """A usage or configuration problem found before any work starts (exit code 2)."""
+
+
+# -- configuration -------------------------------------------------------------
+def _fields(section: str) -> tuple[str, ...]:
+    import dataclasses
+
+    from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+
+    cls = PreprocessingConfig if section == "preprocessing" else ExecutionOptions
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _nested(section: str, key: str) -> tuple[str, ...] | None:
+    """Valid keys of a dict-valued preprocessing field, None for other fields."""
+    from slide2vec_dask import config
+
+    defaults = {"segmentation": config.SEGMENTATION_DEFAULTS, "filtering": config.FILTERING_DEFAULTS,
+                "preview": config.PREVIEW_DEFAULTS}
+    return tuple(defaults[key]) if section == "preprocessing" and key in defaults else None
+
+
+def _unknown(key: str, valid: Sequence[str], what: str = "key") -> UsageError:
+    import difflib
+
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UsageError(f"unknown {what} {key!r}{hint}; valid {what}s are: {', '.join(valid)}")
+
+
+def _valid_keys(section: str) -> tuple[str, ...]:
+    return MODEL_KEYS if section == "model" else _fields(section)
+
+
+def check_config(cfg: dict[str, Any], where: str = "config") -> None:
+    """Every section and field known; raises `UsageError` naming the first unknown one."""
+    for section, value in cfg.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), SECTIONS, "section")
+        if section == "manifest" or value is None:
+            continue
+        if not isinstance(value, dict):
+            raise UsageError(f"{where}: section {section!r} must be a mapping of keys to values, "
+                             f"got {type(value).__name__}")
+        valid = _valid_keys(section)
+        for key, sub in value.items():
+            if key not in valid:
+                raise _unknown(f"{section}.{key}", valid)
+            nested = _nested(section, key)
+            if nested is not None and sub is not None:
+                if not isinstance(sub, dict):
+                    raise UsageError(f"{where}: {section}.{key} must be a mapping, got {sub!r}")
+                for name in sub:
+                    if name not in nested:
+                        raise _unknown(f"{section}.{key}.{name}", nested)
+
+
+def _resolve_paths(cfg: dict[str, Any], base: Path) -> None:
+    """Make the YAML's relative paths relative to ``base`` (its folder); ``~`` expands."""
+    def resolve(value):
+        if value is None or value == "":
+            return value
+        path = Path(str(value)).expanduser()
+        return str(path if path.is_absolute() else base / path)
+
+    if "manifest" in cfg:
+        cfg["manifest"] = resolve(cfg["manifest"])
+    for section in ("model", "execution", "preprocessing"):
+        for key in PATH_KEYS[section]:
+            if isinstance(cfg.get(section), dict) and key in cfg[section]:
+                cfg[section][key] = resolve(cfg[section][key])
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The YAML run configuration, checked, with its relative paths resolved."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {exc}") from None
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}")
+    check_config(cfg, str(path))
+    _resolve_paths(cfg, path.resolve().parent)
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as a YAML scalar: ``64`` → int, ``true`` → bool, ``null`` → None."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; a number is meant
+            number = float(value)
+        except ValueError:
+            return value
+        return number if value.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity") else value
+    return value
+
+
+def apply_override(cfg: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` to ``cfg`` (paths in overrides are relative to the current folder)."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise UsageError(f"override {override!r} must look like key=value, e.g. execution.batch_size=64")
+    parts = key.split(".")
+    section = parts[0]
+    if section not in SECTIONS:
+        raise _unknown(section, SECTIONS, "section")
+    value = parse_value(text)
+    if value is not None and parts[-1] in PATH_KEYS.get(section, ()) + ("manifest",):
+        value = str(Path(str(value)).expanduser())
+    if section == "manifest":
+        if len(parts) != 1:
+            raise UsageError(f"override {key!r}: 'manifest' is a path, set it as manifest=PATH")
+        cfg["manifest"] = value
+        return
+    if len(parts) == 1:
+        raise UsageError(f"override {key!r} names a whole section; set one field, "
+                         f"e.g. {section}.{_valid_keys(section)[0]}=...")
+    valid = _valid_keys(section)
+    if parts[1] not in valid:
+        raise _unknown(key, valid)
+    body = cfg.get(section)
+    if not isinstance(body, dict):
+        body = cfg[section] = {}
+    nested = _nested(section, parts[1])
+    if len(parts) == 2:
+        body[parts[1]] = value
+    elif len(parts) == 3 and nested is not None:
+        if parts[2] not in nested:
+            raise _unknown(key, nested)
+        if not isinstance(body.get(parts[1]), dict):
+            body[parts[1]] = {}
+        body[parts[1]][parts[2]] = value
+    else:
+        raise UsageError(f"override {key!r}: {section}.{parts[1]} has no sub-keys")
+    check_config(cfg, "overrides")
+
+
+def _model_options(section: Any) -> dict[str, Any]:
+    """The ``model`` section checked: exactly one of ``preset`` / ``timm``, and only its keys."""
+    if not isinstance(section, dict):
+        raise UsageError("config needs a 'model' section: {preset: NAME} or {timm: NAME}")
+    opts = {k: v for k, v in section.items() if v is not None}
+    kinds = [k for k in ("preset", "timm") if k in opts]
+    if len(kinds) != 1:
+        raise UsageError("model: give exactly one of 'preset' (a name from `slide2vec-dask models`) or "
+                         f"'timm' (a timm architecture); got {kinds or 'neither'}")
+    kind = kinds[0]
+    valid = PRESET_KEYS if kind == "preset" else TIMM_KEYS
+    for key in opts:
+        if key not in valid:
+            hint = (" (for a preset, set preprocessing.requested_spacing_um / requested_tile_size_px)"
+                    if key in ("spacing_um", "tile_size_px") else "")
+            raise UsageError(f"model.{key} does not apply to a {kind} model{hint}; "
+                             f"valid keys are: {', '.join(valid)}")
+    if not isinstance(opts[kind], str) or not opts[kind]:
+        raise UsageError(f"model.{kind} must be a name, got {opts[kind]!r}")
+    for key, integer in (("spacing_um", False), ("tile_size_px", True)):
+        value = opts.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
+                                  or value <= 0):
+            raise UsageError(f"model.{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    return opts
+
+
+def _build_model(opts: dict[str, Any]):
+    from slide2vec_dask.model import Model
+
+    opts = dict(opts)
+    if "preset" in opts:
+        return Model.from_preset(opts.pop("preset"), **opts)
+    return Model.from_timm(opts.pop("timm"), **opts)
+
+
+def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    value = cfg.get(name)
+    return {} if value is None else dict(value)
+
+
+# -- running -----------------------------------------------------------------
+def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, Any],
+            execution: dict[str, Any]) -> int:
+    """Check everything cheap first, then build the model and run the pipeline."""
+    from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+    from slide2vec_dask.manifest import read_manifest
+
+    if manifest in (None, ""):
+        raise UsageError("no manifest given: set 'manifest: PATH' in the config (or manifest=PATH)")
+    if execution.get("output_dir") in (None, ""):
+        raise UsageError("execution.output_dir is required: the folder that receives embeddings.zarr "
+                         "and process_list.csv")
+    prep = PreprocessingConfig(**preprocessing)
+    ex = ExecutionOptions(**execution)
+    slides = read_manifest(manifest)
+    if not slides:
+        raise UsageError(f"manifest {manifest} lists no slides")
+    client = None
+    if ex.scheduler_address is not None:
+        from slide2vec_dask.dataflow.clusters import resolve_client
+
+        client = resolve_client(ex.scheduler_address)  # ConnectionError: a usage error, nothing ran yet
+
+    model = _build_model(model_opts)
+    from slide2vec_dask.pipeline import Pipeline
+
+    result = Pipeline(model, prep, ex, client=client).run(manifest_path=manifest)
+    return report(result)
+
+
+def report(result) -> int:
+    """Print the one-line summary (and the failed slides); the exit code."""
+    import csv
+
+    failed, skipped = int(result.num_failed), int(result.num_skipped)
+    succeeded = len(result.tile_artifacts) - skipped
+    print(f"{PROG}: {succeeded} succeeded, {skipped} skipped, {failed} failed; "
+          f"process list: {result.process_list_path}; store: {result.store_path}", flush=True)
+    if not failed:
+        return EXIT_OK
+    try:
+        with open(result.process_list_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("status") == "failed"]
+    except OSError:
+        rows = []
+    for row in rows[:20]:
+        print(f"  failed {row['sample_id']}: {row['error_type']}: {row['error']}", file=sys.stderr)
+    if len(rows) > 20:
+        print(f"  ... and {len(rows) - 20} more (see {result.process_list_path})", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# -- commands ----------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    for override in args.overrides:
+        apply_override(cfg, override)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        return EXIT_OK
+    model_opts = _model_options(cfg.get("model"))
+    return execute(cfg.get("manifest"), model_opts, _section(cfg, "preprocessing"), _section(cfg, "execution"))
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        # A preset keeps its own contract; --spacing / --tile-size are a request to the tiler.
+        model_opts = {"preset": args.model, "checkpoint_path": args.checkpoint, "output_variant": args.output_variant}
+        preprocessing = {"requested_spacing_um": args.spacing, "requested_tile_size_px": args.tile_size}
+    else:
+        if args.output_variant is not None:
+            raise UsageError("--output-variant applies to --model presets, not to --timm")
+        model_opts = {"timm": args.timm, "checkpoint_path": args.checkpoint,
+                      "spacing_um": args.spacing, "tile_size_px": args.tile_size}
+        preprocessing = {}
+    model_opts = _model_options(model_opts)
+    execution = {"output_dir": args.output, "scheduler_address": args.scheduler, "batch_size": args.batch_size,
+                 "num_gpus": args.num_gpus, "precision": args.precision, "num_workers": args.num_workers,
+                 "output_format": args.output_format, "overwrite": args.overwrite}
+    return execute(args.manifest, model_opts, {k: v for k, v in preprocessing.items() if v is not None},
+                   {k: v for k, v in execution.items() if v is not None})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from slide2vec_dask.encoders.registry import get_preset, list_models
+
+    names = list_models(args.level)
+    if not names:
+        print(f"{PROG}: no {args.level}-level presets", file=sys.stderr)
+        return EXIT_OK
+    if not args.verbose:
+        print("\n".join(names))
+        return EXIT_OK
+    print(f"{'name':<16}{'level':<8}{'dim':>6}{'spacing':>9}{'tile':>6}  weights")
+    for name in names:
+        try:
+            spec = get_preset(name)()
+        except Exception as exc:  # a broken entry must not hide the others
+            print(f"{name:<16}({type(exc).__name__}: {exc})")
+            continue
+        spacing = "any" if spec.spacing_um is None else f"{spec.spacing_um:g}"
+        print(f"{name:<16}{spec.level:<8}{spec.feature_dim or '?':>6}{spacing:>9}{spec.tile_size_px:>6}  "
+              f"{spec.info.get('hub_id', '')}")
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from slide2vec_dask import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Whole-slide images to tile embeddings with pathology foundation models, on Dask.",
+        epilog="exit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error. "
+               f"'{PROG} COMMAND --help' tells more.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", help="run a YAML configuration, with key=value overrides",
+        description="Embed the slides of a manifest as a YAML configuration describes.\n"
+                    "Relative paths in the file are relative to its folder; paths in overrides\n"
+                    "to the current folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="overrides: dotted keys, values read as YAML scalars (numbers, true/false, null):\n"
+               "  execution.batch_size=64 preprocessing.segmentation.method=otsu manifest=other.csv\n"
+               "  model.preset=uni execution.scheduler_address=tcp://scheduler:8786\n\n"
+               "sections: manifest (path), model ({preset: NAME, checkpoint_path, output_variant} or\n"
+               "{timm: NAME, checkpoint_path, spacing_um, tile_size_px, pretrained, mean, std}),\n"
+               "preprocessing (PreprocessingConfig fields), execution (ExecutionOptions fields).\n\n"
+               "example config:\n" + "".join("  " + line for line in SAMPLE_CONFIG.splitlines(True)) +
+               "\nexit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error")
+    run.add_argument("config", metavar="CONFIG.yaml", help="the run configuration")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="settings that replace the file's")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the effective configuration (overrides applied, paths resolved) and exit")
+    run.set_defaults(func=cmd_run)
+
+    embed = sub.add_parser(
+        "embed", help="embed the slides of a manifest with one model",
+        description="Embed every slide of a manifest CSV (sample_id,image_path[,mask_path,spacing_at_level_0]) "
+                    "into DIR/embeddings.zarr; DIR/process_list.csv records each slide's outcome. "
+                    "Slides already complete in the store are skipped.",
+        epilog="exit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error")
+    embed.add_argument("--manifest", required=True, metavar="M.csv", help="the slides (CSV)")
+    which = embed.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", metavar="PRESET", help=f"a preset name (see '{PROG} models')")
+    which.add_argument("--timm", metavar="NAME", help="a timm architecture instead of a preset")
+    embed.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    embed.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                       help="an existing Dask scheduler (default: a local cluster for this run)")
+    embed.add_argument("--checkpoint", metavar="PATH", help="local weights (.safetensors, .pt, .pth, .bin)")
+    embed.add_argument("--output-variant", metavar="NAME", help="a preset's output variant (e.g. cls, cls_mean)")
+    embed.add_argument("--batch-size", type=int, metavar="N", help="tiles per forward pass (default 32)")
+    embed.add_argument("--num-gpus", type=int, metavar="N", help="GPUs to use; 0 = CPU (default: all visible)")
+    embed.add_argument("--num-workers", type=int, metavar="N", help="block-decoding threads (default: CPU count)")
+    embed.add_argument("--precision", choices=("fp16", "bf16", "fp32"), help="default: the model's on GPU, fp32 on CPU")
+    embed.add_argument("--spacing", type=float, metavar="UM",
+                       help="tile spacing in µm/px (--timm: the model's, default 0.5; --model: requested)")
+    embed.add_argument("--tile-size", type=int, metavar="PX",
+                       help="tile size in px (--timm: the model's, default 224; --model: requested)")
+    embed.add_argument("--output-format", choices=("pt", "npz"),
+                       help="also write DIR/tile_embeddings/<sample_id>.pt|.npz per slide")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming")
+    embed.set_defaults(func=cmd_embed)
+
+    models = sub.add_parser("models", help="list the model presets",
+                            description="List the model presets usable with --model / model.preset.")
+    models.add_argument("--level", metavar="LEVEL", help="only presets of this level: tile, slide or patient")
+    models.add_argument("-v", "--verbose", action="store_true",
+                        help="a table with feature dimension, spacing, tile size and weights repo")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Dask's INFO chatter (scheduler, nanny, worker start/stop) drowns the summary; workers inherit this.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    try:
+        return args.func(args)
+    except (UsageError, ValueError, FileNotFoundError, NotImplementedError, ConnectionError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Pipeline: manifest in, one Zarr store out, on a real LocalCluster; failures isolated; resumable."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, open_embeddings, read_manifest
+from slide2vec_dask import testing
+
+EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        with Client(c, set_as_default=False) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def tiny(vit_tiny_checkpoint):
+    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory, syn_svs):
+    folder = tmp_path_factory.mktemp("manifest")
+    small = testing.write_svs(folder / "small.svs", testing.tissue_image(1344, 1792, [(224, 224, 1120, 1344)], seed=3),
+                              downsamples=(1, 4))
+    corrupt = folder / "corrupt.svs"
+    corrupt.write_bytes(os.urandom(5000))
+    manifest = folder / "slides.csv"
+    manifest.write_text(f"sample_id,image_path\nsyn,{syn_svs}\nsmall,small.svs\ncorrupt,corrupt.svs\n")
+    return manifest
+
+
+def read_rows(path: Path) -> dict[str, dict]:
+    with path.open() as f:
+        return {r["sample_id"]: r for r in csv.DictReader(f)}
+
+
+# -- manifests -------------------------------------------------------------------------------
+@pytest.mark.parametrize("body,message", [
+    ("id,image_path\na,x.svs\n", "missing column"),
+    ("sample_id,image_path\na,x.svs\n,y.svs\n", ":3: empty sample_id"),
+    ("sample_id,image_path\na,x.svs\na,y.svs\n", ":3: duplicate sample_id 'a' \\(first at .*:2\\)"),
+    ("sample_id,image_path\n../x,x.svs\n", ":2: sample_id '../x' is not safe"),
+    ("sample_id,image_path\na/b,x.svs\n", "is not safe"),
+    ("sample_id,image_path\n\"a\x01b\",x.svs\n", "is not safe"),
+    ("sample_id,image_path\na,\n", ":2: empty image_path"),
+    ("sample_id,image_path,spacing_at_level_0\na,x.svs,-1\n", ":2: spacing_at_level_0 must be a positive"),
+])
+def test_manifest_errors_name_the_line(tmp_path, body, message):
+    path = tmp_path / "m.csv"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=message):
+        read_manifest(path)
+
+
+def test_manifest_resolves_relative_paths_and_optional_columns(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("sample_id,image_path,mask_path,spacing_at_level_0,patient_id\na,s/a.svs,m.tif,0.25,p1\n")
+    (row,) = read_manifest(path)
+    assert row == {"sample_id": "a", "image_path": tmp_path / "s/a.svs", "mask_path": tmp_path / "m.tif",
+                   "spacing_at_level_0": 0.25, "patient_id": "p1"}
+
+
+def test_pipeline_needs_an_output_dir(tiny):
+    with pytest.raises(ValueError, match="output_dir"):
+        Pipeline(tiny)
+
+
+# -- the run -----------------------------------------------------------------------------------
+def test_run_writes_one_store_and_isolates_the_corrupt_slide(tiny, slides, cluster, tmp_path, syn_svs):
+    out = tmp_path / "run"
+    pipeline = Pipeline(tiny, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out, output_format="npz"),
+                        client=cluster)
+    result = pipeline.run(manifest_path=slides)
+
+    rows = read_rows(result.process_list_path)
+    assert rows["corrupt"]["status"] == "failed" and rows["corrupt"]["error_type"] == "UnreadableSlideError"
+    assert "corrupt.svs" in rows["corrupt"]["error"]
+    assert rows["syn"]["status"] == rows["small"]["status"] == "success"
+    assert result.num_failed == 1 and {a.sample_id for a in result.tile_artifacts} == {"syn", "small"}
+
+    # The store opens with plain xarray and matches embed_slide row for row.
+    for sample, path in (("syn", syn_svs), ("small", slides.parent / "small.svs")):
+        ds = xr.open_zarr(result.store_path, group=f"tiles/{sample}")
+        expected = tiny.embed_slide(path, preprocessing=PreprocessingConfig(**EXACT))
+        assert ds.attrs["complete"] is True and ds.attrs["num_tiles"] == expected.num_tiles
+        assert ds.embedding.dims == ("tile", "feature") and "x" in ds.coords
+        np.testing.assert_array_equal(ds.x.values, expected.x)
+        np.testing.assert_array_equal(ds.y.values, expected.y)
+        np.testing.assert_allclose(ds.embedding.values, expected.tile_embeddings.numpy(), atol=1e-5)
+        assert int(rows[sample]["num_tiles"]) == expected.num_tiles
+        flat = np.load(out / "tile_embeddings" / f"{sample}.npz")
+        np.testing.assert_array_equal(flat["embedding"], ds.embedding.values)
+
+    tree = open_embeddings(out)
+    assert set(tree["tiles"].children) == {"syn", "small"}
+    assert "_staging" not in tree.children
+    assert tree.attrs["run"]["encoder"] == "vit_tiny_patch16_224"
+
+
+def test_rerun_of_a_finished_run_does_no_work(tiny, slides, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from slide2vec_dask.dataflow import worker
+
+    out = tmp_path / "run"
+    config, execution = PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out)
+    smaller = slides.parent / "two.csv"
+    smaller.write_text("sample_id,image_path\nsmall,small.svs\n")
+    first = Pipeline(tiny, config, execution).run(manifest_path=smaller)   # the default local cluster
+    assert read_rows(first.process_list_path)["small"]["status"] == "success"
+    before = (out / "embeddings.zarr" / "tiles" / "small" / "embedding" / "zarr.json").stat().st_mtime_ns
+    with LocalCluster(n_workers=1, processes=True, dashboard_address=None) as c, Client(c) as client:
+        again = Pipeline(tiny, config, execution, client=client).run(manifest_path=smaller)
+        loaded = client.run(worker.loaded_encoder_keys)
+    assert read_rows(again.process_list_path)["small"]["status"] == "skipped"
+    assert again.num_skipped == 1 and [a.sample_id for a in again.tile_artifacts] == ["small"]
+    assert not any(loaded.values())  # no model was ever built: no embedding work
+    assert (out / "embeddings.zarr" / "tiles" / "small" / "embedding" / "zarr.json").stat().st_mtime_ns == before
+
+
+def test_other_settings_in_the_same_dir_need_overwrite(tiny, slides, cluster, tmp_path):
+    out = tmp_path / "run"
+    smaller = slides.parent / "two.csv"
+    smaller.write_text("sample_id,image_path\nsmall,small.svs\n")
+    Pipeline(tiny, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out), client=cluster).run(
+        manifest_path=smaller)
+    changed = PreprocessingConfig(tissue_threshold=0.9)
+    with pytest.raises(ValueError, match="other settings.*overwrite=True"):
+        Pipeline(tiny, changed, ExecutionOptions(output_dir=out), client=cluster).run(manifest_path=smaller)
+    redone = Pipeline(tiny, changed, ExecutionOptions(output_dir=out, overwrite=True), client=cluster).run(
+        manifest_path=smaller)
+    assert read_rows(redone.process_list_path)["small"]["status"] == "success"
+
+
+def test_run_with_coordinates_reuses_the_plans(tiny, slides, cluster, tmp_path):
+    first = tmp_path / "first"
+    smaller = slides.parent / "two.csv"
+    smaller.write_text("sample_id,image_path\nsmall,small.svs\n")
+    Pipeline(tiny, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=first), client=cluster).run(
+        manifest_path=smaller)
+    # A stricter threshold would keep fewer tiles; the saved plan wins.
+    second = Pipeline(tiny, PreprocessingConfig(tissue_threshold=1.0, segmentation={"mthresh": 0}),
+                      ExecutionOptions(output_dir=tmp_path / "second"), client=cluster)
+    result = second.run_with_coordinates(first / "coordinates")
+    a = xr.open_zarr(first / "embeddings.zarr", group="tiles/small")
+    b = xr.open_zarr(result.store_path, group="tiles/small")
+    np.testing.assert_array_equal(a.x.values, b.x.values)
+    np.testing.assert_allclose(a.embedding.values, b.embedding.values, atol=1e-5)
+
+
+KILLED_RUN = textwrap.dedent("""
+    import sys
+    from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig
+    if __name__ == "__main__":
+        model = Model.from_timm("vit_tiny_patch16_224", checkpoint_path=sys.argv[1])
+        config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5)
+        Pipeline(model, config, ExecutionOptions(output_dir=sys.argv[2], batch_size=4, num_workers=1,
+                                                 prefetch_factor=1)).run(manifest_path=sys.argv[3])
+""")
+
+
+def test_killed_run_resumes_to_the_same_store(tiny, slides, tmp_path, vit_tiny_checkpoint, syn_svs):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"sample_id,image_path\nsmall,{slides.parent / 'small.svs'}\nsyn,{syn_svs}\n")
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(vit_tiny_checkpoint), str(out), str(manifest)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = out / "embeddings.zarr" / "_staging" / "syn" / "c"
+    deadline = time.time() + 240
+    while not staging.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)     # the client, its scheduler and its workers: a crashed node
+    proc.wait()
+    assert not (out / "embeddings.zarr" / "tiles" / "syn").exists()
+
+    execution = ExecutionOptions(output_dir=out, batch_size=4)
+    resumed = Pipeline(tiny, PreprocessingConfig(**EXACT), execution).run(manifest_path=manifest)
+    clean = Pipeline(tiny, PreprocessingConfig(**EXACT), execution.replace(output_dir=tmp_path / "clean")).run(
+        manifest_path=manifest)
+    rows = read_rows(resumed.process_list_path)
+    assert rows["syn"]["status"] == "success"
+    for sample in ("small", "syn"):
+        a = xr.open_zarr(resumed.store_path, group=f"tiles/{sample}")
+        b = xr.open_zarr(clean.store_path, group=f"tiles/{sample}")
+        assert a.sizes == b.sizes
+        np.testing.assert_array_equal(a.x.values, b.x.values)
+        np.testing.assert_array_equal(a.y.values, b.y.values)
+        np.testing.assert_allclose(a.embedding.values, b.embedding.values, atol=1e-5)
+    assert not (out / "embeddings.zarr" / "_staging").exists()
