@@ -137,9 +137,9 @@ class Model:
         if not items:
             return []
         return embed_slides(items, self.spec, preprocessing or PreprocessingConfig(),
-                            self._execution(execution))
+                            self.resolve_execution(execution))
 
-    def _execution(self, execution: ExecutionOptions | None) -> ExecutionOptions:
+    def resolve_execution(self, execution: ExecutionOptions | None) -> ExecutionOptions:
         """The model's own device/precision choices fill what the call leaves open."""
         execution = execution or ExecutionOptions()
         if execution.precision is None and self.precision is not None:

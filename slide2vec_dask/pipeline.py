@@ -59,7 +59,7 @@ class Pipeline:
                                       f"{model.level}-level")
         self.model = model
         self.preprocessing = preprocessing or PreprocessingConfig()
-        self.execution = model._execution(execution)
+        self.execution = model.resolve_execution(execution)
         if self.execution.output_dir is None:
             raise ValueError("Pipeline needs ExecutionOptions(output_dir=...) to know where the store goes")
         self.client = client
@@ -115,18 +115,18 @@ class Pipeline:
 
     def _run_attrs(self, config: PreprocessingConfig) -> dict[str, Any]:
         from slide2vec_dask import __version__
-        from slide2vec_dask.tiling.plan import _selection_config
+        from slide2vec_dask.tiling.plan import selection_config
 
         spec = self.model.spec
         return {"encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
                 "requested_spacing_um": config.requested_spacing_um or spec.spacing_um,
                 "requested_tile_size_px": config.requested_tile_size_px or spec.tile_size_px,
-                "tiling": _selection_config(config), "slide2vec_dask_version": __version__}
+                "tiling": selection_config(config), "slide2vec_dask_version": __version__}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
         from slide2vec_dask import store
         from slide2vec_dask.dataflow.clusters import resolve_client, start_local_cluster
-        from slide2vec_dask.dataflow.embed import _num_gpus
+        from slide2vec_dask.dataflow.embed import resolve_num_gpus
 
         out = Path(self.execution.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -139,7 +139,7 @@ class Pipeline:
             if store.is_complete(path, item.sample_id):
                 row = rows[item.sample_id]
                 row.status, row.error = "skipped", "already complete in the store"
-                row.num_tiles = int(store._root(path)[f"tiles/{item.sample_id}"].attrs.get("num_tiles", 0))
+                row.num_tiles = store.num_tiles(path, item.sample_id)
                 row.store_group = f"tiles/{item.sample_id}"
             else:
                 todo.append(item)
@@ -149,7 +149,7 @@ class Pipeline:
         if client is None:
             from distributed import Client
 
-            cluster = start_local_cluster(self.execution.num_workers, _num_gpus(self.execution, None))
+            cluster = start_local_cluster(self.execution.num_workers, resolve_num_gpus(self.execution, None))
             client = Client(cluster, set_as_default=False)
         process_list = out / "process_list.csv"
         try:
@@ -186,7 +186,7 @@ class _Run:
         from slide2vec_dask import store
         from slide2vec_dask.dataflow.clusters import cluster_threads
         from slide2vec_dask.dataflow.driver import run_blocks
-        from slide2vec_dask.dataflow.embed import _num_gpus
+        from slide2vec_dask.dataflow.embed import resolve_num_gpus
         from slide2vec_dask.dataflow.graph import EmbedSettings, tile_embedding_graph
         from slide2vec_dask.progress import get_progress_reporter
         from slide2vec_dask.store import write_block
@@ -194,7 +194,7 @@ class _Run:
         ex, spec = self.p.execution, self.p.model.spec
         futures = {self.client.submit(_plan_task, it, spec, self.config, ex, pure=False): it for it in items}
         graphs = []
-        settings = EmbedSettings(ex.batch_size, _num_gpus(ex, self.client), ex.precision, ex.channels_last)
+        settings = EmbedSettings(ex.batch_size, resolve_num_gpus(ex, self.client), ex.precision, ex.channels_last)
         for future in as_completed(futures, loop=self.client.loop):
             item, result = futures[future], _outcome(future)
             row = self.rows[item.sample_id]
@@ -273,11 +273,18 @@ def _version() -> str:
 
 
 def _plan_task(item, spec, config, execution):
-    """Worker side: open and plan one slide (timed); errors become this slide's failure."""
+    """Worker side: open and plan one slide (timed).
+
+    A bad slide is an expected outcome, not a crash: its error is returned as
+    the result (no worker traceback in the logs) and becomes its failed row.
+    """
     from slide2vec_dask.dataflow.embed import plan_for
 
     start = time.perf_counter()
-    slide, plan = plan_for(item, spec, config, execution)
+    try:
+        slide, plan = plan_for(item, spec, config, execution)
+    except (OSError, ValueError, NotImplementedError) as exc:
+        return exc
     return slide, plan, time.perf_counter() - start
 
 

@@ -61,6 +61,10 @@ def is_complete(path: Path, sample_id: str) -> bool:
     return key in root and bool(root[key].attrs.get("complete", False))
 
 
+def num_tiles(path: Path, sample_id: str) -> int:
+    return int(_root(path)[f"tiles/{sample_id}"].attrs.get("num_tiles", 0))
+
+
 def prepare_slide(path: Path, sample_id: str, grid_shape: tuple[int, int], k: int, feature_dim: int) -> None:
     """Remove any earlier (incomplete) output of the slide and create its staging grid."""
     root = _root(path)

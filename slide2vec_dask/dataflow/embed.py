@@ -94,9 +94,9 @@ def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None)
         path = out / "coordinates" / f"{item.sample_id}.npz"
         if path.exists():
             grid = TileGrid.load(path)
-            from slide2vec_dask.tiling.plan import _selection_config
+            from slide2vec_dask.tiling.plan import selection_config
 
-            same = (grid.meta.get("config") == _selection_config(config)
+            same = (grid.meta.get("config") == selection_config(config)
                     and grid.meta.get("image_path") == str(item.image_path)
                     and grid.meta.get("mask_path") == (None if item.mask_path is None else str(item.mask_path)))
             return grid if same else None
@@ -125,7 +125,7 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
         raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
                          "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
     client = resolve_client(execution.scheduler_address)
-    num_gpus = _num_gpus(execution, client)
+    num_gpus = resolve_num_gpus(execution, client)
     settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)
 
     planners = execution.num_preprocessing_workers or min(len(items), default_threads()) or 1
@@ -170,7 +170,7 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
     return [_result(item, plan, emb, spec, settings) for item, (_, plan), emb in zip(items, planned, outputs)]
 
 
-def _num_gpus(execution: ExecutionOptions, client) -> int:
+def resolve_num_gpus(execution: ExecutionOptions, client) -> int:
     if execution.num_gpus is not None:
         if execution.num_gpus > 0 and client is None:
             import torch

@@ -62,10 +62,11 @@ def hub_token() -> str | None:
 
 def _advice(preset: str, repo_id: str, gated: bool, filename: str) -> str:
     url = f"https://huggingface.co/{repo_id}"
-    access = (f"accept the licence at {url} with your Hugging Face account, then log in on this machine "
-              "(`hf auth login`, or set HF_TOKEN); " if gated else "")
-    return (f"to use preset {preset!r}: {access}or download {filename} from {url} yourself and pass "
-            f"checkpoint_path=... (Model.from_preset({preset!r}, checkpoint_path='/path/to/{filename}'))")
+    steps = [f"accept the licence at {url} with your Hugging Face account and log in on this machine "
+             "(`hf auth login`, or set HF_TOKEN)"] if gated else []
+    steps.append(f"download {filename} from {url} yourself and pass it: "
+                 f"Model.from_preset({preset!r}, checkpoint_path='/path/to/{filename}')")
+    return "to fix it, " + "; or ".join(steps)
 
 
 def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated: bool = False,
@@ -119,7 +120,7 @@ def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated
         raise WeightsUnavailableError(
             f"preset {preset!r}: {' / '.join(not_cached)} of https://huggingface.co/{repo_id} is not in the "
             f"Hugging Face cache ({cache_dir}) and {why}. Fill the cache on a connected machine with "
-            f"`hf download {repo_id} {not_cached[0]}` (same HF_HOME), or "
+            f"`hf download {repo_id} {not_cached[0]}` (same HF_HOME); "
             + _advice(preset, repo_id, gated, not_cached[0]))
     raise WeightsUnavailableError(
         f"preset {preset!r}: the Hugging Face repo {repo_id} has none of the weight files {list(absent)}; "

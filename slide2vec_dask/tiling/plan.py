@@ -63,7 +63,7 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
         tissue_fraction=tissue, keep=keep,
         meta={"sample_id": sample_id, "image_path": str(slide.path),
               "mask_path": None if mask_path is None else str(mask_path),
-              "config": _selection_config(config)},
+              "config": selection_config(config)},
     )
     plan = Plan(grid)
     prev = config.preview
@@ -82,7 +82,7 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
     return plan
 
 
-def _selection_config(config: PreprocessingConfig) -> dict:
+def selection_config(config: PreprocessingConfig) -> dict:
     """The config fields that decide which tiles are kept (what makes a saved plan reusable)."""
     return {
         "backend": config.backend,
