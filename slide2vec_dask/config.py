@@ -116,11 +116,26 @@ class PreprocessingConfig:
                 "read_tiles_from (pre-extracted tile tar archives) is not supported: tiles are read from "
                 "the slide itself; use read_coordinates_from to reuse a tiling."
             )
-        if self.region_tile_multiple is not None or self.requested_region_size_px is not None:
-            raise NotImplementedError(
-                "hierarchical extraction (region_tile_multiple, requested_region_size_px) is not "
-                "available yet in this release."
-            )
+        if self.region_tile_multiple is not None:
+            r = self.region_tile_multiple
+            if not isinstance(r, int) or isinstance(r, bool) or r < 2:
+                raise ValueError(f"region_tile_multiple must be an integer >= 2 (regions of R x R tiles), got {r!r}")
+        _positive("requested_region_size_px", self.requested_region_size_px, integer=True)
+        if self.requested_region_size_px is not None and self.requested_tile_size_px is not None:
+            self.region_multiple(self.requested_tile_size_px)
+
+    def region_multiple(self, tile_size_px: int) -> int | None:
+        """Tiles per region side (None: flat mode), checked against the tile size in use."""
+        r, size = self.region_tile_multiple, self.requested_region_size_px
+        if size is None:
+            return r
+        if size % tile_size_px or size // tile_size_px < 2:
+            raise ValueError(f"requested_region_size_px={size} must be a multiple (>= 2) of the tile size "
+                             f"{tile_size_px} px")
+        if r is not None and size != r * tile_size_px:
+            raise ValueError(f"requested_region_size_px={size} disagrees with region_tile_multiple={r} x "
+                             f"tile size {tile_size_px} px = {r * tile_size_px}")
+        return size // tile_size_px
 
     def replace(self, **changes: Any) -> "PreprocessingConfig":
         return dataclasses.replace(self, **changes)

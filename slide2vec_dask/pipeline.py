@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
-from slide2vec_dask.results import RunResult, TileArtifact
+from slide2vec_dask.results import HierarchicalArtifact, RunResult, TileArtifact
 
 PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "status", "error_type", "error", "num_tiles",
                         "plan_seconds", "embed_seconds", "store_group", "coordinates_path", "flat_path"]
@@ -161,11 +161,19 @@ class Pipeline:
                 cluster.close()
             _write_process_list(process_list, rows.values())
         store.consolidate(path)
+        done = [r for r in rows.values() if r.status in ("success", "skipped")]
+        flat = {r.sample_id: [Path(p) for p in r.flat_path.split(";") if p] for r in done}
         artifacts = [TileArtifact(r.sample_id, r.num_tiles, path, r.store_group,
                                   Path(r.coordinates_path) if r.coordinates_path else None,
-                                  Path(r.flat_path) if r.flat_path else None)
-                     for r in rows.values() if r.status in ("success", "skipped")]
-        return RunResult(tile_artifacts=artifacts, process_list_path=process_list, store_path=path,
+                                  next((p for p in flat[r.sample_id] if "tile_embeddings" in p.parts), None))
+                     for r in done]
+        hierarchical = [HierarchicalArtifact(r.sample_id, store.num_regions(path, r.sample_id), path,
+                                             f"regions/{r.sample_id}",
+                                             next((p for p in flat[r.sample_id]
+                                                   if "hierarchical_embeddings" in p.parts), None))
+                        for r in done if store.has_regions(path, r.sample_id)]
+        return RunResult(tile_artifacts=artifacts, hierarchical_artifacts=hierarchical,
+                         process_list_path=process_list, store_path=path,
                          num_failed=sum(r.status == "failed" for r in rows.values()),
                          num_skipped=sum(r.status == "skipped" for r in rows.values()))
 
@@ -177,6 +185,7 @@ class _Run:
         self.p, self.client, self.path, self.config, self.rows = pipeline, client, path, config, rows
         self.remaining: dict[str, int] = {}
         self.finalizing: dict = {}
+        self.region_index: dict = {}
 
     def go(self, items) -> None:
         from functools import partial
@@ -207,7 +216,9 @@ class _Run:
             graph = tile_embedding_graph(slide, plan.grid, spec, settings, self.config.use_supertiles,
                                          sample_id=item.sample_id)
             graphs.append(graph)
-            store.prepare_slide(self.path, item.sample_id, plan.grid.shape, graph.k, spec.feature_dim)
+            store.prepare_slide(self.path, item.sample_id, plan.grid, graph.keep.shape, graph.k, spec.feature_dim)
+            if plan.grid.region_tile_multiple is not None:
+                self.region_index[item.sample_id] = _region_index(plan.grid)
             self.remaining[item.sample_id] = len(graph.blocks)
             row.status, row.num_tiles, row.started = "running", plan.grid.num_tiles, time.perf_counter()
             if not graph.blocks:
@@ -218,7 +229,9 @@ class _Run:
         path = str(self.path)
 
         def sink(graph, block):  # runs on the worker that holds the block's embeddings
-            return partial(write_block, path, graph.sample_id, block, graph.k)
+            regions = self.region_index.get(graph.sample_id)
+            region = None if regions is None else int(regions[block])
+            return partial(write_block, path, graph.sample_id, block, graph.k, region=region)
 
         def on_block(graph, block, result):
             row = self.rows[graph.sample_id]
@@ -246,7 +259,7 @@ class _Run:
                 row.fail(result)
             else:
                 row.status, row.store_group = "success", f"tiles/{row.sample_id}"
-                row.flat_path = result or ""
+                row.flat_path = ";".join(result)
                 row.embed_seconds = round(time.perf_counter() - row.started, 3)
 
     def _finalize(self, graph) -> None:
@@ -259,6 +272,15 @@ class _Run:
         future = self.client.submit(_finalize_task, str(self.path), graph.sample_id, row.coordinates_path,
                                     graph.k, attrs, ex.output_format, str(ex.output_dir), pure=False)
         self.finalizing[future] = graph.sample_id
+
+
+def _region_index(grid):
+    """(region rows, region cols) -> row of the region in ``regions/<id>`` (-1: not kept)."""
+    import numpy as np
+
+    index = np.full(grid.region_shape, -1, dtype=np.int64)
+    index[grid.region_keep] = np.arange(grid.num_regions)
+    return index
 
 
 def _outcome(future):
@@ -293,8 +315,8 @@ def _finalize_task(path: str, sample_id: str, plan_path: str, k: int, attrs: dic
 
     store.finalize_slide(path, sample_id, plan_path, k, attrs)
     if output_format is None:
-        return None
-    return str(store.export_flat(path, sample_id, Path(output_dir), output_format))
+        return []
+    return [str(p) for p in store.export_flat(path, sample_id, Path(output_dir), output_format)]
 
 
 def _write_process_list(path: Path, rows) -> None:

@@ -25,15 +25,28 @@ class EmbeddedSlide:
     mask_preview_path: Path | None = None
     tiling_preview_path: Path | None = None
     attrs: dict = field(default_factory=dict)
+    # Hierarchical mode (PreprocessingConfig(region_tile_multiple=R)): regions of R x R tiles.
+    # Sub-tile t of a region sits at (region_x + (t % R) * tile_size_lv0, region_y + (t // R) * tile_size_lv0).
+    hierarchical_embeddings: Any = None   # torch.Tensor (regions, R*R, D)
+    region_x: np.ndarray | None = None    # (regions,) int64, level 0
+    region_y: np.ndarray | None = None
+    tile_mask: np.ndarray | None = None   # (regions, R*R) bool: True where the sub-tile is a kept tissue tile
+    region_tile_multiple: int | None = None
 
     @property
     def num_tiles(self) -> int:
         return int(len(self.x))
 
     def to_xarray(self):
-        """``embedding (tile, feature)`` with level-0 ``x``/``y`` coordinates and provenance attrs."""
+        """``embedding (tile, feature)`` with level-0 ``x``/``y`` coordinates and provenance attrs.
+
+        In hierarchical mode: ``embedding (region, tile_in_region, feature)`` with
+        ``region_x``/``region_y`` and ``tile_mask``.
+        """
         import xarray as xr
 
+        if self.hierarchical_embeddings is not None:
+            return self._regions_xarray()
         emb = self.tile_embeddings
         values = emb.numpy() if hasattr(emb, "numpy") else np.asarray(emb)
         return xr.Dataset(
@@ -51,6 +64,22 @@ class EmbeddedSlide:
             },
         )
 
+    def _regions_xarray(self):
+        import xarray as xr
+
+        lv0 = {"units": "pixels (level 0)"}
+        return xr.Dataset(
+            {"embedding": (("region", "tile_in_region", "feature"), np.asarray(self.hierarchical_embeddings)),
+             "tile_mask": (("region", "tile_in_region"), self.tile_mask,
+                           {"long_name": "sub-tile is a kept tissue tile"})},
+            coords={"region_x": ("region", self.region_x, {**lv0, "long_name": "region left edge"}),
+                    "region_y": ("region", self.region_y, {**lv0, "long_name": "region top edge"})},
+            attrs={"sample_id": self.sample_id, "image_path": str(self.image_path),
+                   "mask_path": "" if self.mask_path is None else str(self.mask_path),
+                   "tile_size_lv0": self.tile_size_lv0, "region_tile_multiple": self.region_tile_multiple,
+                   "sub_tile_order": "row-major: t -> (row t // R, column t % R)", **self.attrs},
+        )
+
 
 @dataclass
 class TileArtifact:
@@ -62,6 +91,17 @@ class TileArtifact:
     group: str                     # "tiles/<sample_id>" inside it
     coordinates_path: Path | None = None
     flat_path: Path | None = None  # tile_embeddings/<id>.pt|.npz when output_format asks
+
+
+@dataclass
+class HierarchicalArtifact:
+    """Where one slide's region embeddings (regions, R*R, D) were written."""
+
+    sample_id: str
+    num_regions: int
+    store_path: Path
+    group: str                     # "regions/<sample_id>"
+    flat_path: Path | None = None  # hierarchical_embeddings/<id>.pt|.npz when output_format asks
 
 
 @dataclass

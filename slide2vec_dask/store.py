@@ -65,26 +65,54 @@ def num_tiles(path: Path, sample_id: str) -> int:
     return int(_root(path)[f"tiles/{sample_id}"].attrs.get("num_tiles", 0))
 
 
-def prepare_slide(path: Path, sample_id: str, grid_shape: tuple[int, int], k: int, feature_dim: int) -> None:
-    """Remove any earlier (incomplete) output of the slide and create its staging grid."""
+def num_regions(path: Path, sample_id: str) -> int:
+    return int(_root(path)[f"regions/{sample_id}"].attrs.get("num_regions", 0))
+
+
+def has_regions(path: Path, sample_id: str) -> bool:
+    return f"regions/{sample_id}" in _root(path)
+
+
+def prepare_slide(path: Path, sample_id: str, grid, staging_shape: tuple[int, int], k: int,
+                  feature_dim: int) -> None:
+    """Remove any earlier (incomplete) output of the slide; create its staging grid (and regions)."""
     root = _root(path)
-    for key in (f"tiles/{sample_id}", f"{STAGING}/{sample_id}"):
+    for key in (f"tiles/{sample_id}", f"regions/{sample_id}", f"{STAGING}/{sample_id}"):
         if key in root:
             del root[key]
-    rows, cols = grid_shape
     if STAGING not in root:
         root.create_group(STAGING)
-    root.create_array(f"{STAGING}/{sample_id}", shape=(rows, cols, feature_dim), chunks=(k, k, feature_dim),
+    root.create_array(f"{STAGING}/{sample_id}", shape=(*staging_shape, feature_dim), chunks=(k, k, feature_dim),
                       dtype="float32", fill_value=np.nan, dimension_names=["row", "col", "feature"])
+    if grid.region_tile_multiple is None:
+        return
+    # Regions are written in place: one region is one block is one chunk, so no staging is needed.
+    group = root.create_group(f"regions/{sample_id}")
+    n, t = grid.num_regions, k * k
+    group.create_array("embedding", shape=(n, t, feature_dim), chunks=(1, t, feature_dim), dtype="float32",
+                       fill_value=np.nan, dimension_names=["region", "tile_in_region", "feature"],
+                       attributes={"coordinates": "region_x region_y", "long_name": "sub-tile embedding"})
+    lv0 = {"units": "pixels (level 0)"}
+    _vector(group, "region_x", grid.region_x, {**lv0, "long_name": "region left edge"}, "region")
+    _vector(group, "region_y", grid.region_y, {**lv0, "long_name": "region top edge"}, "region")
+    mask = group.create_array("tile_mask", shape=(n, t), chunks=(max(1, n), t), dtype="bool", fill_value=False,
+                              dimension_names=["region", "tile_in_region"],
+                              attributes={"long_name": "sub-tile is a kept tissue tile"})
+    if n:
+        mask[:] = grid.tile_mask
 
 
-def write_block(path: str, sample_id: str, block: tuple[int, int], k: int, embeddings: np.ndarray) -> int:
-    """Worker side: one block's embeddings into its own chunk of the staging grid."""
+def write_block(path: str, sample_id: str, block: tuple[int, int], k: int, embeddings: np.ndarray,
+                region: int | None = None) -> int:
+    """Worker side: one block's embeddings into its own chunk of the staging grid (and its region row)."""
     import zarr
 
     grid = zarr.open_array(str(Path(path) / STAGING / sample_id), mode="r+")
     r0, c0 = block[0] * k, block[1] * k
     grid[r0 : r0 + embeddings.shape[0], c0 : c0 + embeddings.shape[1], :] = embeddings
+    if region is not None:
+        regions = zarr.open_array(str(Path(path) / "regions" / sample_id / "embedding"), mode="r+")
+        regions[region] = embeddings.reshape(k * k, -1)
     return int(np.isfinite(embeddings[..., 0]).sum())
 
 
@@ -116,7 +144,7 @@ def finalize_slide(path: str, sample_id: str, plan_path: str, k: int, attrs: dic
         keep = grid.keep[r0 : r0 + k]
         if not keep.any():
             continue
-        rows = staging[r0 : r0 + keep.shape[0]][keep]
+        rows = staging[r0 : r0 + keep.shape[0], : keep.shape[1]][keep]
         if np.isnan(rows[:, 0]).any():
             raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} never landed")
         pending.append(rows)
@@ -132,6 +160,12 @@ def finalize_slide(path: str, sample_id: str, plan_path: str, k: int, attrs: dic
     _vector(group, "y", grid.y, {**lv0, "long_name": "tile top edge"})
     _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], {"units": "1"})
     del root[f"{STAGING}/{sample_id}"]
+    if grid.region_tile_multiple is not None:
+        regions = root[f"regions/{sample_id}"]
+        regions.attrs.update({**attrs, "num_regions": grid.num_regions, "region_tile_multiple": k,
+                              "tile_size_lv0": grid.tile_size_lv0,
+                              "sub_tile_order": "row-major: t -> (row t // R, column t % R)"})
+        regions.attrs["complete"] = True
     group.attrs.update({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
                         "tile_size_lv0_units": "pixels (level 0)",
                         "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px"})
@@ -139,31 +173,42 @@ def finalize_slide(path: str, sample_id: str, plan_path: str, k: int, attrs: dic
     return n
 
 
-def _vector(group, name: str, values: np.ndarray, attributes: dict) -> None:
+def _vector(group, name: str, values: np.ndarray, attributes: dict, dim: str = "tile") -> None:
     arr = group.create_array(name, shape=values.shape, chunks=(max(1, len(values)),), dtype=values.dtype,
-                             dimension_names=["tile"], attributes=attributes, fill_value=0)
+                             dimension_names=[dim], attributes=attributes, fill_value=0)
     if len(values):
         arr[:] = values
 
 
-def export_flat(path: str, sample_id: str, output_dir: Path, fmt: str) -> Path:
-    """The slide's tiles as one flat file (``.pt`` + ``.meta.json``, or ``.npz``) for other tools."""
+def export_flat(path: str, sample_id: str, output_dir: Path, fmt: str) -> list[Path]:
+    """The slide as flat files for other tools: tiles (and regions), ``.pt`` + ``.meta.json`` or ``.npz``."""
+    root = _root(path)
+    group = root[f"tiles/{sample_id}"]
+    written = [_export(group, {"x": group["x"][:], "y": group["y"][:]}, output_dir / "tile_embeddings",
+                       sample_id, fmt)]
+    if f"regions/{sample_id}" in root:
+        regions = root[f"regions/{sample_id}"]
+        extra = {"region_x": regions["region_x"][:], "region_y": regions["region_y"][:],
+                 "tile_mask": regions["tile_mask"][:]}
+        written.append(_export(regions, extra, output_dir / "hierarchical_embeddings", sample_id, fmt))
+    return written
+
+
+def _export(group, extra: dict[str, np.ndarray], folder: Path, sample_id: str, fmt: str) -> Path:
     import json
 
-    group = _root(path)[f"tiles/{sample_id}"]
-    emb, x, y = group["embedding"][:], group["x"][:], group["y"][:]
-    folder = output_dir / "tile_embeddings"
     folder.mkdir(parents=True, exist_ok=True)
+    emb = group["embedding"][:]
     meta = {k: v for k, v in dict(group.attrs).items() if k != "complete"}
     if fmt == "npz":
         target = folder / f"{sample_id}.npz"
-        np.savez(target, embedding=emb, x=x, y=y, meta=json.dumps(meta))
+        np.savez(target, embedding=emb, meta=json.dumps(meta), **extra)
         return target
     import torch
 
     target = folder / f"{sample_id}.pt"
     torch.save(torch.from_numpy(emb), target)
-    meta.update({"x": x.tolist(), "y": y.tolist()})
+    meta.update({k: v.tolist() for k, v in extra.items()})
     (folder / f"{sample_id}.meta.json").write_text(json.dumps(meta))
     return target
 

@@ -73,7 +73,7 @@ def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
     out = Path(execution.output_dir) if execution.output_dir is not None else None
     saved = _saved_plan(item, config, out)
     if saved is not None:
-        _check_plan(saved, slide, spacing, tile, item)
+        _check_plan(saved, slide, spacing, tile, item, config)
         plan = Plan(saved)
     else:
         plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
@@ -103,11 +103,15 @@ def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None)
     return None
 
 
-def _check_plan(grid: TileGrid, slide, spacing: float, tile: int, item: SlideInput) -> None:
+def _check_plan(grid: TileGrid, slide, spacing: float, tile: int, item: SlideInput,
+                config: PreprocessingConfig) -> None:
     problems = []
     if abs(grid.requested_spacing_um - spacing) > 1e-9 or grid.requested_tile_size_px != tile:
         problems.append(f"it was made for {grid.requested_tile_size_px} px at {grid.requested_spacing_um} µm/px, "
                         f"this run asks for {tile} px at {spacing} µm/px")
+    if grid.region_tile_multiple != config.region_multiple(tile):
+        problems.append(f"its regions are {grid.region_tile_multiple} tiles wide, this run asks for "
+                        f"{config.region_multiple(tile)}")
     if grid.level >= slide.level_count:
         problems.append(f"it reads level {grid.level}, the slide has {slide.level_count}")
     else:
@@ -133,28 +137,19 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
         planned = list(pool.map(lambda it: plan_for(it, spec, config, execution), items))
 
     graphs: list[SlideGraph] = []
-    outputs: list[np.ndarray] = []
-    index_grids: list[np.ndarray] = []
+    collectors: list[_Collector] = []
     for slide, plan in planned:
-        grid = plan.grid
-        graphs.append(tile_embedding_graph(slide, grid, spec, settings, config.use_supertiles))
-        outputs.append(np.zeros((grid.num_tiles, spec.feature_dim), dtype=np.float32))
-        index = np.full(grid.shape, -1, dtype=np.int64)
-        index[grid.keep] = np.arange(grid.num_tiles)
-        index_grids.append(index)
-    slot = {id(g): i for i, g in enumerate(graphs)}
+        graph = tile_embedding_graph(slide, plan.grid, spec, settings, config.use_supertiles)
+        graphs.append(graph)
+        collectors.append(_Collector(plan.grid, graph, spec.feature_dim))
+    slot = {id(g): c for g, c in zip(graphs, collectors)}
 
     reporter = get_progress_reporter()
     total = sum(p.grid.num_tiles for _, p in planned)
     reporter.start(total, items[0].sample_id if len(items) == 1 else f"{len(items)} slides")
 
     def on_block(graph: SlideGraph, block: tuple[int, int], result: np.ndarray) -> None:
-        i = slot[id(graph)]
-        k = graph.k
-        index = index_grids[i][block[0] * k : (block[0] + 1) * k, block[1] * k : (block[1] + 1) * k]
-        kept = index >= 0
-        outputs[i][index[kept]] = result[kept]
-        reporter.advance(int(kept.sum()))
+        reporter.advance(slot[id(graph)].add(block, result))
 
     jobs = ((g, b) for g in graphs for b in g.blocks)
     num_workers = execution.num_workers or (cluster_threads(client) if client is not None else default_threads())
@@ -167,7 +162,32 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
             from slide2vec_dask.dataflow.worker import release_encoders
 
             release_encoders(spec.key)
-    return [_result(item, plan, emb, spec, settings) for item, (_, plan), emb in zip(items, planned, outputs)]
+    return [_result(item, plan, c, spec, settings) for item, (_, plan), c in zip(items, planned, collectors)]
+
+
+class _Collector:
+    """Places a slide's block results: kept tiles in row-major order, and whole regions."""
+
+    def __init__(self, grid: TileGrid, graph: SlideGraph, feature_dim: int):
+        self.k = graph.k
+        # Flat index of every kept tile on the (possibly region-padded) grid the blocks cover.
+        self.index = np.full(graph.keep.shape, -1, dtype=np.int64)
+        self.index[: grid.shape[0], : grid.shape[1]][grid.keep] = np.arange(grid.num_tiles)
+        self.tiles = np.zeros((grid.num_tiles, feature_dim), dtype=np.float32)
+        self.regions = None
+        if grid.region_tile_multiple is not None:
+            self.region_index = np.full(grid.region_shape, -1, dtype=np.int64)
+            self.region_index[grid.region_keep] = np.arange(grid.num_regions)
+            self.regions = np.zeros((grid.num_regions, self.k * self.k, feature_dim), dtype=np.float32)
+
+    def add(self, block: tuple[int, int], result: np.ndarray) -> int:
+        k = self.k
+        index = self.index[block[0] * k : (block[0] + 1) * k, block[1] * k : (block[1] + 1) * k]
+        kept = index >= 0
+        self.tiles[index[kept]] = result[kept]
+        if self.regions is not None:
+            self.regions[self.region_index[block]] = result.reshape(k * k, -1)
+        return int(kept.sum())
 
 
 def resolve_num_gpus(execution: ExecutionOptions, client) -> int:
@@ -186,14 +206,20 @@ def resolve_num_gpus(execution: ExecutionOptions, client) -> int:
     return torch.cuda.device_count()
 
 
-def _result(item: SlideInput, plan: Plan, embeddings: np.ndarray, spec: EncoderSpec,
+def _result(item: SlideInput, plan: Plan, collected: _Collector, spec: EncoderSpec,
             settings: EmbedSettings) -> EmbeddedSlide:
     import torch
 
     grid = plan.grid
+    hierarchical = {}
+    if collected.regions is not None:
+        hierarchical = {"hierarchical_embeddings": torch.from_numpy(collected.regions),
+                        "region_x": grid.region_x, "region_y": grid.region_y,
+                        "tile_mask": grid.tile_mask, "region_tile_multiple": grid.region_tile_multiple}
     return EmbeddedSlide(
+        **hierarchical,
         sample_id=item.sample_id,
-        tile_embeddings=torch.from_numpy(embeddings),
+        tile_embeddings=torch.from_numpy(collected.tiles),
         x=grid.x, y=grid.y, tile_size_lv0=grid.tile_size_lv0,
         image_path=item.image_path, mask_path=item.mask_path,
         mask_preview_path=plan.mask_preview_path, tiling_preview_path=plan.tiling_preview_path,

@@ -65,7 +65,7 @@ class SlideGraph:
 
     array: object                        # dask array (rows, cols, feature)
     pixels: object                       # dask array (height, width, 3) of the read level
-    keep: np.ndarray                     # (rows, cols) bool
+    keep: np.ndarray                     # (rows, cols) bool: the tiles to embed (whole regions if any)
     blocks: list[tuple[int, int]]        # (block_row, block_col) holding kept tiles
     tiles_per_block: list[int]
     k: int
@@ -94,12 +94,20 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
 
     if spec.feature_dim is None:
         raise ValueError(f"encoder {spec.name!r}: feature_dim must be known to build the graph")
-    k = block_tiles(grid, use_supertiles, block_px)
     rt = grid.read_tile_size_px
-    rows, cols = grid.shape
-    pixels = slide.to_dask(grid.level, chunks=k * rt)[: rows * rt, : cols * rt]
-    # A trailing length-1 axis lines ``keep`` up with the pixels' (y, x, channel) blocks.
-    keep = da.from_array(grid.keep[:, :, None], chunks=(k, k, 1), name=f"keep-{dask.base.tokenize(grid.keep)}")
+    if grid.region_tile_multiple is not None:
+        # Hierarchical mode: a block is exactly one region, read whole and embedded whole.
+        k = grid.region_tile_multiple
+        mask = grid.embed_mask
+        rows, cols = mask.shape
+        pixels = slide.to_dask(grid.level, chunks=k * rt, shape=(rows * rt, cols * rt))
+    else:
+        k = block_tiles(grid, use_supertiles, block_px)
+        mask = grid.keep
+        rows, cols = mask.shape
+        pixels = slide.to_dask(grid.level, chunks=k * rt)[: rows * rt, : cols * rt]
+    # A trailing length-1 axis lines the mask up with the pixels' (y, x, channel) blocks.
+    keep = da.from_array(mask[:, :, None], chunks=(k, k, 1), name=f"keep-{dask.base.tokenize(mask)}")
     spec_node = dask.delayed(spec, name=f"encoder-{spec.key}", pure=True)
     array = da.map_blocks(
         embed_block, pixels, keep,
@@ -108,8 +116,8 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
         dtype=np.float32,
         name=f"embed-{dask.base.tokenize(pixels.name, keep.name, spec.key, settings)}",
     )
-    counts = np.add.reduceat(np.add.reduceat(grid.keep, np.arange(0, rows, k), axis=0),
+    counts = np.add.reduceat(np.add.reduceat(mask, np.arange(0, rows, k), axis=0),
                              np.arange(0, cols, k), axis=1) if rows and cols else np.zeros((0, 0), int)
     blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
-    return SlideGraph(array, pixels, grid.keep, blocks, [int(counts[b]) for b in blocks], k, spec, rt, settings,
+    return SlideGraph(array, pixels, mask, blocks, [int(counts[b]) for b in blocks], k, spec, rt, settings,
                       grid.level, sample_id)

@@ -114,18 +114,21 @@ class Slide:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._reader.read(level, y0, x0, y1 - y0, x1 - x0)
         return out
 
-    def to_dask(self, level: int = 0, chunks: int | tuple[int, int] = 2048):
+    def to_dask(self, level: int = 0, chunks: int | tuple[int, int] = 2048,
+                shape: tuple[int, int] | None = None):
         """The level as a lazy ``(height, width, 3)`` uint8 dask array.
 
         Each chunk is one task that decodes its own pixels straight from the
         file, so choose block-sized chunks here rather than rechunking later.
+        ``shape`` may extend the level to the right and bottom with white
+        (e.g. to whole regions); by default it is the level's own.
         """
         import dask.array as da
 
         if isinstance(chunks, int):
             chunks = (chunks, chunks)
-        view = _LevelArray(self, level)
-        name = f"slide-{_token(self)}-L{level}-{chunks[0]}x{chunks[1]}"
+        view = _LevelArray(self, level, shape)
+        name = f"slide-{_token(self)}-L{level}-{chunks[0]}x{chunks[1]}-{view.shape[0]}x{view.shape[1]}"
         return da.from_array(view, chunks=(chunks[0], chunks[1], 3), name=name,
                              asarray=False, lock=False, fancy=False)
 
@@ -182,10 +185,10 @@ class Slide:
 class _LevelArray:
     """Array-like view of one level for `dask.array.from_array`."""
 
-    def __init__(self, slide: Slide, level: int):
+    def __init__(self, slide: Slide, level: int, shape: tuple[int, int] | None = None):
         self.slide = slide
         self.level = level
-        h, w = slide.level_shapes[level]
+        h, w = shape or slide.level_shapes[level]
         self.shape = (h, w, 3)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3

@@ -67,6 +67,7 @@ class TileGrid:
     tissue_fraction: np.ndarray              # (rows, cols) float32, every grid tile
     keep: np.ndarray                         # (rows, cols) bool, the tiles to embed
     meta: dict = field(default_factory=dict)
+    region_tile_multiple: int | None = None  # R: regions of R x R tiles (hierarchical mode)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -94,6 +95,69 @@ class TileGrid:
 
     def _lv0(self, index: np.ndarray) -> np.ndarray:
         return np.round(index.astype(np.float64) * self.read_tile_size_px * self.level_downsample).astype(np.int64)
+
+    # -- regions (hierarchical mode) ---------------------------------------
+    # The region grid is the tile grid coarsened by R from the same origin, so every tile lies
+    # in exactly one region; regions at the right/bottom edge reach past the slide, and their
+    # tiles out there are white padding (tile_mask False).
+    @property
+    def region_shape(self) -> tuple[int, int]:
+        r = self._r()
+        return -(-self.shape[0] // r), -(-self.shape[1] // r)
+
+    @property
+    def padded_keep(self) -> np.ndarray:
+        """``keep`` padded with False to whole regions: (region rows * R, region cols * R)."""
+        r = self._r()
+        rr, rc = self.region_shape
+        out = np.zeros((rr * r, rc * r), dtype=bool)
+        out[: self.shape[0], : self.shape[1]] = self.keep
+        return out
+
+    @property
+    def region_keep(self) -> np.ndarray:
+        """(region rows, region cols): a region is kept when any of its tiles is."""
+        r = self._r()
+        rr, rc = self.region_shape
+        return self.padded_keep.reshape(rr, r, rc, r).any(axis=(1, 3))
+
+    @property
+    def embed_mask(self) -> np.ndarray:
+        """Padded tiles to embed: every tile of a kept region (flat mode: ``keep``)."""
+        if self.region_tile_multiple is None:
+            return self.keep
+        r = self._r()
+        return np.repeat(np.repeat(self.region_keep, r, axis=0), r, axis=1)
+
+    @property
+    def num_regions(self) -> int:
+        return int(self.region_keep.sum())
+
+    @property
+    def region_rows_cols(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.nonzero(self.region_keep)
+
+    @property
+    def region_x(self) -> np.ndarray:
+        """Level-0 x of each kept region's top-left pixel (row-major region order)."""
+        return self._lv0(self.region_rows_cols[1] * self._r())
+
+    @property
+    def region_y(self) -> np.ndarray:
+        return self._lv0(self.region_rows_cols[0] * self._r())
+
+    @property
+    def tile_mask(self) -> np.ndarray:
+        """(regions, R*R) bool: which sub-tiles (row-major inside the region) are kept tissue tiles."""
+        r = self._r()
+        rr, rc = self.region_shape
+        blocks = self.padded_keep.reshape(rr, r, rc, r).swapaxes(1, 2)
+        return blocks[self.region_keep].reshape(-1, r * r)
+
+    def _r(self) -> int:
+        if self.region_tile_multiple is None:
+            raise ValueError("this plan has no regions (region_tile_multiple is not set)")
+        return self.region_tile_multiple
 
     @property
     def resize_needed(self) -> bool:

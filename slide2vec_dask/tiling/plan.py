@@ -64,6 +64,7 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
         meta={"sample_id": sample_id, "image_path": str(slide.path),
               "mask_path": None if mask_path is None else str(mask_path),
               "config": selection_config(config)},
+        region_tile_multiple=config.region_multiple(tile_size_px),
     )
     plan = Plan(grid)
     prev = config.preview
@@ -90,4 +91,6 @@ def selection_config(config: PreprocessingConfig) -> dict:
         "segmentation": dict(config.segmentation),
         "filtering": dict(config.filtering),
         "spacing_tolerance": config.spacing_tolerance,
+        "region_tile_multiple": config.region_tile_multiple,
+        "requested_region_size_px": config.requested_region_size_px,
     }
