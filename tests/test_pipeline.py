@@ -208,3 +208,26 @@ def test_killed_run_resumes_to_the_same_store(tiny, slides, tmp_path, vit_tiny_c
         np.testing.assert_array_equal(a.y.values, b.y.values)
         np.testing.assert_allclose(a.embedding.values, b.embedding.values, atol=1e-5)
     assert not (out / "embeddings.zarr" / "_staging").exists()
+
+
+def test_hierarchical_run_writes_regions(tiny, slides, cluster, tmp_path, syn_svs):
+    config = PreprocessingConfig(region_tile_multiple=4, **EXACT)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"sample_id,image_path\nsyn,{syn_svs}\n")
+    result = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "run", output_format="pt"),
+                      client=cluster).run(manifest_path=manifest)
+    expected = tiny.embed_slide(syn_svs, preprocessing=config)
+    ds = xr.open_zarr(result.store_path, group="regions/syn")
+    assert ds.embedding.dims == ("region", "tile_in_region", "feature")
+    assert ds.attrs["complete"] is True and ds.attrs["region_tile_multiple"] == 4
+    np.testing.assert_allclose(ds.embedding.values, expected.hierarchical_embeddings.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(ds.tile_mask.values, expected.tile_mask)
+    np.testing.assert_array_equal(ds.region_y.values, expected.region_y)
+    (artifact,) = result.hierarchical_artifacts
+    assert artifact.group == "regions/syn" and artifact.num_regions == len(expected.region_x)
+    import torch
+
+    saved = torch.load(artifact.flat_path, weights_only=True)
+    np.testing.assert_array_equal(saved.numpy(), ds.embedding.values)
+    tiles = xr.open_zarr(result.store_path, group="tiles/syn")
+    np.testing.assert_allclose(tiles.embedding.values, expected.tile_embeddings.numpy(), atol=1e-5)
