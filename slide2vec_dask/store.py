@@ -5,6 +5,8 @@ Layout (Zarr v3, readable with plain xarray)::
     <output_dir>/embeddings.zarr
       tiles/<sample_id>     embedding (tile, feature); coords x, y (tile), level-0 px;
                             tissue_fraction (tile); attrs: provenance, complete
+      regions/<sample_id>   hierarchical mode: embedding (region, tile_in_region, feature),
+                            region_x, region_y, tile_mask; one region = one block = one chunk
       _staging/<sample_id>  embedding (row, col, feature) on the tile grid, while running
 
 Why a staging grid: a block of k x k tiles is exactly one chunk of the grid
