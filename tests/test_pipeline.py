@@ -40,10 +40,12 @@ def slides(tmp_path_factory, syn_svs):
     folder = tmp_path_factory.mktemp("manifest")
     small = testing.write_svs(folder / "small.svs", testing.tissue_image(1344, 1792, [(224, 224, 1120, 1344)], seed=3),
                               downsamples=(1, 4))
+    testing.write_svs(folder / "blank.svs", testing.tissue_image(1024, 1024, []), downsamples=(1,))
     corrupt = folder / "corrupt.svs"
     corrupt.write_bytes(os.urandom(5000))
     manifest = folder / "slides.csv"
-    manifest.write_text(f"sample_id,image_path\nsyn,{syn_svs}\nsmall,small.svs\ncorrupt,corrupt.svs\n")
+    manifest.write_text(f"sample_id,image_path\nsyn,{syn_svs}\nsmall,small.svs\ncorrupt,corrupt.svs\n"
+                        "blank,blank.svs\n")
     return manifest
 
 
@@ -94,7 +96,10 @@ def test_run_writes_one_store_and_isolates_the_corrupt_slide(tiny, slides, clust
     assert rows["corrupt"]["status"] == "failed" and rows["corrupt"]["error_type"] == "UnreadableSlideError"
     assert "corrupt.svs" in rows["corrupt"]["error"]
     assert rows["syn"]["status"] == rows["small"]["status"] == "success"
-    assert result.num_failed == 1 and {a.sample_id for a in result.tile_artifacts} == {"syn", "small"}
+    # No tissue is not an error: the slide succeeds with zero tiles.
+    assert rows["blank"]["status"] == "success" and rows["blank"]["num_tiles"] == "0"
+    assert xr.open_zarr(result.store_path, group="tiles/blank").sizes["tile"] == 0
+    assert result.num_failed == 1 and {a.sample_id for a in result.tile_artifacts} == {"syn", "small", "blank"}
 
     # The store opens with plain xarray and matches embed_slide row for row.
     for sample, path in (("syn", syn_svs), ("small", slides.parent / "small.svs")):
@@ -110,7 +115,7 @@ def test_run_writes_one_store_and_isolates_the_corrupt_slide(tiny, slides, clust
         np.testing.assert_array_equal(flat["embedding"], ds.embedding.values)
 
     tree = open_embeddings(out)
-    assert set(tree["tiles"].children) == {"syn", "small"}
+    assert set(tree["tiles"].children) == {"syn", "small", "blank"}
     assert "_staging" not in tree.children
     assert tree.attrs["run"]["encoder"] == "vit_tiny_patch16_224"
 
