@@ -5,9 +5,9 @@ read and its embedding), keeps at most ``window`` in flight, and hands each
 result to ``on_block`` as it lands.
 
 * local (no cluster): a thread pool in this process runs each block's small
-  culled graph with Dask's synchronous scheduler; the model is shared by all
-  threads and the device lock serialises it, so while one thread runs the
-  encoder the others decode the next blocks.
+  culled graph with Dask's synchronous scheduler; the encoder runs on its
+  device's own thread (see `worker.run_on_device`), so while it works on one
+  block the pool threads decode the next ones.
 * distributed: the blocks' graphs go to the cluster; with ``num_gpus > 0``
   the embedding tasks ask for ``resources={"GPU": 1}`` and so land only on
   GPU workers, while reads run anywhere.
@@ -69,17 +69,17 @@ def _run_local(jobs, on_block, num_workers: int, prefetch_factor: int) -> None:
                 dsk, key = _subgraph_of(graph.array, graph.key(block), cache)
                 pending[pool.submit(get_sync, dsk, key)] = (graph, block)
                 if len(pending) >= window:
-                    _drain(pending, on_block, cf.FIRST_COMPLETED)
+                    _drain(pending, on_block)
             while pending:
-                _drain(pending, on_block, cf.FIRST_COMPLETED)
+                _drain(pending, on_block)
         except BaseException:
             for future in pending:
                 future.cancel()
             raise
 
 
-def _drain(pending: dict, on_block, how) -> None:
-    done, _ = cf.wait(pending, return_when=how)
+def _drain(pending: dict, on_block) -> None:
+    done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
     for future in done:
         graph, block = pending.pop(future)
         on_block(graph, block, future.result())
