@@ -38,9 +38,12 @@ class LoadedEncoder:
         import torch
 
         outputs = []
+        # Balanced batches (36 tiles with batch_size 32 -> 18 + 18, not 32 + 4): a tiny
+        # trailing batch costs nearly as much as a full one.
+        size = -(-len(tiles) // -(-len(tiles) // batch_size)) if len(tiles) else batch_size
         with torch.inference_mode(), self._autocast():
-            for start in range(0, len(tiles), batch_size):
-                outputs.append(self._forward(torch.from_numpy(tiles[start : start + batch_size])))
+            for start in range(0, len(tiles), size):
+                outputs.append(self._forward(torch.from_numpy(tiles[start : start + size])))
         if not outputs:
             return np.zeros((0, self.spec.feature_dim or 0), dtype=np.float32)
         return torch.cat(outputs).float().cpu().numpy()
