@@ -145,16 +145,19 @@ class Pipeline:
                 todo.append(item)
 
         cluster = None
-        client = self.client or resolve_client(self.execution.scheduler_address)
+        execution = self.execution
+        client = self.client or resolve_client(execution.scheduler_address)
         if client is None:
             from distributed import Client
 
-            cluster = start_local_cluster(self.execution.num_workers, resolve_num_gpus(self.execution, None))
+            # The local cluster gets this machine's GPUs, and the run must then ask for them.
+            execution = execution.replace(num_gpus=resolve_num_gpus(execution, None))
+            cluster = start_local_cluster(execution.num_workers, execution.num_gpus)
             client = Client(cluster, set_as_default=False)
         process_list = out / "process_list.csv"
         try:
             if todo:
-                _Run(self, client, path, config, rows).go(todo)
+                _Run(self, execution, client, path, config, rows).go(todo)
         finally:
             if cluster is not None:
                 client.close()
@@ -181,8 +184,10 @@ class Pipeline:
 class _Run:
     """One run's bookkeeping on the client: plans, blocks left per slide, finalisation."""
 
-    def __init__(self, pipeline: Pipeline, client, path: Path, config: PreprocessingConfig, rows: dict):
-        self.p, self.client, self.path, self.config, self.rows = pipeline, client, path, config, rows
+    def __init__(self, pipeline: Pipeline, execution: ExecutionOptions, client, path: Path,
+                 config: PreprocessingConfig, rows: dict):
+        self.p, self.ex, self.client = pipeline, execution, client
+        self.path, self.config, self.rows = path, config, rows
         self.remaining: dict[str, int] = {}
         self.finalizing: dict = {}
         self.region_index: dict = {}
@@ -200,7 +205,7 @@ class _Run:
         from slide2vec_dask.progress import get_progress_reporter
         from slide2vec_dask.store import write_block
 
-        ex, spec = self.p.execution, self.p.model.spec
+        ex, spec = self.ex, self.p.model.spec
         futures = {self.client.submit(_plan_task, it, spec, self.config, ex, pure=False): it for it in items}
         graphs = []
         settings = EmbedSettings(ex.batch_size, resolve_num_gpus(ex, self.client), ex.precision, ex.channels_last)
@@ -263,7 +268,7 @@ class _Run:
                 row.embed_seconds = round(time.perf_counter() - row.started, 3)
 
     def _finalize(self, graph) -> None:
-        ex = self.p.execution
+        ex = self.ex
         row = self.rows[graph.sample_id]
         attrs = {"sample_id": graph.sample_id, "image_path": row.image_path, "mask_path": row.mask_path,
                  "encoder": self.p.model.spec.name, "feature_dim": int(self.p.model.spec.feature_dim),
