@@ -67,7 +67,6 @@ class SlideGraph:
     pixels: object                       # dask array (height, width, 3) of the read level
     keep: np.ndarray                     # (rows, cols) bool: the tiles to embed (whole regions if any)
     blocks: list[tuple[int, int]]        # (block_row, block_col) holding kept tiles
-    tiles_per_block: list[int]
     k: int
     spec: EncoderSpec
     read_tile: int
@@ -119,5 +118,5 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
     counts = np.add.reduceat(np.add.reduceat(mask, np.arange(0, rows, k), axis=0),
                              np.arange(0, cols, k), axis=1) if rows and cols else np.zeros((0, 0), int)
     blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
-    return SlideGraph(array, pixels, mask, blocks, [int(counts[b]) for b in blocks], k, spec, rt, settings,
+    return SlideGraph(array, pixels, mask, blocks, k, spec, rt, settings,
                       grid.level, sample_id)
