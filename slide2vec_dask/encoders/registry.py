@@ -19,7 +19,13 @@ _LEVEL: dict[str, str] = {}
 
 
 def register_preset(name: str, level: str = "tile"):
-    """Decorator registering ``factory(checkpoint_path=None, output_variant=None) -> EncoderSpec``."""
+    """Decorator registering a preset factory.
+
+    Tile level: ``factory(checkpoint_path=None, output_variant=None) -> EncoderSpec``.
+    Slide / patient level: ``factory(checkpoint_path=None, output_variant=None,
+    tile_checkpoint_path=None) -> AggregatorSpec`` (``output_variant`` may be
+    refused with a ValueError when the model has only one output).
+    """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
 
@@ -35,15 +41,25 @@ def register_preset(name: str, level: str = "tile"):
     return decorate
 
 
+PRESET_MODULES = (
+    "slide2vec_dask.encoders.presets",
+    "slide2vec_dask.encoders.aggregators.gigapath",
+    "slide2vec_dask.encoders.aggregators.titan",
+    "slide2vec_dask.encoders.aggregators.moozy",
+    "slide2vec_dask.encoders.aggregators.prism",
+)
+
+
 def _load_presets() -> None:
     import importlib
 
     # Preset modules register themselves on import; a missing module just means no presets yet.
-    try:
-        importlib.import_module("slide2vec_dask.encoders.presets")
-    except ModuleNotFoundError as exc:
-        if exc.name != "slide2vec_dask.encoders.presets":
-            raise
+    for module in PRESET_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
 
 
 def get_preset(name: str) -> Callable[..., EncoderSpec]:
