@@ -15,9 +15,12 @@ layers, each one cross-attention block (1 head of 1280, no context norm,
 GEGLU feed-forward) then 6 self-attention blocks (8 heads, no biases, GEGLU
 feed-forward).  Weights are shared across layers: layers 2..7 reuse layer
 1's cross-attention block, layers 1..7 reuse layer 0's self-attention stack.
-The published ``model.safetensors`` keeps one copy of each shared tensor
-(keys under ``image_resampler.``), next to the text side (``text_decoder.``,
-``img_to_latents.``, ``text_to_latents.``, ``temperature``), which is ignored.
+The published ``model.safetensors`` holds the slide encoder under
+``image_resampler.`` next to the text side (``text_decoder.``, ``img_to_latents.``,
+``text_to_latents.``, ``temperature``), which is ignored.  Safetensors cannot store
+aliases, so a shared tensor is there once (the card's 558 M parameters also rule out
+stored copies); the loader accepts any one key of each shared group, or several
+equal ones, and rejects anything else under the prefix.
 
 The tiles carry no positions: PRISM's Perceiver sees the slide as a set, so
 ``coords`` and ``tile_size_lv0`` are accepted (contract) but do not matter.
