@@ -62,3 +62,57 @@ class ConchImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x, proj_contrast=False, normalize=False)
+
+
+class CocaAttentionalPooler(nn.Module):
+    """CoCa's attentional pooler as CONCH v1.5 publishes it: learned queries cross-attend to all tokens.
+
+    Parameter names and shapes are the checkpoint's (``query``, ``ln_k``, ``ln_q``,
+    ``to_q``, ``to_kv``, ``to_out``; no biases).  ``to_kv`` packs ``[k; v]`` and heads
+    split the channel dimension head-major, as ``rearrange('(h d)')`` does.
+    """
+
+    def __init__(self, d_model: int, context_dim: int, n_head: int = 8, n_queries: int = 1):
+        super().__init__()
+        if d_model % n_head:
+            raise ValueError(f"d_model {d_model} is not divisible by n_head {n_head}")
+        self.n_head = n_head
+        self.query = nn.Parameter(torch.zeros(n_queries, d_model))
+        self.ln_k = nn.LayerNorm(context_dim)
+        self.ln_q = nn.LayerNorm(d_model)
+        self.to_q = nn.Linear(d_model, d_model, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * d_model, bias=False)
+        self.to_out = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, L, context_dim) -> (B, n_queries, d_model)``."""
+        import torch.nn.functional as F
+
+        b = x.shape[0]
+        k, v = self.to_kv(self.ln_k(x)).chunk(2, dim=-1)
+        q = self.to_q(self.ln_q(self.query)).expand(b, -1, -1)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (self.n_head, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class ConchV15Encoder(nn.Module):
+    """CONCH v1.5's image tower: ViT-L/16 trunk, attentional pooler over all its tokens, LayerNorm.
+
+    The pooled contrastive query is the published 768-d tile embedding (TITAN's
+    ``return_conch()`` model); state-dict keys are the checkpoint's
+    (``trunk.*``, ``attn_pool_contrast.*``, ``ln_contrast.*``).
+    """
+
+    def __init__(self, trunk: nn.Module, embed_dim: int = 768, n_head: int = 8, n_queries: int = 1):
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = CocaAttentionalPooler(embed_dim, trunk.embed_dim, n_head, n_queries)
+        self.ln_contrast = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.trunk.forward_features(x)  # CLS + patches, after the trunk's final norm
+        return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])

@@ -36,14 +36,17 @@ HALF = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch")
+LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15")
 # How a checkpoint's position embedding is resampled to the tile grid, when it was
 # published for another grid: the algorithm the official code applies at run time.
 POS_EMBED_INTERP = {
     "bicubic": dict(mode="bicubic", align_corners=False, antialias=False),    # transformers Dinov2
     "bicubic_aa": dict(mode="bicubic", align_corners=False, antialias=True),  # timm (dynamic / pretrained)
+    # DINO / iBOT interpolate_pos_encoding (CONCH v1.5): scale_factor (grid + 0.1) / side, not a target size
+    "bicubic_dino": dict(mode="bicubic", align_corners=False, antialias=False, grid_offset=0.1),
 }
 CONCH_INSTALL = "pip install git+https://github.com/mahmoodlab/CONCH.git"
+CONCH_V15_TRUNK = "vit_large_patch16_224"  # CONCH v1.5's trunk: timm's ViT-L/16 layout (ls1/ls2 LayerScale)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class TilePreset:
 
     def create_architecture(self, runtime: bool = False):
         """The bare timm model, randomly initialised (use a ``meta`` device for a free one)."""
+        if self.layout == "conch_v15":
+            return _conch_v15_architecture(self, runtime)
         if self.arch is None:
             raise NotImplementedError(f"preset {self.name!r} is not a timm architecture ({self.architecture})")
         import timm
@@ -197,6 +202,8 @@ class PresetBuilder:
     def __call__(self):
         if self.preset.layout == "conch":
             return self._build_conch()
+        if self.preset.layout == "conch_v15":
+            return self._build_conch_v15()
         return self._build_timm()
 
     def _weights_file(self) -> Path:
@@ -246,6 +253,40 @@ class PresetBuilder:
         path = self._weights_file()
         model, _ = create_model_from_pretrained("conch_ViT-B-16", checkpoint_path=str(path))
         return ConchImageEncoder(model).eval()
+
+    def _build_conch_v15(self):
+        import torch
+
+        preset = self.preset
+        path = self._weights_file()
+        what = f"preset {preset.name!r} ({preset.hub_id})"
+        state = read_state_dict(path, what)
+        with torch.device("meta"):
+            model = preset.create_architecture(runtime=True)
+        pos = state.get("trunk.pos_embed")
+        if pos is not None and preset.pos_embed_interp is not None:
+            trunk = resample_pos_embed({"pos_embed": pos}, model.trunk, preset.pos_embed_interp)
+            state = {**state, "trunk.pos_embed": trunk["pos_embed"]}
+        problems = state_dict_mismatch(model.state_dict(), state)
+        if problems:
+            raise ValueError(
+                f"{what}: checkpoint {path} does not fit the {preset.architecture} architecture: {problems}. "
+                f"Pass CONCH v1.5's published weights ({' or '.join(preset.hub_files)} of {preset.url}, or "
+                "pytorch_model_vision.bin of https://huggingface.co/MahmoodLab/conchv1_5: keys trunk.*, "
+                "attn_pool_contrast.*, ln_contrast.*), or leave checkpoint_path unset to fetch it from the hub.")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+
+def _conch_v15_architecture(preset: TilePreset, runtime: bool):
+    """CONCH v1.5 (TITAN's ``return_conch()``): timm ViT-L/16 trunk + attentional pooler + LayerNorm."""
+    import timm
+
+    from slide2vec_dask.encoders.pooling import ConchV15Encoder
+
+    trunk = timm.create_model(CONCH_V15_TRUNK, pretrained=False, **preset.timm_kwargs(runtime))
+    return ConchV15Encoder(trunk, embed_dim=preset.feature_dim())
 
 
 # -- checkpoint layouts -----------------------------------------------------
@@ -364,7 +405,12 @@ def resample_pos_embed(state: dict, model, interp: str) -> dict:
         return state  # not a square grid of the same width: the fit check reports it
     head, patches = pos[:, :prefix], pos[:, prefix:]
     patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # interpolate in float32
-    patches = F.interpolate(patches, size=grid, **POS_EMBED_INTERP[interp])
+    kwargs = dict(POS_EMBED_INTERP[interp])
+    offset = kwargs.pop("grid_offset", None)
+    if offset is None:
+        patches = F.interpolate(patches, size=grid, **kwargs)
+    else:  # the run-time algorithm of DINO-style ViTs: output size floor(grid + offset) == grid
+        patches = F.interpolate(patches, scale_factor=((grid[0] + offset) / side, (grid[1] + offset) / side), **kwargs)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
     return {**state, "pos_embed": torch.cat([head, patches], dim=1)}
 
@@ -483,6 +529,18 @@ TILE_PRESETS: tuple[TilePreset, ...] = (
         mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp32", gated=True,
         licence="CC-BY-NC-ND-4.0", architecture="ViT-B/16 + attentional pooler (CoCa)", layout="conch",
         note=f"needs the `conch` package: {CONCH_INSTALL}"),
+    TilePreset(
+        # CONCH v1.5 as TITAN's return_conch() builds it (conch_config of MahmoodLab/TITAN's config.json):
+        # ViT-L/16 (1024-d, 24 x 16 heads, LayerScale) published on a 224 px grid and run at 448 px with
+        # DINO-style bicubic position interpolation, CoCa attentional pooler (1 query, 8 heads) -> 768,
+        # LayerNorm.  Weights: conch_v1_5_pytorch_model.bin of MahmoodLab/TITAN (what return_conch()
+        # downloads); MahmoodLab/conchv1_5's pytorch_model_vision.bin has the same keys.
+        name="conchv15", arch=None, kwargs=_kw(img_size=224, patch_size=16, init_values=1e-6, num_classes=0),
+        hub_id="MahmoodLab/TITAN", hub_files=("conch_v1_5_pytorch_model.bin",),
+        outputs=(("default", 768),), spacing_um=0.5, tile_size_px=448, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0",
+        architecture="ViT-L/16 + attentional pooler (CONCH v1.5)", layout="conch_v15", pos_embed_interp="bicubic_dino",
+        note="the tile encoder of TITAN; native PyTorch + timm, no `conch` package needed"),
     TilePreset(
         name="dinov2-vitb14", arch="vit_base_patch14_dinov2", kwargs=_kw(num_classes=0),
         hub_id="timm/vit_base_patch14_dinov2.lvd142m", hub_files=("model.safetensors", "pytorch_model.bin"),
