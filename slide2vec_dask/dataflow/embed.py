@@ -200,7 +200,11 @@ def resolve_num_gpus(execution: ExecutionOptions, client) -> int:
                                  "use num_gpus=0 (CPU) or run on a GPU machine or cluster")
         return execution.num_gpus
     if client is not None:
-        return 0  # a cluster's GPUs are declared by its workers; ask for them with num_gpus
+        # A cluster's GPUs are what its workers declare (``--resources GPU=N``): use them when any
+        # worker has some, as many per worker process as the best-equipped one declares.
+        declared = [info.get("resources", {}).get("GPU", 0)
+                    for info in client.scheduler_info(n_workers=-1)["workers"].values()]
+        return int(max(declared, default=0))
     import torch
 
     return torch.cuda.device_count()

@@ -1,0 +1,146 @@
+"""The pipeline on a real SLURM through dask-jobqueue (tests/slurm/start-slurm.sh starts one).
+
+Two worker jobs: a fake-GPU job (``--gres=gpu:1``, worker ``--resources
+GPU=1``) and a CPU-only job.  Embedding must run only on the GPU worker; the
+store must equal a run on a LocalCluster; a worker job cancelled with
+``scancel`` mid-run must not lose the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, testing
+
+pytestmark = pytest.mark.slurm
+
+EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
+
+
+def _slurm_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and any(s.strip("*") in ("idle", "mixed", "allocated") for s in out.stdout.split())
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A started SLURMCluster (1 fake-GPU job + 1 CPU job) and its client."""
+    if not _slurm_up():
+        pytest.skip("no SLURM running here (tests/slurm/start-slurm.sh starts one)")
+    pytest.importorskip("dask_jobqueue")
+    from distributed import Client
+
+    from slide2vec_dask.clusters import slurm_cluster
+
+    logs = tmp_path_factory.mktemp("slurm-logs")
+    cluster = slurm_cluster(gpu_jobs=1, cpu_jobs=1, cores=1, memory="3GB", walltime="00:30:00",
+                            local_directory=str(logs), log_directory=str(logs),
+                            scheduler_options={"dashboard_address": ":0"})
+    client = Client(cluster, set_as_default=False)
+    try:
+        client.wait_for_workers(2, timeout=120)
+        yield cluster, client
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def local():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as c:
+        with Client(c, set_as_default=False) as client:
+            yield client
+
+
+@pytest.fixture(scope="module")
+def tiny(vit_tiny_checkpoint):
+    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
+
+
+def _workers(client) -> dict[str, dict]:
+    return client.scheduler_info(n_workers=-1)["workers"]
+
+
+def _embedding(run, sample_id) -> np.ndarray:
+    return xr.open_zarr(run.store_path, group=f"tiles/{sample_id}")["embedding"].values
+
+
+def test_job_script_asks_slurm_for_gpus_and_declares_them(slurm):
+    cluster, _ = slurm
+    script = cluster.job_script()
+    assert "#SBATCH --gres=gpu:1" in script
+    assert "--resources GPU=1" in script
+    # 30 min walltime: retire after 27 min (10 % margin), staggered by at most half the margin.
+    assert "--lifetime 1620s --lifetime-stagger 90s" in script
+
+
+def test_pipeline_on_slurm_embeds_only_on_the_gpu_worker(slurm, local, tiny, syn_svs, tmp_path):
+    from distributed import get_task_stream
+
+    cluster, client = slurm
+    small = testing.write_svs(tmp_path / "small.svs",
+                              testing.tissue_image(1344, 1792, [(224, 224, 1120, 1344)], seed=3), downsamples=(1, 4))
+    slides = [{"sample_id": "syn", "image_path": str(syn_svs)}, {"sample_id": "small", "image_path": str(small)}]
+    config = PreprocessingConfig(**EXACT)
+
+    with get_task_stream(client) as stream:
+        run = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "slurm"), client=client).run(slides=slides)
+    reference = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "local"), client=local).run(slides=slides)
+
+    assert run.num_failed == 0 and len(run.tile_artifacts) == 2
+    workers = _workers(client)
+    gpu = {a for a, w in workers.items() if w["resources"].get("GPU")}
+    cpu = set(workers) - gpu
+    assert len(gpu) == 1 and len(cpu) == 1
+    embeds = [t for t in stream.data if "embed-" in str(t["key"])]
+    assert len(embeds) >= 2  # at least one block per slide
+    assert {t["worker"] for t in embeds} == gpu
+    for sample_id in ("syn", "small"):
+        np.testing.assert_allclose(_embedding(run, sample_id), _embedding(reference, sample_id), atol=1e-5, rtol=0)
+
+
+def test_a_cancelled_worker_job_does_not_lose_the_run(slurm, local, tiny, tmp_path):
+    cluster, client = slurm
+    big = testing.write_svs(tmp_path / "big.svs",
+                            testing.tissue_image(4480, 4480, [(0, 0, 4480, 4480)], seed=5), downsamples=(1, 4, 16))
+    slides = [{"sample_id": "big", "image_path": str(big)}]
+    config = PreprocessingConfig(**EXACT)
+    cpu_job = next(job for name, job in cluster.workers.items() if "-cpu-" in str(name))
+    cpu_addr = next(a for a, w in _workers(client).items() if not w["resources"].get("GPU"))
+
+    killed = threading.Event()
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if client.processing(workers=[cpu_addr]).get(cpu_addr):
+                subprocess.run(["scancel", str(cpu_job.job_id)], check=True)
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_busy, daemon=True)
+    killer.start()
+    run = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "slurm"), client=client).run(slides=slides)
+    killer.join(5)
+    assert killed.is_set(), "the CPU worker never had work to lose"
+    reference = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "local"), client=local).run(slides=slides)
+
+    assert run.num_failed == 0
+    assert run.tile_artifacts[0].num_tiles == 400
+    assert cpu_addr not in _workers(client)
+    np.testing.assert_allclose(_embedding(run, "big"), _embedding(reference, "big"), atol=1e-5, rtol=0)
