@@ -356,8 +356,10 @@ def test_kubernetes_cluster_hands_the_specs_to_kubecluster(fake_operator):
                               "create_mode": CreateMode.CREATE_ONLY}
     assert cluster.calls == [("add_worker_group", "gpu", {"custom_spec": gpu["spec"]["worker"]}), ("adapt", 1, 6)]
     assert cluster.kwargs["create_mode"].value == "CREATE_ONLY"
-    only_cpu = k8s.kubernetes_cluster(image=IMAGE, n_gpu_workers=0)
-    assert only_cpu.calls == []
+    only_cpu = k8s.kubernetes_cluster(image=IMAGE, n_gpu_workers=0)  # an empty GPU group, to scale later
+    assert only_cpu.calls == [("add_worker_group", "gpu", {"custom_spec": k8s.gpu_worker_group_spec(
+        image=IMAGE, n_gpu_workers=0)["spec"]["worker"]})]
+    assert only_cpu.calls[0][2]["custom_spec"]["replicas"] == 0
 
 
 def test_kubernetes_cluster_rejects_what_it_would_ignore(fake_operator):

@@ -172,8 +172,9 @@ def kubernetes_cluster(name: str = "slide2vec", *, image: str, namespace: str | 
 
     Needs the Dask operator installed in the cluster (see ``k8s/README.md``).
     ``adapt=(minimum, maximum)`` lets the operator scale the CPU group between
-    those bounds; the GPU group stays at ``n_gpu_workers`` (``cluster.scale(n,
-    worker_group="gpu")`` changes it).  Other keyword arguments go to
+    those bounds; the GPU group (``<name>-gpu``, created even with
+    ``n_gpu_workers=0``) stays at ``n_gpu_workers`` until ``cluster.scale(n,
+    worker_group="gpu")`` changes it.  Other keyword arguments go to
     ``KubeCluster`` (``resource_timeout``, ``port_forward_cluster_ip``,
     ``shutdown_on_close``, ``quiet``, ...).  Run with
     ``ExecutionOptions(num_gpus=1)`` so embedding tasks go to the GPU workers.
@@ -189,18 +190,15 @@ def kubernetes_cluster(name: str = "slide2vec", *, image: str, namespace: str | 
         name, image=image, namespace=namespace, n_workers=n_workers, worker_resources=worker_resources,
         worker_nthreads=worker_nthreads, scheduler_resources=scheduler_resources, env=env, volumes=volumes,
         volume_mounts=volume_mounts, scheduler_service_type=scheduler_service_type, idle_timeout=idle_timeout)
-    gpu_spec = None
-    if n_gpu_workers:
-        gpu_spec = gpu_worker_group_spec(
-            name, image=image, namespace=namespace, n_gpu_workers=n_gpu_workers, gpu_resources=gpu_resources,
-            gpu_nthreads=gpu_nthreads, gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
-            env=env, volumes=volumes, volume_mounts=volume_mounts)
+    gpu_spec = gpu_worker_group_spec(
+        name, image=image, namespace=namespace, n_gpu_workers=n_gpu_workers, gpu_resources=gpu_resources,
+        gpu_nthreads=gpu_nthreads, gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations,
+        env=env, volumes=volumes, volume_mounts=volume_mounts)
     KubeCluster, CreateMode = _require_operator()
     cluster = KubeCluster(custom_cluster_spec=cluster_spec, namespace=namespace,
                           create_mode=CreateMode.CREATE_ONLY, **kwargs)
     try:
-        if gpu_spec is not None:
-            cluster.add_worker_group(GPU_GROUP, custom_spec=gpu_spec["spec"]["worker"])
+        cluster.add_worker_group(GPU_GROUP, custom_spec=gpu_spec["spec"]["worker"])
         if bounds is not None:
             cluster.adapt(minimum=bounds[0], maximum=bounds[1])
     except BaseException:
