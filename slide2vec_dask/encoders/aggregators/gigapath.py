@@ -170,7 +170,10 @@ def chained_tile_spec(tile_spec: EncoderSpec) -> EncoderSpec:
 
 @register_preset(NAME, level="slide")
 def preset_gigapath_slide(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
-    """gigapath-slide: Prov-GigaPath's LongNet slide encoder (768-d) over ``gigapath`` tiles, https://huggingface.co/prov-gigapath/prov-gigapath"""
+    """gigapath-slide: Prov-GigaPath's LongNet slide encoder (768-d) over ``gigapath`` tiles.
+
+    https://huggingface.co/prov-gigapath/prov-gigapath
+    """
     from slide2vec_dask.encoders.registry import get_preset
 
     variant = _check_variant(output_variant)
@@ -210,20 +213,18 @@ def random_official_checkpoint(path, seed: int = 0) -> Path:
     weights near 1), so that a mis-mapped key shows in the outputs.
     """
     import torch
-
     from torch import nn
 
     path = Path(path)
     with torch.device("meta"):
         model = create_architecture()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    norms = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)
-             for p in ("weight", "bias")}
+    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in shapes.items():
         noise = torch.randn(shape, generator=gen)
-        if key in norms and key.endswith("weight"):
+        if key in norm_weights:
             state[key] = 1.0 + 0.1 * noise
         elif key.endswith("weight"):
             state[key] = noise / shape[1] ** 0.5  # nn.Linear (out, in)

@@ -22,7 +22,10 @@ configures it as published and loads the weights.
 Quirks of the official code kept on purpose (they change the numbers):
 the zero tokens that pad the sequence to whole segments, and each segment to
 whole dilation groups, are attended to as keys (logit 0, value 0); a branch's
-log-sum-exp equal to exactly 0 is treated as "not selected" (-1e8).
+log-sum-exp equal to exactly 0 is treated as "not selected" (-1e8); and a
+branch with several segments whose length is not a multiple of its dilation
+(with the published lengths: 185,363 and dilation 8, past 185,363 tiles) has
+its outputs shifted as the official flatten-then-truncate does.
 """
 
 from __future__ import annotations
@@ -106,9 +109,19 @@ def dilated_attention(q, k, v, segment_lengths: Sequence[int], dilations: Sequen
     if len(segment_lengths) != len(dilations) or not segment_lengths:
         raise ValueError(f"need one dilation per segment length, got {segment_lengths} and {dilations}")
     scale = q.shape[-1] ** -0.5  # flash-attn's default softmax scale
-    outs, lses = zip(*(_dilated_branch(q, k, v, s, r, scale) for s, r in zip(segment_lengths, dilations)))
-    weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # exp(lse_i) / sum_j exp(lse_j)
-    return (torch.stack(outs) * weights).sum(0)
+    # out = sum_i exp(lse_i) out_i / sum_i exp(lse_i), accumulated branch by branch (one output in memory)
+    acc = top = total = None
+    for segment, dilation in zip(segment_lengths, dilations):
+        out, lse = _dilated_branch(q, k, v, segment, dilation, scale)
+        if acc is None:
+            acc, top, total = out, lse, torch.ones_like(lse)
+            continue
+        new_top = torch.maximum(top, lse)
+        old, this = torch.exp(top - new_top), torch.exp(lse - new_top)
+        acc = acc * old.unsqueeze(-1) + out * this.unsqueeze(-1)
+        total = total * old + this
+        top = new_top
+    return acc / total.unsqueeze(-1)
 
 
 class DilatedSelfAttention(nn.Module):
