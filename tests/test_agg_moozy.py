@@ -46,10 +46,10 @@ def case_transformer(checkpoint):
 
 @pytest.fixture(scope="module")
 def small_variant(tmp_path_factory):
-    """A 1-layer file with every optional part on (qk-norm, registers, learnable ALiBi, LayerScale)."""
+    """A 2-layer file with every optional part on (qk-norm, registers, learnable ALiBi, LayerScale)."""
     return mz.random_official_checkpoint(
         tmp_path_factory.mktemp("moozy_small") / "moozy.pt", seed=3,
-        slide_config=dict(n_layers=1, qk_norm=True, num_registers=2, learnable_alibi=True, layerscale_enabled=True),
+        slide_config=dict(n_layers=2, qk_norm=True, num_registers=2, learnable_alibi=True, layerscale_enabled=True),
         case_config=dict(num_layers=1, qk_norm=True, num_registers=3))
 
 
@@ -95,8 +95,11 @@ def _block(x, sd, p, heads, bias):
     return x + m * sd.get(p + "ls_mlp.gamma", 1)
 
 
-def naive_slide(sd, feats, coords, step, heads=12):
-    """CLS output with tokens sorted by (y, x), background dropped, ALiBi from tile-unit distances."""
+def naive_slide(sd, feats, coords, step, heads=12, slopes=None):
+    """CLS output with tokens sorted by (y, x), background dropped, ALiBi from tile-unit distances.
+
+    ``slopes`` (positive) default to Press et al.'s fixed ones.
+    """
     sd = {k: v.double() for k, v in sd.items()}
     f, c = feats.double().numpy(), coords.numpy()
     keep = [i for i in sorted(range(len(c)), key=lambda i: (c[i, 1], c[i, 0])) if np.any(f[i] != 0)]
@@ -105,7 +108,7 @@ def naive_slide(sd, feats, coords, step, heads=12):
     seq = torch.cat([sd["cls_token"][0], regs, x])
     grid = (c[keep] - c[keep].min(0)) / step
     dist = np.sqrt(((grid[:, None] - grid[None]) ** 2).sum(-1))
-    slopes = torch.tensor(alibi_slopes_by_hand(heads), dtype=torch.float64)
+    slopes = torch.tensor(alibi_slopes_by_hand(heads) if slopes is None else slopes, dtype=torch.float64)
     p = 1 + len(regs)
     bias = torch.zeros(heads, len(seq), len(seq), dtype=torch.float64)
     bias[:, p:, p:] = -slopes[:, None, None] * torch.from_numpy(dist)[None]
@@ -146,8 +149,9 @@ def test_published_parameter_counts_on_meta():
 
     slide = sum(p.numel() for p in mz.slide_module(device="meta").parameters())
     case = sum(p.numel() for p in mz.case_module(device="meta").parameters())
+    lunit_preset = next(t for t in TILE_PRESETS if t.name == "lunit")
     with torch.device("meta"):
-        lunit = sum(p.numel() for p in next(t for t in TILE_PRESETS if t.name == "lunit").create_architecture().parameters())
+        lunit = sum(p.numel() for p in lunit_preset.create_architecture().parameters())
     # Counted from the published layer list: input projection, CLS + 4 registers + mask token, 6 blocks, final norm.
     assert slide == (384 * 768 + 768) + 6 * 768 + 6 * _block_params(768, 3072, False) + 2 * 768 == 42_829_056
     assert case == 768 + 3 * _block_params(768, 3072, True) + 2 * 768 == 21_270_528
@@ -221,7 +225,7 @@ def test_slide_embedding_matches_naive_reference(checkpoint, slide_encoder):
     sd = torch.load(checkpoint, map_location="cpu", weights_only=True)["teacher_slide_encoder"]
     got = embed(slide_encoder, feats, coords)
     assert got.shape == (768,) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), naive_slide(sd, feats, coords, STEP), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got.double(), naive_slide(sd, feats, coords, STEP), atol=2e-5, rtol=1e-5)
 
 
 def test_case_embedding_matches_naive_reference(checkpoint, case_transformer):
@@ -230,19 +234,22 @@ def test_case_embedding_matches_naive_reference(checkpoint, case_transformer):
     with torch.inference_mode():
         got = case_transformer.encode_patient(slides)
     assert got.shape == (768,)
-    torch.testing.assert_close(got.double(), naive_case(sd, slides), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got.double(), naive_case(sd, slides), atol=2e-5, rtol=1e-5)
 
 
 def test_optional_parts_are_built_from_the_checkpoint_config(small_variant):
     se, ct = mz.load_slide_encoder(small_variant, max_tokens=0), mz.load_case_transformer(small_variant)
     payload = torch.load(small_variant, map_location="cpu", weights_only=True)
     feats, coords = layout(seed=2, rows=4, cols=4, holes=3)
+    sd = payload["teacher_slide_encoder"]
+    slopes = (-sd["pos_bias.slopes"][:, 0]).tolist()  # learnable: the stored values, not the initial ones
+    assert slopes != pytest.approx(alibi_slopes_by_hand(12))
     torch.testing.assert_close(embed(se, feats, coords).double(),
-                               naive_slide(payload["teacher_slide_encoder"], feats, coords, STEP), atol=2e-4, rtol=1e-4)
+                               naive_slide(sd, feats, coords, STEP, slopes=slopes), atol=2e-5, rtol=1e-5)
     slides = torch.randn(2, 768, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         got = ct.encode_patient(slides)
-    torch.testing.assert_close(got.double(), naive_case(payload["case_transformer"], slides), atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(got.double(), naive_case(payload["case_transformer"], slides), atol=2e-5, rtol=1e-5)
     assert isinstance(se.pos_bias.slopes, torch.nn.Parameter) and se.register_tokens.shape == (1, 2, 768)
 
 
@@ -345,6 +352,12 @@ def test_strict_loading_names_what_does_not_fit(small_variant, tmp_path):
     torch.save({"cls_token": torch.zeros(1, 1, 768)}, flat)
     with pytest.raises(ValueError, match="not the official MOOZY file"):
         mz.load_slide_encoder(flat)
+    slide = payload["teacher_slide_encoder"]
+    slide["blocks.1.pos_bias.slopes"] = slide["pos_bias.slopes"] * 2
+    torch.save(payload, bad)
+    with pytest.raises(ValueError, match="ALiBi slopes of one shared module differ"):
+        mz.load_slide_encoder(bad)
+    slide["blocks.1.pos_bias.slopes"] = slide["pos_bias.slopes"]
     payload["slide_encoder_config"]["feat_dim"] = 1024
     torch.save(payload, bad)
     with pytest.raises(ValueError, match="384-d lunit input"):

@@ -109,7 +109,8 @@ def read_payload(path: str | Path) -> dict:
     """The official ``moozy.pt`` dict (weights-only load), checked for its four entries."""
     what = f"MOOZY checkpoint {path}"
     payload = read_state_dict(path, what)
-    missing = [k for k in (SLIDE_KEY, CASE_KEY, SLIDE_CONFIG_KEY, CASE_CONFIG_KEY) if not isinstance(payload.get(k), dict)]
+    entries = (SLIDE_KEY, CASE_KEY, SLIDE_CONFIG_KEY, CASE_CONFIG_KEY)
+    missing = [k for k in entries if not isinstance(payload.get(k), dict)]
     if missing:
         raise ValueError(f"{what} is not the official MOOZY file (moozy.pt of https://huggingface.co/{HUB_ID}): "
                          f"it lacks {missing}; found keys {sorted(payload)[:6]}")
@@ -135,6 +136,10 @@ def load_slide_encoder(path: str | Path, max_tokens: int | None = None):
     """The slide encoder of ``moozy.pt``, loaded strictly from ``teacher_slide_encoder``."""
     payload = read_payload(path)
     state, config = payload[SLIDE_KEY], payload[SLIDE_CONFIG_KEY]
+    copies = [k for k in state if k.endswith("pos_bias.slopes")]
+    if any(not state[k].equal(state[copies[0]]) for k in copies):
+        raise ValueError(f"MOOZY checkpoint {path}: the ALiBi slopes of one shared module differ between "
+                         f"{copies[0]} and the other copies")
     kwargs = slide_kwargs(config, state)
     _check_dims(kwargs, f"MOOZY checkpoint {path}")
     from slide2vec_dask.encoders.aggregators._moozy_nn import SlideTransformer
@@ -255,7 +260,7 @@ def random_official_checkpoint(path: str | Path, seed: int = 0, *, slide_config:
 
     Weights are random but of a trained model's scale (LayerNorm gains near
     1, LayerScale gammas ~0.1 rather than 1e-5, so every layer matters); the
-    ALiBi slopes are the fixed official ones.  ``slide_config`` /
+    ALiBi slopes are the fixed official ones (perturbed when learnable).  ``slide_config`` /
     ``case_config`` override entries of the published configs.
     """
     import torch
@@ -263,14 +268,18 @@ def random_official_checkpoint(path: str | Path, seed: int = 0, *, slide_config:
     slide_cfg = {**SLIDE_CONFIG, **(slide_config or {})}
     case_cfg = {**CASE_CONFIG, **(case_config or {})}
     gen = torch.Generator().manual_seed(seed)
+    from slide2vec_dask.encoders.aggregators._moozy_nn import alibi_slopes
+
     payload = {}
-    for key, module in ((SLIDE_KEY, slide_module(slide_cfg, device="meta")), (CASE_KEY, case_module(case_cfg, device="meta"))):
+    slopes = -torch.tensor(alibi_slopes(int(slide_cfg["n_heads"])), dtype=torch.float32).unsqueeze(1)
+    if slide_cfg["learnable_alibi"]:  # trained slopes drift from their initial values
+        slopes = slopes * (1 + 0.1 * torch.randn(slopes.shape, generator=gen))
+    modules = {SLIDE_KEY: slide_module(slide_cfg, device="meta"), CASE_KEY: case_module(case_cfg, device="meta")}
+    for key, module in modules.items():
         state = {}
         for name, t in module.state_dict().items():
             if name.endswith("pos_bias.slopes"):
-                from slide2vec_dask.encoders.aggregators._moozy_nn import alibi_slopes
-
-                value = -torch.tensor(alibi_slopes(t.shape[0]), dtype=torch.float32).unsqueeze(1)
+                value = slopes.clone()  # one module shared by every block: the same tensor under each key
             elif name.endswith("gamma"):
                 value = 0.1 + 0.05 * torch.randn(t.shape, generator=gen)
             elif name.endswith("norm.weight") or name.endswith(("norm1.weight", "norm2.weight")):
