@@ -226,7 +226,8 @@ def test_wait_for_workers_script(tmp_path, gpu, expect_ok):
     script.write_text(by_kind("job.yaml", "ConfigMap")["data"]["wait_for_workers.py"])
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=":0",
                       resources={"GPU": 1} if gpu else None) as cluster:
-        done = subprocess.run([sys.executable, str(script), cluster.scheduler_address, "1", "2"],
+        timeout = "30" if expect_ok else "0"  # without a GPU worker: give up at the first look
+        done = subprocess.run([sys.executable, str(script), cluster.scheduler_address, "1", timeout],
                               capture_output=True, text=True, timeout=60)
     assert (done.returncode == 0) is expect_ok, done.stderr
     assert ("1 with a GPU: ready" in done.stdout) if expect_ok else ("only 0 of 1 GPU workers" in done.stderr)
@@ -489,3 +490,66 @@ def test_dockerfile_contract():
         assert (REPO / source).exists()
         assert not any(fnmatch.fnmatch(source, p) for p in ignored), source
     assert ".venv" in ignored and ".git" in ignored
+
+
+# -- the pods' command lines, run for real ---------------------------------------------------
+def _with(args: list[str], flag: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+@pytest.mark.slow
+def test_pod_command_lines_send_embedding_tasks_to_the_gpu_worker(tmp_path, vit_tiny_checkpoint):
+    """Scheduler and workers started with the generated args, as the operator's pods start them
+    (environment included): a run with num_gpus=1 embeds on the GPU-declared worker only."""
+    import os
+    import socket
+
+    from distributed import Client, get_task_stream
+
+    from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, testing
+
+    cluster = k8s.kubernetes_cluster_spec(image=IMAGE, worker_resources={"limits": {"cpu": "1"}})
+    gpu = k8s.gpu_worker_group_spec(image=IMAGE, gpu_resources={"requests": {"cpu": "1"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    sargs = cluster["spec"]["scheduler"]["spec"]["containers"][0]["args"]
+    commands = {"scheduler": _with(_with(sargs, "--port", str(port)), "--dashboard-address", ":0") +
+                ["--host", "127.0.0.1"]}
+    for name, doc in (("cpu-0", cluster), ("gpu-0", gpu)):
+        args = _with(worker_args(doc["spec"]["worker"]), "--dashboard-address", ":0")
+        commands[name] = [a.replace("$(DASK_WORKER_NAME)", name) for a in args]
+    env = {**os.environ, "DASK_SCHEDULER_ADDRESS": address, "CUDA_VISIBLE_DEVICES": ""}
+    bindir = Path(sys.executable).parent
+    procs = []
+    try:
+        for name, args in commands.items():
+            procs.append(subprocess.Popen([str(bindir / args[0]), *args[1:]], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=open(tmp_path / f"{name}.log", "w")))
+        slide = testing.write_svs(tmp_path / "s.svs", testing.tissue_image(896, 1344, [(224, 224, 672, 1120)], seed=5),
+                                  downsamples=(1, 4))
+        with Client(address, timeout="60s", set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=120)
+            workers = {w["name"]: (a, w) for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+            assert workers["gpu-0"][1]["resources"] == {"GPU": 1} and workers["cpu-0"][1]["resources"] == {}
+            assert workers["gpu-0"][1]["nthreads"] == 1 and workers["cpu-0"][1]["nthreads"] == 1
+            model = Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
+            with get_task_stream(client=client) as stream:
+                result = Pipeline(model, PreprocessingConfig(tissue_threshold=0.5),
+                                  ExecutionOptions(output_dir=tmp_path / "out", num_gpus=1, batch_size=8),
+                                  client=client).run(slides=[slide])
+        assert result.num_failed == 0 and result.tile_artifacts[0].num_tiles == 8
+        # Embedding tasks are the graph's "embed-<token>" blocks (one here: the slide is one block).
+        embedded_on = {t["worker"] for t in stream.data if str(t["key"]).startswith("('embed-")}
+        assert embedded_on == {workers["gpu-0"][0]}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
