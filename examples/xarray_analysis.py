@@ -92,12 +92,13 @@ def canvas_size(x: np.ndarray, y: np.ndarray, tile: int, width: int) -> tuple[in
 
 def draw(png: Path, x, y, tile: int, values, width: int, renderer: str, title: str) -> tuple[int, int]:
     size = canvas_size(x, y, tile, width)
+    png.parent.mkdir(parents=True, exist_ok=True)
     if renderer in ("auto", "matplotlib"):
         try:
             import matplotlib
         except ImportError:
             if renderer == "matplotlib":
-                raise
+                sys.exit("--renderer matplotlib: matplotlib is not installed (pip install matplotlib, or --renderer pil)")
         else:
             matplotlib.use("Agg")
             return _draw_matplotlib(png, x, y, tile, values, size, title)
@@ -139,7 +140,6 @@ def _draw_pil(png: Path, x, y, tile, values, size) -> tuple[int, int]:
         colour = (255, fade, fade) if t > 0 else (fade, fade, 255)
         left, top = (tx - x.min()) * scale, (ty - y.min()) * scale
         pen.rectangle([left, top, left + tile * scale - 1, top + tile * scale - 1], fill=colour)
-    png.parent.mkdir(parents=True, exist_ok=True)
     image.save(png)
     return size
 
