@@ -18,6 +18,9 @@ _EXPORTS = {
     "EmbeddedSlide": "slide2vec_dask.results",
     "RunResult": "slide2vec_dask.results",
     "TileArtifact": "slide2vec_dask.results",
+    "EmbeddedPatient": "slide2vec_dask.results",
+    "SlideArtifact": "slide2vec_dask.results",
+    "PatientArtifact": "slide2vec_dask.results",
     "Pipeline": "slide2vec_dask.pipeline",
     "open_embeddings": "slide2vec_dask.store",
     "read_manifest": "slide2vec_dask.manifest",
@@ -53,7 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from slide2vec_dask.progress import activate_progress_reporter
     from slide2vec_dask.manifest import read_manifest
     from slide2vec_dask.pipeline import Pipeline
-    from slide2vec_dask.results import EmbeddedSlide, RunResult, TileArtifact
+    from slide2vec_dask.results import (EmbeddedPatient, EmbeddedSlide, PatientArtifact, RunResult,
+                                        SlideArtifact, TileArtifact)
     from slide2vec_dask.store import open_embeddings
     from slide2vec_dask.slide import MissingSpacingError, Slide, UnreadableSlideError, open_slide
     from slide2vec_dask.tiling import TileGrid

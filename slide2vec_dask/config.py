@@ -150,6 +150,11 @@ class ExecutionOptions:
     queued ahead of the encoder, which bounds memory.  ``scheduler_address``
     runs on an existing Dask cluster; an active ``distributed.Client`` is
     used as well, as everywhere in Dask.
+
+    ``save_tile_embeddings`` keeps the tile embeddings of a slide- or
+    patient-level model's run (they are an intermediate otherwise);
+    ``save_slide_embeddings`` keeps a patient-level run's slide embeddings;
+    ``save_latents`` stores the model's latents next to its embeddings.
     """
 
     batch_size: int = 32
@@ -179,9 +184,6 @@ class ExecutionOptions:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
         if self.output_format is not None and self.output_format not in ("pt", "npz"):
             raise ValueError(f"output_format must be 'pt', 'npz' or None, got {self.output_format!r}")
-        for name in ("save_tile_embeddings", "save_slide_embeddings", "save_latents"):
-            if getattr(self, name):
-                raise NotImplementedError(f"{name}=True needs slide-level encoders, not available yet in this release.")
         if self.scheduler_address is not None and not str(self.scheduler_address).startswith(("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")):
             raise ValueError(f"scheduler_address must look like 'tcp://host:port', got {self.scheduler_address!r}")
 

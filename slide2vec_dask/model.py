@@ -1,4 +1,9 @@
-"""`Model`: a named encoder and the in-memory embedding entry points."""
+"""`Model`: a named encoder and the in-memory embedding entry points.
+
+A model is tile-, slide- or patient-level.  Slide- and patient-level models
+carry an `AggregatorSpec` that chains the tile encoder they were trained
+on: every entry point runs the tile stage first, then aggregates.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from typing import Any, Sequence
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleBuilder, TimmBuilder
-from slide2vec_dask.results import EmbeddedSlide
+from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
+from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide
 
 
 class Model:
@@ -17,7 +23,8 @@ class Model:
     `Model.from_module`; weights are loaded lazily, once per worker.
     """
 
-    def __init__(self, spec: EncoderSpec, *, device: str | None = None, precision: str | None = None):
+    def __init__(self, spec: EncoderSpec | AggregatorSpec, *, device: str | None = None,
+                 precision: str | None = None):
         if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         if precision is not None and precision not in ("fp16", "bf16", "fp32"):
@@ -28,11 +35,23 @@ class Model:
 
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, level={self.level!r}, feature_dim={self.feature_dim}, "
-                f"spacing_um={self.spec.spacing_um}, tile_size_px={self.spec.tile_size_px})")
+                f"spacing_um={self.tile_spec.spacing_um}, tile_size_px={self.tile_spec.tile_size_px})")
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def tile_spec(self) -> EncoderSpec:
+        """The tile stage: the encoder itself, or the one a slide/patient model chains."""
+        return self.spec.tile_encoder if isinstance(self.spec, AggregatorSpec) else self.spec
+
+    @property
+    def slide_spec(self) -> AggregatorSpec | None:
+        """The slide stage (slide-level models: the model; patient-level: its slide encoder)."""
+        if not isinstance(self.spec, AggregatorSpec):
+            return None
+        return self.spec if self.spec.level == "slide" else self.spec.slide_encoder
 
     @property
     def level(self) -> str:
@@ -46,11 +65,42 @@ class Model:
     @classmethod
     def from_preset(cls, name: str, *, checkpoint_path: str | Path | None = None,
                     output_variant: str | None = None, device: str | None = None,
-                    precision: str | None = None) -> "Model":
-        """A published pathology model by name (see `list_models()`)."""
-        from slide2vec_dask.encoders.registry import get_preset
+                    precision: str | None = None, tile_checkpoint_path: str | Path | None = None,
+                    tile_encoder: "Model | None" = None) -> "Model":
+        """A published pathology model by name (see `list_models()`).
 
-        spec = get_preset(name)(checkpoint_path=checkpoint_path, output_variant=output_variant)
+        Slide- and patient-level presets chain their tile encoder:
+        ``checkpoint_path`` is the slide/patient model's weights,
+        ``tile_checkpoint_path`` the chained tile encoder's, and
+        ``tile_encoder`` replaces the chained tile encoder by another model
+        with the same feature dimension (e.g. a locally fine-tuned copy).
+        """
+        import dataclasses
+
+        from slide2vec_dask.encoders.registry import get_preset, preset_level
+
+        level = preset_level(name)
+        if level == "tile":
+            if tile_checkpoint_path is not None or tile_encoder is not None:
+                raise ValueError(f"{name!r} is a tile-level model: tile_checkpoint_path / tile_encoder only apply "
+                                 "to slide- and patient-level presets; use checkpoint_path")
+            spec = get_preset(name)(checkpoint_path=checkpoint_path, output_variant=output_variant)
+            return cls(spec, device=device, precision=precision)
+        spec = get_preset(name)(checkpoint_path=checkpoint_path, output_variant=output_variant,
+                                tile_checkpoint_path=tile_checkpoint_path)
+        if tile_encoder is not None:
+            if tile_encoder.level != "tile":
+                raise ValueError(f"tile_encoder must be a tile-level model, got {tile_encoder.level}-level "
+                                 f"{tile_encoder.name!r}")
+            if tile_encoder.feature_dim != spec.tile_encoder.feature_dim:
+                raise ValueError(f"{name!r} aggregates {spec.tile_encoder.feature_dim}-d features of "
+                                 f"{spec.tile_encoder.name!r}; tile_encoder {tile_encoder.name!r} gives "
+                                 f"{tile_encoder.feature_dim}-d")
+            tile = tile_encoder.tile_spec
+            if spec.slide_encoder is not None:
+                spec = dataclasses.replace(spec, slide_encoder=dataclasses.replace(spec.slide_encoder,
+                                                                                   tile_encoder=tile))
+            spec = dataclasses.replace(spec, tile_encoder=tile)
         return cls(spec, device=device, precision=precision)
 
     @classmethod
@@ -125,19 +175,128 @@ class Model:
 
     def embed_slides(self, slides: Sequence, *, preprocessing: PreprocessingConfig | None = None,
                      execution: ExecutionOptions | None = None) -> list[EmbeddedSlide]:
-        """Embed several slides through one stream of blocks; results in input order."""
-        from slide2vec_dask.dataflow.embed import SlideInput, embed_slides
+        """Embed several slides through one stream of blocks; results in input order.
 
-        self._require_level("tile", "embed_slide(s)")
+        Slide-level models (and patient-level ones, through their slide
+        stage) also fill ``slide_embedding`` and, when the model has them,
+        ``latents``.
+        """
+        from slide2vec_dask.dataflow.embed import embed_slides
+
+        items = self._inputs(slides)
+        if not items:
+            return []
+        execution = self.resolve_execution(execution)
+        results = embed_slides(items, self.tile_spec, preprocessing or PreprocessingConfig(), execution)
+        if self.slide_spec is not None:
+            from slide2vec_dask.dataflow.aggregate import aggregate_in_memory
+
+            aggregate_in_memory(results, self.slide_spec, execution)
+        return results
+
+    def embed_patient(self, slides: Sequence, *, patient_id: str | None = None,
+                      preprocessing: PreprocessingConfig | None = None,
+                      execution: ExecutionOptions | None = None) -> EmbeddedPatient:
+        """One patient's embedding from all its slides (paths or dicts).
+
+        The patient id is ``patient_id``, else the slides' common
+        ``patient_id`` key, else the first slide's ``sample_id``.
+        """
+        self._require_level("patient", "embed_patient")
+        items = self._inputs(slides)
+        if not items:
+            raise ValueError("embed_patient needs at least one slide")
+        if patient_id is None:
+            given = {it.extra.get("patient_id") for it in items} - {None, ""}
+            if len(given) > 1:
+                raise ValueError(f"embed_patient got slides of several patients {sorted(given)}; "
+                                 "use embed_patients, or pass patient_id= to treat them as one")
+            patient_id = given.pop() if given else items[0].sample_id
+        return self._patients([(str(patient_id), items)], preprocessing, execution)[0]
+
+    def embed_patients(self, slides: Sequence, *, patient_id_map: dict[str, str] | None = None,
+                       preprocessing: PreprocessingConfig | None = None,
+                       execution: ExecutionOptions | None = None) -> list[EmbeddedPatient]:
+        """One `EmbeddedPatient` per patient, in order of first appearance.
+
+        A slide's patient is ``patient_id_map[sample_id]``, else its
+        ``patient_id`` key, else its own ``sample_id``.
+        """
+        self._require_level("patient", "embed_patients")
+        items = self._inputs(slides)
+        groups: dict[str, list] = {}
+        for it in items:
+            pid = (patient_id_map or {}).get(it.sample_id) or it.extra.get("patient_id") or it.sample_id
+            groups.setdefault(str(pid), []).append(it)
+        return self._patients(list(groups.items()), preprocessing, execution)
+
+    def _patients(self, groups, preprocessing, execution) -> list[EmbeddedPatient]:
+        import numpy as np
+        import torch
+
+        from slide2vec_dask.dataflow.aggregate import patient_in_memory
+
+        execution = self.resolve_execution(execution)
+        flat = [it for _, members in groups for it in members]
+        embedded = {r.sample_id: r for r in self.embed_slides(flat, preprocessing=preprocessing,
+                                                                execution=execution)}
+        patients = []
+        for pid, members in groups:
+            slides = {it.sample_id: embedded[it.sample_id].slide_embedding for it in members}
+            stacked = np.stack([t.numpy() for t in slides.values()])
+            vector = patient_in_memory(stacked, self.spec, execution)
+            patients.append(EmbeddedPatient(pid, torch.from_numpy(vector), slides))
+        return patients
+
+    # -- persisted artifacts without Pipeline ----------------------------------------------------
+    def embed_tiles(self, slides: Sequence, *, output_dir: str | Path | None = None,
+                    preprocessing: PreprocessingConfig | None = None,
+                    execution: ExecutionOptions | None = None) -> list:
+        """Tile embeddings of ``slides`` written to ``output_dir``'s store; one `TileArtifact` per slide.
+
+        For slide/patient models this is their tile stage alone; hand the
+        artifacts to `aggregate_tiles` later (or on other hardware).
+        """
+        from slide2vec_dask.pipeline import Pipeline
+
+        execution = self.resolve_execution(execution)
+        if output_dir is not None:
+            execution = execution.replace(output_dir=output_dir)
+        tile_model = Model(self.tile_spec, device=self.device, precision=self.precision)
+        result = Pipeline(tile_model, preprocessing, execution).run(slides=list(slides))
+        if result.num_failed:
+            import csv
+
+            with open(result.process_list_path, newline="") as f:
+                failed = [f"{r['sample_id']}: {r['error']}" for r in csv.DictReader(f) if r["status"] == "failed"]
+            raise RuntimeError(f"embed_tiles: {len(failed)} slide(s) failed: " + "; ".join(failed))
+        return result.tile_artifacts
+
+    def aggregate_tiles(self, tile_artifacts: Sequence, *, execution: ExecutionOptions | None = None) -> list:
+        """Slide embeddings from persisted tile artifacts (`embed_tiles`, or a tile-level run's).
+
+        Each slide's features are read from its store by the task that
+        aggregates it; results go into the same store's ``slides`` table
+        (and ``slide_embeddings/`` files when ``execution.output_format``
+        asks).  Returns one `SlideArtifact` per artifact, in order.
+        """
+        from slide2vec_dask.dataflow.aggregate import aggregate_stored
+
+        if self.slide_spec is None:
+            raise ValueError(f"aggregate_tiles needs a slide- or patient-level model; {self.name!r} is tile-level")
+        return aggregate_stored(list(tile_artifacts), self.slide_spec, self.resolve_execution(execution))
+
+    def _inputs(self, slides: Sequence) -> list:
+        from slide2vec_dask.dataflow.embed import SlideInput
+
+        if isinstance(slides, (str, Path)) or isinstance(slides, dict):
+            slides = [slides]
         items = [SlideInput.parse(s) for s in slides]
         ids = [it.sample_id for it in items]
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise ValueError(f"sample ids must be unique, repeated: {duplicated}; give each slide a 'sample_id'")
-        if not items:
-            return []
-        return embed_slides(items, self.spec, preprocessing or PreprocessingConfig(),
-                            self.resolve_execution(execution))
+        return items
 
     def resolve_execution(self, execution: ExecutionOptions | None) -> ExecutionOptions:
         """The model's own device/precision choices fill what the call leaves open."""

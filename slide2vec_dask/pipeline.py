@@ -7,6 +7,12 @@ marked complete) by one more task once all its blocks landed.  A slide that
 fails — missing, corrupt, no spacing — becomes a ``failed`` row in
 ``process_list.csv``; the others finish.  Re-running skips complete slides
 and redoes incomplete ones from scratch.
+
+Slide- and patient-level models add the aggregation stage: when a slide's
+tile embeddings are complete, one task on a GPU worker reads them from the
+store and writes the slide embedding (``_slides/<id>``); when all slides of
+a patient are embedded, one more task writes the patient's.  At the end the
+client gathers those small rows into the ``slides`` / ``patients`` tables.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
-from slide2vec_dask.results import HierarchicalArtifact, RunResult, TileArtifact
+from slide2vec_dask.results import HierarchicalArtifact, PatientArtifact, RunResult, SlideArtifact, TileArtifact
 
-PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "status", "error_type", "error", "num_tiles",
-                        "plan_seconds", "embed_seconds", "store_group", "coordinates_path", "flat_path"]
+PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
+                        "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
+                        "flat_path"]
 
 
 @dataclass
@@ -29,6 +36,7 @@ class _Row:
     sample_id: str
     image_path: str
     mask_path: str = ""
+    patient_id: str = ""
     status: str = "pending"
     error_type: str = ""
     error: str = ""
@@ -54,14 +62,20 @@ class Pipeline:
 
     def __init__(self, model, preprocessing: PreprocessingConfig | None = None,
                  execution: ExecutionOptions | None = None, client=None):
-        if model.level != "tile":
-            raise NotImplementedError(f"Pipeline runs tile-level models for now; {model.name!r} is "
-                                      f"{model.level}-level")
         self.model = model
         self.preprocessing = preprocessing or PreprocessingConfig()
         self.execution = model.resolve_execution(execution)
         if self.execution.output_dir is None:
             raise ValueError("Pipeline needs ExecutionOptions(output_dir=...) to know where the store goes")
+        ex = self.execution
+        if model.level == "tile" and (ex.save_slide_embeddings or ex.save_latents):
+            raise ValueError(f"{model.name!r} is a tile-level model: it makes no slide embeddings or latents; "
+                             "save_slide_embeddings / save_latents apply to slide- and patient-level models")
+        if model.level == "slide" and ex.save_slide_embeddings:
+            raise ValueError(f"{model.name!r} is slide-level: its slide embeddings are always saved; "
+                             "save_slide_embeddings is for patient-level models")
+        if ex.save_latents and model.slide_spec.latent_dim is None:
+            raise ValueError(f"save_latents=True but {model.slide_spec.name!r} has no latents")
         self.client = client
 
     # -- entry points ------------------------------------------------------
@@ -111,14 +125,24 @@ class Pipeline:
             rows = [s if isinstance(s, dict) else {"image_path": s} for s in slides]
             rows = [{**r, "sample_id": r.get("sample_id") or Path(r["image_path"]).stem} for r in rows]
             validate_slides(rows, [f"slides[{i}]" for i in range(len(rows))])
+        if self.model.level == "patient":
+            missing = [r["sample_id"] for r in rows if not r.get("patient_id")]
+            if missing:
+                where = manifest_path if manifest_path is not None else "slides"
+                raise ValueError(f"{self.model.name!r} is a patient-level model: every slide needs a patient_id "
+                                 f"(a 'patient_id' manifest column); missing in {where} for {missing[:5]}"
+                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         return [SlideInput.parse(r) for r in rows]
 
     def _run_attrs(self, config: PreprocessingConfig) -> dict[str, Any]:
         from slide2vec_dask import __version__
         from slide2vec_dask.tiling.plan import selection_config
 
-        spec = self.model.spec
-        return {"encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
+        spec = self.model.tile_spec
+        model = {} if self.model.level == "tile" else {
+            "model": self.model.name, "model_level": self.model.level, "model_key": self.model.spec.key,
+            "model_feature_dim": int(self.model.feature_dim)}
+        return {**model, "encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
                 "requested_spacing_um": config.requested_spacing_um or spec.spacing_um,
                 "requested_tile_size_px": config.requested_tile_size_px or spec.tile_size_px,
                 "tiling": selection_config(config), "slide2vec_dask_version": __version__}
@@ -133,14 +157,31 @@ class Pipeline:
         path = store.store_path(out)
         store.init_store(path, self._run_attrs(config), overwrite=self.execution.overwrite)
 
-        rows = {it.sample_id: _Row(it.sample_id, str(it.image_path), str(it.mask_path or "")) for it in items}
-        todo = []
+        level = self.model.level
+        rows = {it.sample_id: _Row(it.sample_id, str(it.image_path), str(it.mask_path or ""),
+                                   str(it.extra.get("patient_id", "") or "")) for it in items}
+        patients: dict[str, list[str]] = {}
+        for it in items:
+            if level == "patient":
+                patients.setdefault(rows[it.sample_id].patient_id, []).append(it.sample_id)
+        # A patient is done when its embedding was made from exactly these slides.
+        done_patients = {p for p, members in patients.items()
+                         if store.patient_embedded(path, p) and store.patient_slides(path, p) == members}
+        todo, aggregate = [], []
         for item in items:
-            if store.is_complete(path, item.sample_id):
-                row = rows[item.sample_id]
+            row = rows[item.sample_id]
+            if level == "tile" and store.is_complete(path, item.sample_id) \
+                    or level == "slide" and store.slide_embedded(path, item.sample_id) \
+                    or level == "patient" and row.patient_id in done_patients:
                 row.status, row.error = "skipped", "already complete in the store"
-                row.num_tiles = store.num_tiles(path, item.sample_id)
-                row.store_group = f"tiles/{item.sample_id}"
+                if level == "tile":
+                    row.num_tiles = store.num_tiles(path, item.sample_id)
+                    row.store_group = f"tiles/{item.sample_id}"
+                else:
+                    row.store_group = "slides" if level == "slide" else "patients"
+            elif level != "tile" and (store.slide_embedded(path, item.sample_id)
+                                      or store.is_complete(path, item.sample_id)):
+                aggregate.append(item.sample_id)  # the tile stage of an earlier run is reused
             else:
                 todo.append(item)
 
@@ -155,27 +196,66 @@ class Pipeline:
             cluster = start_local_cluster(execution.num_workers, execution.num_gpus)
             client = Client(cluster, set_as_default=False)
         process_list = out / "process_list.csv"
+        run = _Run(self, execution, client, path, config, rows)
         try:
-            if todo:
-                _Run(self, execution, client, path, config, rows).go(todo)
+            if todo or aggregate:
+                run.go(todo, aggregate, {p: s for p, s in patients.items() if p not in done_patients})
         finally:
             if cluster is not None:
                 client.close()
                 cluster.close()
             _write_process_list(process_list, rows.values())
-        store.consolidate(path)
+        return self._result(path, rows, patients, process_list)
+
+    def _result(self, path: Path, rows: dict, patients: dict, process_list: Path) -> RunResult:
+        from slide2vec_dask import store
+
+        ex, level = self.execution, self.model.level
         done = [r for r in rows.values() if r.status in ("success", "skipped")]
+        slide_rows = [r.sample_id for r in rows.values() if store.slide_embedded(path, r.sample_id)]
+        patient_rows = [p for p in patients if store.patient_embedded(path, p)]
+        slides_kept = level == "slide" or (level == "patient" and ex.save_slide_embeddings)
+        def ordered(finished: list[str], first: list[str]) -> list[str]:
+            # This run's rows in input order, then those earlier runs left in the store.
+            return [k for k in first if k in finished] + sorted(set(finished) - set(first))
+
+        if level != "tile":
+            finished = store.finished_rows(path, "slide") if slides_kept else []
+            store.assemble(path, "slide", ordered(finished, list(rows)), with_latents=ex.save_latents,
+                           attrs={"model": self.model.slide_spec.name})
+        if level == "patient":
+            finished = ordered(store.finished_rows(path, "patient"), list(patients))
+            store.assemble(path, "patient", finished, attrs={
+                "model": self.model.name, "slides": {p: store.patient_slides(path, p) for p in finished}})
+        store.consolidate(path)
+        flat_dir = Path(ex.output_dir)
         flat = {r.sample_id: [Path(p) for p in r.flat_path.split(";") if p] for r in done}
-        artifacts = [TileArtifact(r.sample_id, r.num_tiles, path, r.store_group,
+        tiles_kept = level == "tile" or ex.save_tile_embeddings
+        artifacts = [TileArtifact(r.sample_id, r.num_tiles, path, f"tiles/{r.sample_id}",
                                   Path(r.coordinates_path) if r.coordinates_path else None,
                                   next((p for p in flat[r.sample_id] if "tile_embeddings" in p.parts), None))
-                     for r in done]
+                     for r in done if tiles_kept and store.is_complete(path, r.sample_id)]
         hierarchical = [HierarchicalArtifact(r.sample_id, store.num_regions(path, r.sample_id), path,
                                              f"regions/{r.sample_id}",
                                              next((p for p in flat[r.sample_id]
                                                    if "hierarchical_embeddings" in p.parts), None))
-                        for r in done if store.has_regions(path, r.sample_id)]
+                        for r in done if tiles_kept and store.has_regions(path, r.sample_id)]
+        slide_artifacts = []
+        if slides_kept:
+            dim = int(self.model.slide_spec.feature_dim)
+            for r in done:
+                if r.sample_id in slide_rows:
+                    slide_artifacts.append(SlideArtifact(
+                        r.sample_id, dim, path, "slides",
+                        store.export_row(path, "slide", r.sample_id, flat_dir, ex.output_format)
+                        if ex.output_format else None, has_latents=ex.save_latents))
+        patient_artifacts = [
+            PatientArtifact(p, list(patients[p]), int(self.model.feature_dim), path, "patients",
+                            store.export_row(path, "patient", p, flat_dir, ex.output_format)
+                            if ex.output_format else None)
+            for p in patients if p in patient_rows]
         return RunResult(tile_artifacts=artifacts, hierarchical_artifacts=hierarchical,
+                         slide_artifacts=slide_artifacts, patient_artifacts=patient_artifacts,
                          process_list_path=process_list, store_path=path,
                          num_failed=sum(r.status == "failed" for r in rows.values()),
                          num_skipped=sum(r.status == "skipped" for r in rows.values()))
@@ -192,7 +272,18 @@ class _Run:
         self.finalizing: dict = {}
         self.region_index: dict = {}
 
-    def go(self, items) -> None:
+    def go(self, items, aggregate=(), patients=None) -> None:
+        """Tile stage for ``items``; then, for aggregating models, the slide and patient stages."""
+        if items:
+            self._tiles(items)
+        if self.p.model.level != "tile":
+            self._slides([r for r in self.rows.values() if r.status == "success"] +
+                         [self.rows[s] for s in aggregate])
+        if self.p.model.level == "patient":
+            self._patients(patients or {})
+        self._cleanup()
+
+    def _tiles(self, items) -> None:
         from functools import partial
 
         from distributed import as_completed
@@ -205,7 +296,7 @@ class _Run:
         from slide2vec_dask.progress import get_progress_reporter
         from slide2vec_dask.store import write_block
 
-        ex, spec = self.ex, self.p.model.spec
+        ex, spec = self.ex, self.p.model.tile_spec
         futures = {self.client.submit(_plan_task, it, spec, self.config, ex, pure=False): it for it in items}
         graphs = []
         settings = EmbedSettings(ex.batch_size, resolve_num_gpus(ex, self.client), ex.precision, ex.channels_last)
@@ -267,15 +358,97 @@ class _Run:
                 row.flat_path = ";".join(result)
                 row.embed_seconds = round(time.perf_counter() - row.started, 3)
 
+    # -- aggregation stages -------------------------------------------------------------------
+    def _settings(self):
+        from slide2vec_dask.dataflow.embed import resolve_num_gpus
+        from slide2vec_dask.dataflow.graph import EmbedSettings
+
+        ex = self.ex
+        return EmbedSettings(ex.batch_size, resolve_num_gpus(ex, self.client), ex.precision, ex.channels_last)
+
+    def _slides(self, rows) -> None:
+        """One task per slide, on a GPU worker: tiles/<id> from the store -> _slides/<id>."""
+        from distributed import as_completed
+
+        from slide2vec_dask import store
+        from slide2vec_dask.dataflow.aggregate import slide_task
+
+        spec, settings = self.p.model.slide_spec, self._settings()
+        resources = {"GPU": 1} if settings.num_gpus > 0 else None
+        attrs = {"model": spec.name, "model_key": spec.key, "tile_encoder": spec.tile_encoder.name,
+                 "slide2vec_dask_version": _version()}
+        futures = {}
+        for row in rows:
+            if store.slide_embedded(self.path, row.sample_id):
+                row.status = "success"
+                continue
+            row.started = row.started or time.perf_counter()
+            futures[self.client.submit(slide_task, str(self.path), row.sample_id, spec, settings,
+                                       self.ex.save_latents, attrs, pure=False, resources=resources)] = row
+        for future in as_completed(list(futures), loop=self.client.loop):
+            row, result = futures[future], _outcome(future)
+            if isinstance(result, BaseException):
+                row.fail(result if result.args else RuntimeError(f"{row.sample_id}: slide encoder failed"))
+                continue
+            row.status, row.num_tiles = "success", int(result)
+            row.embed_seconds = round(time.perf_counter() - row.started, 3)
+        for row in rows:
+            if row.status == "success":
+                row.store_group = "slides" if self.p.model.level == "slide" else "patients"
+
+    def _patients(self, patients: dict[str, list[str]]) -> None:
+        """One task per patient whose slides all have their slide embedding."""
+        from distributed import as_completed
+
+        from slide2vec_dask.dataflow.aggregate import patient_task
+
+        spec, settings = self.p.model.spec, self._settings()
+        resources = {"GPU": 1} if settings.num_gpus > 0 else None
+        attrs = {"model": spec.name, "model_key": spec.key, "slide2vec_dask_version": _version()}
+        futures = {}
+        for patient_id, sample_ids in patients.items():
+            failed = [s for s in sample_ids if self.rows[s].status != "success"]
+            if failed:
+                for s in sample_ids:
+                    if self.rows[s].status == "success":
+                        self.rows[s].fail(RuntimeError(f"patient {patient_id!r} has no embedding: its slide(s) "
+                                                       f"{failed} failed (see their rows)"))
+                continue
+            futures[self.client.submit(patient_task, str(self.path), patient_id, list(sample_ids), spec,
+                                       settings, attrs, pure=False, resources=resources)] = patient_id
+        for future in as_completed(list(futures), loop=self.client.loop):
+            patient_id, result = futures[future], _outcome(future)
+            if isinstance(result, BaseException):
+                for s in patients[patient_id]:
+                    self.rows[s].fail(result)
+
+    def _cleanup(self) -> None:
+        """Drop the intermediates a slide/patient-level run was not asked to keep."""
+        from slide2vec_dask import store
+
+        level, ex = self.p.model.level, self.ex
+        if level == "tile":
+            return
+        for row in self.rows.values():
+            if row.status != "success":
+                continue
+            if not ex.save_tile_embeddings:
+                store.drop(self.path, f"tiles/{row.sample_id}")
+                store.drop(self.path, f"regions/{row.sample_id}")
+            if level == "patient" and not ex.save_slide_embeddings:
+                store.drop(self.path, f"{store.SLIDE_ROWS}/{row.sample_id}")
+
     def _finalize(self, graph) -> None:
         ex = self.ex
         row = self.rows[graph.sample_id]
         attrs = {"sample_id": graph.sample_id, "image_path": row.image_path, "mask_path": row.mask_path,
-                 "encoder": self.p.model.spec.name, "feature_dim": int(self.p.model.spec.feature_dim),
+                 "encoder": self.p.model.tile_spec.name, "feature_dim": int(self.p.model.tile_spec.feature_dim),
                  "read_level": int(graph.level), "read_tile_size_px": int(graph.read_tile),
                  "slide2vec_dask_version": _version()}
+        tiles_kept = self.p.model.level == "tile" or ex.save_tile_embeddings
         future = self.client.submit(_finalize_task, str(self.path), graph.sample_id, row.coordinates_path,
-                                    graph.k, attrs, ex.output_format, str(ex.output_dir), pure=False)
+                                    graph.k, attrs, ex.output_format if tiles_kept else None, str(ex.output_dir),
+                                    pure=False)
         self.finalizing[future] = graph.sample_id
 
 

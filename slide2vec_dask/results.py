@@ -82,6 +82,15 @@ class EmbeddedSlide:
 
 
 @dataclass
+class EmbeddedPatient:
+    """One patient's embedding and the slide embeddings it was made from."""
+
+    patient_id: str
+    patient_embedding: Any                # torch.Tensor (D,)
+    slide_embeddings: dict                # {sample_id: torch.Tensor (D_slide,)} in the patient's slide order
+
+
+@dataclass
 class TileArtifact:
     """Where one slide's tile embeddings were written."""
 
@@ -102,6 +111,30 @@ class HierarchicalArtifact:
     store_path: Path
     group: str                     # "regions/<sample_id>"
     flat_path: Path | None = None  # hierarchical_embeddings/<id>.pt|.npz when output_format asks
+
+
+@dataclass
+class SlideArtifact:
+    """Where one slide's slide-level embedding was written."""
+
+    sample_id: str
+    feature_dim: int
+    store_path: Path
+    group: str                     # "slides" (row sample_id) inside the store
+    flat_path: Path | None = None  # slide_embeddings/<id>.pt|.npz when output_format asks
+    has_latents: bool = False
+
+
+@dataclass
+class PatientArtifact:
+    """Where one patient's embedding was written."""
+
+    patient_id: str
+    sample_ids: list[str]
+    feature_dim: int
+    store_path: Path
+    group: str                     # "patients" (row patient_id) inside the store
+    flat_path: Path | None = None  # patient_embeddings/<id>.pt|.npz when output_format asks
 
 
 @dataclass

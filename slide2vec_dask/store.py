@@ -7,7 +7,13 @@ Layout (Zarr v3, readable with plain xarray)::
                             tissue_fraction (tile); attrs: provenance, complete
       regions/<sample_id>   hierarchical mode: embedding (region, tile_in_region, feature),
                             region_x, region_y, tile_mask; one region = one block = one chunk
+      slides                slide-level models: embedding (slide, feature), coord sample_id;
+                            latents (slide, latent, latent_feature) when asked
+      patients              patient-level models: embedding (patient, feature), coord patient_id;
+                            attrs["slides"]: {patient_id: [sample_id, ...]}
       _staging/<sample_id>  embedding (row, col, feature) on the tile grid, while running
+      _slides/<sample_id>   one slide's embedding (and latents) as its worker wrote it
+      _patients/<patient_id> one patient's embedding as its worker wrote it
 
 Why a staging grid: a block of k x k tiles is exactly one chunk of the grid
 array, so every worker writes its own chunk with no coordination and no data
@@ -26,6 +32,8 @@ import numpy as np
 
 STORE_NAME = "embeddings.zarr"
 STAGING = "_staging"
+SLIDE_ROWS = "_slides"
+PATIENT_ROWS = "_patients"
 _FLAT_CHUNK_BYTES = 8 << 20
 
 
@@ -36,7 +44,8 @@ def store_path(output_dir: str | Path) -> Path:
 def _root(path: str | Path, mode: str = "a"):
     import zarr
 
-    return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    # Never the consolidated view: it is a snapshot, and workers add groups while a run goes on.
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def init_store(path: Path, run_attrs: dict[str, Any], overwrite: bool) -> None:
@@ -243,3 +252,139 @@ def open_embeddings(output_dir: str | Path):
     if not path.exists():
         raise FileNotFoundError(f"no embeddings store at {path}")
     return xr.open_datatree(str(path), engine="zarr", consolidated=None)
+
+
+# -- slide and patient levels ---------------------------------------------------------------
+def read_tile_features(path: str | Path, sample_id: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Worker side: a finished slide's ``(N, D)`` features, ``(N, 2)`` level-0 x/y, tile size (level 0)."""
+    group = _root(path, mode="r")[f"tiles/{sample_id}"]
+    coords = np.stack([group["x"][:], group["y"][:]], axis=1).astype(np.int64)
+    return group["embedding"][:], coords, int(group.attrs["tile_size_lv0"])
+
+
+def _write_row(path: str | Path, where: str, key: str, embedding: np.ndarray, latents: np.ndarray | None,
+               attrs: dict[str, Any]) -> None:
+    root = _root(path)
+    group = root.create_group(f"{where}/{key}", overwrite=True)
+    group.create_array("embedding", data=np.asarray(embedding, dtype=np.float32), dimension_names=["feature"])
+    if latents is not None:
+        group.create_array("latents", data=np.asarray(latents, dtype=np.float32),
+                           dimension_names=["latent", "latent_feature"])
+    group.attrs.update(attrs)
+    group.attrs["complete"] = True
+
+
+def write_slide_embedding(path: str | Path, sample_id: str, embedding: np.ndarray, latents: np.ndarray | None,
+                          attrs: dict[str, Any]) -> None:
+    """Worker side: one slide's embedding (and latents) in ``_slides/<id>``; ``complete`` last."""
+    _write_row(path, SLIDE_ROWS, sample_id, embedding, latents, attrs)
+
+
+def write_patient_embedding(path: str | Path, patient_id: str, embedding: np.ndarray, attrs: dict[str, Any]) -> None:
+    _write_row(path, PATIENT_ROWS, patient_id, embedding, None, attrs)
+
+
+def _row_complete(path: str | Path, where: str, key: str) -> bool:
+    root = _root(path)
+    name = f"{where}/{key}"
+    return name in root and bool(root[name].attrs.get("complete", False))
+
+
+def slide_embedded(path: str | Path, sample_id: str) -> bool:
+    return _row_complete(path, SLIDE_ROWS, sample_id)
+
+
+def patient_embedded(path: str | Path, patient_id: str) -> bool:
+    return _row_complete(path, PATIENT_ROWS, patient_id)
+
+
+def read_slide_embedding(path: str | Path, sample_id: str) -> np.ndarray:
+    return _root(path, mode="r")[f"{SLIDE_ROWS}/{sample_id}/embedding"][:]
+
+
+def read_row(path: str | Path, level: str, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(embedding, latents or None) of one slide (``level="slide"``) or patient."""
+    group = _root(path, mode="r")[f"{SLIDE_ROWS if level == 'slide' else PATIENT_ROWS}/{key}"]
+    return group["embedding"][:], (group["latents"][:] if "latents" in group else None)
+
+
+def assemble(path: str | Path, level: str, keys: list[str], with_latents: bool = False,
+             attrs: dict[str, Any] | None = None) -> None:
+    """``slides`` / ``patients``: the finished rows of ``keys`` (in that order) as one table.
+
+    Rows are small (one vector each), so the client gathers them; ``keys``
+    lists every finished row of the store, this run's and earlier ones'.
+    """
+    root = _root(path)
+    name, where, dim = ("slides", SLIDE_ROWS, "slide") if level == "slide" else ("patients", PATIENT_ROWS, "patient")
+    if name in root:
+        del root[name]
+    if not keys:
+        return
+    rows = [root[f"{where}/{k}"] for k in keys]
+    group = root.create_group(name)
+    group.create_array("embedding", data=np.stack([r["embedding"][:] for r in rows]),
+                       dimension_names=[dim, "feature"],
+                       attributes={"coordinates": "sample_id" if level == "slide" else "patient_id",
+                                   "long_name": f"{dim} embedding"})
+    id_name = "sample_id" if level == "slide" else "patient_id"
+    group.create_array(id_name, data=np.array(keys, dtype=str), dimension_names=[dim])
+    if with_latents and all("latents" in r for r in rows):
+        latents = [r["latents"][:] for r in rows]
+        if len({lat.shape for lat in latents}) == 1:
+            group.create_array("latents", data=np.stack(latents), dimension_names=[dim, "latent", "latent_feature"])
+        else:  # variable-length latents stay per slide in _slides/<id>/latents
+            group.attrs["latents"] = f"per {dim}, different lengths: see {where}/<id>/latents"
+    group.attrs.update(attrs or {})
+
+
+def finished_rows(path: str | Path, level: str) -> list[str]:
+    root = _root(path)
+    where = SLIDE_ROWS if level == "slide" else PATIENT_ROWS
+    if where not in root:
+        return []
+    return [k for k in root[where].group_keys() if bool(root[f"{where}/{k}"].attrs.get("complete", False))]
+
+
+def drop(path: str | Path, key: str) -> None:
+    root = _root(path)
+    if key in root:
+        del root[key]
+
+
+def export_row(path: str | Path, level: str, key: str, output_dir: Path, fmt: str) -> Path:
+    """``slide_embeddings/<id>.pt|.npz`` (or ``patient_embeddings/``): one vector (+ latents) per file."""
+    import json
+
+    embedding, latents = read_row(path, level, key)
+    folder = output_dir / f"{level}_embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    group = _root(path, mode="r")[f"{SLIDE_ROWS if level == 'slide' else PATIENT_ROWS}/{key}"]
+    meta = {k: v for k, v in dict(group.attrs).items() if k != "complete"}
+    if fmt == "npz":
+        target = folder / f"{key}.npz"
+        extra = {} if latents is None else {"latents": latents}
+        np.savez(target, embedding=embedding, meta=json.dumps(meta), **extra)
+        return target
+    import torch
+
+    target = folder / f"{key}.pt"
+    torch.save(torch.from_numpy(embedding), target)
+    if latents is not None:
+        torch.save(torch.from_numpy(latents), folder / f"{key}.latents.pt")
+    (folder / f"{key}.meta.json").write_text(json.dumps(meta))
+    return target
+
+
+def patient_slides(path: str | Path, patient_id: str) -> list[str]:
+    """The slides a stored patient embedding was made from, in order."""
+    return list(_root(path, mode="r")[f"{PATIENT_ROWS}/{patient_id}"].attrs.get("sample_ids", []))
+
+
+def tile_encoder_of(path: str | Path, sample_id: str) -> str:
+    """Which tile encoder made a finished slide's tile embeddings (from its attrs)."""
+    root = _root(path, mode="r")
+    key = f"tiles/{sample_id}"
+    if key not in root or not root[key].attrs.get("complete", False):
+        raise FileNotFoundError(f"{sample_id}: no finished tile embeddings at {path}/{key}")
+    return str(root[key].attrs.get("encoder", ""))

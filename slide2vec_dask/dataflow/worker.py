@@ -76,6 +76,21 @@ def get_encoder(spec: EncoderSpec, device: str, precision: str | None, channels_
     return encoder
 
 
+def get_aggregator(spec, device: str, precision: str | None):
+    """The slide/patient-level module built on ``device``, cached like the tile encoders."""
+    from slide2vec_dask.encoders.runtime import LoadedAggregator, resolve_precision
+
+    precision = resolve_precision(spec, precision, device.split(":")[0])
+    key = (spec.key, device, precision, False)
+    with _LOCK:
+        built = _ENCODERS.get(key)
+    if built is None:
+        built = LoadedAggregator(spec, device, precision)
+        with _LOCK:
+            built = _ENCODERS.setdefault(key, built)
+    return built
+
+
 def loaded_encoder_keys() -> list[tuple]:
     """Which encoders this process holds (for tests and diagnostics)."""
     with _LOCK:

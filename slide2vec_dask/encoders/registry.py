@@ -78,3 +78,9 @@ def list_models(level: str | None = None) -> list[str]:
         raise ValueError(f"level must be one of {LEVELS} or None, got {level!r}")
     _load_presets()
     return sorted(n for n in _PRESETS if level is None or _LEVEL[n] == level)
+
+
+def preset_level(name: str) -> str:
+    """``"tile"``, ``"slide"`` or ``"patient"`` for a registered preset."""
+    get_preset(name)  # a clear error for unknown names
+    return _LEVEL[name.lower()]

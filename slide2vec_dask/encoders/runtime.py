@@ -79,3 +79,45 @@ def resolve_precision(spec: EncoderSpec, requested: str | None, device_type: str
     if requested is not None:
         return requested
     return spec.default_precision if device_type == "cuda" else "fp32"
+
+
+class LoadedAggregator:
+    """A slide- or patient-level encoder on one device: float32 arrays in and out."""
+
+    def __init__(self, spec, device: str, precision: str):
+        import torch
+
+        self.spec = spec
+        self.device = torch.device(device)
+        self.precision = precision
+        module = spec.build()
+        module.eval().requires_grad_(False)
+        self.module = module.to(self.device)
+
+    def encode_slide(self, features: np.ndarray, coords: np.ndarray, tile_size_lv0: int):
+        """``(N, D_tile)`` features + ``(N, 2)`` level-0 coords -> ``(D,)`` embedding, latents or None."""
+        import torch
+
+        if len(features) == 0:
+            raise ValueError(f"{self.spec.name}: a slide with no tiles has no slide embedding")
+        with torch.inference_mode(), self._autocast():
+            out = self.module.encode_slide(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device),
+                                           torch.from_numpy(np.ascontiguousarray(coords, np.int64)).to(self.device),
+                                           int(tile_size_lv0))
+        latents = None if out.latents is None else out.latents.float().cpu().numpy()
+        return out.embedding.float().cpu().numpy(), latents
+
+    def encode_patient(self, slide_embeddings: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            out = self.module.encode_patient(torch.from_numpy(np.ascontiguousarray(slide_embeddings, np.float32))
+                                             .to(self.device))
+        return out.float().cpu().numpy()
+
+    def _autocast(self):
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=getattr(torch, _DTYPES[self.precision]))
