@@ -73,10 +73,12 @@ def meta_model(preset, runtime=False):
 # -- registry ---------------------------------------------------------------------
 def test_list_models_lists_every_preset_by_level():
     names = sorted(p.name for p in TILE_PRESETS)
-    assert list_models() == names
+    slide, patient = ["gigapath-slide", "moozy-slide", "prism", "titan"], ["moozy"]
+    assert list_models() == sorted(names + slide + patient)
     assert list_models("tile") == names
-    assert list_models("slide") == []
-    assert set(PUBLISHED) | {"conch"} == set(names)
+    assert list_models("slide") == slide
+    assert list_models("patient") == patient
+    assert set(PUBLISHED) | {"conch", "conchv15"} == set(names)
     with pytest.raises(ValueError, match="level must be one of"):
         list_models("region")
 
