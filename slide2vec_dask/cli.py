@@ -16,6 +16,7 @@ load inside the commands that need them, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -24,12 +25,14 @@ from typing import Any, Sequence
 PROG = "slide2vec-dask"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-SECTIONS = ("manifest", "model", "preprocessing", "execution")
-PRESET_KEYS = ("preset", "checkpoint_path", "output_variant")
+SECTIONS = ("manifest", "model", "preprocessing", "execution", "cluster")
+PRESET_KEYS = ("preset", "checkpoint_path", "output_variant", "tile_checkpoint_path")
+# cluster: {kind: local|slurm|k8s|tcp://HOST:PORT, wait_for_workers: N, wait_timeout: S, <kind>: {options}}
+CLUSTER_KEYS = ("kind", "wait_for_workers", "wait_timeout", "local", "slurm", "k8s")
 TIMM_KEYS = ("timm", "checkpoint_path", "spacing_um", "tile_size_px", "pretrained", "mean", "std")
 MODEL_KEYS = tuple(dict.fromkeys(PRESET_KEYS + TIMM_KEYS))
 # Path-valued settings; in the YAML file they are relative to the file's folder.
-PATH_KEYS = {"manifest": (), "model": ("checkpoint_path",), "execution": ("output_dir",),
+PATH_KEYS = {"manifest": (), "model": ("checkpoint_path", "tile_checkpoint_path"), "execution": ("output_dir",),
              "preprocessing": ("read_coordinates_from", "read_tiles_from")}
 
 SAMPLE_CONFIG = """\
@@ -44,6 +47,10 @@ preprocessing:
 execution:
   output_dir: out               # out/embeddings.zarr, out/process_list.csv
   batch_size: 64
+# cluster:                      # default: a local cluster for the run
+#   kind: slurm                 # local | slurm | k8s | tcp://scheduler:8786  (or --cluster)
+#   wait_for_workers: 1
+#   slurm: {gpu_jobs: 2, cores: 8, memory: 64GB, walltime: "04:00:00", queue: gpu}
 """
 
 
@@ -79,6 +86,8 @@ def _unknown(key: str, valid: Sequence[str], what: str = "key") -> UsageError:
 
 
 def _valid_keys(section: str) -> tuple[str, ...]:
+    if section == "cluster":
+        return CLUSTER_KEYS
     return MODEL_KEYS if section == "model" else _fields(section)
 
 
@@ -187,6 +196,11 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
     nested = _nested(section, parts[1])
     if len(parts) == 2:
         body[parts[1]] = value
+    elif len(parts) == 3 and section == "cluster" and parts[1] in ("local", "slurm", "k8s"):
+        # Free-form options of a cluster kind; the cluster helper checks their names.
+        if not isinstance(body.get(parts[1]), dict):
+            body[parts[1]] = {}
+        body[parts[1]][parts[2]] = value
     elif len(parts) == 3 and nested is not None:
         if parts[2] not in nested:
             raise _unknown(key, nested)
@@ -241,8 +255,8 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 # -- running -----------------------------------------------------------------
 def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, Any],
-            execution: dict[str, Any]) -> int:
-    """Check everything cheap first, then build the model and run the pipeline."""
+            execution: dict[str, Any], cluster: dict[str, Any] | None = None) -> int:
+    """Check everything cheap first, then start the cluster, build the model and run the pipeline."""
     from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
     from slide2vec_dask.manifest import read_manifest
 
@@ -251,22 +265,61 @@ def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, 
     if execution.get("output_dir") in (None, ""):
         raise UsageError("execution.output_dir is required: the folder that receives embeddings.zarr "
                          "and process_list.csv")
+    cluster = dict(cluster or {})
+    kind = str(cluster.pop("kind", None) or "local")
+    if "://" in kind:
+        if execution.get("scheduler_address") not in (None, kind):
+            raise UsageError(f"two schedulers given: cluster {kind!r} and execution.scheduler_address "
+                             f"{execution['scheduler_address']!r}")
+        execution = {**execution, "scheduler_address": kind}
+        kind = "address"
+    elif kind not in ("local", "slurm", "k8s"):
+        raise UsageError(f"cluster must be local, slurm, k8s or a scheduler address (tcp://HOST:PORT), got {kind!r}")
+    elif kind != "local" and execution.get("scheduler_address"):
+        raise UsageError(f"cluster {kind!r} starts its own scheduler; drop execution.scheduler_address")
     prep = PreprocessingConfig(**preprocessing)
     ex = ExecutionOptions(**execution)
     slides = read_manifest(manifest)
     if not slides:
         raise UsageError(f"manifest {manifest} lists no slides")
-    client = None
-    if ex.scheduler_address is not None:
-        from slide2vec_dask.dataflow.clusters import resolve_client
-
-        client = resolve_client(ex.scheduler_address)  # ConnectionError: a usage error, nothing ran yet
-
     model = _build_model(model_opts)
     from slide2vec_dask.pipeline import Pipeline
 
-    result = Pipeline(model, prep, ex, client=client).run(manifest_path=manifest)
+    with _cluster_client(kind, cluster, ex) as client:
+        result = Pipeline(model, prep, ex, client=client).run(manifest_path=manifest)
     return report(result)
+
+
+@contextlib.contextmanager
+def _cluster_client(kind: str, options: dict[str, Any], execution):
+    """The client of the run's cluster (None: the Pipeline's own local cluster), closed afterwards."""
+    wait = options.pop("wait_for_workers", 1)
+    timeout = options.pop("wait_timeout", 600)
+    others = sorted(k for k, v in options.items() if k != kind and v is not None)
+    if others:
+        raise UsageError(f"cluster options for {others} given, but the cluster is {kind!r}")
+    if kind == "address":
+        from slide2vec_dask.dataflow.clusters import resolve_client
+
+        yield resolve_client(execution.scheduler_address)  # ConnectionError: a usage error, nothing ran yet
+        return
+    if kind == "local" and not options.get("local"):
+        yield None
+        return
+    from distributed import Client
+
+    from slide2vec_dask.clusters import make_cluster
+
+    cluster = make_cluster(kind, **dict(options.get(kind) or {}))
+    client = Client(cluster, set_as_default=False)
+    try:
+        if wait:
+            # The run sizes its window of blocks in flight from the workers present when it starts.
+            client.wait_for_workers(int(wait), timeout=float(timeout))
+        yield client
+    finally:
+        client.close()
+        cluster.close()
 
 
 def report(result) -> int:
@@ -274,7 +327,11 @@ def report(result) -> int:
     import csv
 
     failed, skipped = int(result.num_failed), int(result.num_skipped)
-    succeeded = len(result.tile_artifacts) - skipped
+    try:
+        with open(result.process_list_path, newline="") as f:
+            succeeded = sum(r.get("status") == "success" for r in csv.DictReader(f))
+    except OSError:
+        succeeded = len(result.tile_artifacts) - skipped
     print(f"{PROG}: {succeeded} succeeded, {skipped} skipped, {failed} failed; "
           f"process list: {result.process_list_path}; store: {result.store_path}", flush=True)
     if not failed:
@@ -302,7 +359,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return EXIT_OK
     model_opts = _model_options(cfg.get("model"))
-    return execute(cfg.get("manifest"), model_opts, _section(cfg, "preprocessing"), _section(cfg, "execution"))
+    cluster = _section(cfg, "cluster")
+    if args.cluster is not None:
+        cluster["kind"] = args.cluster
+    return execute(cfg.get("manifest"), model_opts, _section(cfg, "preprocessing"), _section(cfg, "execution"),
+                   cluster)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -321,7 +382,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                  "num_gpus": args.num_gpus, "precision": args.precision, "num_workers": args.num_workers,
                  "output_format": args.output_format, "overwrite": args.overwrite}
     return execute(args.manifest, model_opts, {k: v for k, v in preprocessing.items() if v is not None},
-                   {k: v for k, v in execution.items() if v is not None})
+                   {k: v for k, v in execution.items() if v is not None},
+                   {} if args.cluster is None else {"kind": args.cluster})
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -369,11 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
                "  model.preset=uni execution.scheduler_address=tcp://scheduler:8786\n\n"
                "sections: manifest (path), model ({preset: NAME, checkpoint_path, output_variant} or\n"
                "{timm: NAME, checkpoint_path, spacing_um, tile_size_px, pretrained, mean, std}),\n"
-               "preprocessing (PreprocessingConfig fields), execution (ExecutionOptions fields).\n\n"
+               "preprocessing (PreprocessingConfig fields), execution (ExecutionOptions fields),\n"
+               "cluster ({kind: local|slurm|k8s|tcp://..., wait_for_workers, wait_timeout,\n"
+               "slurm: {slurm_cluster options}, k8s: {kubernetes_cluster options}}).\n\n"
                "example config:\n" + "".join("  " + line for line in SAMPLE_CONFIG.splitlines(True)) +
                "\nexit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error")
     run.add_argument("config", metavar="CONFIG.yaml", help="the run configuration")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="settings that replace the file's")
+    run.add_argument("--cluster", metavar="KIND", help="local (default), slurm, k8s, or a scheduler address "
+                     "tcp://HOST:PORT; replaces cluster.kind (options in the config's cluster section)")
     run.add_argument("--print-config", action="store_true",
                      help="print the effective configuration (overrides applied, paths resolved) and exit")
     run.set_defaults(func=cmd_run)
@@ -389,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="PRESET", help=f"a preset name (see '{PROG} models')")
     which.add_argument("--timm", metavar="NAME", help="a timm architecture instead of a preset")
     embed.add_argument("--output", required=True, metavar="DIR", help="output folder")
+    embed.add_argument("--cluster", metavar="KIND", help="local (default), slurm or k8s with default options "
+                       "(use `run` and a cluster section for more), or tcp://HOST:PORT")
     embed.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                        help="an existing Dask scheduler (default: a local cluster for this run)")
     embed.add_argument("--checkpoint", metavar="PATH", help="local weights (.safetensors, .pt, .pth, .bin)")

@@ -99,10 +99,15 @@ def test_models_lists_presets():
     assert result.returncode == 0, output(result)
     names = result.stdout.split()
     assert "lunit" in names and "uni" in names
-    assert cli("models", "--level", "tile").stdout.split() == names
+    tiles = cli("models", "--level", "tile").stdout.split()
+    assert "lunit" in tiles and "titan" not in tiles
+    assert cli("models", "--level", "slide").stdout.split() == ["gigapath-slide", "moozy-slide", "prism", "titan"]
+    assert cli("models", "--level", "patient").stdout.split() == ["moozy"]
+    assert sorted(names) == sorted(tiles + ["gigapath-slide", "moozy-slide", "prism", "titan", "moozy"])
     verbose = cli("models", "-v")
-    assert verbose.returncode == 0 and any(line.split()[:3] == ["lunit", "tile", "384"]
-                                           for line in verbose.stdout.splitlines())
+    lines = [line.split() for line in verbose.stdout.splitlines()]
+    assert verbose.returncode == 0 and any(line[:3] == ["lunit", "tile", "384"] for line in lines)
+    assert any(line[:3] == ["moozy", "patient", "768"] for line in lines)
     bad = cli("models", "--level", "organ")
     assert bad.returncode == 2 and "organ" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -254,3 +259,20 @@ def test_embed_with_a_corrupt_slide_exits_1(tmp_path, slides):
     rows = read_process_list(out / "process_list.csv")
     assert rows["good"]["status"] == "success" and rows["broken"]["status"] == "failed"
     assert (out / "embeddings.zarr").is_dir()
+
+
+def test_cluster_settings_are_checked_before_any_work(tmp_path, slides):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"sample_id,image_path\ngood,{slides / 'good.svs'}\n")
+    slides = manifest
+    config = write_config(tmp_path, manifest=str(slides), cluster={"kind": "slurm", "k8s": {"image": "x"}})
+    bad_kind = cli("run", str(config), "--cluster", "moon")
+    assert bad_kind.returncode == 2 and "local, slurm, k8s or a scheduler address" in bad_kind.stderr
+    mismatch = cli("run", str(config))
+    assert mismatch.returncode == 2 and "cluster options for ['k8s']" in mismatch.stderr
+    (tmp_path / "other").mkdir()
+    unknown = cli("run", str(write_config(tmp_path / "other", manifest=str(slides), cluster={"kinds": "slurm"})))
+    assert unknown.returncode == 2 and "did you mean 'kind'" in unknown.stderr
+    bad_option = cli("run", str(config), "cluster.k8s=null", "cluster.slurm.gpu_jobz=2")
+    assert bad_option.returncode == 2 and "gpu_jobz" in bad_option.stderr
+    assert not (tmp_path / "out").exists()

@@ -79,6 +79,38 @@ def _embedding(run, sample_id) -> np.ndarray:
     return xr.open_zarr(run.store_path, group=f"tiles/{sample_id}")["embedding"].values
 
 
+def test_cli_runs_on_slurm(tmp_path, syn_svs, vit_tiny_checkpoint):
+    """`slide2vec-dask run CONFIG --cluster slurm`: the cluster section's options start the jobs.
+
+    First in this module: the one-node SLURM has room for these jobs only before the
+    module's own cluster takes its CPUs.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    if not _slurm_up():
+        pytest.skip("no SLURM running here (tests/slurm/start-slurm.sh starts one)")
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"sample_id,image_path\nsyn,{syn_svs}\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "manifest": str(manifest),
+        "model": {"timm": "vit_tiny_patch16_224", "checkpoint_path": str(vit_tiny_checkpoint)},
+        "preprocessing": EXACT, "execution": {"output_dir": str(tmp_path / "out")},
+        "cluster": {"wait_for_workers": 1, "slurm": {"gpu_jobs": 1, "cores": 1, "memory": "3GB",
+                                                       "walltime": "00:20:00", "log_directory": str(tmp_path)}}}))
+    result = subprocess.run([sys.executable, "-m", "slide2vec_dask.cli", "run", str(config), "--cluster", "slurm"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 succeeded, 0 skipped, 0 failed" in result.stdout
+    # The worker ran as a SLURM job: its log is in the log directory.
+    assert list(tmp_path.glob("*.err")) or list(tmp_path.glob("*.out"))
+    embedding = xr.open_zarr(tmp_path / "out" / "embeddings.zarr", group="tiles/syn")["embedding"]
+    assert embedding.shape == (40, 192)
+
+
 def test_job_script_asks_slurm_for_gpus_and_declares_them(slurm):
     cluster, _ = slurm
     script = cluster.job_script()
