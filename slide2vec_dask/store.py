@@ -328,7 +328,8 @@ def assemble(path: str | Path, level: str, keys: list[str], with_latents: bool =
                        attributes={"coordinates": "sample_id" if level == "slide" else "patient_id",
                                    "long_name": f"{dim} embedding"})
     id_name = "sample_id" if level == "slide" else "patient_id"
-    group.create_array(id_name, data=np.array(keys, dtype=str), dimension_names=[dim])
+    ids = group.create_array(id_name, shape=(len(keys),), dtype=str, dimension_names=[dim])  # UTF-8, any length
+    ids[:] = np.array(keys, dtype=object)
     if with_latents and all("latents" in r for r in rows):
         latents = [r["latents"][:] for r in rows]
         if len({lat.shape for lat in latents}) == 1:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +110,36 @@ def test_cli_runs_on_slurm(tmp_path, syn_svs, vit_tiny_checkpoint):
     assert list(tmp_path.glob("*.err")) or list(tmp_path.glob("*.out"))
     embedding = xr.open_zarr(tmp_path / "out" / "embeddings.zarr", group="tiles/syn")["embedding"]
     assert embedding.shape == (40, 192)
+
+
+def test_slurm_example_runs_as_written(tmp_path, vit_tiny_checkpoint):
+    """examples/slurm_hpc.py on the local SLURM (lunit with random weights in its official layout)."""
+    import subprocess
+    import sys
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    if not _slurm_up():
+        pytest.skip("no SLURM running here (tests/slurm/start-slurm.sh starts one)")
+    torch.manual_seed(0)
+    lunit = timm.create_model("vit_small_patch8_224", num_classes=0)
+    weights = tmp_path / "lunit.safetensors"
+    save_file({k: v.contiguous() for k, v in lunit.state_dict().items()}, str(weights))
+    small = testing.write_svs(tmp_path / "small.svs",
+                              testing.tissue_image(896, 1120, [(224, 224, 672, 896)], seed=3), downsamples=(1, 4))
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(f"sample_id,image_path\nsmall,{small}\n")
+    example = Path(__file__).resolve().parents[1] / "examples" / "slurm_hpc.py"
+    result = subprocess.run([sys.executable, str(example), "--manifest", str(manifest), "--output-dir",
+                             str(tmp_path / "out"), "--checkpoint", str(weights), "--gpu-jobs", "1", "--cores", "1",
+                             "--memory", "3GB", "--walltime", "00:20:00", "--log-directory", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "#SBATCH --gres=gpu:1" in result.stdout and "0 failed" in result.stdout
+    embedding = xr.open_zarr(tmp_path / "out" / "embeddings.zarr", group="tiles/small")["embedding"]
+    assert embedding.shape[0] >= 6 and embedding.shape[1] == 384 and np.isfinite(embedding.values).all()
 
 
 def test_job_script_asks_slurm_for_gpus_and_declares_them(slurm):

@@ -39,12 +39,12 @@ def hub_cache_dir() -> str:
 
 
 def hub_offline() -> bool:
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return True
-    from huggingface_hub import constants
+    """``HF_HUB_OFFLINE`` as the environment says now.
 
-    return bool(constants.HF_HUB_OFFLINE)
+    Not huggingface_hub's constant: that is frozen when the package is first
+    imported, and a worker may well have imported it under another setting.
+    """
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_token() -> str | None:
