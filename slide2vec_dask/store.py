@@ -255,11 +255,24 @@ def open_embeddings(output_dir: str | Path):
 
 
 # -- slide and patient levels ---------------------------------------------------------------
-def read_tile_features(path: str | Path, sample_id: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Worker side: a finished slide's ``(N, D)`` features, ``(N, 2)`` level-0 x/y, tile size (level 0)."""
+def read_tile_features(path: str | Path, sample_id: str, device: str = "cpu"):
+    """Worker side: a finished slide's ``(N, D)`` features as a float32 tensor on ``device``,
+    its ``(N, 2)`` level-0 x/y and tile size (level 0).
+
+    The features are copied chunk by chunk into a tensor allocated once on
+    the device: on a GPU the host never holds the whole matrix, on a CPU it
+    holds it once (plus one chunk), whatever the number of tiles.
+    """
+    import torch
+
     group = _root(path, mode="r")[f"tiles/{sample_id}"]
     coords = np.stack([group["x"][:], group["y"][:]], axis=1).astype(np.int64)
-    return group["embedding"][:], coords, int(group.attrs["tile_size_lv0"])
+    emb = group["embedding"]
+    features = torch.empty(emb.shape, dtype=torch.float32, device=device)
+    step = max(1, emb.chunks[0])
+    for start in range(0, emb.shape[0], step):
+        features[start : start + step].copy_(torch.from_numpy(emb[start : start + step]))
+    return features, coords, int(group.attrs["tile_size_lv0"])
 
 
 def _write_row(path: str | Path, where: str, key: str, embedding: np.ndarray, latents: np.ndarray | None,

@@ -42,10 +42,16 @@ def slide_task(path: str, sample_id: str, spec: AggregatorSpec, settings: EmbedS
                attrs: dict[str, Any]) -> int:
     """Worker side: ``tiles/<id>`` -> ``_slides/<id>``; returns the number of tiles aggregated."""
     from slide2vec_dask import store
+    from slide2vec_dask.dataflow import worker
 
-    features, coords, tile_size_lv0 = store.read_tile_features(path, sample_id)
-    embedding, latents = encode_slide(spec, features, coords, tile_size_lv0, settings)
-    del features
+    def run(device):
+        # Read on the device's own thread, straight into device memory: no full copy on the host.
+        features, coords, tile_size_lv0 = store.read_tile_features(path, sample_id, device)
+        encoded = worker.get_aggregator(spec, device, settings.precision).encode_slide(features, coords,
+                                                                                      tile_size_lv0)
+        return (*encoded, coords)
+
+    embedding, latents, coords = worker.run_on_device(settings.num_gpus, run)
     store.write_slide_embedding(path, sample_id, embedding, latents if save_latents else None,
                                 {**attrs, "num_tiles": int(len(coords))})
     return int(len(coords))

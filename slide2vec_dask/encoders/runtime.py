@@ -94,14 +94,17 @@ class LoadedAggregator:
         module.eval().requires_grad_(False)
         self.module = module.to(self.device)
 
-    def encode_slide(self, features: np.ndarray, coords: np.ndarray, tile_size_lv0: int):
-        """``(N, D_tile)`` features + ``(N, 2)`` level-0 coords -> ``(D,)`` embedding, latents or None."""
+    def encode_slide(self, features, coords: np.ndarray, tile_size_lv0: int):
+        """``(N, D_tile)`` features (array, or a float32 tensor already on the device) + ``(N, 2)``
+        level-0 coords -> ``(D,)`` embedding, latents or None."""
         import torch
 
         if len(features) == 0:
             raise ValueError(f"{self.spec.name}: a slide with no tiles has no slide embedding")
+        if not isinstance(features, torch.Tensor):
+            features = torch.from_numpy(np.ascontiguousarray(features, np.float32))
         with torch.inference_mode(), self._autocast():
-            out = self.module.encode_slide(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.device),
+            out = self.module.encode_slide(features.to(self.device),
                                            torch.from_numpy(np.ascontiguousarray(coords, np.int64)).to(self.device),
                                            int(tile_size_lv0))
         latents = None if out.latents is None else out.latents.float().cpu().numpy()
