@@ -286,3 +286,37 @@ def test_patient_model_needs_patient_ids_before_any_work(moozy, slides, tmp_path
     with pytest.raises(ValueError, match=r"patient_id.*\['b'\]"):
         Pipeline(moozy, execution=ExecutionOptions(output_dir=tmp_path / "run")).run(manifest_path=manifest)
     assert not (tmp_path / "run" / "embeddings.zarr").exists()
+
+
+@pytest.mark.parametrize("name", ["gigapath-slide", "prism"])
+def test_pipeline_runs_the_other_slide_presets(name, checkpoints, slides, tmp_path):
+    """Every slide preset goes through the Pipeline too (titan and moozy-slide are covered above)."""
+    model = slide_model(name, checkpoints(SLIDE_PRESETS[name]))
+    config = PreprocessingConfig(**EXACT)
+    run = Pipeline(model, config, ExecutionOptions(output_dir=tmp_path / "run")).run(slides=[slides["b"]])
+    assert run.num_failed == 0 and [a.sample_id for a in run.slide_artifacts] == ["b"]
+    table = xr.open_zarr(run.store_path, group="slides")
+    direct = model.embed_slide(slides["b"], preprocessing=config)
+    np.testing.assert_allclose(table["embedding"].values[0], direct.slide_embedding.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_aggregation_runs_only_on_gpu_workers(checkpoints, slides, tmp_path):
+    """Slide-encoder tasks carry resources={"GPU": 1} like the tile encoder's."""
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    from slide2vec_dask.dataflow import worker
+
+    model = slide_model("moozy-slide", checkpoints("moozy"))
+    workers = {"cpu": {"cls": Nanny, "options": {"nthreads": 1}},
+               "gpu": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        run = Pipeline(model, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=tmp_path / "run"),
+                       client=client).run(slides=[slides["a"], slides["b"]])
+        loaded = client.run(worker.loaded_encoder_keys)
+        names = {addr: info["name"] for addr, info in client.scheduler_info()["workers"].items()}
+    assert run.num_failed == 0 and len(run.slide_artifacts) == 2
+    by_name = {names[addr]: {k[0] for k in keys} for addr, keys in loaded.items()}
+    assert model.spec.key in by_name["gpu"] and model.tile_spec.key in by_name["gpu"]
+    assert not by_name["cpu"] & {model.spec.key, model.tile_spec.key}
