@@ -215,16 +215,13 @@ class Pipeline:
         slide_rows = [r.sample_id for r in rows.values() if store.slide_embedded(path, r.sample_id)]
         patient_rows = [p for p in patients if store.patient_embedded(path, p)]
         slides_kept = level == "slide" or (level == "patient" and ex.save_slide_embeddings)
-        def ordered(finished: list[str], first: list[str]) -> list[str]:
-            # This run's rows in input order, then those earlier runs left in the store.
-            return [k for k in first if k in finished] + sorted(set(finished) - set(first))
-
+        # This run's rows in input order, then those earlier runs left in the store.
         if level != "tile":
-            finished = store.finished_rows(path, "slide") if slides_kept else []
-            store.assemble(path, "slide", ordered(finished, list(rows)), with_latents=ex.save_latents,
+            finished = store.finished_rows(path, "slide", list(rows)) if slides_kept else []
+            store.assemble(path, "slide", finished, with_latents=ex.save_latents,
                            attrs={"model": self.model.slide_spec.name})
         if level == "patient":
-            finished = ordered(store.finished_rows(path, "patient"), list(patients))
+            finished = store.finished_rows(path, "patient", list(patients))
             store.assemble(path, "patient", finished, attrs={
                 "model": self.model.name, "slides": {p: store.patient_slides(path, p) for p in finished}})
         store.consolidate(path)

@@ -352,12 +352,17 @@ def assemble(path: str | Path, level: str, keys: list[str], with_latents: bool =
     group.attrs.update(attrs or {})
 
 
-def finished_rows(path: str | Path, level: str) -> list[str]:
+def finished_rows(path: str | Path, level: str, first: list[str] = ()) -> list[str]:
+    """Keys of the finished slide (patient) rows: those of ``first`` in its order, then the rest sorted.
+
+    (The store itself lists groups in no particular order.)
+    """
     root = _root(path)
     where = SLIDE_ROWS if level == "slide" else PATIENT_ROWS
     if where not in root:
         return []
-    return [k for k in root[where].group_keys() if bool(root[f"{where}/{k}"].attrs.get("complete", False))]
+    done = {k for k in root[where].group_keys() if bool(root[f"{where}/{k}"].attrs.get("complete", False))}
+    return [k for k in first if k in done] + sorted(done - set(first))
 
 
 def drop(path: str | Path, key: str) -> None:

@@ -181,6 +181,7 @@ def test_embed_tiles_then_aggregate_tiles(checkpoints, slides, tmp_path):
     out = model.aggregate_tiles(tiles, execution=ExecutionOptions(output_format="npz", output_dir=tmp_path / "t"))
     assert [o.sample_id for o in out] == ["a", "b"]
     table = xr.open_zarr(tiles[0].store_path, group="slides")
+    assert list(table["sample_id"].values) == ["a", "b"]  # in the artifacts' order
     direct = model.embed_slide(slides["a"], preprocessing=config)
     np.testing.assert_allclose(table["embedding"].values[0], direct.slide_embedding.numpy(), rtol=1e-4, atol=1e-5)
     assert np.load(out[1].flat_path)["embedding"].shape == (768,)

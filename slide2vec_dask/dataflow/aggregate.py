@@ -150,7 +150,8 @@ def aggregate_stored(artifacts: list, spec: AggregatorSpec, execution) -> list:
             slide_task(*arg)
     out = []
     for path in dict.fromkeys(Path(a.store_path) for a in artifacts):
-        store.assemble(path, "slide", store.finished_rows(path, "slide"), with_latents=execution.save_latents,
+        first = [a.sample_id for a in artifacts if Path(a.store_path) == path]
+        store.assemble(path, "slide", store.finished_rows(path, "slide", first), with_latents=execution.save_latents,
                        attrs={"model": spec.name})
         store.consolidate(path)
     for a in artifacts:
