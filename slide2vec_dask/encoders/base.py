@@ -114,6 +114,21 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
     return "; ".join(detail)
 
 
+def load_into_meta(module, state: dict, problem: str):
+    """Load ``state`` strictly (as float32) into a ``module`` built on the meta device; returns it in eval mode.
+
+    ``problem`` is the error message with a ``{problems}`` slot for the keys
+    and shapes that do not fit; building on ``meta`` and assigning the
+    checkpoint's tensors keeps one copy of the weights in memory, not two.
+    """
+    problems = state_dict_mismatch(module.state_dict(), state)
+    if problems:
+        raise ValueError(problem.format(problems=problems))
+    module.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                           strict=True, assign=True)
+    return module.eval()
+
+
 def load_checkpoint(model, path: str | Path, what: str) -> None:
     """Load a state dict strictly, with an error that says which keys do not fit."""
     state = read_state_dict(path, what)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
-from slide2vec_dask.encoders.base import EncoderSpec, read_state_dict, state_dict_mismatch
+from slide2vec_dask.encoders.base import EncoderSpec, load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import register_preset
 
 NAME = "gigapath-slide"
@@ -130,14 +130,9 @@ class GigaPathSlideBuilder:
         state = read_state_dict(path, what)
         with torch.device("meta"):
             model = create_architecture(self.output_variant)
-        problems = state_dict_mismatch(model.state_dict(), state)
-        if problems:
-            raise ValueError(f"{what}: checkpoint {path} does not fit the gigapath_slide_enc12l768d architecture: "
-                             f"{problems}. Pass the {HUB_FILES[0]} published at {URL}, or leave checkpoint_path "
-                             "unset to fetch it from the hub.")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
+        return load_into_meta(model, state, f"{what}: checkpoint {path} does not fit the gigapath_slide_enc12l768d "
+                                            f"architecture: {{problems}}. Pass the {HUB_FILES[0]} published at "
+                                            f"{URL}, or leave checkpoint_path unset to fetch it from the hub.")
 
 
 @dataclass(frozen=True)

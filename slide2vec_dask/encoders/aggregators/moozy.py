@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
-from slide2vec_dask.encoders.base import read_state_dict, state_dict_mismatch
+from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import get_preset, register_preset
 
 HUB_ID = "AtlasAnalyticsLab/MOOZY"
@@ -120,12 +120,8 @@ def read_payload(path: str | Path) -> dict:
 def _load(module_factory, state: dict, what: str):
     import torch
 
-    module = module_factory("meta")
-    problems = state_dict_mismatch(module.state_dict(), state)
-    if problems:
-        raise ValueError(f"{what} does not fit the architecture its config describes: {problems}")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=True)
+    module = load_into_meta(module_factory("meta"), state,
+                            f"{what} does not fit the architecture its config describes: {{problems}}")
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{what}: tensors left unloaded: {left[:5]}")

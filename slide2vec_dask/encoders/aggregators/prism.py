@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
-from slide2vec_dask.encoders.base import read_state_dict, state_dict_mismatch
+from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import get_preset, register_preset
 
 PRISM_HUB_ID = "paige-ai/Prism"
@@ -288,13 +288,10 @@ def load_prism(path: str | Path, cfg: PrismConfig = PRISM_CONFIG):
     with torch.device("meta"):
         module = create_prism(cfg)
     resampler = tie_shared(resampler, module, what)
-    problems = state_dict_mismatch(module.state_dict(), resampler)
-    if problems:
-        raise ValueError(
-            f"{what}: checkpoint {path} does not fit PRISM's slide encoder (keys under "
-            f"{CHECKPOINT_PREFIX!r} of the official file): {problems}. Pass the file published at "
-            f"{PRISM_URL} ({' or '.join(PRISM_HUB_FILES)}), or leave checkpoint_path unset to fetch it.")
-    module.load_state_dict(resampler, strict=True, assign=True)
+    module = load_into_meta(module, resampler, (
+        f"{what}: checkpoint {path} does not fit PRISM's slide encoder (keys under {CHECKPOINT_PREFIX!r} of the "
+        f"official file): {{problems}}. Pass the file published at {PRISM_URL} ({' or '.join(PRISM_HUB_FILES)}), "
+        "or leave checkpoint_path unset to fetch it."))
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"{what}: tensors left unloaded after loading {path}: {left[:5]}")

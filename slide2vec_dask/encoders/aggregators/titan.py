@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
-from slide2vec_dask.encoders.base import read_state_dict, state_dict_mismatch
+from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import register_preset
 
 HUB_ID = "MahmoodLab/TITAN"
@@ -270,13 +270,10 @@ class TitanBuilder:
         state = vision_state_dict(read_state_dict(path, what), what)
         with torch.device("meta"):
             model = TitanSlideEncoder(self.output_variant)
-        problems = state_dict_mismatch(model.state_dict(), state)
-        if problems:
-            raise ValueError(f"{what}: checkpoint {path} does not fit TITAN's slide encoder: {problems}. Pass "
-                             f"{HUB_FILES[0]} of {URL} (its vision_encoder.* tensors are loaded), or leave "
-                             "checkpoint_path unset to fetch it from the hub.")
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-        return model.eval()
+        return load_into_meta(model, state, f"{what}: checkpoint {path} does not fit TITAN's slide encoder: "
+                                            f"{{problems}}. Pass {HUB_FILES[0]} of {URL} (its vision_encoder.* "
+                                            "tensors are loaded), or leave checkpoint_path unset to fetch it from "
+                                            "the hub.")
 
 
 @register_preset("titan", level="slide")
