@@ -86,3 +86,15 @@ def openslide_tiles(path: Path, xs, ys, size_lv0: int, level: int = 0, read_size
         size = read_size or size_lv0
         return np.stack([np.asarray(osr.read_region((int(x), int(y)), level, (size, size)))[..., :3]
                          for x, y in zip(xs, ys)])
+
+
+@pytest.fixture
+def offline_hf(tmp_path, monkeypatch):
+    """An empty Hugging Face home, offline: what a machine without cached weights sees."""
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    return home

@@ -238,17 +238,6 @@ def test_center_crop_is_torchvisions(tmp_path):
         module(torch.randn(1, 3, 200, 200))
 
 
-@pytest.fixture
-def offline_hf(tmp_path, monkeypatch):
-    home = tmp_path / "hf_home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
 def test_offline_without_weights_says_what_to_do(offline_hf):
     spec = get_preset("gigapath-slide")()
     with pytest.raises(WeightsUnavailableError) as info:

@@ -256,17 +256,6 @@ def test_checkpoint_mismatches_are_named(tiny_file, tmp_path):
                                               perceiver_depth=4, transformer_depth=2, xattn_heads=2))
 
 
-@pytest.fixture
-def offline_hf(tmp_path, monkeypatch):
-    home = tmp_path / "hf_home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
 def test_offline_without_cache_names_the_repo_and_remedy(offline_hf):
     spec = get_preset("prism")()
     with pytest.raises(WeightsUnavailableError) as info:

@@ -273,17 +273,6 @@ def fill_hf_cache(home: Path, repo_id: str, filename: str, src: Path) -> None:
     (repo / "refs" / "main").write_text(COMMIT)
 
 
-@pytest.fixture
-def offline_hf(tmp_path, monkeypatch):
-    home = tmp_path / "hf_home"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    return home
-
-
 @pytest.mark.parametrize("name", TIMM_PRESETS)
 def test_tiny_checkpoint_loads_through_every_path(name, tmp_path, offline_hf):
     preset = tiny_preset(name)
