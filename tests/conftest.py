@@ -98,3 +98,11 @@ def offline_hf(tmp_path, monkeypatch):
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny(vit_tiny_checkpoint):
+    """The random ViT-Ti/16 as a tile-level `Model` (192-d)."""
+    from slide2vec_dask import Model
+
+    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)

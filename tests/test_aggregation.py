@@ -228,27 +228,22 @@ def test_embed_patients_groups_in_order_of_first_appearance(moozy, checkpoints, 
         moozy.embed_patient(inputs, preprocessing=config)
 
 
-def test_level_errors(moozy, checkpoints, slides, tiny_tile_model):
+def test_level_errors(moozy, checkpoints, slides, tiny):
     with pytest.raises(ValueError, match="patient-level model"):
-        tiny_tile_model.embed_patient([slides["a"]])
+        tiny.embed_patient([slides["a"]])
     slide_model = Model.from_preset("moozy-slide", checkpoint_path=checkpoints("moozy"))
     with pytest.raises(ValueError, match="patient-level model"):
         slide_model.embed_patients([slides["a"]])
     with pytest.raises(ValueError, match="tile-level"):
-        tiny_tile_model.aggregate_tiles([])
+        tiny.aggregate_tiles([])
     with pytest.raises(ValueError, match="aggregates 384-d"):
-        Model.from_preset("moozy", tile_encoder=tiny_tile_model)
+        Model.from_preset("moozy", tile_encoder=tiny)
     with pytest.raises(ValueError, match="tile-level model"):
-        Model.from_preset("lunit", tile_encoder=tiny_tile_model)
+        Model.from_preset("lunit", tile_encoder=tiny)
     with pytest.raises(ValueError, match="makes no slide embeddings"):
-        Pipeline(tiny_tile_model, execution=ExecutionOptions(output_dir="x", save_slide_embeddings=True))
+        Pipeline(tiny, execution=ExecutionOptions(output_dir="x", save_slide_embeddings=True))
     with pytest.raises(ValueError, match="has no latents"):
         Pipeline(moozy, execution=ExecutionOptions(output_dir="x", save_latents=True))
-
-
-@pytest.fixture(scope="module")
-def tiny_tile_model(vit_tiny_checkpoint):
-    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
 
 
 def test_pipeline_with_the_patient_model(moozy, checkpoints, slides, tmp_path):

@@ -12,11 +12,6 @@ from slide2vec_dask import ExecutionOptions, Model, PreprocessingConfig, activat
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
 
 
-@pytest.fixture(scope="module")
-def tiny(vit_tiny_checkpoint):
-    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
-
-
 def test_embeddings_equal_bare_model_on_openslide_tiles(tiny, syn_svs, vit_tiny_checkpoint):
     emb = tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(**EXACT))
     assert emb.num_tiles == len(SYN_TILES) and emb.tile_embeddings.shape == (len(SYN_TILES), 192)

@@ -7,14 +7,9 @@ import pytest
 import torch
 from conftest import SYN_TILES, openslide_tiles, reference_embeddings
 
-from slide2vec_dask import Model, PreprocessingConfig
+from slide2vec_dask import PreprocessingConfig
 
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
-
-
-@pytest.fixture(scope="module")
-def tiny(vit_tiny_checkpoint):
-    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, open_embeddings, read_manifest
+from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig, open_embeddings, read_manifest
 from slide2vec_dask import testing
 
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
@@ -31,15 +31,10 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def tiny(vit_tiny_checkpoint):
-    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def slides(tmp_path_factory, syn_svs):
     folder = tmp_path_factory.mktemp("manifest")
-    small = testing.write_svs(folder / "small.svs", testing.tissue_image(1344, 1792, [(224, 224, 1120, 1344)], seed=3),
-                              downsamples=(1, 4))
+    testing.write_svs(folder / "small.svs", testing.tissue_image(1344, 1792, [(224, 224, 1120, 1344)], seed=3),
+                      downsamples=(1, 4))
     testing.write_svs(folder / "blank.svs", testing.tissue_image(1024, 1024, []), downsamples=(1,))
     corrupt = folder / "corrupt.svs"
     corrupt.write_bytes(os.urandom(5000))

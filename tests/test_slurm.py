@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, testing
+from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig, testing
 
 pytestmark = pytest.mark.slurm
 
@@ -65,11 +65,6 @@ def local():
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as c:
         with Client(c, set_as_default=False) as client:
             yield client
-
-
-@pytest.fixture(scope="module")
-def tiny(vit_tiny_checkpoint):
-    return Model.from_timm("vit_tiny_patch16_224", checkpoint_path=vit_tiny_checkpoint)
 
 
 def _workers(client) -> dict[str, dict]:
