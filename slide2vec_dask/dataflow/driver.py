@@ -95,17 +95,16 @@ def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool, s
     from slide2vec_dask.dataflow.graph import embed_block
 
     cache: dict = {}
-    specs: dict = {}
     results = as_completed(loop=client.loop)
     meta: dict = {}
 
     def submit(graph, block):
         dsk, read_key = _subgraph_of(graph.pixels, graph.pixels_key(block), cache)
         pixels = client.get(dsk, read_key, sync=False)
-        spec = specs.get(graph.spec.key)
-        if spec is None:  # one copy of the recipe per worker, not one per task
-            spec = specs[graph.spec.key] = client.scatter(graph.spec, broadcast=True, hash=False)
-        future = client.submit(embed_block, pixels, graph.keep_block(block), spec=spec, read_tile=graph.read_tile,
+        # The recipe (~1 KB) goes by value in every task.  Scattered data has no task to
+        # recompute it from: a worker lost while holding it (or mid-broadcast) would
+        # cancel every embedding that needs it.
+        future = client.submit(embed_block, pixels, graph.keep_block(block), spec=graph.spec, read_tile=graph.read_tile,
                                settings=graph.settings, key=graph.key(block), pure=False,
                                resources={"GPU": 1} if gpu_resources else None)
         if sink is not None:
