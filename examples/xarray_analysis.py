@@ -43,7 +43,7 @@ def main() -> None:
     print(f"{len(sample_ids)} slides: {', '.join(sample_ids)}")
 
     # The same store opened with dask arrays (one dask chunk per zarr chunk): nothing is read yet.
-    lazy = xr.open_datatree(str(output_dir / "embeddings.zarr"), engine="zarr", chunks={})
+    lazy = open_embeddings(output_dir, chunks={})
     means = xr.concat([lazy[f"tiles/{s}"].to_dataset()["embedding"].mean("tile") for s in sample_ids],
                       dim="slide").assign_coords(slide=sample_ids)
     print(f"per-slide means {dict(means.sizes)}: {type(means.data).__module__}.{type(means.data).__name__}, "

@@ -167,20 +167,29 @@ class Pipeline:
         # A patient is done when its embedding was made from exactly these slides.
         done_patients = {p for p, members in patients.items()
                          if store.patient_embedded(path, p) and store.patient_slides(path, p) == members}
+        ex = self.execution
+        # Skipped only when the store holds everything this run asks to keep: a rerun that
+        # newly asks for tile embeddings, latents or slide rows recomputes what is missing.
+        def tiles_kept(sid):
+            return level == "tile" or not ex.save_tile_embeddings or store.is_complete(path, sid)
+
+        def slide_kept(sid):
+            return store.slide_embedded(path, sid, with_latents=ex.save_latents)
+
         todo, aggregate = [], []
         for item in items:
-            row = rows[item.sample_id]
-            if level == "tile" and store.is_complete(path, item.sample_id) \
-                    or level == "slide" and store.slide_embedded(path, item.sample_id) \
-                    or level == "patient" and row.patient_id in done_patients:
+            row, sid = rows[item.sample_id], item.sample_id
+            if level == "tile" and store.is_complete(path, sid) \
+                    or level == "slide" and slide_kept(sid) and tiles_kept(sid) \
+                    or level == "patient" and row.patient_id in done_patients and tiles_kept(sid) \
+                    and (not ex.save_slide_embeddings or slide_kept(sid)):
                 row.status, row.error = "skipped", "already complete in the store"
                 if level == "tile":
                     row.num_tiles = store.num_tiles(path, item.sample_id)
                     row.store_group = f"tiles/{item.sample_id}"
                 else:
                     row.store_group = "slides" if level == "slide" else "patients"
-            elif level != "tile" and (store.slide_embedded(path, item.sample_id)
-                                      or store.is_complete(path, item.sample_id)):
+            elif level != "tile" and tiles_kept(sid) and (slide_kept(sid) or store.is_complete(path, sid)):
                 aggregate.append(item.sample_id)  # the tile stage of an earlier run is reused
             else:
                 todo.append(item)
@@ -286,7 +295,6 @@ class _Run:
         from distributed import as_completed
 
         from slide2vec_dask import store
-        from slide2vec_dask.dataflow.clusters import cluster_threads
         from slide2vec_dask.dataflow.driver import run_blocks
         from slide2vec_dask.dataflow.embed import resolve_num_gpus
         from slide2vec_dask.dataflow.graph import EmbedSettings, tile_embedding_graph
@@ -339,7 +347,7 @@ class _Run:
 
         try:
             run_blocks(((g, b) for g in graphs for b in g.blocks), on_block, client=self.client,
-                       num_workers=ex.num_workers or cluster_threads(self.client),
+                       num_workers=ex.num_workers,
                        prefetch_factor=ex.prefetch_factor, gpu_resources=settings.num_gpus > 0, sink=sink)
         finally:
             reporter.close()
@@ -376,7 +384,7 @@ class _Run:
                  "slide2vec_dask_version": _version()}
         futures = {}
         for row in rows:
-            if store.slide_embedded(self.path, row.sample_id):
+            if store.slide_embedded(self.path, row.sample_id, with_latents=self.ex.save_latents):
                 row.status = "success"
                 continue
             row.started = row.started or time.perf_counter()

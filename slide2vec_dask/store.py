@@ -244,14 +244,18 @@ def consolidate(path: Path) -> None:
         zarr.consolidate_metadata(str(path))
 
 
-def open_embeddings(output_dir: str | Path):
-    """The whole run as an `xarray.DataTree` (lazy; nothing is read until used)."""
+def open_embeddings(output_dir: str | Path, chunks: dict | str | None = None):
+    """The whole run as an `xarray.DataTree` (lazy; nothing is read until used).
+
+    ``chunks`` goes to xarray: ``{}`` backs every variable with a dask array of the
+    store's own chunks, so reductions over many slides run as dask graphs.
+    """
     import xarray as xr
 
     path = store_path(output_dir)
     if not path.exists():
         raise FileNotFoundError(f"no embeddings store at {path}")
-    return xr.open_datatree(str(path), engine="zarr", consolidated=None)
+    return xr.open_datatree(str(path), engine="zarr", consolidated=None, chunks=chunks)
 
 
 # -- slide and patient levels ---------------------------------------------------------------
@@ -303,8 +307,11 @@ def _row_complete(path: str | Path, where: str, key: str) -> bool:
     return name in root and bool(root[name].attrs.get("complete", False))
 
 
-def slide_embedded(path: str | Path, sample_id: str) -> bool:
-    return _row_complete(path, SLIDE_ROWS, sample_id)
+def slide_embedded(path: str | Path, sample_id: str, with_latents: bool = False) -> bool:
+    """A finished ``_slides/<id>`` row (holding latents too, when ``with_latents``)."""
+    if not _row_complete(path, SLIDE_ROWS, sample_id):
+        return False
+    return not with_latents or "latents" in _root(path, mode="r")[f"{SLIDE_ROWS}/{sample_id}"]
 
 
 def patient_embedded(path: str | Path, patient_id: str) -> bool:

@@ -172,6 +172,25 @@ def test_save_tile_embeddings_keeps_the_tile_stage(checkpoints, slides, tmp_path
     assert xr.open_zarr(run.store_path, group="slides")["embedding"].shape == (1, 768)
 
 
+def test_a_rerun_that_asks_for_more_computes_what_is_missing(checkpoints, slides, tmp_path):
+    """Tiles and latents not kept by a first run are made by a rerun that asks for them."""
+    model = Model.from_preset("titan", checkpoint_path=checkpoints("titan"), tile_encoder=stand_in("titan"))
+    config = PreprocessingConfig(**EXACT)
+    first = Pipeline(model, config, ExecutionOptions(output_dir=tmp_path / "run")).run(slides=[slides["b"]])
+    assert first.tile_artifacts == [] and "latents" not in xr.open_zarr(first.store_path, group="slides")
+
+    more = ExecutionOptions(output_dir=tmp_path / "run", save_tile_embeddings=True, save_latents=True)
+    again = Pipeline(model, config, more).run(slides=[slides["b"]])
+    assert again.num_skipped == 0 and [a.sample_id for a in again.tile_artifacts] == ["b"]
+    direct = model.embed_slide(slides["b"], preprocessing=config)
+    tiles = xr.open_zarr(again.store_path, group="tiles/b")
+    np.testing.assert_allclose(tiles["embedding"].values, direct.tile_embeddings.numpy(), rtol=1e-4, atol=1e-5)
+    table = xr.open_zarr(again.store_path, group="slides")
+    np.testing.assert_allclose(table["latents"].values[0], direct.latents.numpy(), rtol=1e-4, atol=1e-5)
+    # Now everything asked for is there: nothing to do.
+    assert Pipeline(model, config, more).run(slides=[slides["b"]]).num_skipped == 1
+
+
 def test_embed_tiles_then_aggregate_tiles(checkpoints, slides, tmp_path):
     ckpt = checkpoints("moozy")
     model = Model.from_preset("moozy-slide", checkpoint_path=ckpt, tile_encoder=stand_in("moozy-slide"))
@@ -274,6 +293,21 @@ def test_pipeline_with_the_patient_model(moozy, checkpoints, slides, tmp_path):
     assert "slides" not in tree.children and lean.slide_artifacts == []
     np.testing.assert_allclose(xr.open_zarr(lean.store_path, group="patients")["embedding"].values,
                                patients["embedding"].values, rtol=1e-5, atol=1e-6)
+
+
+def test_a_patient_rerun_that_asks_for_slide_rows_makes_them(moozy, slides, tmp_path):
+    config = PreprocessingConfig(**EXACT)
+    manifest = [{"sample_id": "b1", "image_path": slides["b"], "patient_id": "p"}]
+    lean = Pipeline(moozy, config, ExecutionOptions(output_dir=tmp_path / "run")).run(slides=manifest)
+    assert lean.slide_artifacts == [] and lean.num_failed == 0
+    again = Pipeline(moozy, config, ExecutionOptions(output_dir=tmp_path / "run", save_slide_embeddings=True)) \
+        .run(slides=manifest)
+    assert again.num_skipped == 0 and [a.sample_id for a in again.slide_artifacts] == ["b1"]
+    direct = moozy.embed_patient(manifest, preprocessing=config)
+    np.testing.assert_allclose(xr.open_zarr(again.store_path, group="slides")["embedding"].values[0],
+                               direct.slide_embeddings["b1"].numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(xr.open_zarr(again.store_path, group="patients")["embedding"].values[0],
+                               direct.patient_embedding.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_patient_model_needs_patient_ids_before_any_work(moozy, slides, tmp_path):

@@ -113,6 +113,9 @@ def test_run_writes_one_store_and_isolates_the_corrupt_slide(tiny, slides, clust
     assert set(tree["tiles"].children) == {"syn", "small", "blank"}
     assert "_staging" not in tree.children
     assert tree.attrs["run"]["encoder"] == "vit_tiny_patch16_224"
+    lazy = open_embeddings(out, chunks={})["tiles/syn"]["embedding"]
+    assert lazy.chunks is not None and hasattr(lazy.data, "dask")
+    np.testing.assert_array_equal(lazy.values, tree["tiles/syn"]["embedding"].values)
 
 
 def test_rerun_of_a_finished_run_does_no_work(tiny, slides, tmp_path):
@@ -231,3 +234,38 @@ def test_hierarchical_run_writes_regions(tiny, slides, cluster, tmp_path, syn_sv
     np.testing.assert_array_equal(saved.numpy(), ds.embedding.values)
     tiles = xr.open_zarr(result.store_path, group="tiles/syn")
     np.testing.assert_allclose(tiles.embedding.values, expected.tile_embeddings.numpy(), atol=1e-5)
+
+
+def test_blocks_in_flight_grow_as_workers_join(tiny, tmp_path):
+    """A cluster that starts with one thread: more blocks go out once workers join.
+
+    Workers are added when the first embedding task starts.  Had the window been
+    fixed at the start (1 thread x prefetch 1), no two embedding tasks could ever
+    overlap; the task stream shows they do once the workers are there.
+    """
+    import threading
+
+    from distributed import Client, LocalCluster, get_task_stream
+
+    slide = testing.write_svs(tmp_path / "s.svs", testing.tissue_image(2240, 2240, [(0, 0, 2240, 2240)], seed=5),
+                              downsamples=(1, 4))
+    config = PreprocessingConfig(**EXACT, use_supertiles=False)   # one tile per block: many small blocks
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+
+        def scale_when_embedding_starts():
+            while not any("embed-" in str(k) for keys in client.processing().values() for k in keys):
+                time.sleep(0.02)
+            cluster.scale(3)
+
+        threading.Thread(target=scale_when_embedding_starts, daemon=True).start()
+        with get_task_stream(client) as stream:
+            run = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "run", prefetch_factor=1),
+                           client=client).run(slides=[{"sample_id": "s", "image_path": str(slide)}])
+        workers = len(client.nthreads())
+    assert run.num_failed == 0 and run.tile_artifacts[0].num_tiles == 100
+    spans = [(s["start"], s["stop"]) for t in stream.data if "embed-" in str(t["key"])
+             for s in t["startstops"] if s["action"] == "compute"]
+    assert len(spans) == 100
+    most = max(sum(1 for a, b in spans if a <= start < b) for start, _ in spans)
+    assert workers == 3 and most >= 2, f"at most {most} embedding task(s) ran at once"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import time
 from typing import Callable, Iterable
 
 from slide2vec_dask.dataflow.graph import SlideGraph
@@ -30,19 +31,41 @@ def default_threads() -> int:
 
 
 def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Callable, *, client=None,
-               num_workers: int, prefetch_factor: int, gpu_resources: bool, sink: Callable | None = None) -> None:
+               num_workers: int | None, prefetch_factor: int, gpu_resources: bool,
+               sink: Callable | None = None) -> None:
     """Compute each (graph, block) and call ``on_block(graph, block, result)`` as results arrive.
 
     With ``sink`` (distributed only), ``sink(graph, block)`` returns a function run on the worker
     on the block's embeddings — e.g. writing them to the store — and ``result`` is what it
     returns; a failed block's ``result`` is its exception, so one bad slide stops nothing else.
+
+    ``num_workers=None`` on a cluster: the window follows the cluster's threads as workers
+    join or leave (an adaptive SLURM or Kubernetes cluster that starts small).
     """
     if client is not None:
-        _run_distributed(jobs, on_block, client, num_workers * prefetch_factor, gpu_resources, sink)
+        _run_distributed(jobs, on_block, client, _window(client, num_workers, prefetch_factor), gpu_resources, sink)
     elif sink is not None:
         raise ValueError("a sink needs a distributed client")
     else:
-        _run_local(jobs, on_block, num_workers, prefetch_factor)
+        _run_local(jobs, on_block, num_workers or default_threads(), prefetch_factor)
+
+
+def _window(client, num_workers: int | None, prefetch_factor: int, every: float = 1.0) -> Callable[[], int]:
+    """Blocks in flight: fixed for a given ``num_workers``, else the cluster's threads (asked at most every ``every`` s)."""
+    if num_workers:
+        return lambda: num_workers * prefetch_factor
+
+    from slide2vec_dask.dataflow.clusters import cluster_threads
+
+    last = {"at": -every, "size": 1}
+
+    def size() -> int:
+        now = time.monotonic()
+        if now - last["at"] >= every:
+            last["at"], last["size"] = now, cluster_threads(client) * prefetch_factor
+        return last["size"]
+
+    return size
 
 
 def _subgraph_of(array, key: tuple, cache: dict) -> tuple[dict, tuple]:
@@ -85,7 +108,7 @@ def _drain(pending: dict, on_block) -> None:
         on_block(graph, block, future.result())
 
 
-def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool, sink=None) -> None:
+def _run_distributed(jobs, on_block, client, window: Callable[[], int], gpu_resources: bool, sink=None) -> None:
     """Reads go in as the graph's own read tasks; embeddings are submitted on their results.
 
     The split is what lets the embedding tasks alone carry ``resources={"GPU": 1}``.
@@ -113,14 +136,16 @@ def _run_distributed(jobs, on_block, client, window: int, gpu_resources: bool, s
         results.add(future)
 
     jobs = iter(jobs)
-    for _, job in zip(range(window), jobs):
-        submit(*job)
+
+    def top_up():
+        for _, job in zip(range(window() - len(meta)), jobs):
+            submit(*job)
+
+    top_up()
     for future in results:
         graph, block = meta.pop(future.key)
         if future.status == "error" and sink is not None:
             on_block(graph, block, future.exception())   # that slide fails, the run goes on
         else:
             on_block(graph, block, future.result())
-        nxt = next(jobs, None)
-        if nxt is not None:
-            submit(*nxt)
+        top_up()

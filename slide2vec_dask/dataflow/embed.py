@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
-from slide2vec_dask.dataflow.clusters import cluster_threads, resolve_client
+from slide2vec_dask.dataflow.clusters import resolve_client
 from slide2vec_dask.dataflow.driver import default_threads, run_blocks
 from slide2vec_dask.dataflow.graph import EmbedSettings, SlideGraph, tile_embedding_graph
 from slide2vec_dask.encoders.base import EncoderSpec
@@ -152,9 +152,8 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
         reporter.advance(slot[id(graph)].add(block, result))
 
     jobs = ((g, b) for g in graphs for b in g.blocks)
-    num_workers = execution.num_workers or (cluster_threads(client) if client is not None else default_threads())
     try:
-        run_blocks(jobs, on_block, client=client, num_workers=num_workers,
+        run_blocks(jobs, on_block, client=client, num_workers=execution.num_workers,
                    prefetch_factor=execution.prefetch_factor, gpu_resources=client is not None and num_gpus > 0)
     finally:
         reporter.close()
