@@ -54,8 +54,9 @@ def main() -> None:
     )
     with cluster, Client(cluster) as client:
         print(f"Dask dashboard: {cluster.dashboard_link}")
-        # Wait for the GPU workers: the run sizes its window of blocks in flight to the
-        # workers present when it starts, and embedding tasks wait for a GPU anyway.
+        # Wait for the workers: with num_gpus=None the run sends embeddings to GPU workers
+        # when the workers present at its start declare GPUs.  Blocks in flight then
+        # follow the cluster's threads as more workers join.
         client.wait_for_workers(args.gpu_workers + (args.adapt[0] if args.adapt else args.cpu_workers),
                                 timeout=1800)
         pipeline = Pipeline(

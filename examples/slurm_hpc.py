@@ -51,7 +51,8 @@ def main() -> None:
     print(cluster.job_script())
     with cluster, Client(cluster) as client:
         print(f"Dask dashboard: {cluster.dashboard_link}")
-        # The run sizes its window of blocks in flight to the workers present when it starts.
+        # With num_gpus=None the run detects GPUs from the workers present at its start;
+        # blocks in flight then follow the cluster's threads as more jobs start.
         client.wait_for_workers(1, timeout=3600)
         pipeline = Pipeline(
             Model.from_preset(args.preset, checkpoint_path=args.checkpoint),
