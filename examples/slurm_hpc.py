@@ -7,7 +7,7 @@ Run it on a login node (or in a small job) of a cluster whose compute nodes see 
 paths (slides, output folder, this Python environment). Needs ``pip install
 'slide2vec-dask[slurm]'``. Each GPU job asks SLURM for ``--gres=gpu:1`` and starts a Dask
 worker declared ``--resources GPU=1``; embedding tasks go only there. Workers retire
-gracefully before the walltime (``--lifetime``); with ``--adapt`` new jobs replace them.
+gracefully before the walltime (``--lifetime``) and new jobs replace them.
 The command-line equivalent: ``slide2vec-dask run config.yaml --cluster slurm`` with a
 ``cluster: {slurm: {...}}`` section.
 """

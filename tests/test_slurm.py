@@ -3,7 +3,7 @@
 Two worker jobs: a fake-GPU job (``--gres=gpu:1``, worker ``--resources
 GPU=1``) and a CPU-only job.  Embedding must run only on the GPU worker; the
 store must equal a run on a LocalCluster; a worker job cancelled with
-``scancel`` mid-run must not lose the run.
+``scancel`` mid-run must not lose the run, and a new job replaces it.
 """
 
 from __future__ import annotations
@@ -204,3 +204,10 @@ def test_a_cancelled_worker_job_does_not_lose_the_run(slurm, local, tiny, tmp_pa
     assert run.tile_artifacts[0].num_tiles == 400
     assert cpu_addr not in _workers(client)
     np.testing.assert_allclose(_embedding(run, "big"), _embedding(reference, "big"), atol=1e-5, rtol=0)
+
+    # The cancelled job is replaced by a new one: the cluster keeps the size it was given.
+    client.wait_for_workers(2, timeout=120)
+    new_id = next(job.job_id for name, job in cluster.workers.items() if "-cpu-" in str(name))
+    assert new_id != cpu_job_id
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
+    assert f"{new_id} RUNNING" in queue and str(cpu_job_id) not in queue

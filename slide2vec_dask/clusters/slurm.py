@@ -7,9 +7,10 @@ CPU-only jobs add decoding throughput without holding a GPU.
 
 Walltime never kills a worker mid-task: each worker gets ``--lifetime``
 (a margin before the walltime) and ``--lifetime-stagger`` so workers retire
-gracefully, one at a time, handing their data over.  Replacing retired
-workers is what ``adapt`` is for; with a fixed ``scale`` they are not
-replaced.
+gracefully, one at a time, handing their data over.  A job that ends
+(retired by its lifetime, ``scancel``, preemption, a failed node) is
+replaced by a new one with the same spec, whether the cluster has a fixed
+size or adapts: a long run outlives any one job's walltime.
 """
 
 from __future__ import annotations
@@ -164,6 +165,24 @@ def _gpu_cluster_class():
         @property
         def plan(self):  # what Adaptive compares its target against: the scalable jobs only
             return {name for name in super().plan if name not in self._fixed}
+
+        def _update_worker_status(self, op, msg):
+            # SpecCluster forgets a lost worker's job after ``lost-worker-timeout`` but starts
+            # no new one (dask-jobqueue#122); the jobs still in the spec are started again then.
+            info = self.scheduler_info["workers"].get(msg) if op == "remove" else None
+            super()._update_worker_status(op, msg)
+            if info and info.get("name") in self.worker_spec:
+                import asyncio
+
+                import dask
+                from dask.utils import parse_timedelta
+
+                delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+                asyncio.get_running_loop().call_later(delay + 1, self._replace, info["name"])
+
+        def _replace(self, name):
+            if self.status.name == "running" and name in self.worker_spec and name not in self.workers:
+                self._correct_state()   # submits a new job under the same name
 
     return GPUSlurmCluster
 
