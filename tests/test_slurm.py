@@ -75,6 +75,30 @@ def _embedding(run, sample_id) -> np.ndarray:
     return xr.open_zarr(run.store_path, group=f"tiles/{sample_id}")["embedding"].values
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"adapt": (3, 1)}, "adapt must be"),
+    ({"gpu_jobs": -1}, "must be >= 0"),
+    ({"processes": 2}, "one worker process per job"),
+    ({"walltime": "00:00:00"}, "too short"),
+])
+def test_bad_cluster_options_are_refused_before_any_job(options, message):
+    pytest.importorskip("dask_jobqueue")
+    from slide2vec_dask.clusters import slurm_cluster
+
+    with pytest.raises(ValueError, match=message):
+        slurm_cluster(**options)
+
+
+def test_lifetime_leaves_a_margin_before_the_walltime():
+    from slide2vec_dask.clusters.slurm import lifetime_for, walltime_seconds
+
+    assert walltime_seconds("1-02:03:04") == 93784 and walltime_seconds("30:00") == 1800
+    assert lifetime_for("04:00:00") == ("12960s", "300s")   # 10 % margin; stagger capped at 5 min
+    assert lifetime_for("00:10:00") == ("480s", "48s")      # margin at least 2 min
+    with pytest.raises(ValueError, match="HH:MM:SS"):
+        walltime_seconds("1:2:3:4")
+
+
 def test_cli_runs_on_slurm(tmp_path, syn_svs, vit_tiny_checkpoint):
     """`slide2vec-dask run CONFIG --cluster slurm`: the cluster section's options start the jobs.
 

@@ -78,6 +78,9 @@ def slurm_cluster(*, gpu_jobs: int = 1, gpus_per_job: int = 1, cores: int = 8, m
     ``scheduler_options``, ``job_script_prologue``...).
     """
     _require_jobqueue()
+    if "processes" in jobqueue_kwargs:
+        raise ValueError("slurm_cluster starts one worker process per job (one model per GPU); for more "
+                         "workers ask for more jobs (gpu_jobs, adapt) instead of passing processes")
     if gpu_jobs < 0 or cpu_jobs < 0 or gpus_per_job < 0:
         raise ValueError("gpu_jobs, cpu_jobs and gpus_per_job must be >= 0")
     if adapt is not None:
