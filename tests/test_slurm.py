@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -46,16 +47,18 @@ def slurm(tmp_path_factory):
     from slide2vec_dask.clusters import slurm_cluster
 
     logs = tmp_path_factory.mktemp("slurm-logs")
-    cluster = slurm_cluster(gpu_jobs=1, cpu_jobs=1, cores=1, memory="3GB", walltime="00:30:00",
-                            local_directory=str(logs), log_directory=str(logs),
-                            scheduler_options={"dashboard_address": ":0"})
-    client = Client(cluster, set_as_default=False)
-    try:
-        client.wait_for_workers(2, timeout=120)
-        yield cluster, client
-    finally:
-        client.close()
-        cluster.close()
+    # A lost job is forgotten (then replaced) after 3 s instead of 15: the kill tests wait less.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "3s"}):
+        cluster = slurm_cluster(gpu_jobs=1, cpu_jobs=1, cores=1, memory="3GB", walltime="00:30:00",
+                                local_directory=str(logs), log_directory=str(logs),
+                                scheduler_options={"dashboard_address": ":0"})
+        client = Client(cluster, set_as_default=False)
+        try:
+            client.wait_for_workers(2, timeout=120)
+            yield cluster, client
+        finally:
+            client.close()
+            cluster.close()
 
 
 @pytest.fixture(scope="module")
@@ -195,43 +198,83 @@ def test_pipeline_on_slurm_embeds_only_on_the_gpu_worker(slurm, local, tiny, syn
         np.testing.assert_allclose(_embedding(run, sample_id), _embedding(reference, sample_id), atol=1e-5, rtol=0)
 
 
+def _job_and_address(cluster, client, gpu: bool):
+    """(SLURM job id, worker address) of the GPU (or the CPU-only) worker.
+
+    Only the id: a test-held Job object would outlive a cancelled job and trip
+    SpecCluster.close()'s check that every job it created has closed.
+    """
+    job_id = next(job.job_id for name, job in cluster.workers.items() if ("-cpu-" in str(name)) != gpu)
+    addr = next(a for a, w in _workers(client).items() if bool(w["resources"].get("GPU")) == gpu)
+    return job_id, addr
+
+
+def _scancel_when_busy(client, job_id, addr, prefix: str) -> threading.Event:
+    """``scancel`` the job as soon as its worker is processing a task whose key starts with ``prefix``."""
+    killed = threading.Event()
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(str(k).lstrip("('").startswith(prefix) for k in client.processing(workers=[addr]).get(addr, ())):
+                subprocess.run(["scancel", str(job_id)], check=True)
+                killed.set()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def _replaced(cluster, client, old_id, gpu: bool):
+    """The cluster is back to its size, with a new job in place of ``old_id``."""
+    client.wait_for_workers(2, timeout=120)
+    new_id, _ = _job_and_address(cluster, client, gpu)
+    assert new_id != old_id
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
+    assert f"{new_id} RUNNING" in queue and str(old_id) not in queue
+
+
 def test_a_cancelled_worker_job_does_not_lose_the_run(slurm, local, tiny, tmp_path):
     cluster, client = slurm
     big = testing.write_svs(tmp_path / "big.svs",
                             testing.tissue_image(4480, 4480, [(0, 0, 4480, 4480)], seed=5), downsamples=(1, 4, 16))
     slides = [{"sample_id": "big", "image_path": str(big)}]
     config = PreprocessingConfig(**EXACT)
-    # Only the id: a test-held Job object would outlive the cancelled job and trip
-    # SpecCluster.close()'s check that every job it created has closed.
-    cpu_job_id = next(job.job_id for name, job in cluster.workers.items() if "-cpu-" in str(name))
-    cpu_addr = next(a for a, w in _workers(client).items() if not w["resources"].get("GPU"))
-
-    killed = threading.Event()
-
-    def kill_when_busy():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if client.processing(workers=[cpu_addr]).get(cpu_addr):
-                subprocess.run(["scancel", str(cpu_job_id)], check=True)
-                killed.set()
-                return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_when_busy, daemon=True)
-    killer.start()
+    cpu_job_id, cpu_addr = _job_and_address(cluster, client, gpu=False)
+    killed = _scancel_when_busy(client, cpu_job_id, cpu_addr, prefix="")
     run = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "slurm"), client=client).run(slides=slides)
-    killer.join(5)
-    assert killed.is_set(), "the CPU worker never had work to lose"
+    assert killed.wait(5), "the CPU worker never had work to lose"
     reference = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "local"), client=local).run(slides=slides)
 
     assert run.num_failed == 0
     assert run.tile_artifacts[0].num_tiles == 400
     assert cpu_addr not in _workers(client)
     np.testing.assert_allclose(_embedding(run, "big"), _embedding(reference, "big"), atol=1e-5, rtol=0)
-
     # The cancelled job is replaced by a new one: the cluster keeps the size it was given.
+    _replaced(cluster, client, cpu_job_id, gpu=False)
+
+
+def test_losing_the_only_gpu_job_waits_for_its_replacement(slurm, local, tiny, tmp_path):
+    """Embedding tasks wait (no worker declares a GPU) until the new GPU job joins; none runs on CPU."""
+    from distributed import get_task_stream
+
+    cluster, client = slurm
     client.wait_for_workers(2, timeout=120)
-    new_id = next(job.job_id for name, job in cluster.workers.items() if "-cpu-" in str(name))
-    assert new_id != cpu_job_id
-    queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
-    assert f"{new_id} RUNNING" in queue and str(cpu_job_id) not in queue
+    slide = testing.write_svs(tmp_path / "s.svs",
+                              testing.tissue_image(3360, 3360, [(0, 0, 3360, 3360)], seed=6), downsamples=(1, 4))
+    slides = [{"sample_id": "s", "image_path": str(slide)}]
+    config = PreprocessingConfig(**EXACT)
+    gpu_job_id, gpu_addr = _job_and_address(cluster, client, gpu=True)
+    killed = _scancel_when_busy(client, gpu_job_id, gpu_addr, prefix="embed-")
+    with get_task_stream(client) as stream:
+        run = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "slurm"), client=client).run(slides=slides)
+    assert killed.wait(5), "the GPU worker never had an embedding task to lose"
+    reference = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "local"), client=local).run(slides=slides)
+
+    assert run.num_failed == 0 and run.tile_artifacts[0].num_tiles == 225
+    np.testing.assert_allclose(_embedding(run, "s"), _embedding(reference, "s"), atol=1e-5, rtol=0)
+    gpu_workers = {a for a, w in _workers(client).items() if w["resources"].get("GPU")}
+    embedded_on = {t["worker"] for t in stream.data if "embed-" in str(t["key"])}
+    assert embedded_on and gpu_addr not in gpu_workers and embedded_on <= gpu_workers | {gpu_addr}
+    _replaced(cluster, client, gpu_job_id, gpu=True)
