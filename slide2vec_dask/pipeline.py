@@ -167,14 +167,14 @@ class Pipeline:
         # A patient is done when its embedding was made from exactly these slides.
         done_patients = {p for p, members in patients.items()
                          if store.patient_embedded(path, p) and store.patient_slides(path, p) == members}
-        ex = self.execution
+        execution = self.execution
         # Skipped only when the store holds everything this run asks to keep: a rerun that
         # newly asks for tile embeddings, latents or slide rows recomputes what is missing.
         def tiles_kept(sid):
-            return level == "tile" or not ex.save_tile_embeddings or store.is_complete(path, sid)
+            return level == "tile" or not execution.save_tile_embeddings or store.is_complete(path, sid)
 
         def slide_kept(sid):
-            return store.slide_embedded(path, sid, with_latents=ex.save_latents)
+            return store.slide_embedded(path, sid, with_latents=execution.save_latents)
 
         todo, aggregate = [], []
         for item in items:
@@ -182,7 +182,7 @@ class Pipeline:
             if level == "tile" and store.is_complete(path, sid) \
                     or level == "slide" and slide_kept(sid) and tiles_kept(sid) \
                     or level == "patient" and row.patient_id in done_patients and tiles_kept(sid) \
-                    and (not ex.save_slide_embeddings or slide_kept(sid)):
+                    and (not execution.save_slide_embeddings or slide_kept(sid)):
                 row.status, row.error = "skipped", "already complete in the store"
                 if level == "tile":
                     row.num_tiles = store.num_tiles(path, item.sample_id)
@@ -195,7 +195,6 @@ class Pipeline:
                 todo.append(item)
 
         cluster = None
-        execution = self.execution
         client = self.client or resolve_client(execution.scheduler_address)
         if client is None:
             from distributed import Client
