@@ -216,7 +216,8 @@ def _scancel_when_busy(client, job_id, addr, prefix: str) -> threading.Event:
     def watch():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if any(str(k).lstrip("('").startswith(prefix) for k in client.processing(workers=[addr]).get(addr, ())):
+            keys = client.processing(workers=[addr]).get(addr, ())
+            if any(str(k[0] if isinstance(k, tuple) else k).startswith(prefix) for k in keys):
                 subprocess.run(["scancel", str(job_id)], check=True)
                 killed.set()
                 return

@@ -15,8 +15,12 @@ size or adapts: a long run outlives any one job's walltime.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
+
+import dask
+from dask.utils import parse_timedelta
 
 INSTALL = "pip install 'slide2vec-dask[slurm]'"
 
@@ -175,11 +179,6 @@ def _gpu_cluster_class():
             info = self.scheduler_info["workers"].get(msg) if op == "remove" else None
             super()._update_worker_status(op, msg)
             if info and info.get("name") in self.worker_spec:
-                import asyncio
-
-                import dask
-                from dask.utils import parse_timedelta
-
                 delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
                 asyncio.get_running_loop().call_later(delay + 1, self._replace, info["name"])
 
