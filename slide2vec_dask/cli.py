@@ -324,27 +324,15 @@ def _cluster_client(kind: str, options: dict[str, Any], execution):
 
 def report(result) -> int:
     """Print the one-line summary (and the failed slides); the exit code."""
-    import csv
-
-    failed, skipped = int(result.num_failed), int(result.num_skipped)
-    try:
-        with open(result.process_list_path, newline="") as f:
-            succeeded = sum(r.get("status") == "success" for r in csv.DictReader(f))
-    except OSError:
-        succeeded = len(result.tile_artifacts) - skipped
-    print(f"{PROG}: {succeeded} succeeded, {skipped} skipped, {failed} failed; "
+    failed = result.failed
+    print(f"{PROG}: {result.num_succeeded} succeeded, {result.num_skipped} skipped, {len(failed)} failed; "
           f"process list: {result.process_list_path}; store: {result.store_path}", flush=True)
     if not failed:
         return EXIT_OK
-    try:
-        with open(result.process_list_path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("status") == "failed"]
-    except OSError:
-        rows = []
-    for row in rows[:20]:
-        print(f"  failed {row['sample_id']}: {row['error_type']}: {row['error']}", file=sys.stderr)
-    if len(rows) > 20:
-        print(f"  ... and {len(rows) - 20} more (see {result.process_list_path})", file=sys.stderr)
+    for row in failed[:20]:
+        print(f"  failed {row.sample_id}: {row.error_type}: {row.error}", file=sys.stderr)
+    if len(failed) > 20:
+        print(f"  ... and {len(failed) - 20} more (see {result.process_list_path})", file=sys.stderr)
     return EXIT_FAILED
 
 

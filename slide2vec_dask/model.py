@@ -265,10 +265,7 @@ class Model:
         tile_model = Model(self.tile_spec, device=self.device, precision=self.precision)
         result = Pipeline(tile_model, preprocessing, execution).run(slides=list(slides))
         if result.num_failed:
-            import csv
-
-            with open(result.process_list_path, newline="") as f:
-                failed = [f"{r['sample_id']}: {r['error']}" for r in csv.DictReader(f) if r["status"] == "failed"]
+            failed = [f"{o.sample_id}: {o.error_type}: {o.error}" for o in result.failed]
             raise RuntimeError(f"embed_tiles: {len(failed)} slide(s) failed: " + "; ".join(failed))
         return result.tile_artifacts
 

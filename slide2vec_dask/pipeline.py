@@ -1,55 +1,26 @@
 """`Pipeline`: a manifest of slides in, one Zarr store out, on a Dask cluster.
 
-Every slide is planned by a task on the cluster, then the blocks of all
-slides stream through the same workers; each block's embeddings are written
-into the store by the worker that made them, and a slide is finalised (and
-marked complete) by one more task once all its blocks landed.  A slide that
-fails — missing, corrupt, no spacing — becomes a ``failed`` row in
-``process_list.csv``; the others finish.  Re-running skips complete slides
-and redoes incomplete ones from scratch.
-
-Slide- and patient-level models add the aggregation stage: when a slide's
-tile embeddings are complete, one task on a GPU worker reads them from the
-store and writes the slide embedding (``_slides/<id>``); when all slides of
-a patient are embedded, one more task writes the patient's.  At the end the
-client gathers those small rows into the ``slides`` / ``patients`` tables.
+A thin caller: it validates the run, decides per slide what is left to do
+(skip what the store holds, reuse finished tile embeddings when only the
+aggregation is missing), picks the cluster, and hands the slides to the
+streaming driver (`dataflow.stages.CohortDriver`), which runs every stage of
+every slide as one stream.  ``process_list.csv`` is rewritten atomically
+as slides finish (at most every few seconds), so it is true after a crash.
+A slide that fails — missing, corrupt, no spacing — becomes a ``failed``
+row; the others finish.  Re-running skips complete slides and redoes the
+rest.
 """
 
 from __future__ import annotations
 
 import csv
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
-from slide2vec_dask.results import HierarchicalArtifact, PatientArtifact, RunResult, SlideArtifact, TileArtifact
-
-PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
-                        "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
-                        "flat_path"]
-
-
-@dataclass
-class _Row:
-    sample_id: str
-    image_path: str
-    mask_path: str = ""
-    patient_id: str = ""
-    status: str = "pending"
-    error_type: str = ""
-    error: str = ""
-    num_tiles: int = 0
-    plan_seconds: float = 0.0
-    embed_seconds: float = 0.0
-    store_group: str = ""
-    coordinates_path: str = ""
-    flat_path: str = ""
-    started: float = field(default=0.0, repr=False)
-
-    def fail(self, exc: BaseException) -> None:
-        self.status, self.error_type, self.error = "failed", type(exc).__name__, str(exc).replace("\n", " ")
+from slide2vec_dask.results import (PROCESS_LIST_COLUMNS, HierarchicalArtifact, PatientArtifact, RunResult,
+                                    SlideArtifact, SlideOutcome, TileArtifact)
 
 
 class Pipeline:
@@ -148,364 +119,197 @@ class Pipeline:
                 "tiling": selection_config(config), "slide2vec_dask_version": __version__}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
-        from slide2vec_dask import store
         from slide2vec_dask.dataflow.clusters import resolve_client, start_local_cluster
-        from slide2vec_dask.dataflow.embed import resolve_num_gpus
+        from slide2vec_dask.dataflow.embed import embed_settings, resolve_num_gpus
+        from slide2vec_dask.dataflow.stages import CohortDriver
+        from slide2vec_dask.progress import get_progress_reporter
+        from slide2vec_dask.store import EmbeddingStore
 
         out = Path(self.execution.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = store.store_path(out)
-        store.init_store(path, self._run_attrs(config), overwrite=self.execution.overwrite)
+        store = EmbeddingStore(out)
+        store.begin_run(self._run_attrs(config), overwrite=self.execution.overwrite)
+        outcomes = {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path), str(it.mask_path or ""),
+                                               str(it.extra.get("patient_id", "") or "")) for it in items}
+        todo, aggregate, resolved, patients = self._what_is_left(store, items, outcomes)
+        process_list = out / "process_list.csv"
+        writer = _ProcessList(process_list, outcomes)
 
-        level = self.model.level
-        rows = {it.sample_id: _Row(it.sample_id, str(it.image_path), str(it.mask_path or ""),
-                                   str(it.extra.get("patient_id", "") or "")) for it in items}
-        patients: dict[str, list[str]] = {}
-        for it in items:
-            if level == "patient":
-                patients.setdefault(rows[it.sample_id].patient_id, []).append(it.sample_id)
-        # A patient is done when its embedding was made from exactly these slides.
-        done_patients = {p for p, members in patients.items()
-                         if store.patient_embedded(path, p) and store.patient_slides(path, p) == members}
-        execution = self.execution
-        # Skipped only when the store holds everything this run asks to keep: a rerun that
-        # newly asks for tile embeddings, latents or slide rows recomputes what is missing.
-        def tiles_kept(sid):
-            return level == "tile" or not execution.save_tile_embeddings or store.is_complete(path, sid)
-
-        def slide_kept(sid):
-            return store.slide_embedded(path, sid, with_latents=execution.save_latents)
-
-        todo, aggregate = [], []
-        for item in items:
-            row, sid = rows[item.sample_id], item.sample_id
-            if level == "tile" and store.is_complete(path, sid) \
-                    or level == "slide" and slide_kept(sid) and tiles_kept(sid) \
-                    or level == "patient" and row.patient_id in done_patients and tiles_kept(sid) \
-                    and (not execution.save_slide_embeddings or slide_kept(sid)):
-                row.status, row.error = "skipped", "already complete in the store"
-                if level == "tile":
-                    row.num_tiles = store.num_tiles(path, item.sample_id)
-                    row.store_group = f"tiles/{item.sample_id}"
-                else:
-                    row.store_group = "slides" if level == "slide" else "patients"
-            elif level != "tile" and tiles_kept(sid) and (slide_kept(sid) or store.is_complete(path, sid)):
-                aggregate.append(item.sample_id)  # the tile stage of an earlier run is reused
-            else:
-                todo.append(item)
-
-        cluster = None
-        client = self.client or resolve_client(execution.scheduler_address)
-        if client is None:
+        execution, cluster = self.execution, None
+        client = self.client or resolve_client(execution.scheduler_address) if (todo or aggregate) else None
+        if client is None and (todo or aggregate):
             from distributed import Client
 
             # The local cluster gets this machine's GPUs, and the run must then ask for them.
             execution = execution.replace(num_gpus=resolve_num_gpus(execution, None))
             cluster = start_local_cluster(execution.num_workers, execution.num_gpus)
             client = Client(cluster, set_as_default=False)
-        process_list = out / "process_list.csv"
-        run = _Run(self, execution, client, path, config, rows)
+        reporter = get_progress_reporter()
         try:
             if todo or aggregate:
-                run.go(todo, aggregate, {p: s for p, s in patients.items() if p not in done_patients})
+                driver = CohortDriver(client=client, store=store, stages=self._stages(), config=config,
+                                      execution=execution, settings=embed_settings(execution, client),
+                                      outcomes=outcomes, patients=patients, reporter=reporter,
+                                      on_change=writer.maybe_write)
+                try:
+                    driver.run(todo, aggregate, resolved)
+                finally:
+                    reporter.close()
         finally:
             if cluster is not None:
                 client.close()
                 cluster.close()
-            _write_process_list(process_list, rows.values())
-        return self._result(path, rows, patients, process_list)
+            writer.write()
+        return self._result(store, outcomes, patients, process_list)
 
-    def _result(self, path: Path, rows: dict, patients: dict, process_list: Path) -> RunResult:
-        from slide2vec_dask import store
+    def _stages(self):
+        from slide2vec_dask.dataflow.stages import Stages
 
+        model, ex, level = self.model, self.execution, self.model.level
+        stages = Stages(level, model.tile_spec)
+        if level == "tile":
+            return stages
+        spec = model.slide_spec
+        stages.slide_spec, stages.save_latents = spec, ex.save_latents
+        stages.keep_tiles = ex.save_tile_embeddings
+        stages.slide_attrs = {"model": spec.name, "model_key": spec.key, "tile_encoder": spec.tile_encoder.name,
+                              "slide2vec_dask_version": _version()}
+        if level == "patient":
+            stages.patient_spec, stages.keep_slide_rows = model.spec, ex.save_slide_embeddings
+            stages.patient_attrs = {"model": model.spec.name, "model_key": model.spec.key,
+                                    "slide2vec_dask_version": _version()}
+        return stages
+
+    def _what_is_left(self, store, items, outcomes):
+        """Split the slides into skipped, slide stage only (their tiles are in the store), and to do.
+
+        Skipped only when the store holds everything this run asks to keep: a rerun that
+        newly asks for tile embeddings, latents or slide rows recomputes what is missing.
+        """
+        level, ex = self.model.level, self.execution
+        complete = store.finished_slides()
+        rows = store.slide_rows() if level != "tile" else set()
+        patients: dict[str, list[str]] = {}
+        if level == "patient":
+            for it in items:
+                patients.setdefault(outcomes[it.sample_id].patient_id, []).append(it.sample_id)
+        # A patient is done when its embedding was made from exactly these slides.
+        have = store.patient_rows() if level == "patient" else set()
+        done_patients = {p for p, members in patients.items() if p in have and store.patient_slides(p) == members}
+
+        def tiles_kept(sid):
+            return level == "tile" or not ex.save_tile_embeddings or sid in complete
+
+        def slide_kept(sid):
+            return sid in rows and (not ex.save_latents or store.row_has_latents("slide", sid))
+
+        todo, aggregate, resolved = [], [], []
+        for item in items:
+            row, sid = outcomes[item.sample_id], item.sample_id
+            if level == "tile" and sid in complete \
+                    or level == "slide" and slide_kept(sid) and tiles_kept(sid) \
+                    or level == "patient" and row.patient_id in done_patients and tiles_kept(sid) \
+                    and (not ex.save_slide_embeddings or slide_kept(sid)):
+                row.status, row.error = "skipped", "already complete in the store"
+                if level == "tile":
+                    row.num_tiles = store.num_tiles(sid)
+                    row.num_regions = store.num_regions(sid) if store.has_regions(sid) else 0
+                    row.store_group = f"tiles/{sid}"
+                else:
+                    row.store_group = "slides" if level == "slide" else "patients"
+            elif level != "tile" and tiles_kept(sid) and slide_kept(sid):
+                resolved.append(sid)          # its slide row is there; only its patient is missing
+            elif level != "tile" and tiles_kept(sid) and sid in complete:
+                aggregate.append(sid)         # the tile stage of an earlier run is reused
+            else:
+                todo.append(item)
+        return todo, aggregate, resolved, {p: s for p, s in patients.items() if p not in done_patients}
+
+    def _result(self, store, outcomes: dict, patients: dict, process_list: Path) -> RunResult:
         ex, level = self.execution, self.model.level
-        done = [r for r in rows.values() if r.status in ("success", "skipped")]
-        slide_rows = [r.sample_id for r in rows.values() if store.slide_embedded(path, r.sample_id)]
-        patient_rows = [p for p in patients if store.patient_embedded(path, p)]
+        done = [o for o in outcomes.values() if o.ok]
         slides_kept = level == "slide" or (level == "patient" and ex.save_slide_embeddings)
         # This run's rows in input order, then those earlier runs left in the store.
-        if level != "tile":
-            finished = store.finished_rows(path, "slide", list(rows)) if slides_kept else []
-            store.assemble(path, "slide", finished, with_latents=ex.save_latents,
+        if slides_kept:
+            store.assemble("slide", store.finished_rows("slide", list(outcomes)), with_latents=ex.save_latents,
                            attrs={"model": self.model.slide_spec.name})
         if level == "patient":
-            finished = store.finished_rows(path, "patient", list(patients))
-            store.assemble(path, "patient", finished, attrs={
-                "model": self.model.name, "slides": {p: store.patient_slides(path, p) for p in finished}})
-        store.consolidate(path)
-        flat_dir = Path(ex.output_dir)
-        flat = {r.sample_id: [Path(p) for p in r.flat_path.split(";") if p] for r in done}
+            finished = store.finished_rows("patient", list(dict.fromkeys(
+                o.patient_id for o in outcomes.values() if o.patient_id)))
+            store.assemble("patient", finished, attrs={
+                "model": self.model.name, "slides": {p: store.patient_slides(p) for p in finished}})
+        store.finish_run()
         tiles_kept = level == "tile" or ex.save_tile_embeddings
-        artifacts = [TileArtifact(r.sample_id, r.num_tiles, path, f"tiles/{r.sample_id}",
-                                  Path(r.coordinates_path) if r.coordinates_path else None,
-                                  next((p for p in flat[r.sample_id] if "tile_embeddings" in p.parts), None))
-                     for r in done if tiles_kept and store.is_complete(path, r.sample_id)]
-        hierarchical = [HierarchicalArtifact(r.sample_id, store.num_regions(path, r.sample_id), path,
-                                             f"regions/{r.sample_id}",
-                                             next((p for p in flat[r.sample_id]
-                                                   if "hierarchical_embeddings" in p.parts), None))
-                        for r in done if tiles_kept and store.has_regions(path, r.sample_id)]
-        slide_artifacts = []
+        complete = store.finished_slides() if tiles_kept else set()
+
+        def flat(o, folder):
+            return next((Path(p) for p in o.flat_paths if folder in Path(p).parts), None)
+
+        artifacts = [TileArtifact(o.sample_id, o.num_tiles, store.path, f"tiles/{o.sample_id}",
+                                  Path(o.coordinates_path) if o.coordinates_path else None,
+                                  flat(o, "tile_embeddings"))
+                     for o in done if o.sample_id in complete]
+        hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, f"regions/{o.sample_id}",
+                                             flat(o, "hierarchical_embeddings"))
+                        for o in done if o.sample_id in complete and o.num_regions]
+        slide_artifacts, patient_artifacts = [], []
         if slides_kept:
+            rows = store.slide_rows()
             dim = int(self.model.slide_spec.feature_dim)
-            for r in done:
-                if r.sample_id in slide_rows:
-                    slide_artifacts.append(SlideArtifact(
-                        r.sample_id, dim, path, "slides",
-                        store.export_row(path, "slide", r.sample_id, flat_dir, ex.output_format)
-                        if ex.output_format else None, has_latents=ex.save_latents))
-        patient_artifacts = [
-            PatientArtifact(p, list(patients[p]), int(self.model.feature_dim), path, "patients",
-                            store.export_row(path, "patient", p, flat_dir, ex.output_format)
-                            if ex.output_format else None)
-            for p in patients if p in patient_rows]
+            for o in done:
+                if o.sample_id in rows:
+                    path = o.slide_flat_path or (store.export_row("slide", o.sample_id, store.output_dir,
+                                                                  ex.output_format) if ex.output_format else None)
+                    slide_artifacts.append(SlideArtifact(o.sample_id, dim, store.path, "slides",
+                                                         Path(path) if path else None, has_latents=ex.save_latents))
+        if level == "patient":
+            have = store.patient_rows()
+            by_patient = {}
+            for o in outcomes.values():
+                by_patient.setdefault(o.patient_id, []).append(o)
+            for p, members in by_patient.items():
+                if p in have and all(o.ok for o in members):
+                    path = next((o.patient_flat_path for o in members if o.patient_flat_path), "") or (
+                        store.export_row("patient", p, store.output_dir, ex.output_format)
+                        if ex.output_format else None)
+                    patient_artifacts.append(PatientArtifact(p, [o.sample_id for o in members],
+                                                             int(self.model.feature_dim), store.path, "patients",
+                                                             Path(path) if path else None))
+        ordered = list(outcomes.values())
         return RunResult(tile_artifacts=artifacts, hierarchical_artifacts=hierarchical,
                          slide_artifacts=slide_artifacts, patient_artifacts=patient_artifacts,
-                         process_list_path=process_list, store_path=path,
-                         num_failed=sum(r.status == "failed" for r in rows.values()),
-                         num_skipped=sum(r.status == "skipped" for r in rows.values()))
+                         process_list_path=process_list, store_path=store.path,
+                         num_failed=sum(o.status == "failed" for o in ordered),
+                         num_skipped=sum(o.status == "skipped" for o in ordered), outcomes=ordered)
 
 
-class _Run:
-    """One run's bookkeeping on the client: plans, blocks left per slide, finalisation."""
+class _ProcessList:
+    """``process_list.csv``, rewritten atomically as slides finish, at most every few seconds."""
 
-    def __init__(self, pipeline: Pipeline, execution: ExecutionOptions, client, path: Path,
-                 config: PreprocessingConfig, rows: dict):
-        self.p, self.ex, self.client = pipeline, execution, client
-        self.path, self.config, self.rows = path, config, rows
-        self.remaining: dict[str, int] = {}
-        self.finalizing: dict = {}
-        self.region_index: dict = {}
+    def __init__(self, path: Path, outcomes: dict, every: float = 2.0):
+        self.path, self.outcomes, self.every = path, outcomes, every
+        self.last, self.cost = 0.0, 0.0
 
-    def go(self, items, aggregate=(), patients=None) -> None:
-        """Tile stage for ``items``; then, for aggregating models, the slide and patient stages."""
-        if items:
-            self._tiles(items)
-        if self.p.model.level != "tile":
-            self._slides([r for r in self.rows.values() if r.status == "success"] +
-                         [self.rows[s] for s in aggregate])
-        if self.p.model.level == "patient":
-            self._patients(patients or {})
-        self._cleanup()
+    def maybe_write(self) -> None:
+        now = time.monotonic()
+        # Never more than ~10 % of the client's time, however long the manifest.
+        if now - self.last >= max(self.every, 10 * self.cost):
+            self.write()
 
-    def _tiles(self, items) -> None:
-        from functools import partial
-
-        from distributed import as_completed
-
-        from slide2vec_dask import store
-        from slide2vec_dask.dataflow.driver import run_blocks
-        from slide2vec_dask.dataflow.embed import resolve_num_gpus
-        from slide2vec_dask.dataflow.graph import EmbedSettings, tile_embedding_graph
-        from slide2vec_dask.progress import get_progress_reporter
-        from slide2vec_dask.store import write_block
-
-        ex, spec = self.ex, self.p.model.tile_spec
-        futures = {self.client.submit(_plan_task, it, spec, self.config, ex, pure=False): it for it in items}
-        graphs = []
-        settings = EmbedSettings(ex.batch_size, resolve_num_gpus(ex, self.client), ex.precision, ex.channels_last)
-        for future in as_completed(futures, loop=self.client.loop):
-            item, result = futures[future], _outcome(future)
-            row = self.rows[item.sample_id]
-            if isinstance(result, BaseException):
-                row.fail(result)
-                continue
-            slide, plan, seconds = result
-            row.plan_seconds = round(seconds, 3)
-            row.coordinates_path = str(Path(ex.output_dir) / "coordinates" / f"{item.sample_id}.npz")
-            graph = tile_embedding_graph(slide, plan.grid, spec, settings, self.config.use_supertiles,
-                                         sample_id=item.sample_id)
-            graphs.append(graph)
-            store.prepare_slide(self.path, item.sample_id, plan.grid, graph.keep.shape, graph.k, spec.feature_dim)
-            if plan.grid.region_tile_multiple is not None:
-                self.region_index[item.sample_id] = _region_index(plan.grid)
-            self.remaining[item.sample_id] = len(graph.blocks)
-            row.status, row.num_tiles, row.started = "running", plan.grid.num_tiles, time.perf_counter()
-            if not graph.blocks:
-                self._finalize(graph)
-
-        reporter = get_progress_reporter()
-        reporter.start(sum(self.rows[g.sample_id].num_tiles for g in graphs), f"{len(graphs)} slides")
-        path = str(self.path)
-
-        def sink(graph, block):  # runs on the worker that holds the block's embeddings
-            regions = self.region_index.get(graph.sample_id)
-            region = None if regions is None else int(regions[block])
-            return partial(write_block, path, graph.sample_id, block, graph.k, region=region)
-
-        def on_block(graph, block, result):
-            row = self.rows[graph.sample_id]
-            if isinstance(result, BaseException):
-                if row.status != "failed":
-                    row.fail(result)
-            elif row.status == "running":
-                reporter.advance(int(result))
-            self.remaining[graph.sample_id] -= 1
-            if self.remaining[graph.sample_id] == 0 and row.status == "running":
-                self._finalize(graph)
-
-        try:
-            run_blocks(((g, b) for g in graphs for b in g.blocks), on_block, client=self.client,
-                       num_workers=ex.num_workers,
-                       prefetch_factor=ex.prefetch_factor, gpu_resources=settings.num_gpus > 0, sink=sink)
-        finally:
-            reporter.close()
-            for row in self.rows.values():
-                if row.status == "failed":
-                    store.discard_staging(self.path, row.sample_id)
-        for future in as_completed(list(self.finalizing), loop=self.client.loop):
-            row, result = self.rows[self.finalizing[future]], _outcome(future)
-            if isinstance(result, BaseException):
-                row.fail(result)
-            else:
-                row.status, row.store_group = "success", f"tiles/{row.sample_id}"
-                row.flat_path = ";".join(result)
-                row.embed_seconds = round(time.perf_counter() - row.started, 3)
-
-    # -- aggregation stages -------------------------------------------------------------------
-    def _settings(self):
-        from slide2vec_dask.dataflow.embed import resolve_num_gpus
-        from slide2vec_dask.dataflow.graph import EmbedSettings
-
-        ex = self.ex
-        return EmbedSettings(ex.batch_size, resolve_num_gpus(ex, self.client), ex.precision, ex.channels_last)
-
-    def _slides(self, rows) -> None:
-        """One task per slide, on a GPU worker: tiles/<id> from the store -> _slides/<id>."""
-        from distributed import as_completed
-
-        from slide2vec_dask import store
-        from slide2vec_dask.dataflow.aggregate import slide_task
-
-        spec, settings = self.p.model.slide_spec, self._settings()
-        resources = {"GPU": 1} if settings.num_gpus > 0 else None
-        attrs = {"model": spec.name, "model_key": spec.key, "tile_encoder": spec.tile_encoder.name,
-                 "slide2vec_dask_version": _version()}
-        futures = {}
-        for row in rows:
-            if store.slide_embedded(self.path, row.sample_id, with_latents=self.ex.save_latents):
-                row.status = "success"
-                continue
-            row.started = row.started or time.perf_counter()
-            futures[self.client.submit(slide_task, str(self.path), row.sample_id, spec, settings,
-                                       self.ex.save_latents, attrs, pure=False, resources=resources)] = row
-        for future in as_completed(list(futures), loop=self.client.loop):
-            row, result = futures[future], _outcome(future)
-            if isinstance(result, BaseException):
-                row.fail(result if result.args else RuntimeError(f"{row.sample_id}: slide encoder failed"))
-                continue
-            row.status, row.num_tiles = "success", int(result)
-            row.embed_seconds = round(time.perf_counter() - row.started, 3)
-        for row in rows:
-            if row.status == "success":
-                row.store_group = "slides" if self.p.model.level == "slide" else "patients"
-
-    def _patients(self, patients: dict[str, list[str]]) -> None:
-        """One task per patient whose slides all have their slide embedding."""
-        from distributed import as_completed
-
-        from slide2vec_dask.dataflow.aggregate import patient_task
-
-        spec, settings = self.p.model.spec, self._settings()
-        resources = {"GPU": 1} if settings.num_gpus > 0 else None
-        attrs = {"model": spec.name, "model_key": spec.key, "slide2vec_dask_version": _version()}
-        futures = {}
-        for patient_id, sample_ids in patients.items():
-            failed = [s for s in sample_ids if self.rows[s].status != "success"]
-            if failed:
-                for s in sample_ids:
-                    if self.rows[s].status == "success":
-                        self.rows[s].fail(RuntimeError(f"patient {patient_id!r} has no embedding: its slide(s) "
-                                                       f"{failed} failed (see their rows)"))
-                continue
-            futures[self.client.submit(patient_task, str(self.path), patient_id, list(sample_ids), spec,
-                                       settings, attrs, pure=False, resources=resources)] = patient_id
-        for future in as_completed(list(futures), loop=self.client.loop):
-            patient_id, result = futures[future], _outcome(future)
-            if isinstance(result, BaseException):
-                for s in patients[patient_id]:
-                    self.rows[s].fail(result)
-
-    def _cleanup(self) -> None:
-        """Drop the intermediates a slide/patient-level run was not asked to keep."""
-        from slide2vec_dask import store
-
-        level, ex = self.p.model.level, self.ex
-        if level == "tile":
-            return
-        for row in self.rows.values():
-            if row.status != "success":
-                continue
-            if not ex.save_tile_embeddings:
-                store.drop(self.path, f"tiles/{row.sample_id}")
-                store.drop(self.path, f"regions/{row.sample_id}")
-            if level == "patient" and not ex.save_slide_embeddings:
-                store.drop(self.path, f"{store.SLIDE_ROWS}/{row.sample_id}")
-
-    def _finalize(self, graph) -> None:
-        ex = self.ex
-        row = self.rows[graph.sample_id]
-        attrs = {"sample_id": graph.sample_id, "image_path": row.image_path, "mask_path": row.mask_path,
-                 "encoder": self.p.model.tile_spec.name, "feature_dim": int(self.p.model.tile_spec.feature_dim),
-                 "read_level": int(graph.level), "read_tile_size_px": int(graph.read_tile),
-                 "slide2vec_dask_version": _version()}
-        tiles_kept = self.p.model.level == "tile" or ex.save_tile_embeddings
-        future = self.client.submit(_finalize_task, str(self.path), graph.sample_id, row.coordinates_path,
-                                    graph.k, attrs, ex.output_format if tiles_kept else None, str(ex.output_dir),
-                                    pure=False)
-        self.finalizing[future] = graph.sample_id
-
-
-def _region_index(grid):
-    """(region rows, region cols) -> row of the region in ``regions/<id>`` (-1: not kept)."""
-    import numpy as np
-
-    index = np.full(grid.region_shape, -1, dtype=np.int64)
-    index[grid.region_keep] = np.arange(grid.num_regions)
-    return index
-
-
-def _outcome(future):
-    """A finished future's result, or its exception (not raised: one slide's failure is its own)."""
-    return future.exception() if future.status == "error" else future.result()
+    def write(self) -> None:
+        start = time.monotonic()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
+            writer.writeheader()
+            for outcome in self.outcomes.values():
+                writer.writerow(outcome.csv_row())
+        tmp.replace(self.path)
+        self.last = time.monotonic()
+        self.cost = self.last - start
 
 
 def _version() -> str:
     from slide2vec_dask import __version__
 
     return __version__
-
-
-def _plan_task(item, spec, config, execution):
-    """Worker side: open and plan one slide (timed).
-
-    A bad slide is an expected outcome, not a crash: its error is returned as
-    the result (no worker traceback in the logs) and becomes its failed row.
-    """
-    from slide2vec_dask.dataflow.embed import plan_for
-
-    start = time.perf_counter()
-    try:
-        slide, plan = plan_for(item, spec, config, execution)
-    except (OSError, ValueError, NotImplementedError) as exc:
-        return exc
-    return slide, plan, time.perf_counter() - start
-
-
-def _finalize_task(path: str, sample_id: str, plan_path: str, k: int, attrs: dict, output_format, output_dir):
-    from slide2vec_dask import store
-
-    store.finalize_slide(path, sample_id, plan_path, k, attrs)
-    if output_format is None:
-        return []
-    return [str(p) for p in store.export_flat(path, sample_id, Path(output_dir), output_format)]
-
-
-def _write_process_list(path: Path, rows) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
-    tmp.replace(path)

@@ -139,7 +139,7 @@ class PatientArtifact:
 
 @dataclass
 class RunResult:
-    """What `Pipeline.run` produced; ``num_failed`` slides are in process_list.csv with their error."""
+    """What `Pipeline.run` produced: artifacts, and one `SlideOutcome` per slide (also in process_list.csv)."""
 
     tile_artifacts: list[TileArtifact]
     process_list_path: Path
@@ -149,3 +149,57 @@ class RunResult:
     patient_artifacts: list = field(default_factory=list)
     num_failed: int = 0
     num_skipped: int = 0
+    outcomes: list = field(default_factory=list)   # one SlideOutcome per slide, in input order
+
+    @property
+    def num_succeeded(self) -> int:
+        return sum(o.status == "success" for o in self.outcomes)
+
+    @property
+    def failed(self) -> list:
+        """The failed slides' outcomes (each with its error)."""
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
+                        "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
+                        "flat_path"]
+
+
+@dataclass
+class SlideOutcome:
+    """What happened to one slide of a run: one row of ``process_list.csv``.
+
+    ``status``: ``success``, ``skipped`` (complete in the store already) or
+    ``failed`` (``error_type`` / ``error`` say why); while a run goes on also
+    ``pending``, ``planning``, ``running``, ``aggregating``, ``waiting for patient``.
+    """
+
+    sample_id: str
+    image_path: str
+    mask_path: str = ""
+    patient_id: str = ""
+    status: str = "pending"
+    error_type: str = ""
+    error: str = ""
+    num_tiles: int = 0
+    num_regions: int = 0
+    plan_seconds: float = 0.0
+    embed_seconds: float = 0.0
+    store_group: str = ""
+    coordinates_path: str = ""
+    flat_paths: list = field(default_factory=list)   # tile (and region) files, output_format
+    slide_flat_path: str = ""
+    patient_flat_path: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("success", "skipped")
+
+    def fail(self, exc: BaseException) -> None:
+        self.status, self.error_type, self.error = "failed", type(exc).__name__, str(exc).replace("\n", " ")
+
+    def csv_row(self) -> dict[str, Any]:
+        paths = [p for p in (*self.flat_paths, self.slide_flat_path, self.patient_flat_path) if p]
+        row = {c: getattr(self, c) for c in PROCESS_LIST_COLUMNS if c != "flat_path"}
+        return {**row, "flat_path": ";".join(str(p) for p in paths)}

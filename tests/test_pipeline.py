@@ -180,37 +180,62 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
-def test_killed_run_resumes_to_the_same_store(tiny, slides, tmp_path, vit_tiny_checkpoint, syn_svs):
+def test_killed_run_leaves_an_open_store_a_true_process_list_and_resumes(tiny, slides, tmp_path,
+                                                                         vit_tiny_checkpoint, syn_svs):
+    """A client killed mid-run (with its scheduler and workers, as a crashed node):
+
+    the store opens with `open_embeddings` and holds exactly the finished slides,
+    `process_list.csv` already lists the slides finished before the kill, and a
+    rerun completes to the same store as a clean run.
+    """
+    ids = ["small", "syn", "syn2", "syn3", "syn4"]
+    rows = [f"small,{slides.parent / 'small.svs'}"] + [f"{s},{syn_svs}" for s in ids[1:]]
     manifest = tmp_path / "m.csv"
-    manifest.write_text(f"sample_id,image_path\nsmall,{slides.parent / 'small.svs'}\nsyn,{syn_svs}\n")
+    manifest.write_text("sample_id,image_path\n" + "\n".join(rows) + "\n")
     script = tmp_path / "run.py"
     script.write_text(KILLED_RUN)
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(vit_tiny_checkpoint), str(out), str(manifest)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    staging = out / "embeddings.zarr" / "_staging" / "syn" / "c"
+    process_list = out / "process_list.csv"
+    staging = out / ".slide2vec-work" / "staging"
     deadline = time.time() + 240
-    while not staging.exists() and proc.poll() is None and time.time() < deadline:
+
+    def finished_before_kill():
+        try:
+            return {s for s, r in read_rows(process_list).items() if r["status"] == "success"}
+        except (OSError, KeyError):
+            return set()
+
+    while proc.poll() is None and time.time() < deadline and not (
+            finished_before_kill() and staging.is_dir() and any(staging.iterdir())):
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)     # the client, its scheduler and its workers: a crashed node
     proc.wait()
-    assert not (out / "embeddings.zarr" / "tiles" / "syn").exists()
+    listed = finished_before_kill()
+    assert listed and len(listed) < len(ids)
+
+    tree = open_embeddings(out)
+    in_store = set(tree["tiles"].children)
+    assert listed <= in_store < set(ids)
+    assert all(k in ("tiles",) for k in tree.children)   # no work in progress in the user's view
 
     execution = ExecutionOptions(output_dir=out, batch_size=4)
     resumed = Pipeline(tiny, PreprocessingConfig(**EXACT), execution).run(manifest_path=manifest)
     clean = Pipeline(tiny, PreprocessingConfig(**EXACT), execution.replace(output_dir=tmp_path / "clean")).run(
         manifest_path=manifest)
-    rows = read_rows(resumed.process_list_path)
-    assert rows["syn"]["status"] == "success"
-    for sample in ("small", "syn"):
+    outcome = {o.sample_id: o.status for o in resumed.outcomes}
+    assert all(outcome[s] == "skipped" for s in in_store)
+    assert all(outcome[s] == "success" for s in set(ids) - in_store)
+    for sample in ids:
         a = xr.open_zarr(resumed.store_path, group=f"tiles/{sample}")
         b = xr.open_zarr(clean.store_path, group=f"tiles/{sample}")
         assert a.sizes == b.sizes
         np.testing.assert_array_equal(a.x.values, b.x.values)
         np.testing.assert_array_equal(a.y.values, b.y.values)
         np.testing.assert_allclose(a.embedding.values, b.embedding.values, atol=1e-5)
-    assert not (out / "embeddings.zarr" / "_staging").exists()
+    assert not (out / ".slide2vec-work").exists()
 
 
 def test_hierarchical_run_writes_regions(tiny, slides, cluster, tmp_path, syn_svs):

@@ -38,36 +38,6 @@ def encode_patient(spec: AggregatorSpec, slide_embeddings: np.ndarray, settings:
     return worker.run_on_device(settings.num_gpus, run)
 
 
-def slide_task(path: str, sample_id: str, spec: AggregatorSpec, settings: EmbedSettings, save_latents: bool,
-               attrs: dict[str, Any]) -> int:
-    """Worker side: ``tiles/<id>`` -> ``_slides/<id>``; returns the number of tiles aggregated."""
-    from slide2vec_dask import store
-    from slide2vec_dask.dataflow import worker
-
-    def run(device):
-        # Read on the device's own thread, straight into device memory: no full copy on the host.
-        features, coords, tile_size_lv0 = store.read_tile_features(path, sample_id, device)
-        encoded = worker.get_aggregator(spec, device, settings.precision).encode_slide(features, coords,
-                                                                                      tile_size_lv0)
-        return (*encoded, coords)
-
-    embedding, latents, coords = worker.run_on_device(settings.num_gpus, run)
-    store.write_slide_embedding(path, sample_id, embedding, latents if save_latents else None,
-                                {**attrs, "num_tiles": int(len(coords))})
-    return int(len(coords))
-
-
-def patient_task(path: str, patient_id: str, sample_ids: list[str], spec: AggregatorSpec,
-                 settings: EmbedSettings, attrs: dict[str, Any]) -> int:
-    """Worker side: the slides' rows in ``_slides`` -> ``_patients/<patient_id>``."""
-    from slide2vec_dask import store
-
-    slides = np.stack([store.read_slide_embedding(path, s) for s in sample_ids])
-    embedding = encode_patient(spec, slides, settings)
-    store.write_patient_embedding(path, patient_id, embedding, {**attrs, "sample_ids": list(sample_ids)})
-    return len(sample_ids)
-
-
 def aggregate_in_memory(results: list, spec: AggregatorSpec, execution) -> None:
     """Fill ``slide_embedding`` (and ``latents``) of in-memory `EmbeddedSlide` results.
 
@@ -78,11 +48,11 @@ def aggregate_in_memory(results: list, spec: AggregatorSpec, execution) -> None:
     import torch
 
     from slide2vec_dask.dataflow.clusters import resolve_client
-    from slide2vec_dask.dataflow.embed import resolve_num_gpus
+    from slide2vec_dask.dataflow.embed import embed_settings
 
     client = resolve_client(execution.scheduler_address)
-    num_gpus = resolve_num_gpus(execution, client)
-    settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)
+    settings = embed_settings(execution, client)
+    num_gpus = settings.num_gpus
     inputs = [(r.tile_embeddings.numpy(), np.stack([r.x, r.y], axis=1).astype(np.int64), r.tile_size_lv0)
               for r in results]
     for r, (features, _, _) in zip(results, inputs):
@@ -107,11 +77,11 @@ def aggregate_in_memory(results: list, spec: AggregatorSpec, execution) -> None:
 
 def patient_in_memory(slide_embeddings: np.ndarray, spec: AggregatorSpec, execution) -> np.ndarray:
     from slide2vec_dask.dataflow.clusters import resolve_client
-    from slide2vec_dask.dataflow.embed import resolve_num_gpus
+    from slide2vec_dask.dataflow.embed import embed_settings
 
     client = resolve_client(execution.scheduler_address)
-    num_gpus = resolve_num_gpus(execution, client)
-    settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)
+    settings = embed_settings(execution, client)
+    num_gpus = settings.num_gpus
     if client is not None:
         return client.submit(encode_patient, spec, slide_embeddings, settings, pure=False,
                              resources={"GPU": 1} if num_gpus > 0 else None).result()
@@ -124,41 +94,46 @@ def patient_in_memory(slide_embeddings: np.ndarray, spec: AggregatorSpec, execut
 
 
 def aggregate_stored(artifacts: list, spec: AggregatorSpec, execution) -> list:
-    """`Model.aggregate_tiles`: slide_task for each tile artifact, then the ``slides`` table per store."""
+    """`Model.aggregate_tiles`: the Pipeline's slide task for each tile artifact, then each store's ``slides``."""
     from pathlib import Path
 
-    from slide2vec_dask import store
     from slide2vec_dask.dataflow.clusters import resolve_client
-    from slide2vec_dask.dataflow.embed import resolve_num_gpus
+    from slide2vec_dask.dataflow.embed import embed_settings
+    from slide2vec_dask.dataflow.tasks import slide_task
     from slide2vec_dask.results import SlideArtifact
+    from slide2vec_dask.store import EmbeddingStore
 
     client = resolve_client(execution.scheduler_address)
-    num_gpus = resolve_num_gpus(execution, client)
-    settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)
+    settings = embed_settings(execution, client)
     attrs = {"model": spec.name, "model_key": spec.key, "tile_encoder": spec.tile_encoder.name}
+    stores = {a.sample_id: EmbeddingStore(Path(a.store_path).parent) for a in artifacts}
     for a in artifacts:
-        stored = store.tile_encoder_of(a.store_path, a.sample_id)
+        stored = stores[a.sample_id].tile_encoder(a.sample_id)
         if stored != spec.tile_encoder.name:
             raise ValueError(f"{a.sample_id}: its tile embeddings were made by {stored!r}, but {spec.name!r} "
                              f"aggregates {spec.tile_encoder.name!r} features")
-    args = [(str(a.store_path), a.sample_id, spec, settings, execution.save_latents, attrs) for a in artifacts]
+    args = [(stores[a.sample_id], a.sample_id, spec, settings, execution.save_latents, attrs, True, None)
+            for a in artifacts]
     if client is not None:
-        client.gather([client.submit(slide_task, *arg, pure=False, resources={"GPU": 1} if num_gpus > 0 else None)
-                       for arg in args])
+        results = client.gather([client.submit(slide_task, *arg, pure=False,
+                                               resources={"GPU": 1} if settings.num_gpus > 0 else None)
+                                 for arg in args])
     else:
-        for arg in args:
-            slide_task(*arg)
+        results = [slide_task(*arg) for arg in args]
+    for a, result in zip(artifacts, results):
+        if isinstance(result, BaseException):
+            raise result
     out = []
-    for path in dict.fromkeys(Path(a.store_path) for a in artifacts):
-        first = [a.sample_id for a in artifacts if Path(a.store_path) == path]
-        store.assemble(path, "slide", store.finished_rows(path, "slide", first), with_latents=execution.save_latents,
+    for store in {str(s.path): s for s in stores.values()}.values():
+        first = [a.sample_id for a in artifacts if stores[a.sample_id].path == store.path]
+        store.assemble("slide", store.finished_rows("slide", first), with_latents=execution.save_latents,
                        attrs={"model": spec.name})
-        store.consolidate(path)
+        store.finish_run()
     for a in artifacts:
         flat = None
         if execution.output_format is not None:
             folder = Path(execution.output_dir) if execution.output_dir is not None else Path(a.store_path).parent
-            flat = store.export_row(a.store_path, "slide", a.sample_id, folder, execution.output_format)
+            flat = stores[a.sample_id].export_row("slide", a.sample_id, folder, execution.output_format)
         out.append(SlideArtifact(a.sample_id, int(spec.feature_dim), Path(a.store_path), "slides", flat,
                                  has_latents=execution.save_latents))
     return out

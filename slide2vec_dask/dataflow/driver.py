@@ -43,14 +43,14 @@ def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Cal
     join or leave (an adaptive SLURM or Kubernetes cluster that starts small).
     """
     if client is not None:
-        _run_distributed(jobs, on_block, client, _window(client, num_workers, prefetch_factor), gpu_resources, sink)
+        _run_distributed(jobs, on_block, client, window_size(client, num_workers, prefetch_factor), gpu_resources, sink)
     elif sink is not None:
         raise ValueError("a sink needs a distributed client")
     else:
         _run_local(jobs, on_block, num_workers or default_threads(), prefetch_factor)
 
 
-def _window(client, num_workers: int | None, prefetch_factor: int, every: float = 1.0) -> Callable[[], int]:
+def window_size(client, num_workers: int | None, prefetch_factor: int, every: float = 1.0) -> Callable[[], int]:
     """Blocks in flight: fixed for a given ``num_workers``, else the cluster's threads (asked at most every ``every`` s)."""
     if num_workers:
         return lambda: num_workers * prefetch_factor

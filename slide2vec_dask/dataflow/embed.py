@@ -129,8 +129,8 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
         raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
                          "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
     client = resolve_client(execution.scheduler_address)
-    num_gpus = resolve_num_gpus(execution, client)
-    settings = EmbedSettings(execution.batch_size, num_gpus, execution.precision, execution.channels_last)
+    settings = embed_settings(execution, client)
+    num_gpus = settings.num_gpus
 
     planners = execution.num_preprocessing_workers or min(len(items), default_threads()) or 1
     with cf.ThreadPoolExecutor(planners, thread_name_prefix="slide2vec-plan") as pool:
@@ -187,6 +187,12 @@ class _Collector:
         if self.regions is not None:
             self.regions[self.region_index[block]] = result.reshape(k * k, -1)
         return int(kept.sum())
+
+
+def embed_settings(execution: ExecutionOptions, client) -> EmbedSettings:
+    """What every embedding task of a call needs from its options (the one place they are read)."""
+    return EmbedSettings(execution.batch_size, resolve_num_gpus(execution, client), execution.precision,
+                         execution.channels_last)
 
 
 def resolve_num_gpus(execution: ExecutionOptions, client) -> int:

@@ -1,0 +1,490 @@
+"""`EmbeddingStore`: the one object that knows the run's layout on disk.
+
+Layout (Zarr v3, readable with plain xarray)::
+
+    <output_dir>/embeddings.zarr          what users open: only finished things
+      tiles/<sample_id>     embedding (tile, feature); coords x, y (tile), level-0 px;
+                            tissue_fraction (tile); attrs: provenance
+      regions/<sample_id>   hierarchical mode: embedding (region, tile_in_region, feature),
+                            region_x, region_y, tile_mask; one region = one block = one chunk
+      slides                slide-level models: embedding (slide, feature), coord sample_id;
+                            latents (slide, latent, latent_feature) when asked
+      patients              patient-level models: embedding (patient, feature), coord patient_id;
+                            attrs["slides"]: {patient_id: [sample_id, ...]}
+      _slides/<sample_id>   one slide's embedding (and latents) as its worker wrote it
+      _patients/<patient_id> one patient's embedding as its worker wrote it
+    <output_dir>/.slide2vec-work/         work in progress, never part of the user's view
+      staging/<sample_id>   grid (row, col, feature) on the tile grid; regions/ while running
+      publish/, trash/      groups being built, groups being replaced
+
+Why it is laid out so:
+
+* A block of k x k tiles is exactly one chunk of its slide's staging grid,
+  so every worker writes its own chunk with no coordination and no data
+  through the client.
+* Every finished group is built aside and *renamed* into the store: a group
+  under ``tiles/``, ``regions/``, ``_slides/`` or ``_patients/`` is complete
+  by being there.  A crash, a user opening the store mid-run, or a task run
+  twice after a lost worker never sees half a group; a second finalisation
+  of a slide finds it published and does nothing.
+* Consolidated metadata is a snapshot: it is dropped when a run starts and
+  rewritten when it ends, so the store opens the same way mid-run, after a
+  crash (group by group) and after the run (in one read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slide2vec_dask.store import flat, schema
+
+STORE_NAME = "embeddings.zarr"
+WORK_NAME = ".slide2vec-work"
+SLIDE_ROWS = "_slides"
+PATIENT_ROWS = "_patients"
+_FLAT_CHUNK_BYTES = 8 << 20
+_ROWS = {"slide": (SLIDE_ROWS, "slides", "slide", "sample_id"),
+         "patient": (PATIENT_ROWS, "patients", "patient", "patient_id")}
+
+
+def store_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / STORE_NAME
+
+
+def _open_group(path: Path, mode: str = "a"):
+    import zarr
+
+    # Never the consolidated view: it is a snapshot, and workers add groups while a run goes on.
+    return zarr.open_group(str(path), mode=mode, zarr_format=3, use_consolidated=False)
+
+
+class EmbeddingStore:
+    """The run's store under ``output_dir``; small and picklable, so tasks carry it.
+
+    The client asks it what is done and assembles the tables; workers write
+    blocks, finalise slides and write slide/patient rows through it.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / STORE_NAME
+        self.work = self.output_dir / WORK_NAME
+
+    def __repr__(self) -> str:
+        return f"EmbeddingStore({str(self.output_dir)!r})"
+
+    def __reduce__(self):
+        return EmbeddingStore, (str(self.output_dir),)
+
+    # -- the run -----------------------------------------------------------------------------
+    def begin_run(self, run_attrs: dict[str, Any], overwrite: bool) -> None:
+        """Create the store, or check that the existing one was made with the same settings."""
+        import zarr
+
+        if self.path.exists() and not overwrite:
+            existing = dict(_open_group(self.path).attrs).get("run")
+            if existing is not None and existing != run_attrs:
+                changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
+                raise ValueError(
+                    f"{self.path} holds a run made with other settings ({', '.join(changed)} differ); "
+                    "use another output_dir, or ExecutionOptions(overwrite=True) to replace it")
+        if overwrite:
+            shutil.rmtree(self.work, ignore_errors=True)
+        root = zarr.open_group(str(self.path), mode="w" if overwrite else "a", zarr_format=3,
+                               use_consolidated=False)
+        root.attrs["run"] = run_attrs
+        for name in ("tiles",):
+            if name not in root:
+                root.create_group(name)
+        self._drop_consolidated()
+        for sub in ("staging", "publish", "trash"):
+            (self.work / sub).mkdir(parents=True, exist_ok=True)
+
+    def finish_run(self) -> None:
+        """Consolidate metadata so readers open the finished store in one read; tidy the work area."""
+        import warnings
+
+        import zarr
+
+        shutil.rmtree(self.work / "publish", ignore_errors=True)
+        shutil.rmtree(self.work / "trash", ignore_errors=True)
+        with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
+            warnings.simplefilter("ignore")
+            zarr.consolidate_metadata(str(self.path))
+        staging = self.work / "staging"
+        if staging.is_dir() and not any(staging.iterdir()):
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _drop_consolidated(self) -> None:
+        meta = self.path / "zarr.json"
+        doc = json.loads(meta.read_text())
+        if doc.pop("consolidated_metadata", None) is not None:
+            _write_json(meta, doc)
+
+    def is_consolidated(self) -> bool:
+        try:
+            return json.loads((self.path / "zarr.json").read_text()).get("consolidated_metadata") is not None
+        except OSError:
+            return False
+
+    # -- what is done (client side; listings, not one open per slide) ------------------------
+    def finished_slides(self) -> set[str]:
+        """Sample ids whose tile embeddings are published under ``tiles/``."""
+        return _published(self.path / "tiles")
+
+    def slide_rows(self) -> set[str]:
+        return _published(self.path / SLIDE_ROWS)
+
+    def patient_rows(self) -> set[str]:
+        return _published(self.path / PATIENT_ROWS)
+
+    def is_complete(self, sample_id: str) -> bool:
+        return (self.path / "tiles" / sample_id / "zarr.json").is_file()
+
+    def has_row(self, level: str, key: str) -> bool:
+        return (self.path / _ROWS[level][0] / key / "zarr.json").is_file()
+
+    def row_has_latents(self, level: str, key: str) -> bool:
+        return (self.path / _ROWS[level][0] / key / "latents" / "zarr.json").is_file()
+
+    def row_attrs(self, level: str, key: str) -> dict[str, Any]:
+        return _attrs(self.path / _ROWS[level][0] / key)
+
+    def patient_slides(self, patient_id: str) -> list[str]:
+        """The slides a stored patient embedding was made from, in order."""
+        return list(self.row_attrs("patient", patient_id).get("sample_ids", []))
+
+    def tile_attrs(self, sample_id: str) -> dict[str, Any]:
+        return _attrs(self.path / "tiles" / sample_id)
+
+    def num_tiles(self, sample_id: str) -> int:
+        return int(self.tile_attrs(sample_id).get("num_tiles", 0))
+
+    def has_regions(self, sample_id: str) -> bool:
+        return (self.path / "regions" / sample_id / "zarr.json").is_file()
+
+    def num_regions(self, sample_id: str) -> int:
+        return int(_attrs(self.path / "regions" / sample_id).get("num_regions", 0))
+
+    def tile_encoder(self, sample_id: str) -> str:
+        """Which tile encoder made a finished slide's tile embeddings."""
+        if not self.is_complete(sample_id):
+            raise FileNotFoundError(f"{sample_id}: no finished tile embeddings at {self.path}/tiles/{sample_id}")
+        return str(self.tile_attrs(sample_id).get("encoder", ""))
+
+    # -- the tile stage (worker side) ---------------------------------------------------------
+    def _staging(self, sample_id: str) -> Path:
+        return self.work / "staging" / sample_id
+
+    def prepare_slide(self, sample_id: str, grid, staging_shape: tuple[int, int], k: int, feature_dim: int) -> None:
+        """A fresh staging grid (and regions) for the slide; unfinished output of earlier runs goes."""
+        import zarr
+
+        stale = self.path / "regions" / sample_id   # regions of a slide whose tiles never got published
+        if stale.exists():
+            self._retire(stale)
+        staging = self._staging(sample_id)
+        if staging.exists():
+            self._retire(staging)
+        root = zarr.open_group(str(staging), mode="w", zarr_format=3)
+        root.create_array("grid", shape=(*staging_shape, feature_dim), chunks=(k, k, feature_dim),
+                          dtype="float32", fill_value=np.nan, dimension_names=["row", "col", "feature"])
+        if grid.region_tile_multiple is None:
+            return
+        # One region is one block is one chunk: blocks write their region's row directly.
+        group = root.create_group("regions")
+        n, t = grid.num_regions, k * k
+        group.create_array("embedding", shape=(n, t, feature_dim), chunks=(1, t, feature_dim), dtype="float32",
+                           fill_value=np.nan, dimension_names=list(schema.REGION_DIMS),
+                           attributes={"coordinates": "region_x region_y", **schema.REGION_EMBEDDING_ATTRS})
+        _vector(group, "region_x", grid.region_x, schema.REGION_COORDS["region_x"], "region")
+        _vector(group, "region_y", grid.region_y, schema.REGION_COORDS["region_y"], "region")
+        mask = group.create_array("tile_mask", shape=(n, t), chunks=(max(1, n), t), dtype="bool", fill_value=False,
+                                  dimension_names=list(schema.REGION_MASK_DIMS), attributes=schema.TILE_MASK_ATTRS)
+        if n:
+            mask[:] = grid.tile_mask
+
+    def write_block(self, sample_id: str, block: tuple[int, int], k: int, embeddings: np.ndarray,
+                    region: int | None = None) -> int:
+        """One block's embeddings into its own chunk of the staging grid (and its region row)."""
+        import zarr
+
+        staging = self._staging(sample_id)
+        grid = zarr.open_array(str(staging / "grid"), mode="r+")
+        r0, c0 = block[0] * k, block[1] * k
+        grid[r0 : r0 + embeddings.shape[0], c0 : c0 + embeddings.shape[1], :] = embeddings
+        if region is not None:
+            regions = zarr.open_array(str(staging / "regions" / "embedding"), mode="r+")
+            regions[region] = embeddings.reshape(k * k, -1)
+        return int(np.isfinite(embeddings[..., 0]).sum())
+
+    def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> dict[str, int]:
+        """Staging grid -> flat row-major ``tiles/<id>`` (and ``regions/<id>``), published by rename.
+
+        Safe to run twice or concurrently: a slide already published is left as it is.
+        """
+        from slide2vec_dask.tiling.grid import TileGrid
+
+        grid = TileGrid.load(plan_path)
+        done = {"num_tiles": grid.num_tiles, "num_regions": grid.num_regions if grid.region_tile_multiple else 0}
+        if self.is_complete(sample_id):
+            return done
+        staging = self._staging(sample_id)
+        try:
+            tmp = self._build_tiles(staging, sample_id, grid, k, attrs)
+        except (FileNotFoundError, KeyError):
+            if self.is_complete(sample_id):   # another run of this task published it meanwhile
+                return done
+            raise
+        if grid.region_tile_multiple is not None:
+            regions = _open_group(staging / "regions")
+            regions.attrs.update({**attrs, "num_regions": grid.num_regions, "region_tile_multiple": k,
+                                  "tile_size_lv0": grid.tile_size_lv0, "sub_tile_order": schema.SUB_TILE_ORDER,
+                                  "complete": True})
+            self._publish(staging / "regions", self.path / "regions" / sample_id, replace=True)
+        self._publish(tmp, self.path / "tiles" / sample_id, replace=False)
+        shutil.rmtree(staging, ignore_errors=True)
+        return done
+
+    def _build_tiles(self, staging: Path, sample_id: str, grid, k: int, attrs: dict[str, Any]) -> Path:
+        import zarr
+
+        source = zarr.open_array(str(staging / "grid"), mode="r")
+        feature_dim = source.shape[2]
+        n = grid.num_tiles
+        chunk = max(1, min(n, _FLAT_CHUNK_BYTES // (4 * feature_dim)))
+        tmp = self._scratch()
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        emb = group.create_array(
+            "embedding", shape=(n, feature_dim), chunks=(chunk, feature_dim), dtype="float32", fill_value=np.nan,
+            dimension_names=list(schema.TILE_DIMS),
+            attributes={"coordinates": "x y", **schema.TILE_EMBEDDING_ATTRS, "encoder": attrs.get("encoder", "")})
+        written, pending = 0, []
+
+        def flush(final: bool) -> None:
+            nonlocal written, pending
+            rows = np.concatenate(pending)
+            take = len(rows) if final else len(rows) // chunk * chunk   # chunk-aligned until the last
+            emb[written : written + take] = rows[:take]
+            written, pending = written + take, [rows[take:]]
+
+        for r0 in range(0, grid.shape[0], k):
+            keep = grid.keep[r0 : r0 + k]
+            if not keep.any():
+                continue
+            rows = source[r0 : r0 + keep.shape[0], : keep.shape[1]][keep]
+            if np.isnan(rows[:, 0]).any():
+                raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} "
+                                   "never landed")
+            pending.append(rows)
+            if sum(len(p) for p in pending) >= chunk:
+                flush(final=False)
+        if pending:
+            flush(final=True)
+        if written != n:
+            raise RuntimeError(f"{sample_id}: wrote {written} tile rows, the plan has {n}")
+        rows, cols = grid.rows_cols
+        _vector(group, "x", grid.x, schema.TILE_COORDS["x"])
+        _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
+        _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], schema.TISSUE_FRACTION_ATTRS)
+        group.attrs.update({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
+                            "tile_size_lv0_units": schema.LEVEL0_PX,
+                            "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
+                            "complete": True})
+        return tmp
+
+    def discard_staging(self, sample_id: str) -> None:
+        shutil.rmtree(self._staging(sample_id), ignore_errors=True)
+
+    def has_staging(self, sample_id: str) -> bool:
+        return self._staging(sample_id).exists()
+
+    # -- the slide and patient stages (worker side) ------------------------------------------
+    def read_tile_features(self, sample_id: str, device: str = "cpu"):
+        """A finished slide's ``(N, D)`` features as a float32 tensor on ``device``,
+        its ``(N, 2)`` level-0 x/y and tile size (level 0).
+
+        The features are copied chunk by chunk into a tensor allocated once on
+        the device: on a GPU the host never holds the whole matrix, on a CPU it
+        holds it once (plus one chunk), whatever the number of tiles.
+        """
+        import torch
+
+        group = _open_group(self.path / "tiles" / sample_id, mode="r")
+        coords = np.stack([group["x"][:], group["y"][:]], axis=1).astype(np.int64)
+        emb = group["embedding"]
+        features = torch.empty(emb.shape, dtype=torch.float32, device=device)
+        step = max(1, emb.chunks[0])
+        for start in range(0, emb.shape[0], step):
+            features[start : start + step].copy_(torch.from_numpy(emb[start : start + step]))
+        return features, coords, int(group.attrs["tile_size_lv0"])
+
+    def write_row(self, level: str, key: str, embedding: np.ndarray, latents: np.ndarray | None,
+                  attrs: dict[str, Any]) -> None:
+        """One slide's (patient's) vector, built aside and published over any older row."""
+        import zarr
+
+        tmp = self._scratch()
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.create_array("embedding", data=np.asarray(embedding, dtype=np.float32), dimension_names=["feature"])
+        if latents is not None:
+            group.create_array("latents", data=np.asarray(latents, dtype=np.float32),
+                               dimension_names=["latent", "latent_feature"])
+        group.attrs.update({**attrs, "complete": True})
+        self._ensure_group(_ROWS[level][0])
+        self._publish(tmp, self.path / _ROWS[level][0] / key, replace=True)
+
+    def read_row(self, level: str, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embedding, latents or None) of one slide (``level="slide"``) or patient."""
+        group = _open_group(self.path / _ROWS[level][0] / key, mode="r")
+        return group["embedding"][:], (group["latents"][:] if "latents" in group else None)
+
+    def drop_tiles(self, sample_id: str) -> None:
+        """A slide/patient-level run's tile embeddings, once they were not asked to be kept."""
+        for where in ("tiles", "regions"):
+            target = self.path / where / sample_id
+            if target.exists():
+                self._retire(target)
+
+    def drop_row(self, level: str, key: str) -> None:
+        target = self.path / _ROWS[level][0] / key
+        if target.exists():
+            self._retire(target)
+
+    # -- tables (client side, at the end of a run) -------------------------------------------
+    def finished_rows(self, level: str, first: list[str] = ()) -> list[str]:
+        """Keys of the finished slide (patient) rows: those of ``first`` in its order, then the rest sorted."""
+        done = _published(self.path / _ROWS[level][0])
+        return [k for k in first if k in done] + sorted(done - set(first))
+
+    def assemble(self, level: str, keys: list[str], with_latents: bool = False,
+                 attrs: dict[str, Any] | None = None) -> None:
+        """``slides`` / ``patients``: the finished rows of ``keys`` (in that order) as one table."""
+        where, name, dim, id_name = _ROWS[level]
+        root = _open_group(self.path)
+        if name in root:
+            del root[name]
+        if not keys:
+            return
+        rows = [root[f"{where}/{k}"] for k in keys]
+        group = root.create_group(name)
+        group.create_array("embedding", data=np.stack([r["embedding"][:] for r in rows]),
+                           dimension_names=[dim, "feature"],
+                           attributes={"coordinates": id_name, "long_name": f"{dim} embedding"})
+        ids = group.create_array(id_name, shape=(len(keys),), dtype=str, dimension_names=[dim])  # UTF-8, any length
+        ids[:] = np.array(keys, dtype=object)
+        if with_latents and all("latents" in r for r in rows):
+            latents = [r["latents"][:] for r in rows]
+            if len({lat.shape for lat in latents}) == 1:
+                group.create_array("latents", data=np.stack(latents),
+                                   dimension_names=[dim, "latent", "latent_feature"])
+            else:  # variable-length latents stay per slide in _slides/<id>/latents
+                group.attrs["latents"] = f"per {dim}, different lengths: see {where}/<id>/latents"
+        group.attrs.update(attrs or {})
+
+    # -- flat files -------------------------------------------------------------------------
+    def export_tiles(self, sample_id: str, folder: Path, fmt: str) -> list[Path]:
+        """The slide as flat files for other tools: tiles (and regions), ``.pt`` + ``.meta.json`` or ``.npz``."""
+        group = _open_group(self.path / "tiles" / sample_id, mode="r")
+        written = [flat.write_arrays(group, {"x": group["x"][:], "y": group["y"][:]},
+                                     Path(folder) / "tile_embeddings", sample_id, fmt)]
+        if self.has_regions(sample_id):
+            regions = _open_group(self.path / "regions" / sample_id, mode="r")
+            extra = {"region_x": regions["region_x"][:], "region_y": regions["region_y"][:],
+                     "tile_mask": regions["tile_mask"][:]}
+            written.append(flat.write_arrays(regions, extra, Path(folder) / "hierarchical_embeddings",
+                                             sample_id, fmt))
+        return written
+
+    def export_row(self, level: str, key: str, folder: Path, fmt: str) -> Path:
+        """``slide_embeddings/<id>.pt|.npz`` (or ``patient_embeddings/``): one vector (+ latents) per file."""
+        group = _open_group(self.path / _ROWS[level][0] / key, mode="r")
+        return flat.write_row(group, Path(folder) / f"{level}_embeddings", key, fmt)
+
+    # -- the user's view ---------------------------------------------------------------------
+    def open(self, chunks: dict | str | None = None):
+        """The store as an `xarray.DataTree` (lazy); works mid-run and after a crash too."""
+        import xarray as xr
+
+        if not self.path.exists():
+            raise FileNotFoundError(f"no embeddings store at {self.path}")
+        return xr.open_datatree(str(self.path), engine="zarr", consolidated=self.is_consolidated(), chunks=chunks)
+
+    # -- publishing ---------------------------------------------------------------------------
+    def _scratch(self) -> Path:
+        folder = self.work / "publish"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / uuid.uuid4().hex
+
+    def _ensure_group(self, name: str) -> None:
+        meta = self.path / name / "zarr.json"
+        if not meta.exists():
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            _write_json(meta, {"zarr_format": 3, "node_type": "group", "attributes": {}})
+
+    def _retire(self, target: Path) -> None:
+        """Move ``target`` out of the way (one rename), then delete it."""
+        trash = self.work / "trash"
+        trash.mkdir(parents=True, exist_ok=True)
+        dest = trash / uuid.uuid4().hex
+        try:
+            os.rename(target, dest)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(dest, ignore_errors=True)
+
+    def _publish(self, built: Path, target: Path, replace: bool) -> None:
+        """Rename a finished group into the store.  First one wins unless ``replace``."""
+        self._ensure_group(target.parent.relative_to(self.path).as_posix())
+        if replace and target.exists():
+            self._retire(target)
+        try:
+            os.rename(built, target)
+        except OSError:
+            if not target.exists():
+                raise
+            shutil.rmtree(built, ignore_errors=True)   # an identical group got there first
+
+
+def _published(folder: Path) -> set[str]:
+    try:
+        return {e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, "zarr.json"))}
+    except FileNotFoundError:
+        return set()
+
+
+def _attrs(group_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((group_dir / "zarr.json").read_text()).get("attributes", {})
+    except FileNotFoundError:
+        return {}
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def _vector(group, name: str, values: np.ndarray, attributes: dict, dim: str = "tile") -> None:
+    arr = group.create_array(name, shape=values.shape, chunks=(max(1, len(values)),), dtype=values.dtype,
+                             dimension_names=[dim], attributes=attributes, fill_value=0)
+    if len(values):
+        arr[:] = values
+
+
+def open_embeddings(output_dir: str | Path, chunks: dict | str | None = None):
+    """The whole run as an `xarray.DataTree` (lazy; nothing is read until used).
+
+    Works while a run is going and after a crash: only finished slides are
+    in the store.  ``chunks`` goes to xarray: ``{}`` backs every variable
+    with a dask array of the store's own chunks.
+    """
+    return EmbeddingStore(output_dir).open(chunks=chunks)
