@@ -234,8 +234,8 @@ class CohortDriver:
         self._slide_row_in(sid)
 
     def _slide_row_in(self, sid: str) -> None:
-        if self.stages.level == "slide":
-            self.outcomes[sid].store_group = "slides"
+        if self.stages.level == "slide" or sid not in self.patient_of:   # (its patient is in the store already)
+            self.outcomes[sid].store_group = "slides" if self.stages.level == "slide" else "patients"
             self._succeed(sid)
         else:
             self.outcomes[sid].status = "waiting for patient"

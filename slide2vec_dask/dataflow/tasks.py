@@ -146,7 +146,7 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
         if not store.is_complete(sample_id):
             return FileNotFoundError(f"{sample_id}: no finished tile embeddings in {store.path}; rerun the slide")
         if store.num_tiles(sample_id) == 0:
-            return ValueError(f"{sample_id}: no tissue tiles, so no slide embedding; check the slide or lower "
+            return ValueError(f"{sample_id}: no tiles (no tissue found), so no slide embedding; check the slide or lower "
                               "PreprocessingConfig(tissue_threshold=...)")
 
         def run(device):

@@ -119,6 +119,8 @@ class EmbeddingStore:
             warnings.simplefilter("ignore")
             zarr.consolidate_metadata(str(self.path))
         staging = self.work / "staging"
+        for sample_id in self.finished_slides() & {e.name for e in staging.iterdir()} if staging.is_dir() else ():
+            self.discard_staging(sample_id)   # left by a finalisation whose worker was lost after publishing
         if staging.is_dir() and not any(staging.iterdir()):
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -250,7 +252,7 @@ class EmbeddingStore:
                                   "complete": True})
             self._publish(staging / "regions", self.path / "regions" / sample_id, replace=True)
         self._publish(tmp, self.path / "tiles" / sample_id, replace=False)
-        shutil.rmtree(staging, ignore_errors=True)
+        self.discard_staging(sample_id)
         return done
 
     def _build_tiles(self, staging: Path, sample_id: str, grid, k: int, attrs: dict[str, Any]) -> Path:
