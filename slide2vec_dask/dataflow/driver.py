@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import time
+import uuid
 from typing import Callable, Iterable
 
 from slide2vec_dask.dataflow.graph import SlideGraph
@@ -66,6 +67,25 @@ def window_size(client, num_workers: int | None, prefetch_factor: int, every: fl
         return last["size"]
 
     return size
+
+
+def shared_argument(client, value, name: str, limit: int = 1 << 20):
+    """``value`` itself when small; else a future of a task that returns it.
+
+    A recipe (a preset's or timm model's spec, ~1 KB) goes by value in every
+    task.  A spec holding a module (`Model.from_module`) can be many MB: that
+    one travels once per worker, as the result of a *task*, which Dask
+    recomputes if the worker holding it is lost (scattered data would be gone).
+    """
+    import cloudpickle
+
+    if len(cloudpickle.dumps(value)) <= limit:
+        return value
+    return client.submit(_identity, value, key=f"{name}-{uuid.uuid4().hex[:8]}", pure=False)
+
+
+def _identity(value):
+    return value
 
 
 def _subgraph_of(array, key: tuple, cache: dict) -> tuple[dict, tuple]:
@@ -120,14 +140,15 @@ def _run_distributed(jobs, on_block, client, window: Callable[[], int], gpu_reso
     cache: dict = {}
     results = as_completed(loop=client.loop)
     meta: dict = {}
+    specs: dict = {}
 
     def submit(graph, block):
         dsk, read_key = _subgraph_of(graph.pixels, graph.pixels_key(block), cache)
         pixels = client.get(dsk, read_key, sync=False)
-        # The recipe (~1 KB) goes by value in every task.  Scattered data has no task to
-        # recompute it from: a worker lost while holding it (or mid-broadcast) would
-        # cancel every embedding that needs it.
-        future = client.submit(embed_block, pixels, graph.keep_block(block), spec=graph.spec, read_tile=graph.read_tile,
+        spec = specs.get(graph.spec.key)
+        if spec is None:
+            spec = specs[graph.spec.key] = shared_argument(client, graph.spec, f"encoder-{graph.spec.key}")
+        future = client.submit(embed_block, pixels, graph.keep_block(block), spec=spec, read_tile=graph.read_tile,
                                settings=graph.settings, key=graph.key(block), pure=False,
                                resources={"GPU": 1} if gpu_resources else None)
         if sink is not None:

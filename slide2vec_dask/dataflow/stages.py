@@ -88,25 +88,28 @@ class CohortDriver:
         """``resolved``: slides whose slide rows exist already (patient runs count them as in)."""
         from distributed import as_completed
 
-        from slide2vec_dask.dataflow.driver import window_size
+        from slide2vec_dask.dataflow.driver import shared_argument, window_size
 
+        self.tile_spec = shared_argument(self.client, self.stages.tile_spec, f"encoder-{self.stages.tile_spec.key}")
         self.window = window_size(self.client, self.ex.num_workers, self.ex.prefetch_factor)
         planners = self.ex.num_preprocessing_workers
         self.plan_cap = (lambda: planners) if planners else (lambda: max(1, self.window() // self.ex.prefetch_factor))
         self.todo = iter(todo)
         self.aggregate = deque(aggregate)
-        self.results = as_completed(loop=self.client.loop)
+        # Results are fetched by the client's event loop as tasks finish, not one round trip each here.
+        self.results = as_completed(loop=self.client.loop, with_results=True, raise_errors=False)
         self.total = len(todo) + len(aggregate) + len(resolved)
         self.reporter.start(0, f"{self.total} slides")
         self._cohort()
         for sid in resolved:
             self._slide_row_in(sid)
         self._top_up()
-        for future in self.results:
+        for future, result in self.results:
             kind, sid = self.tags.pop(future.key)
-            result = future.exception() if future.status == "error" else future.result()
+            if future.status == "error":   # with_results hands over (type, exception, traceback)
+                result = result[1] if isinstance(result, tuple) else future.exception()
             getattr(self, f"_on_{kind}")(sid, result)
-            del future
+            del future, result
             self._top_up()
             self.on_change()
 
@@ -159,11 +162,14 @@ class CohortDriver:
     def _submit_block(self, state: _InFlight, block: tuple[int, int]) -> None:
         plan, tag = state.plan, f"{state.plan.sample_id}-{block[0]}-{block[1]}"
         y, x, h, w = plan.window(block)
-        pixels = self.client.submit(tasks.read_block, plan.slide, plan.level, y, x, h, w,
-                                    key=f"read-{tag}-{self.run_token}", pure=False)
+        if self.gpu is None:   # one task: read and embed where the block is decoded, nothing moves
+            pixels = (plan.slide, plan.level, y, x, h, w)
+        else:                  # the read runs on any worker; only the embedding asks for a GPU
+            pixels = self.client.submit(tasks.read_block, plan.slide, plan.level, y, x, h, w,
+                                        key=f"read-{tag}-{self.run_token}", pure=False)
         self._submit("block", plan.sample_id, tasks.embed_block, pixels, plan.keep_block(block),
                      store=self.store, sample_id=plan.sample_id, block=block, k=plan.k,
-                     region=plan.region(block), spec=self.stages.tile_spec, read_tile=plan.read_tile,
+                     region=plan.region(block), spec=self.tile_spec, read_tile=plan.read_tile,
                      settings=self.settings, key=f"embed-{tag}", resources=self.gpu)
         state.running += 1
         self.blocks_running += 1

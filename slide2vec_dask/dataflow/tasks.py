@@ -111,9 +111,14 @@ def read_block(slide: SlideRef, level: int, y: int, x: int, height: int, width: 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, store: EmbeddingStore, sample_id: str,
                 block: tuple[int, int], k: int, region: int | None, spec, read_tile: int,
                 settings: EmbedSettings) -> int:
-    """Embed a block's kept tiles and write them into its chunk of the staging grid; the tile count."""
+    """Embed a block's kept tiles and write them into its chunk of the staging grid; the tile count.
+
+    ``pixels`` is the block, or ``(slide, level, y, x, height, width)`` to read it here first.
+    """
     from slide2vec_dask.dataflow.worker import get_encoder, run_on_device
 
+    if isinstance(pixels, tuple):
+        pixels = read_block(*pixels)
     out = np.full(keep.shape + (spec.feature_dim,), np.nan, dtype=np.float32)
     if keep.any():
         tiles = cut_tiles(pixels, keep, read_tile)

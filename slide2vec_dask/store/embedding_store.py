@@ -247,7 +247,7 @@ class EmbeddingStore:
             raise
         if grid.region_tile_multiple is not None:
             regions = _open_group(staging / "regions")
-            regions.attrs.update({**attrs, "num_regions": grid.num_regions, "region_tile_multiple": k,
+            regions.update_attributes({**attrs, "num_regions": grid.num_regions, "region_tile_multiple": k,
                                   "tile_size_lv0": grid.tile_size_lv0, "sub_tile_order": schema.SUB_TILE_ORDER,
                                   "complete": True})
             self._publish(staging / "regions", self.path / "regions" / sample_id, replace=True)
@@ -296,7 +296,7 @@ class EmbeddingStore:
         _vector(group, "x", grid.x, schema.TILE_COORDS["x"])
         _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
         _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], schema.TISSUE_FRACTION_ATTRS)
-        group.attrs.update({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
+        group.update_attributes({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
                             "tile_size_lv0_units": schema.LEVEL0_PX,
                             "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
                             "complete": True})
@@ -339,7 +339,7 @@ class EmbeddingStore:
         if latents is not None:
             group.create_array("latents", data=np.asarray(latents, dtype=np.float32),
                                dimension_names=["latent", "latent_feature"])
-        group.attrs.update({**attrs, "complete": True})
+        group.update_attributes({**attrs, "complete": True})
         self._ensure_group(_ROWS[level][0])
         self._publish(tmp, self.path / _ROWS[level][0] / key, replace=True)
 
@@ -389,7 +389,7 @@ class EmbeddingStore:
                                    dimension_names=[dim, "latent", "latent_feature"])
             else:  # variable-length latents stay per slide in _slides/<id>/latents
                 group.attrs["latents"] = f"per {dim}, different lengths: see {where}/<id>/latents"
-        group.attrs.update(attrs or {})
+        group.update_attributes(attrs or {})
 
     # -- flat files -------------------------------------------------------------------------
     def export_tiles(self, sample_id: str, folder: Path, fmt: str) -> list[Path]:
