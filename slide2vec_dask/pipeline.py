@@ -214,9 +214,9 @@ class Pipeline:
                 if level == "tile":
                     row.num_tiles = store.num_tiles(sid)
                     row.num_regions = store.num_regions(sid) if store.has_regions(sid) else 0
-                    row.store_group = f"tiles/{sid}"
+                    row.store_group = store.tiles_group(sid)
                 else:
-                    row.store_group = "slides" if level == "slide" else "patients"
+                    row.store_group = store.table_group(level)
             elif level != "tile" and tiles_kept(sid) and slide_kept(sid):
                 resolved.append(sid)          # its slide row is there; only its patient is missing
             elif level != "tile" and tiles_kept(sid) and sid in complete:
@@ -245,11 +245,11 @@ class Pipeline:
         def flat(o, folder):
             return next((Path(p) for p in o.flat_paths if folder in Path(p).parts), None)
 
-        artifacts = [TileArtifact(o.sample_id, o.num_tiles, store.path, f"tiles/{o.sample_id}",
+        artifacts = [TileArtifact(o.sample_id, o.num_tiles, store.path, store.tiles_group(o.sample_id),
                                   Path(o.coordinates_path) if o.coordinates_path else None,
                                   flat(o, "tile_embeddings"))
                      for o in done if o.sample_id in complete]
-        hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, f"regions/{o.sample_id}",
+        hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, store.regions_group(o.sample_id),
                                              flat(o, "hierarchical_embeddings"))
                         for o in done if o.sample_id in complete and o.num_regions]
         slide_artifacts, patient_artifacts = [], []
@@ -260,7 +260,7 @@ class Pipeline:
                 if o.sample_id in rows:
                     path = o.slide_flat_path or (store.export_row("slide", o.sample_id, store.output_dir,
                                                                   ex.output_format) if ex.output_format else None)
-                    slide_artifacts.append(SlideArtifact(o.sample_id, dim, store.path, "slides",
+                    slide_artifacts.append(SlideArtifact(o.sample_id, dim, store.path, store.table_group("slide"),
                                                          Path(path) if path else None, has_latents=ex.save_latents))
         if level == "patient":
             have = store.patient_rows()
@@ -273,7 +273,8 @@ class Pipeline:
                         store.export_row("patient", p, store.output_dir, ex.output_format)
                         if ex.output_format else None)
                     patient_artifacts.append(PatientArtifact(p, [o.sample_id for o in members],
-                                                             int(self.model.feature_dim), store.path, "patients",
+                                                             int(self.model.feature_dim), store.path,
+                                                             store.table_group("patient"),
                                                              Path(path) if path else None))
         ordered = list(outcomes.values())
         return RunResult(tile_artifacts=artifacts, hierarchical_artifacts=hierarchical,

@@ -45,16 +45,15 @@ class EmbeddedSlide:
         """
         import xarray as xr
 
+        from slide2vec_dask.store import schema
+
         if self.hierarchical_embeddings is not None:
             return self._regions_xarray()
         emb = self.tile_embeddings
         values = emb.numpy() if hasattr(emb, "numpy") else np.asarray(emb)
         return xr.Dataset(
-            {"embedding": (("tile", "feature"), values)},
-            coords={
-                "x": ("tile", self.x, {"units": "pixels (level 0)", "long_name": "tile left edge"}),
-                "y": ("tile", self.y, {"units": "pixels (level 0)", "long_name": "tile top edge"}),
-            },
+            {"embedding": (schema.TILE_DIMS, values, schema.TILE_EMBEDDING_ATTRS)},
+            coords={name: ("tile", getattr(self, name), attrs) for name, attrs in schema.TILE_COORDS.items()},
             attrs={
                 "sample_id": self.sample_id,
                 "image_path": str(self.image_path),
@@ -67,17 +66,17 @@ class EmbeddedSlide:
     def _regions_xarray(self):
         import xarray as xr
 
-        lv0 = {"units": "pixels (level 0)"}
+        from slide2vec_dask.store import schema
+
         return xr.Dataset(
-            {"embedding": (("region", "tile_in_region", "feature"), np.asarray(self.hierarchical_embeddings)),
-             "tile_mask": (("region", "tile_in_region"), self.tile_mask,
-                           {"long_name": "sub-tile is a kept tissue tile"})},
-            coords={"region_x": ("region", self.region_x, {**lv0, "long_name": "region left edge"}),
-                    "region_y": ("region", self.region_y, {**lv0, "long_name": "region top edge"})},
+            {"embedding": (schema.REGION_DIMS, np.asarray(self.hierarchical_embeddings),
+                           schema.REGION_EMBEDDING_ATTRS),
+             "tile_mask": (schema.REGION_MASK_DIMS, self.tile_mask, schema.TILE_MASK_ATTRS)},
+            coords={name: ("region", getattr(self, name), attrs) for name, attrs in schema.REGION_COORDS.items()},
             attrs={"sample_id": self.sample_id, "image_path": str(self.image_path),
                    "mask_path": "" if self.mask_path is None else str(self.mask_path),
                    "tile_size_lv0": self.tile_size_lv0, "region_tile_multiple": self.region_tile_multiple,
-                   "sub_tile_order": "row-major: t -> (row t // R, column t % R)", **self.attrs},
+                   "sub_tile_order": schema.SUB_TILE_ORDER, **self.attrs},
         )
 
 

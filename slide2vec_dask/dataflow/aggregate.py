@@ -134,6 +134,7 @@ def aggregate_stored(artifacts: list, spec: AggregatorSpec, execution) -> list:
         if execution.output_format is not None:
             folder = Path(execution.output_dir) if execution.output_dir is not None else Path(a.store_path).parent
             flat = stores[a.sample_id].export_row("slide", a.sample_id, folder, execution.output_format)
-        out.append(SlideArtifact(a.sample_id, int(spec.feature_dim), Path(a.store_path), "slides", flat,
+        out.append(SlideArtifact(a.sample_id, int(spec.feature_dim), Path(a.store_path),
+                                 EmbeddingStore.table_group("slide"), flat,
                                  has_latents=execution.save_latents))
     return out

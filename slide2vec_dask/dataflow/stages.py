@@ -214,7 +214,7 @@ class CohortDriver:
         row.flat_paths = list(result["flat_paths"])
         row.embed_seconds = round(time.perf_counter() - state.started, 3)
         if self.stages.level == "tile":
-            row.store_group = f"tiles/{sid}"
+            row.store_group = self.store.tiles_group(sid)
             self._succeed(sid)
         else:
             self._submit_slide(sid)
@@ -241,7 +241,7 @@ class CohortDriver:
 
     def _slide_row_in(self, sid: str) -> None:
         if self.stages.level == "slide" or sid not in self.patient_of:   # (its patient is in the store already)
-            self.outcomes[sid].store_group = "slides" if self.stages.level == "slide" else "patients"
+            self.outcomes[sid].store_group = self.store.table_group(self.stages.level)
             self._succeed(sid)
         else:
             self.outcomes[sid].status = "waiting for patient"
@@ -276,7 +276,7 @@ class CohortDriver:
             if isinstance(result, BaseException):
                 self._fail(s, result, patient=False)
             else:
-                row.store_group, row.patient_flat_path = "patients", result["flat_path"]
+                row.store_group, row.patient_flat_path = self.store.table_group("patient"), result["flat_path"]
                 self._succeed(s)
 
     # -- outcomes ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from slide2vec_dask.slide.base import Slide, UnreadableSlideError
@@ -76,8 +77,11 @@ def _make_reader(path: Path, backend: str):
     raise ValueError(f"unknown backend {backend!r}; choose auto, tifffile, openslide, cucim, vips or asap")
 
 
-_OPEN: dict[tuple, Slide] = {}
+_OPEN: "OrderedDict[tuple, Slide]" = OrderedDict()
 _OPEN_LOCK = threading.Lock()
+#: Open handles a process keeps (least recently used go): a worker of a cohort run meets
+#: thousands of slides, and open files are a limited resource (often 1024 per process).
+MAX_OPEN_SLIDES = 64
 
 
 def _reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
@@ -87,6 +91,13 @@ def _reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
     key = (path, backend, spacing_at_level_0, stat.st_size, stat.st_mtime_ns)
     with _OPEN_LOCK:
         slide = _OPEN.get(key)
-        if slide is None:
-            slide = _OPEN[key] = Slide(p, _make_reader(p, backend), spacing_at_level_0)
+        if slide is not None:
+            _OPEN.move_to_end(key)
+            return slide
+    slide = Slide(p, _make_reader(p, backend), spacing_at_level_0)   # outside the lock: opening parses the file
+    with _OPEN_LOCK:
+        slide = _OPEN.setdefault(key, slide)
+        _OPEN.move_to_end(key)
+        while len(_OPEN) > MAX_OPEN_SLIDES:
+            _OPEN.popitem(last=False)   # tasks still reading it hold their own reference; it closes when freed
         return slide

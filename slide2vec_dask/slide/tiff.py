@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ class TiffReader:
             self._tif.close()
             raise
         self._fd = os.open(path, os.O_RDONLY)
+        # A reader dropped from the open-slide cache closes its file when it is freed.
+        self._closer = weakref.finalize(self, _close_both, self._fd, self._tif)
         self.level_shapes = [(lv.page.shape[0], lv.page.shape[1]) for lv in self._levels]
         h0, w0 = self.level_shapes[0]
         self.level_downsamples = [((h0 / h) + (w0 / w)) / 2 for h, w in self.level_shapes]
@@ -150,10 +153,13 @@ class TiffReader:
         return seg[..., :3]
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._tif.close()
+        self._closer()
+        self._fd = None
+
+
+def _close_both(fd: int, tif: tifffile.TiffFile) -> None:
+    os.close(fd)
+    tif.close()
 
 
 def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:

@@ -83,6 +83,20 @@ class EmbeddingStore:
     def __reduce__(self):
         return EmbeddingStore, (str(self.output_dir),)
 
+    # -- names users see (nobody else spells them) ------------------------------------------
+    @staticmethod
+    def tiles_group(sample_id: str) -> str:
+        return f"tiles/{sample_id}"
+
+    @staticmethod
+    def regions_group(sample_id: str) -> str:
+        return f"regions/{sample_id}"
+
+    @staticmethod
+    def table_group(level: str) -> str:
+        """``"slides"`` or ``"patients"``: the table that holds one row per slide (patient)."""
+        return _ROWS[level][1]
+
     # -- the run -----------------------------------------------------------------------------
     def begin_run(self, run_attrs: dict[str, Any], overwrite: bool) -> None:
         """Create the store, or check that the existing one was made with the same settings."""
