@@ -159,7 +159,8 @@ class Model:
                                  "(B, 3, H, W) to (B, D)")
             feature_dim = int(out.shape[1])
         spec = EncoderSpec(name=name, build=ModuleBuilder(module), spacing_um=spacing_um,
-                           tile_size_px=tile_size_px, mean=tuple(mean), std=tuple(std), feature_dim=feature_dim)
+                           tile_size_px=tile_size_px, mean=tuple(mean), std=tuple(std), feature_dim=feature_dim,
+                           key=_module_key(module, name, spacing_um, tile_size_px, mean, std))
         return cls(spec)
 
     # -- embedding --------------------------------------------------------
@@ -307,3 +308,18 @@ class Model:
     def _require_level(self, level: str, what: str) -> None:
         if self.level != level:
             raise ValueError(f"{what} needs a {level}-level model; {self.name!r} is a {self.level}-level model")
+
+
+def _module_key(module, *contract) -> str:
+    """A key that names the module's class, weights and contract: the same model in a
+    later process gets the same key, so a run resumes into its store instead of refusing it."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(repr((type(module).__qualname__, contract)).encode(), digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"module-{digest.hexdigest()}"

@@ -294,3 +294,26 @@ def test_blocks_in_flight_grow_as_workers_join(tiny, tmp_path):
     assert len(spans) == 100
     most = max(sum(1 for a, b in spans if a <= start < b) for start, _ in spans)
     assert workers == 3 and most >= 2, f"at most {most} embedding task(s) ran at once"
+
+
+def test_a_from_module_model_resumes_into_its_store(slides, tmp_path):
+    """The same module built again (a script run twice) is the same encoder: its rerun skips, not refuses."""
+    import torch
+
+    from slide2vec_dask import Model
+
+    def build():
+        torch.manual_seed(0)
+        return Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                                     torch.nn.Linear(48, 8)), name="pooled-linear")
+
+    slide = [{"sample_id": "small", "image_path": str(slides.parent / "small.svs")}]
+    execution = ExecutionOptions(output_dir=tmp_path / "run")
+    first = Pipeline(build(), PreprocessingConfig(**EXACT), execution).run(slides=slide)
+    again = Pipeline(build(), PreprocessingConfig(**EXACT), execution).run(slides=slide)
+    assert [o.status for o in first.outcomes] == ["success"] and [o.status for o in again.outcomes] == ["skipped"]
+    torch.manual_seed(1)
+    other = Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                                  torch.nn.Linear(48, 8)), name="pooled-linear")
+    with pytest.raises(ValueError, match="encoder_key"):   # other weights under the same name: not mixed in
+        Pipeline(other, PreprocessingConfig(**EXACT), execution).run(slides=slide)
