@@ -84,3 +84,17 @@ def test_kubernetes_example_compiles_and_parses_arguments():
     done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--image" in done.stdout and "--gpu-workers" in done.stdout
+
+
+def test_cohort_quickstart_runs_as_a_plain_script(tmp_path):
+    """The README's first command: a top-level script (no main guard) on the embedded local cluster."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / "cohort_quickstart.py"), "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "5 succeeded, 0 skipped, 0 failed" in done.stdout
+    assert "case-4: success, 0 tiles" in done.stdout                      # no tissue is not an error
+    assert "slides ['case-0', 'case-1', 'case-2', 'case-3', 'case-4']" in done.stdout
+    assert " - INFO - " not in done.stderr
+    again = subprocess.run([sys.executable, str(EXAMPLES / "cohort_quickstart.py"), str(tmp_path / "slides.csv"),
+                            "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 succeeded, 5 skipped, 0 failed" in again.stdout
