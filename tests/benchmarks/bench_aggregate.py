@@ -4,7 +4,7 @@
 
 For each tile count, writes a finished ``tiles/<id>`` group (random features,
 a real row-major grid of coordinates) into a Zarr store, then runs the
-Pipeline's `slide_task` (store -> slide embedding -> ``_slides/<id>``) in a
+Pipeline's slide task (`dataflow.tasks.slide_task`: store -> slide embedding -> ``_slides/<id>``) in a
 fresh subprocess with a mean-pooling slide encoder, so that what is measured
 is the data path, not a model's activations.  Prints peak RSS above the
 process's baseline (after imports and model build), the feature matrix's own
@@ -26,7 +26,8 @@ import json, resource, sys
 import numpy as np
 import torch
 
-from slide2vec_dask.dataflow.aggregate import slide_task
+from slide2vec_dask.dataflow.tasks import slide_task
+from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.dataflow.graph import EmbedSettings
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
 from slide2vec_dask.encoders.base import EncoderSpec, ModuleBuilder
@@ -46,7 +47,8 @@ settings = EmbedSettings(32, 0, "fp32", False)
 worker.get_aggregator(spec, "cpu", "fp32")          # the model, built before the baseline
 worker.run_on_device(0, lambda device: None)        # and its device thread
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-slide_task(path, "big", spec, settings, False, {})
+result = slide_task(EmbeddingStore(path), "big", spec, settings, False, {}, True, None)
+assert not isinstance(result, BaseException), result
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024}))
 """
@@ -56,9 +58,10 @@ def write_store(folder: Path, tiles: int, dim: int) -> Path:
     import numpy as np
     import zarr
 
-    path = folder / f"store_{tiles}_{dim}.zarr"
+    out = folder / f"run_{tiles}_{dim}"          # an output_dir: the store is out/embeddings.zarr
+    path = out / "embeddings.zarr"
     if path.exists():
-        return path
+        return out
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     group = root.create_group("tiles/big")
     chunk = max(1, min(tiles, (8 << 20) // (4 * dim)))
@@ -70,8 +73,8 @@ def write_store(folder: Path, tiles: int, dim: int) -> Path:
     index = np.arange(tiles)
     group.create_array("x", data=(index % side * 224).astype(np.int64))
     group.create_array("y", data=(index // side * 224).astype(np.int64))
-    group.attrs.update({"tile_size_lv0": 224, "complete": True, "encoder": "features"})
-    return path
+    group.attrs.update({"tile_size_lv0": 224, "complete": True, "encoder": "features", "num_tiles": tiles})
+    return out
 
 
 def measure(path: Path, dim: int) -> dict:
