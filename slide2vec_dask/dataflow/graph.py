@@ -42,11 +42,11 @@ def cut_tiles(pixels: np.ndarray, keep: np.ndarray, tile: int) -> np.ndarray:
     return np.ascontiguousarray(grid[keep])
 
 
-def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
-                settings: EmbedSettings) -> np.ndarray:
+def encode_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
+                 settings: EmbedSettings) -> np.ndarray:
+    """A block's ``(rows, cols, feature)`` embeddings: its kept tiles (``keep``, 2-D) encoded, NaN elsewhere."""
     from slide2vec_dask.dataflow.worker import get_encoder, run_on_device
 
-    keep = keep[:, :, 0]
     out = np.full(keep.shape + (spec.feature_dim,), np.nan, dtype=np.float32)
     if keep.any():
         tiles = cut_tiles(pixels, keep, read_tile)
@@ -57,6 +57,12 @@ def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read
 
         out[keep] = run_on_device(settings.num_gpus, encode)
     return out
+
+
+def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
+                settings: EmbedSettings) -> np.ndarray:
+    """`map_blocks` form of `encode_block` (``keep`` carries a trailing length-1 axis)."""
+    return encode_block(pixels, keep[:, :, 0], spec=spec, read_tile=read_tile, settings=settings)
 
 
 @dataclass

@@ -168,8 +168,8 @@ class CohortDriver:
             pixels = self.client.submit(tasks.read_block, plan.slide, plan.level, y, x, h, w,
                                         key=f"read-{tag}-{self.run_token}", pure=False)
         self._submit("block", plan.sample_id, tasks.embed_block, pixels, plan.keep_block(block),
-                     store=self.store, sample_id=plan.sample_id, block=block, k=plan.k,
-                     region=plan.region(block), spec=self.tile_spec, read_tile=plan.read_tile,
+                     store=self.store, sample_id=plan.sample_id, block=block, spec=self.tile_spec,
+                     read_tile=plan.read_tile,
                      settings=self.settings, key=f"embed-{tag}", resources=self.gpu)
         state.running += 1
         self.blocks_running += 1

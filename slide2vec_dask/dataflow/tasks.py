@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slide2vec_dask.dataflow.graph import EmbedSettings, block_tiles, cut_tiles
+from slide2vec_dask.dataflow.graph import EmbedSettings, block_tiles, encode_block
 from slide2vec_dask.store import EmbeddingStore
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -49,7 +49,6 @@ class PlannedSlide:
     k: int
     keep: np.ndarray                  # (rows, cols) tiles to embed: whole regions in hierarchical mode
     blocks: list[tuple[int, int]]     # blocks holding kept tiles, row-major
-    region_index: np.ndarray | None   # (region rows, region cols) -> region row in the store, -1 if none
     num_tiles: int
     plan_path: str
     attrs: dict[str, Any]
@@ -66,9 +65,6 @@ class PlannedSlide:
         k = self.k
         return self.keep[block[0] * k : (block[0] + 1) * k, block[1] * k : (block[1] + 1) * k]
 
-    def region(self, block: tuple[int, int]) -> int | None:
-        return None if self.region_index is None else int(self.region_index[block])
-
 
 def plan_task(store: EmbeddingStore, item, spec, config, execution):
     """Open and plan one slide, save its plan, and set up its staging grid."""
@@ -80,17 +76,15 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
     except EXPECTED as exc:
         return exc
     grid = plan.grid
-    if grid.region_tile_multiple is not None:
+    if grid.region_tile_multiple is not None:   # a block is exactly one region
         k, keep = grid.region_tile_multiple, grid.embed_mask
-        region_index = np.full(grid.region_shape, -1, dtype=np.int64)
-        region_index[grid.region_keep] = np.arange(grid.num_regions)
     else:
-        k, keep, region_index = block_tiles(grid, config.use_supertiles), grid.keep, None
+        k, keep = block_tiles(grid, config.use_supertiles), grid.keep
     rows, cols = keep.shape
     counts = (np.add.reduceat(np.add.reduceat(keep, np.arange(0, rows, k), axis=0), np.arange(0, cols, k), axis=1)
               if rows and cols else np.zeros((0, 0), int))
     blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
-    store.prepare_slide(item.sample_id, grid, keep.shape, k, spec.feature_dim)
+    store.prepare_slide(item.sample_id)
     from slide2vec_dask import __version__
 
     attrs = {"sample_id": item.sample_id, "image_path": str(item.image_path),
@@ -99,7 +93,7 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
              "read_tile_size_px": int(grid.read_tile_size_px), "slide2vec_dask_version": __version__}
     plan_path = str(Path(execution.output_dir) / "coordinates" / f"{item.sample_id}.npz")
     return PlannedSlide(item.sample_id, SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0),
-                        grid.level, grid.read_tile_size_px, k, keep, blocks, region_index, grid.num_tiles,
+                        grid.level, grid.read_tile_size_px, k, keep, blocks, grid.num_tiles,
                         plan_path, attrs, time.perf_counter() - start)
 
 
@@ -109,26 +103,16 @@ def read_block(slide: SlideRef, level: int, y: int, x: int, height: int, width: 
 
 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, store: EmbeddingStore, sample_id: str,
-                block: tuple[int, int], k: int, region: int | None, spec, read_tile: int,
+                block: tuple[int, int], spec, read_tile: int,
                 settings: EmbedSettings) -> int:
     """Embed a block's kept tiles and write them into its chunk of the staging grid; the tile count.
 
     ``pixels`` is the block, or ``(slide, level, y, x, height, width)`` to read it here first.
     """
-    from slide2vec_dask.dataflow.worker import get_encoder, run_on_device
-
     if isinstance(pixels, tuple):
         pixels = read_block(*pixels)
-    out = np.full(keep.shape + (spec.feature_dim,), np.nan, dtype=np.float32)
-    if keep.any():
-        tiles = cut_tiles(pixels, keep, read_tile)
-
-        def encode(device: str) -> np.ndarray:
-            encoder = get_encoder(spec, device, settings.precision, settings.channels_last)
-            return encoder.embed(tiles, settings.batch_size)
-
-        out[keep] = run_on_device(settings.num_gpus, encode)
-    return store.write_block(sample_id, block, k, out, region=region)
+    out = encode_block(pixels, keep, spec=spec, read_tile=read_tile, settings=settings)
+    return store.write_block(sample_id, block, out)
 
 
 def finalize_task(store: EmbeddingStore, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any],

@@ -14,14 +14,15 @@ Layout (Zarr v3, readable with plain xarray)::
       _slides/<sample_id>   one slide's embedding (and latents) as its worker wrote it
       _patients/<patient_id> one patient's embedding as its worker wrote it
     <output_dir>/.slide2vec-work/         work in progress, never part of the user's view
-      staging/<sample_id>   grid (row, col, feature) on the tile grid; regions/ while running
+      staging/<sample_id>   one .npy per block: (rows, cols, feature), NaN where no tile is kept
       publish/, trash/      groups being built, groups being replaced
 
 Why it is laid out so:
 
-* A block of k x k tiles is exactly one chunk of its slide's staging grid,
-  so every worker writes its own chunk with no coordination and no data
-  through the client.
+* Every block's embeddings are written by the worker that made them into a
+  file of their own, so workers never write the same thing, nothing goes
+  through the client, and a rerun of a block rewrites the same values.
+  Finalisation streams them band by band into the flat row-major arrays.
 * Every finished group is built aside and *renamed* into the store: a group
   under ``tiles/``, ``regions/``, ``_slides/`` or ``_patients/`` is complete
   by being there.  A crash, a user opening the store mid-run, or a task run
@@ -199,50 +200,32 @@ class EmbeddingStore:
     def _staging(self, sample_id: str) -> Path:
         return self.work / "staging" / sample_id
 
-    def prepare_slide(self, sample_id: str, grid, staging_shape: tuple[int, int], k: int, feature_dim: int) -> None:
-        """A fresh staging grid (and regions) for the slide; unfinished output of earlier runs goes."""
-        import zarr
-
+    def prepare_slide(self, sample_id: str) -> None:
+        """An empty staging folder for the slide; unfinished output of earlier runs goes."""
         stale = self.path / "regions" / sample_id   # regions of a slide whose tiles never got published
         if stale.exists():
             self._retire(stale)
         staging = self._staging(sample_id)
         if staging.exists():
             self._retire(staging)
-        root = zarr.open_group(str(staging), mode="w", zarr_format=3)
-        root.create_array("grid", shape=(*staging_shape, feature_dim), chunks=(k, k, feature_dim),
-                          dtype="float32", fill_value=np.nan, dimension_names=["row", "col", "feature"])
-        if grid.region_tile_multiple is None:
-            return
-        # One region is one block is one chunk: blocks write their region's row directly.
-        group = root.create_group("regions")
-        n, t = grid.num_regions, k * k
-        group.create_array("embedding", shape=(n, t, feature_dim), chunks=(1, t, feature_dim), dtype="float32",
-                           fill_value=np.nan, dimension_names=list(schema.REGION_DIMS),
-                           attributes={"coordinates": "region_x region_y", **schema.REGION_EMBEDDING_ATTRS})
-        _vector(group, "region_x", grid.region_x, schema.REGION_COORDS["region_x"], "region")
-        _vector(group, "region_y", grid.region_y, schema.REGION_COORDS["region_y"], "region")
-        mask = group.create_array("tile_mask", shape=(n, t), chunks=(max(1, n), t), dtype="bool", fill_value=False,
-                                  dimension_names=list(schema.REGION_MASK_DIMS), attributes=schema.TILE_MASK_ATTRS)
-        if n:
-            mask[:] = grid.tile_mask
+        staging.mkdir(parents=True)
 
-    def write_block(self, sample_id: str, block: tuple[int, int], k: int, embeddings: np.ndarray,
-                    region: int | None = None) -> int:
-        """One block's embeddings into its own chunk of the staging grid (and its region row)."""
-        import zarr
+    def write_block(self, sample_id: str, block: tuple[int, int], embeddings: np.ndarray) -> int:
+        """One block's ``(rows, cols, feature)`` embeddings (NaN where no tile is kept) into its own file.
 
-        staging = self._staging(sample_id)
-        grid = zarr.open_array(str(staging / "grid"), mode="r+")
-        r0, c0 = block[0] * k, block[1] * k
-        grid[r0 : r0 + embeddings.shape[0], c0 : c0 + embeddings.shape[1], :] = embeddings
-        if region is not None:
-            regions = zarr.open_array(str(staging / "regions" / "embedding"), mode="r+")
-            regions[region] = embeddings.reshape(k * k, -1)
+        Staging is private, so it is a plain ``.npy`` per block, renamed into place:
+        a zarr chunk write costs ~4 ms of metadata reads, compression and event-loop
+        hops per block (measured), this a fraction of one.
+        """
+        target = self._staging(sample_id) / f"{block[0]}-{block[1]}.npy"
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+        os.replace(tmp, target)
         return int(np.isfinite(embeddings[..., 0]).sum())
 
     def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> dict[str, int]:
-        """Staging grid -> flat row-major ``tiles/<id>`` (and ``regions/<id>``), published by rename.
+        """Block files -> flat row-major ``tiles/<id>`` (and ``regions/<id>``), published by rename.
 
         Safe to run twice or concurrently: a slide already published is left as it is.
         """
@@ -252,29 +235,27 @@ class EmbeddingStore:
         done = {"num_tiles": grid.num_tiles, "num_regions": grid.num_regions if grid.region_tile_multiple else 0}
         if self.is_complete(sample_id):
             return done
-        staging = self._staging(sample_id)
         try:
-            tmp = self._build_tiles(staging, sample_id, grid, k, attrs)
-        except (FileNotFoundError, KeyError):
+            tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
+        except FileNotFoundError:
             if self.is_complete(sample_id):   # another run of this task published it meanwhile
                 return done
             raise
-        if grid.region_tile_multiple is not None:
-            regions = _open_group(staging / "regions")
-            regions.update_attributes({**attrs, "num_regions": grid.num_regions, "region_tile_multiple": k,
-                                  "tile_size_lv0": grid.tile_size_lv0, "sub_tile_order": schema.SUB_TILE_ORDER,
-                                  "complete": True})
-            self._publish(staging / "regions", self.path / "regions" / sample_id, replace=True)
-        self._publish(tmp, self.path / "tiles" / sample_id, replace=False)
+        if regions is not None:
+            self._publish(regions, self.path / "regions" / sample_id, replace=True)
+        self._publish(tiles, self.path / "tiles" / sample_id, replace=False)
         self.discard_staging(sample_id)
         return done
 
-    def _build_tiles(self, staging: Path, sample_id: str, grid, k: int, attrs: dict[str, Any]) -> Path:
+    def _build(self, staging: Path, sample_id: str, grid, k: int, attrs: dict[str, Any]) -> tuple[Path, Path | None]:
+        """The slide's groups, built aside from its block files (a band of blocks in memory at a time)."""
         import zarr
 
-        source = zarr.open_array(str(staging / "grid"), mode="r")
-        feature_dim = source.shape[2]
+        if not staging.is_dir():
+            raise FileNotFoundError(f"{sample_id}: no staged blocks at {staging}")
         n = grid.num_tiles
+        blocks = sorted(staging.glob("*.npy"))
+        feature_dim = int(np.load(blocks[0], mmap_mode="r").shape[2]) if blocks else int(attrs["feature_dim"])
         chunk = max(1, min(n, _FLAT_CHUNK_BYTES // (4 * feature_dim)))
         tmp = self._scratch()
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -282,6 +263,10 @@ class EmbeddingStore:
             "embedding", shape=(n, feature_dim), chunks=(chunk, feature_dim), dtype="float32", fill_value=np.nan,
             dimension_names=list(schema.TILE_DIMS),
             attributes={"coordinates": "x y", **schema.TILE_EMBEDDING_ATTRS, "encoder": attrs.get("encoder", "")})
+        hierarchical = grid.region_tile_multiple is not None
+        regions, region_emb, region = (self._regions_group(grid, k, feature_dim, attrs) if hierarchical
+                                       else (None, None, 0))
+        mask = grid.embed_mask if hierarchical else grid.keep      # where the blocks are
         written, pending = 0, []
 
         def flush(final: bool) -> None:
@@ -291,15 +276,30 @@ class EmbeddingStore:
             emb[written : written + take] = rows[:take]
             written, pending = written + take, [rows[take:]]
 
-        for r0 in range(0, grid.shape[0], k):
-            keep = grid.keep[r0 : r0 + k]
-            if not keep.any():
+        rows_total, cols_total = grid.shape
+        for bi, r0 in enumerate(range(0, mask.shape[0], k)):
+            band_mask = mask[r0 : r0 + k]
+            if not band_mask.any():
                 continue
-            rows = source[r0 : r0 + keep.shape[0], : keep.shape[1]][keep]
+            band = np.full((band_mask.shape[0], mask.shape[1], feature_dim), np.nan, dtype=np.float32)
+            for bj, c0 in enumerate(range(0, mask.shape[1], k)):
+                if not band_mask[:, c0 : c0 + k].any():
+                    continue
+                path = staging / f"{bi}-{bj}.npy"
+                if not path.exists():
+                    raise RuntimeError(f"{sample_id}: the embeddings of block ({bi}, {bj}) never landed")
+                block = np.load(path)
+                band[:, c0 : c0 + block.shape[1]] = block
+                if hierarchical:   # one region = one block, in row-major order
+                    region_emb[region] = block.reshape(k * k, feature_dim)
+                    region += 1
+            keep = grid.keep[r0 : r0 + k]
+            rows = band[: keep.shape[0], :cols_total][keep]
             if np.isnan(rows[:, 0]).any():
                 raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} "
                                    "never landed")
-            pending.append(rows)
+            if len(rows):
+                pending.append(rows)
             if sum(len(p) for p in pending) >= chunk:
                 flush(final=False)
         if pending:
@@ -311,10 +311,30 @@ class EmbeddingStore:
         _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
         _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], schema.TISSUE_FRACTION_ATTRS)
         group.update_attributes({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
-                            "tile_size_lv0_units": schema.LEVEL0_PX,
-                            "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
-                            "complete": True})
-        return tmp
+                                 "tile_size_lv0_units": schema.LEVEL0_PX,
+                                 "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
+                                 "complete": True})
+        return tmp, regions
+
+    def _regions_group(self, grid, k: int, feature_dim: int, attrs: dict[str, Any]):
+        import zarr
+
+        tmp = self._scratch()
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        n, t = grid.num_regions, k * k
+        emb = group.create_array("embedding", shape=(n, t, feature_dim), chunks=(1, t, feature_dim),
+                                 dtype="float32", fill_value=np.nan, dimension_names=list(schema.REGION_DIMS),
+                                 attributes={"coordinates": "region_x region_y", **schema.REGION_EMBEDDING_ATTRS})
+        _vector(group, "region_x", grid.region_x, schema.REGION_COORDS["region_x"], "region")
+        _vector(group, "region_y", grid.region_y, schema.REGION_COORDS["region_y"], "region")
+        mask = group.create_array("tile_mask", shape=(n, t), chunks=(max(1, n), t), dtype="bool", fill_value=False,
+                                  dimension_names=list(schema.REGION_MASK_DIMS), attributes=schema.TILE_MASK_ATTRS)
+        if n:
+            mask[:] = grid.tile_mask
+        group.update_attributes({**attrs, "num_regions": n, "region_tile_multiple": k,
+                                 "tile_size_lv0": grid.tile_size_lv0, "sub_tile_order": schema.SUB_TILE_ORDER,
+                                 "complete": True})
+        return tmp, emb, 0
 
     def discard_staging(self, sample_id: str) -> None:
         shutil.rmtree(self._staging(sample_id), ignore_errors=True)
