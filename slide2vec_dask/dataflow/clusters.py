@@ -250,6 +250,13 @@ def _cluster_class():
             finally:
                 _release_quiet(self._quiet_token)
 
+        @property
+        def dashboard_link(self) -> str:
+            # (distributed builds the link from the scheduler's address, which for inproc:// names
+            # the machine's IP although the dashboard listens on loopback only)
+            port = self.scheduler_info.get("services", {}).get("dashboard")
+            return f"http://127.0.0.1:{port}/status" if port else ""
+
     return EmbeddedCluster
 
 
@@ -294,13 +301,18 @@ def start_local_cluster(num_workers: int | None, num_gpus: int):
                 "worker_kwargs": {"host": host, "nthreads": threads, "resources": {"GPU": 1},
                                   "memory_limit": memory, "dashboard": False}}}
                 for i, gpu in enumerate(_gpu_ids(num_gpus))}
+            scheduler = {"cls": Scheduler, "options": {"host": host, "port": 0, "dashboard_address": f"{host}:0"}}
         else:
+            # In one process the scheduler and its worker talk over inproc:// (Python objects
+            # handed over in memory): ~10 % more cohort tiles/s than loopback TCP here, where every
+            # message is serialised.  Nothing listens on the network for it; the HTTP servers are
+            # pinned to loopback.
             resources = {"GPU": num_gpus} if num_gpus > 0 else None
             workers = {"local-0": {"cls": Worker, "options": {
-                "host": host, "nthreads": num_workers or cpus, "resources": resources,
+                "protocol": "inproc", "nthreads": num_workers or cpus, "resources": resources,
                 # The limit covers this whole process (the caller's data too): the machine's RAM.
-                "memory_limit": int(MEMORY_LIMIT), "dashboard": False}}}
-        scheduler = {"cls": Scheduler, "options": {"host": host, "port": 0, "dashboard_address": f"{host}:0"}}
+                "memory_limit": int(MEMORY_LIMIT), "dashboard": False, "dashboard_address": f"{host}:0"}}}
+            scheduler = {"cls": Scheduler, "options": {"protocol": "inproc", "dashboard_address": f"{host}:0"}}
         cluster = _cluster_class()(workers=workers, scheduler=scheduler, name="slide2vec-dask",
                                    quiet_token=token)
     except BaseException:
