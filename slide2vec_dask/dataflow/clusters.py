@@ -1,6 +1,7 @@
 """Which Dask cluster runs the work.
 
-No set-up by default: the work runs on threads in this process.  A
+No set-up by default: `Model.embed_slide(s)` runs on threads in this
+process, `Pipeline.run` on the embedded local cluster below.  A
 ``scheduler_address`` connects to an existing cluster; an active
 ``distributed.Client`` (``with Client(...):`` or the last one created) is
 used as everywhere in Dask.

@@ -1,4 +1,7 @@
-"""Run selected blocks of a graph, a bounded number at a time.
+"""Run selected blocks of a graph, a bounded number at a time (the in-memory API's executor).
+
+`window_size` is the one rule for how many blocks are in flight; the cohort
+driver (`stages.CohortDriver`) follows it too.
 
 Two executors, one contract: ``run_blocks`` submits block tasks (a block's
 read and its embedding), keeps at most ``window`` in flight, and hands each
@@ -32,21 +35,14 @@ def default_threads() -> int:
 
 
 def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Callable, *, client=None,
-               num_workers: int | None, prefetch_factor: int, gpu_resources: bool,
-               sink: Callable | None = None) -> None:
+               num_workers: int | None, prefetch_factor: int, gpu_resources: bool) -> None:
     """Compute each (graph, block) and call ``on_block(graph, block, result)`` as results arrive.
-
-    With ``sink`` (distributed only), ``sink(graph, block)`` returns a function run on the worker
-    on the block's embeddings — e.g. writing them to the store — and ``result`` is what it
-    returns; a failed block's ``result`` is its exception, so one bad slide stops nothing else.
 
     ``num_workers=None`` on a cluster: the window follows the cluster's threads as workers
     join or leave (an adaptive SLURM or Kubernetes cluster that starts small).
     """
     if client is not None:
-        _run_distributed(jobs, on_block, client, window_size(client, num_workers, prefetch_factor), gpu_resources, sink)
-    elif sink is not None:
-        raise ValueError("a sink needs a distributed client")
+        _run_distributed(jobs, on_block, client, window_size(client, num_workers, prefetch_factor), gpu_resources)
     else:
         _run_local(jobs, on_block, num_workers or default_threads(), prefetch_factor)
 
@@ -128,7 +124,7 @@ def _drain(pending: dict, on_block) -> None:
         on_block(graph, block, future.result())
 
 
-def _run_distributed(jobs, on_block, client, window: Callable[[], int], gpu_resources: bool, sink=None) -> None:
+def _run_distributed(jobs, on_block, client, window: Callable[[], int], gpu_resources: bool) -> None:
     """Reads go in as the graph's own read tasks; embeddings are submitted on their results.
 
     The split is what lets the embedding tasks alone carry ``resources={"GPU": 1}``.
@@ -151,8 +147,6 @@ def _run_distributed(jobs, on_block, client, window: Callable[[], int], gpu_reso
         future = client.submit(embed_block, pixels, graph.keep_block(block), spec=spec, read_tile=graph.read_tile,
                                settings=graph.settings, key=graph.key(block), pure=False,
                                resources={"GPU": 1} if gpu_resources else None)
-        if sink is not None:
-            future = client.submit(sink(graph, block), future, pure=False)
         meta[future.key] = (graph, block)
         results.add(future)
 
@@ -165,8 +159,5 @@ def _run_distributed(jobs, on_block, client, window: Callable[[], int], gpu_reso
     top_up()
     for future in results:
         graph, block = meta.pop(future.key)
-        if future.status == "error" and sink is not None:
-            on_block(graph, block, future.exception())   # that slide fails, the run goes on
-        else:
-            on_block(graph, block, future.result())
+        on_block(graph, block, future.result())
         top_up()
