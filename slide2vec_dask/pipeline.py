@@ -136,8 +136,9 @@ class Pipeline:
         writer = _ProcessList(process_list, outcomes)
 
         execution, cluster = self.execution, None
-        client = self.client or resolve_client(execution.scheduler_address) if (todo or aggregate) else None
-        if client is None and (todo or aggregate):
+        work = bool(todo or aggregate or resolved)
+        client = (self.client or resolve_client(execution.scheduler_address)) if work else None
+        if client is None and work:
             from distributed import Client
 
             # The local cluster gets this machine's GPUs, and the run must then ask for them.
@@ -146,7 +147,7 @@ class Pipeline:
             client = Client(cluster, set_as_default=False)
         reporter = get_progress_reporter()
         try:
-            if todo or aggregate:
+            if work:
                 driver = CohortDriver(client=client, store=store, stages=self._stages(), config=config,
                                       execution=execution, settings=embed_settings(execution, client),
                                       outcomes=outcomes, patients=patients, reporter=reporter,

@@ -310,6 +310,20 @@ def test_a_patient_rerun_that_asks_for_slide_rows_makes_them(moozy, slides, tmp_
                                direct.patient_embedding.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_new_patient_of_embedded_slides_needs_only_its_patient_task(moozy, slides, tmp_path):
+    """Slide rows kept by a first run; a second run groups the same slide under a new patient:
+    no tile or slide work, just the patient embedding (its row in the store, its outcome a success)."""
+    config, out = PreprocessingConfig(**EXACT), tmp_path / "run"
+    execution = ExecutionOptions(output_dir=out, save_slide_embeddings=True)
+    Pipeline(moozy, config, execution).run(slides=[{"sample_id": "b1", "image_path": slides["b"], "patient_id": "p"}])
+    again = Pipeline(moozy, config, execution).run(
+        slides=[{"sample_id": "b1", "image_path": slides["b"], "patient_id": "q"}])
+    assert [(o.sample_id, o.status) for o in again.outcomes] == [("b1", "success")]
+    patients = xr.open_zarr(again.store_path, group="patients")
+    assert list(patients["patient_id"].values) == ["q", "p"]
+    np.testing.assert_array_equal(patients["embedding"].values[0], patients["embedding"].values[1])
+
+
 def test_patient_model_needs_patient_ids_before_any_work(moozy, slides, tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"sample_id,image_path,patient_id\na,{slides['a']},p1\nb,{slides['b']},\n")

@@ -136,7 +136,7 @@ class CohortDriver:
                 break
             self.plans_running += 1
             self.outcomes[item.sample_id].status = "planning"
-            self._submit("plan", item.sample_id, tasks.plan_task, self.store, item, self.stages.tile_spec,
+            self._submit("plan", item.sample_id, tasks.plan_task, self.store, item, self.tile_spec,
                          self.config, self.ex, key=f"plan-{item.sample_id}")
 
     # -- tile stage ------------------------------------------------------------------------------
