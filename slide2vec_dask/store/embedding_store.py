@@ -115,9 +115,8 @@ class EmbeddingStore:
         root = zarr.open_group(str(self.path), mode="w" if overwrite else "a", zarr_format=3,
                                use_consolidated=False)
         root.attrs["run"] = run_attrs
-        for name in ("tiles",):
-            if name not in root:
-                root.create_group(name)
+        if "tiles" not in root:
+            root.create_group("tiles")
         self._drop_consolidated()
         for sub in ("staging", "publish", "trash"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
@@ -338,9 +337,6 @@ class EmbeddingStore:
 
     def discard_staging(self, sample_id: str) -> None:
         shutil.rmtree(self._staging(sample_id), ignore_errors=True)
-
-    def has_staging(self, sample_id: str) -> bool:
-        return self._staging(sample_id).exists()
 
     # -- the slide and patient stages (worker side) ------------------------------------------
     def read_tile_features(self, sample_id: str, device: str = "cpu"):
