@@ -144,6 +144,12 @@ def test_truncated_slide(tmp_path, syn_svs):
 @pytest.mark.parametrize("backend,package", [("cucim", "cucim"), ("vips", "pyvips"),
                                              ("asap", "multiresolutionimageinterface")])
 def test_optional_backends_say_what_to_install(syn_svs, backend, package):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:   # installed (pyvips is, for the tests that write with it)
+        with pytest.raises(NotImplementedError, match=f"backend={backend!r}.*not implemented"):
+            open_slide(syn_svs, backend=backend)
+        return
     with pytest.raises(ImportError, match=package) as info:
         open_slide(syn_svs, backend=backend)
     assert "install" in str(info.value)

@@ -49,7 +49,7 @@ class TiffReader:
                     f"tifffile backend reads 8-bit interleaved RGB(A)/grey images; this one is "
                     f"{page0.dtype}, {page0.samplesperpixel} samples, planar config {page0.planarconfig}"
                 )
-            self._levels = [self._level(lv.keyframe) for lv in series.levels]
+            self._levels = [self._level(page) for page in _level_pages(self._tif, series)]
             size = os.path.getsize(path)
             for i, lv in enumerate(self._levels):
                 end = max((o + c for o, c in zip(lv.offsets, lv.counts)), default=0)
@@ -150,6 +150,8 @@ class TiffReader:
         seg = seg.reshape(seg.shape[-3:])
         if seg.shape[-1] == 1:
             return np.repeat(seg, 3, axis=-1)
+        if lv.page.compression == _APERIO_JP2K_YCBCR:
+            return _ycbcr_to_rgb(seg)
         return seg[..., :3]
 
     def close(self) -> None:
@@ -160,6 +162,67 @@ class TiffReader:
 def _close_both(fd: int, tif: tifffile.TiffFile) -> None:
     os.close(fd)
     tif.close()
+
+
+def _level_pages(tif: tifffile.TiffFile, series) -> list[tifffile.TiffPage]:
+    """The pyramid as OpenSlide sees it: tifffile's levels plus every tiled page that is a reduced copy of level 0.
+
+    tifffile's SVS series takes page 1 for the thumbnail, so an Aperio-described
+    file whose page 1 is a tiled level (libvips' ``tiffsave`` keeps the
+    description, and so do other converters) came out as one level, and every
+    plan then decoded all of level 0 for its thumbnail.  OpenSlide takes every
+    tiled page as a level; so do we (same samples, same aspect).  OME-TIFF
+    pyramids live in SubIFDs, which tifffile's series already reads.
+    """
+    pages = [lv.keyframe for lv in series.levels]
+    base = pages[0]
+    if base.is_ome:
+        return pages
+    h0, w0 = base.shape[:2]
+    seen = {page.offset for page in pages}
+    for page in tif.pages:
+        if page.offset in seen or not page.is_tiled or page.dtype != base.dtype \
+                or page.samplesperpixel != base.samplesperpixel or page.planarconfig != base.planarconfig:
+            continue
+        h, w = page.shape[:2]
+        if not (h < h0 and w < w0):
+            continue
+        dh, dw = h0 / h, w0 / w
+        if abs(dh - dw) / max(dh, dw) > 0.02 + 2.0 / min(h, w):   # another picture (a label, a macro)
+            continue
+        pages.append(page)
+        seen.add(page.offset)
+    return sorted(pages, key=lambda page: -page.shape[0] * page.shape[1])
+
+
+_APERIO_JP2K_YCBCR = 33003
+_YCC: tuple | None = None
+
+
+def _ycbcr_to_rgb(seg: np.ndarray) -> np.ndarray:
+    """YCbCr -> RGB with libjpeg's integer tables, as OpenSlide converts Aperio's JPEG 2000 (33003).
+
+    tifffile hands these tiles over as decoded, i.e. still YCbCr: read as RGB they
+    are wrong colours with no error (glass turned to tissue).  Bit-exact with OpenSlide.
+    """
+    global _YCC
+    if _YCC is None:
+        scale, half = 16, 1 << 15
+        x = np.arange(256, dtype=np.int64) - 128
+
+        def fix(v: float) -> int:
+            return int(v * (1 << scale) + 0.5)
+
+        _YCC = ((fix(1.40200) * x + half) >> scale, (fix(1.77200) * x + half) >> scale,
+                -fix(0.34414) * x + half, -fix(0.71414) * x)
+    cr_r, cb_b, cb_g, cr_g = _YCC
+    y = seg[..., 0].astype(np.int64)
+    cb, cr = seg[..., 1], seg[..., 2]
+    out = np.empty(seg.shape[:-1] + (3,), dtype=np.uint8)
+    out[..., 0] = np.clip(y + cr_r[cr], 0, 255)
+    out[..., 1] = np.clip(y + ((cb_g[cb] + cr_g[cr]) >> 16), 0, 255)
+    out[..., 2] = np.clip(y + cb_b[cb], 0, 255)
+    return out
 
 
 def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:

@@ -1,0 +1,95 @@
+"""Slides written by other tools, read as OpenSlide reads them (the readers issue's silent cases).
+
+* Aperio JPEG 2000 tiles in YCbCr (compression 33003), written here with
+  tifffile + imagecodecs as Aperio stores them (YCbCr samples, no J2K colour
+  transform): decoded to OpenSlide's RGB exactly, not taken for RGB.
+* A pyramid converted by libvips (``tiffsave``), which keeps the Aperio
+  description while its page 1 is a tiled level: every level found, with
+  OpenSlide's shapes, downsamples and pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slide2vec_dask import PreprocessingConfig, open_slide, testing
+from slide2vec_dask.tiling.plan import plan_slide
+
+openslide = pytest.importorskip("openslide")
+
+DESCRIPTION = "Aperio Image Library v12.0.15 \n{w}x{h} [0,0 {w}x{h}] (240x240) J2K/YUV16 Q=70|AppMag = 20|MPP = 0.5"
+
+
+def _ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """JFIF RGB -> YCbCr (what an Aperio 33003 tile holds), computed here independently of the reader."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    ycc = np.stack([0.299 * r + 0.587 * g + 0.114 * b,
+                    -0.168736 * r - 0.331264 * g + 0.5 * b + 128,
+                    0.5 * r - 0.418688 * g - 0.081312 * b + 128], axis=-1)
+    return ycc.round().clip(0, 255).astype(np.uint8)
+
+
+def _write_jp2k(path, rgb: np.ndarray, ycbcr: bool):
+    import tifffile
+
+    h, w = rgb.shape[:2]
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(_ycbcr(rgb) if ycbcr else rgb, tile=(240, 240), compression=33003 if ycbcr else 33005,
+                  compressionargs={"mct": not ycbcr, "reversible": True}, photometric="rgb",
+                  description=DESCRIPTION.format(w=w, h=h), metadata=None)
+    return path
+
+
+def _openslide_level(path, level: int) -> np.ndarray:
+    with openslide.OpenSlide(str(path)) as osr:
+        w, h = osr.level_dimensions[level]
+        return np.asarray(osr.read_region((0, 0), level, (w, h)))[..., :3]
+
+
+@pytest.fixture(scope="module")
+def tissue():
+    return testing.tissue_image(1440, 1920, [(240, 480, 1200, 1440)], seed=7)
+
+
+def test_aperio_jpeg2000_ycbcr_is_decoded_to_openslides_rgb(tmp_path, tissue):
+    ycc = _write_jp2k(tmp_path / "ycc.svs", tissue, ycbcr=True)
+    rgb = _write_jp2k(tmp_path / "rgb.svs", tissue, ycbcr=False)
+    for path in (ycc, rgb):
+        assert openslide.OpenSlide.detect_format(str(path)) == "aperio"
+        slide = open_slide(path)
+        np.testing.assert_array_equal(slide.read_region(0, 0, 0, *slide.level_shapes[0]), _openslide_level(path, 0))
+    # Same tissue in both encodings: the same tiles are kept (glass is not taken for tissue).
+    config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5)
+    plans = [plan_slide(open_slide(p), config, spacing_um=0.5, tile_size_px=224, sample_id="s").grid for p in (ycc, rgb)]
+    np.testing.assert_array_equal(plans[0].keep, plans[1].keep)
+    assert 0 < plans[0].num_tiles < plans[0].keep.size / 2   # the glass around the tissue is dropped
+
+
+def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(tmp_path):
+    pyvips = pytest.importorskip("pyvips")
+    source = testing.write_svs(tmp_path / "source.svs", testing.tissue_image(2400, 3000, [(240, 240, 1920, 2400)],
+                                                                             seed=8), mpp=0.5, downsamples=(1,))
+    converted = tmp_path / "vips.tif"
+    pyvips.Image.new_from_file(str(source)).tiffsave(str(converted), tile=True, pyramid=True, compression="jpeg",
+                                                    Q=90, tile_width=256, tile_height=256)
+    with openslide.OpenSlide(str(converted)) as osr:
+        shapes = [(h, w) for w, h in osr.level_dimensions]
+        downsamples = list(osr.level_downsamples)
+    slide = open_slide(converted)
+    assert slide.vendor == "aperio" and len(shapes) >= 4
+    assert slide.level_shapes == shapes
+    np.testing.assert_allclose(slide.level_downsamples, downsamples, rtol=1e-12)
+    rng = np.random.default_rng(0)
+    for level, (h, w) in enumerate(shapes):
+        # Whole levels from the origin: OpenSlide reads a level exactly there (elsewhere its level-0
+        # coordinates can land between a level's pixels); windows are cut from that.
+        expected = _openslide_level(converted, level)
+        np.testing.assert_array_equal(slide.read_region(level, 0, 0, h, w), expected)
+        for _ in range(5):
+            size = int(rng.integers(8, min(h, w, 400)))
+            y, x = (int(v) for v in rng.integers(0, (h - size + 1, w - size + 1)))
+            np.testing.assert_array_equal(slide.read_region(level, y, x, size, size),
+                                          expected[y : y + size, x : x + size])
+    # The thumbnail comes from a reduced level, not from decoding all of level 0.
+    assert slide.best_level_for_downsample(64) == len(shapes) - 1
