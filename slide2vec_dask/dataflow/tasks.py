@@ -67,7 +67,7 @@ class PlannedSlide:
 
 
 def plan_task(store: EmbeddingStore, item, spec, config, execution):
-    """Open and plan one slide, save its plan, and set up its staging grid."""
+    """Open and plan one slide, save its plan, and give it an empty staging folder."""
     from slide2vec_dask.dataflow.embed import plan_for
 
     start = time.perf_counter()
@@ -105,7 +105,7 @@ def read_block(slide: SlideRef, level: int, y: int, x: int, height: int, width: 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, store: EmbeddingStore, sample_id: str,
                 block: tuple[int, int], spec, read_tile: int,
                 settings: EmbedSettings) -> int:
-    """Embed a block's kept tiles and write them into its chunk of the staging grid; the tile count.
+    """Embed a block's kept tiles and write them into its own staging file; the tile count.
 
     ``pixels`` is the block, or ``(slide, level, y, x, height, width)`` to read it here first.
     """
