@@ -28,9 +28,10 @@ Why it is laid out so:
   by being there.  A crash, a user opening the store mid-run, or a task run
   twice after a lost worker never sees half a group; a second finalisation
   of a slide finds it published and does nothing.
-* Consolidated metadata is a snapshot: it is dropped when a run starts and
-  rewritten when it ends, so the store opens the same way mid-run, after a
-  crash (group by group) and after the run (in one read).
+* Metadata is consolidated per finished group, never for the whole store:
+  a store-wide snapshot is stale as soon as another slide lands, and costs
+  memory and a root ``zarr.json`` that grow with the cohort.  So the store
+  opens the same way mid-run, after a crash and after the run.
 """
 
 from __future__ import annotations
@@ -122,33 +123,42 @@ class EmbeddingStore:
             (self.work / sub).mkdir(parents=True, exist_ok=True)
 
     def finish_run(self) -> None:
-        """Consolidate metadata so readers open the finished store in one read; tidy the work area."""
-        import warnings
-
-        import zarr
-
+        """Consolidate the store's metadata (plain xarray then opens it in one read); tidy the work area."""
+        self._consolidate_root()
         shutil.rmtree(self.work / "publish", ignore_errors=True)
         shutil.rmtree(self.work / "trash", ignore_errors=True)
-        with warnings.catch_warnings():  # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(str(self.path))
         staging = self.work / "staging"
         for sample_id in self.finished_slides() & {e.name for e in staging.iterdir()} if staging.is_dir() else ():
             self.discard_staging(sample_id)   # left by a finalisation whose worker was lost after publishing
         if staging.is_dir() and not any(staging.iterdir()):
             shutil.rmtree(self.work, ignore_errors=True)
 
+    def _consolidate_root(self) -> None:
+        """Zarr's consolidated metadata for the whole store, *streamed* into the root ``zarr.json``.
+
+        ``zarr.consolidate_metadata`` holds every node's metadata in memory at once:
+        a 90 MB peak on the client at 2000 slides (measured), growing with the cohort.
+        Written node by node instead (a consolidated slide group contributes its own
+        entries, no walk inside), memory stays flat; the file is what zarr writes.
+        """
+        meta = self.path / "zarr.json"
+        doc = json.loads(meta.read_text())
+        doc.pop("consolidated_metadata", None)
+        tmp = meta.with_name(f".zarr.json.{uuid.uuid4().hex}")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(doc)[:-1] + ', "consolidated_metadata": {"kind": "inline", '
+                    '"must_understand": false, "metadata": {')
+            for i, (key, node) in enumerate(_nodes(self.path)):
+                f.write(("," if i else "") + json.dumps(key) + ": " + json.dumps(node))
+            f.write("}}}")
+        os.replace(tmp, meta)
+
     def _drop_consolidated(self) -> None:
+        """An older store's root-level consolidated metadata: a snapshot that would hide new slides."""
         meta = self.path / "zarr.json"
         doc = json.loads(meta.read_text())
         if doc.pop("consolidated_metadata", None) is not None:
             _write_json(meta, doc)
-
-    def is_consolidated(self) -> bool:
-        try:
-            return json.loads((self.path / "zarr.json").read_text()).get("consolidated_metadata") is not None
-        except OSError:
-            return False
 
     # -- what is done (client side; listings, not one open per slide) ------------------------
     def finished_slides(self) -> set[str]:
@@ -313,6 +323,9 @@ class EmbeddingStore:
                                  "tile_size_lv0_units": schema.LEVEL0_PX,
                                  "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
                                  "complete": True})
+        _consolidate(tmp)
+        if regions is not None:
+            _consolidate(regions)
         return tmp, regions
 
     def _regions_group(self, grid, k: int, feature_dim: int, attrs: dict[str, Any]):
@@ -370,6 +383,7 @@ class EmbeddingStore:
             group.create_array("latents", data=np.asarray(latents, dtype=np.float32),
                                dimension_names=["latent", "latent_feature"])
         group.update_attributes({**attrs, "complete": True})
+        _consolidate(tmp)
         self._ensure_group(_ROWS[level][0])
         self._publish(tmp, self.path / _ROWS[level][0] / key, replace=True)
 
@@ -420,6 +434,7 @@ class EmbeddingStore:
             else:  # variable-length latents stay per slide in _slides/<id>/latents
                 group.attrs["latents"] = f"per {dim}, different lengths: see {where}/<id>/latents"
         group.update_attributes(attrs or {})
+        _consolidate(self.path / name)
 
     # -- flat files -------------------------------------------------------------------------
     def export_tiles(self, sample_id: str, folder: Path, fmt: str) -> list[Path]:
@@ -447,7 +462,14 @@ class EmbeddingStore:
 
         if not self.path.exists():
             raise FileNotFoundError(f"no embeddings store at {self.path}")
+        # Consolidated once a run ended; mid-run or after a crash, group by group.
         return xr.open_datatree(str(self.path), engine="zarr", consolidated=self.is_consolidated(), chunks=chunks)
+
+    def is_consolidated(self) -> bool:
+        try:
+            return json.loads((self.path / "zarr.json").read_text()).get("consolidated_metadata") is not None
+        except OSError:
+            return False
 
     # -- publishing ---------------------------------------------------------------------------
     def _scratch(self) -> Path:
@@ -483,6 +505,49 @@ class EmbeddingStore:
             if not target.exists():
                 raise
             shutil.rmtree(built, ignore_errors=True)   # an identical group got there first
+
+
+def _consolidate(group_dir: Path) -> None:
+    """Consolidate one finished group's metadata before it is published.
+
+    Mid-run (no store-wide snapshot yet) a slide then opens in one read; opening 2000
+    slides took 7.7 s with no consolidation, 4.9 s per group, 3.5 s store-wide (measured).
+    The store-wide pass at the end reuses these entries instead of walking the groups.
+    """
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():   # zarr notes that consolidation is not in the v3 spec yet; xarray reads it
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(group_dir))
+
+
+_EMPTY = {"kind": "inline", "must_understand": False, "metadata": {}}
+
+
+def _nodes(root: Path):
+    """(key, metadata) of every node below ``root``, as zarr's consolidated metadata lists them."""
+    stack = [("", root)]
+    while stack:
+        prefix, folder = stack.pop()
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            path = os.path.join(entry.path, "zarr.json")
+            if entry.name.startswith(".") or not entry.is_dir() or not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                doc = json.load(f)
+            key = prefix + entry.name
+            inner = doc.pop("consolidated_metadata", None)
+            if doc.get("node_type") != "group":
+                yield key, doc
+                continue
+            yield key, {**doc, "consolidated_metadata": _EMPTY}
+            if inner and inner.get("metadata"):   # a consolidated group: its own entries, no walk inside
+                for sub, node in inner["metadata"].items():
+                    yield f"{key}/{sub}", node
+            else:
+                stack.append((key + "/", Path(entry.path)))
 
 
 def _published(folder: Path) -> set[str]:
