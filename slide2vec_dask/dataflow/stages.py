@@ -19,7 +19,12 @@ Tasks have deterministic keys (``plan-``, ``read-``, ``embed-``,
 ``finalize-``, ``slide-``, ``patient-`` + sample id + run token) and are
 idempotent (see `tasks`): when a worker is lost, Dask recomputes what it
 held and the store ends the same.  A slide's own failure (its exception)
-becomes its outcome; the others go on.
+becomes its outcome; the others go on.  A block is one task (read and
+embed where it is decoded) unless the cluster has GPUs: then its read runs
+on any worker and only the ``embed-`` task asks for ``resources={"GPU": 1}``.
+Blocks are submitted directly, not as culled ``map_blocks`` graphs (the
+in-memory API's way): a graph per slide cost the client per-slide work that
+a cohort of small slides cannot afford.
 """
 
 from __future__ import annotations
