@@ -93,3 +93,20 @@ def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(tmp_pa
                                           expected[y : y + size, x : x + size])
     # The thumbnail comes from a reduced level, not from decoding all of level 0.
     assert slide.best_level_for_downsample(64) == len(shapes) - 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "tifffile", "openslide"])
+def test_a_placeholder_resolution_is_missing_spacing_on_every_backend(tmp_path, backend):
+    """libvips writes 25.4 dpi when it knows no resolution; OpenSlide reports that as 1000 µm/px."""
+    from slide2vec_dask import MissingSpacingError
+
+    pyvips = pytest.importorskip("pyvips")
+    path = tmp_path / "no-resolution.tif"
+    image = testing.tissue_image(1024, 1024, [(0, 0, 512, 512)], seed=1)
+    pyvips.Image.new_from_array(image, interpretation="srgb").tiffsave(
+        str(path), tile=True, pyramid=True, compression="jpeg", tile_width=256, tile_height=256)
+    with openslide.OpenSlide(str(path)) as osr:
+        assert float(osr.properties["openslide.mpp-x"]) > 900     # the placeholder, as OpenSlide reads it
+    with pytest.raises(MissingSpacingError, match="spacing_at_level_0"):
+        open_slide(path, backend=backend)
+    assert open_slide(path, backend=backend, spacing_at_level_0=0.5).spacing == 0.5

@@ -21,6 +21,19 @@ class UnreadableSlideError(ValueError):
     """The file exists but is not a slide any backend can read."""
 
 
+def usable_spacing(spacing: float | None) -> float | None:
+    """A level-0 spacing a microscope could have produced (0.01-100 µm/px), else None.
+
+    Writers put placeholders where they know none: 72 or 25.4 dpi (libvips
+    writes 25.4, which OpenSlide reports as mpp 1000).  Taken at face value
+    they fail later with a confusing spacing error; as None they are a
+    `MissingSpacingError` that says what to pass.  Every backend goes through here.
+    """
+    if spacing is None or not math.isfinite(spacing):
+        return None
+    return spacing if 0.01 <= spacing <= 100.0 else None
+
+
 class MissingSpacingError(ValueError):
     """The slide does not say how many µm a pixel is, and none was given."""
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
+
+from slide2vec_dask.slide.base import usable_spacing
 
 
 class OpenSlideReader:
@@ -38,13 +39,10 @@ class OpenSlideReader:
 def _spacing(props) -> float | None:
     mpp = props.get("openslide.mpp-x")
     if mpp:
-        value = float(mpp)
-        if math.isfinite(value) and value > 0:
-            return value
+        return usable_spacing(float(mpp))   # OpenSlide turns a 25.4 dpi placeholder into mpp 1000
     unit, xres = props.get("tiff.ResolutionUnit"), props.get("tiff.XResolution")
     if unit and xres:
         per = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
         if per and float(xres) > 0:
-            spacing = per / float(xres)
-            return spacing if 0.01 <= spacing <= 100.0 else None
+            return usable_spacing(per / float(xres))
     return None

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from slide2vec_dask.slide.base import usable_spacing
+
 # Vendor TIFF dialects whose geometry or colour tifffile does not give us as
 # plain tiles; OpenSlide handles them (auto picks it for these).
 _OPENSLIDE_DIALECTS = ("is_ndpi", "is_scn", "is_philips", "is_bif")
@@ -230,7 +232,7 @@ def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     if page.is_svs:
         match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", page.description or "")
         if match:
-            return _usable(float(match.group(1)))
+            return usable_spacing(float(match.group(1)))
     if page.is_ome and tif.ome_metadata:
         try:
             root = ET.fromstring(tif.ome_metadata)
@@ -238,7 +240,7 @@ def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
             size = pixels.get("PhysicalSizeX")
             if size is not None:
                 unit = pixels.get("PhysicalSizeXUnit", "µm")
-                return _usable(float(size) * _UM_PER_UNIT.get(unit, float("nan")))
+                return usable_spacing(float(size) * _UM_PER_UNIT.get(unit, float("nan")))
         except (ET.ParseError, StopIteration, ValueError):
             pass
     xres, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
@@ -248,9 +250,6 @@ def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
     if um_per_unit is None or num == 0:
         return None
-    return _usable(um_per_unit * den / num)
+    return usable_spacing(um_per_unit * den / num)
 
 
-def _usable(spacing: float) -> float | None:
-    """Spacings outside what microscopes produce are placeholders (e.g. 72 dpi)."""
-    return spacing if 0.01 <= spacing <= 100.0 else None
