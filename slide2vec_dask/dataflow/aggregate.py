@@ -9,7 +9,6 @@ tile encoders.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
