@@ -161,7 +161,7 @@ class Pipeline:
                 client.close()
                 cluster.close()
             writer.write()
-        return self._result(store, outcomes, patients, process_list)
+        return self._result(store, outcomes, process_list)
 
     def _stages(self):
         from slide2vec_dask.dataflow.stages import Stages
@@ -226,7 +226,7 @@ class Pipeline:
                 todo.append(item)
         return todo, aggregate, resolved, {p: s for p, s in patients.items() if p not in done_patients}
 
-    def _result(self, store, outcomes: dict, patients: dict, process_list: Path) -> RunResult:
+    def _result(self, store, outcomes: dict, process_list: Path) -> RunResult:
         ex, level = self.execution, self.model.level
         done = [o for o in outcomes.values() if o.ok]
         slides_kept = level == "slide" or (level == "patient" and ex.save_slide_embeddings)

@@ -227,13 +227,6 @@ def _worker_env(gpu: str, quiet: bool) -> dict:
     return env
 
 
-def _local_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS, Windows
-        return os.cpu_count() or 1
-
-
 # -- the cluster -------------------------------------------------------------------------------
 def _cluster_class():
     from distributed import SpecCluster
@@ -289,7 +282,9 @@ def start_local_cluster(num_workers: int | None, num_gpus: int):
     from distributed.compatibility import WINDOWS
     from distributed.system import MEMORY_LIMIT
 
-    cpus = _local_cpus()
+    from slide2vec_dask.dataflow.driver import default_threads
+
+    cpus = default_threads()
     token = _quiet_distributed()
     try:
         host = "127.0.0.1"

@@ -35,6 +35,23 @@ def block_tiles(grid: TileGrid, use_supertiles: bool, block_px: int = DEFAULT_BL
     return max(1, round(block_px / grid.read_tile_size_px)) if use_supertiles else 1
 
 
+def block_layout(grid: TileGrid, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX
+                 ) -> tuple[int, np.ndarray, list[tuple[int, int]]]:
+    """``(k, mask, blocks)``: tiles per block side, the tiles to embed, and the blocks holding any.
+
+    In hierarchical mode a block is exactly one region (read whole, embedded whole),
+    so the mask covers whole regions; otherwise blocks are ~``block_px`` supertiles.
+    """
+    if grid.region_tile_multiple is not None:
+        k, mask = grid.region_tile_multiple, grid.embed_mask
+    else:
+        k, mask = block_tiles(grid, use_supertiles, block_px), grid.keep
+    rows, cols = mask.shape
+    counts = (np.add.reduceat(np.add.reduceat(mask, np.arange(0, rows, k), axis=0), np.arange(0, cols, k), axis=1)
+              if rows and cols else np.zeros((0, 0), int))
+    return k, mask, [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
+
+
 def cut_tiles(pixels: np.ndarray, keep: np.ndarray, tile: int) -> np.ndarray:
     """The kept tiles of a block, ``(n, tile, tile, 3)``, in row-major order."""
     rows, cols = keep.shape
@@ -100,16 +117,11 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
     if spec.feature_dim is None:
         raise ValueError(f"encoder {spec.name!r}: feature_dim must be known to build the graph")
     rt = grid.read_tile_size_px
-    if grid.region_tile_multiple is not None:
-        # Hierarchical mode: a block is exactly one region, read whole and embedded whole.
-        k = grid.region_tile_multiple
-        mask = grid.embed_mask
-        rows, cols = mask.shape
+    k, mask, blocks = block_layout(grid, use_supertiles, block_px)
+    rows, cols = mask.shape
+    if grid.region_tile_multiple is not None:   # whole regions, white past the level's edge
         pixels = slide.to_dask(grid.level, chunks=k * rt, shape=(rows * rt, cols * rt))
     else:
-        k = block_tiles(grid, use_supertiles, block_px)
-        mask = grid.keep
-        rows, cols = mask.shape
         pixels = slide.to_dask(grid.level, chunks=k * rt)[: rows * rt, : cols * rt]
     # A trailing length-1 axis lines the mask up with the pixels' (y, x, channel) blocks.
     keep = da.from_array(mask[:, :, None], chunks=(k, k, 1), name=f"keep-{dask.base.tokenize(mask)}")
@@ -121,8 +133,5 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
         dtype=np.float32,
         name=f"embed-{dask.base.tokenize(pixels.name, keep.name, spec.key, settings)}",
     )
-    counts = np.add.reduceat(np.add.reduceat(mask, np.arange(0, rows, k), axis=0),
-                             np.arange(0, cols, k), axis=1) if rows and cols else np.zeros((0, 0), int)
-    blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
     return SlideGraph(array, pixels, mask, blocks, k, spec, rt, settings,
                       grid.level, sample_id)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slide2vec_dask.dataflow.graph import EmbedSettings, block_tiles, encode_block
+from slide2vec_dask.dataflow.graph import EmbedSettings, block_layout, encode_block
 from slide2vec_dask.store import EmbeddingStore
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -76,14 +76,7 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
     except EXPECTED as exc:
         return exc
     grid = plan.grid
-    if grid.region_tile_multiple is not None:   # a block is exactly one region
-        k, keep = grid.region_tile_multiple, grid.embed_mask
-    else:
-        k, keep = block_tiles(grid, config.use_supertiles), grid.keep
-    rows, cols = keep.shape
-    counts = (np.add.reduceat(np.add.reduceat(keep, np.arange(0, rows, k), axis=0), np.arange(0, cols, k), axis=1)
-              if rows and cols else np.zeros((0, 0), int))
-    blocks = [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
+    k, keep, blocks = block_layout(grid, config.use_supertiles)
     store.prepare_slide(item.sample_id)
     from slide2vec_dask import __version__
 

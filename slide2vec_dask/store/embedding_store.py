@@ -128,9 +128,12 @@ class EmbeddingStore:
         shutil.rmtree(self.work / "publish", ignore_errors=True)
         shutil.rmtree(self.work / "trash", ignore_errors=True)
         staging = self.work / "staging"
-        for sample_id in self.finished_slides() & {e.name for e in staging.iterdir()} if staging.is_dir() else ():
-            self.discard_staging(sample_id)   # left by a finalisation whose worker was lost after publishing
-        if staging.is_dir() and not any(staging.iterdir()):
+        if not staging.is_dir():
+            return
+        # Left by a finalisation whose worker was lost after publishing: the slide is complete.
+        for sample_id in self.finished_slides() & {e.name for e in staging.iterdir()}:
+            self.discard_staging(sample_id)
+        if not any(staging.iterdir()):
             shutil.rmtree(self.work, ignore_errors=True)
 
     def _consolidate_root(self) -> None:
@@ -211,13 +214,9 @@ class EmbeddingStore:
 
     def prepare_slide(self, sample_id: str) -> None:
         """An empty staging folder for the slide; unfinished output of earlier runs goes."""
-        stale = self.path / "regions" / sample_id   # regions of a slide whose tiles never got published
-        if stale.exists():
-            self._retire(stale)
-        staging = self._staging(sample_id)
-        if staging.exists():
-            self._retire(staging)
-        staging.mkdir(parents=True)
+        self._retire(self.path / "regions" / sample_id)   # of a slide whose tiles never got published
+        self._retire(self._staging(sample_id))
+        self._staging(sample_id).mkdir(parents=True)
 
     def write_block(self, sample_id: str, block: tuple[int, int], embeddings: np.ndarray) -> int:
         """One block's ``(rows, cols, feature)`` embeddings (NaN where no tile is kept) into its own file.
@@ -263,8 +262,7 @@ class EmbeddingStore:
         if not staging.is_dir():
             raise FileNotFoundError(f"{sample_id}: no staged blocks at {staging}")
         n = grid.num_tiles
-        blocks = sorted(staging.glob("*.npy"))
-        feature_dim = int(np.load(blocks[0], mmap_mode="r").shape[2]) if blocks else int(attrs["feature_dim"])
+        feature_dim = int(attrs["feature_dim"])
         chunk = max(1, min(n, _FLAT_CHUNK_BYTES // (4 * feature_dim)))
         tmp = self._scratch()
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -395,14 +393,10 @@ class EmbeddingStore:
     def drop_tiles(self, sample_id: str) -> None:
         """A slide/patient-level run's tile embeddings, once they were not asked to be kept."""
         for where in ("tiles", "regions"):
-            target = self.path / where / sample_id
-            if target.exists():
-                self._retire(target)
+            self._retire(self.path / where / sample_id)
 
     def drop_row(self, level: str, key: str) -> None:
-        target = self.path / _ROWS[level][0] / key
-        if target.exists():
-            self._retire(target)
+        self._retire(self.path / _ROWS[level][0] / key)
 
     # -- tables (client side, at the end of a run) -------------------------------------------
     def finished_rows(self, level: str, first: list[str] = ()) -> list[str]:
@@ -497,7 +491,7 @@ class EmbeddingStore:
     def _publish(self, built: Path, target: Path, replace: bool) -> None:
         """Rename a finished group into the store.  First one wins unless ``replace``."""
         self._ensure_group(target.parent.relative_to(self.path).as_posix())
-        if replace and target.exists():
+        if replace:
             self._retire(target)
         try:
             os.rename(built, target)
