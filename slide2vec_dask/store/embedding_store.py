@@ -37,6 +37,7 @@ Why it is laid out so:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -52,6 +53,7 @@ WORK_NAME = ".slide2vec-work"
 SLIDE_ROWS = "_slides"
 PATIENT_ROWS = "_patients"
 _FLAT_CHUNK_BYTES = 8 << 20
+logger = logging.getLogger("slide2vec_dask")
 _ROWS = {"slide": (SLIDE_ROWS, "slides", "slide", "sample_id"),
          "patient": (PATIENT_ROWS, "patients", "patient", "patient_id")}
 
@@ -100,27 +102,48 @@ class EmbeddingStore:
         return _ROWS[level][1]
 
     # -- the run -----------------------------------------------------------------------------
-    def begin_run(self, run_attrs: dict[str, Any], overwrite: bool) -> None:
-        """Create the store, or check that the existing one was made with the same settings."""
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    def check_run(self, run_attrs: dict[str, Any]) -> None:
+        """Refuse to add to a store made with other settings (reads only)."""
+        if not self.exists():
+            return
+        existing = _attrs(self.path).get("run")
+        if existing is not None and existing != run_attrs:
+            changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
+            raise ValueError(
+                f"{self.path} holds a run made with other settings ({', '.join(changed)} differ); "
+                "use another output_dir, or ExecutionOptions(overwrite=True) to replace it")
+
+    def begin_run(self, run_attrs: dict[str, Any], overwrite: bool) -> str | None:
+        """Create the store, or check that the existing one was made with the same settings.
+
+        ``overwrite`` (a real ``True``: the options refuse anything else) replaces an
+        existing store; what it removed is returned (and logged), None when nothing.
+        """
         import zarr
 
-        if self.path.exists() and not overwrite:
-            existing = dict(_open_group(self.path).attrs).get("run")
-            if existing is not None and existing != run_attrs:
-                changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
-                raise ValueError(
-                    f"{self.path} holds a run made with other settings ({', '.join(changed)} differ); "
-                    "use another output_dir, or ExecutionOptions(overwrite=True) to replace it")
+        removed = None
+        if not overwrite:
+            self.check_run(run_attrs)
+        elif self.exists():
+            removed = (f"overwrite=True: replaced the store {self.path} ({len(self.finished_slides())} slides' "
+                       f"tile embeddings, {len(self.slide_rows())} slide and {len(self.patient_rows())} patient "
+                       "embeddings)")
+            logger.warning(removed)
         if overwrite:
             shutil.rmtree(self.work, ignore_errors=True)
         root = zarr.open_group(str(self.path), mode="w" if overwrite else "a", zarr_format=3,
                                use_consolidated=False)
-        root.attrs["run"] = run_attrs
+        if dict(root.attrs).get("run") != run_attrs:
+            root.attrs["run"] = run_attrs
         if "tiles" not in root:
             root.create_group("tiles")
         self._drop_consolidated()
         for sub in ("staging", "publish", "trash"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
+        return removed
 
     def finish_run(self) -> None:
         """Consolidate the store's metadata (plain xarray then opens it in one read); tidy the work area."""
@@ -185,6 +208,25 @@ class EmbeddingStore:
 
     def row_attrs(self, level: str, key: str) -> dict[str, Any]:
         return _attrs(self.path / _ROWS[level][0] / key)
+
+    def fingerprints(self, where: str, key: str) -> dict[str, Any]:
+        """The source-file fingerprints recorded with a slide's ``"tiles"`` or ``"slide"`` row."""
+        attrs = self.tile_attrs(key) if where == "tiles" else self.row_attrs(where, key)
+        return {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
+
+    def provenance(self, sample_id: str, patient_id: str = "") -> list[dict[str, Any]]:
+        """Every record of which files this slide's stored outputs came from (tiles, slide row, patient row)."""
+        records = [self.tile_attrs(sample_id), self.row_attrs("slide", sample_id)]
+        if patient_id:
+            records.append(self.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(sample_id, {}))
+        return [r for r in records if r]
+
+    def forget_slide(self, sample_id: str, patient_id: str = "") -> None:
+        """A slide's outputs (and its patient's) made from a file that has changed since: they go."""
+        self.drop_tiles(sample_id)
+        self.drop_row("slide", sample_id)
+        if patient_id:
+            self.drop_row("patient", patient_id)
 
     def patient_slides(self, patient_id: str) -> list[str]:
         """The slides a stored patient embedding was made from, in order."""
