@@ -170,8 +170,7 @@ class Pipeline:
         from slide2vec_dask.progress import get_progress_reporter
 
         for sid, reason in stale.items():
-            logger.warning("%s: %s; its stored embeddings are replaced", sid, reason)
-            store.forget_slide(sid, outcomes[sid].patient_id)
+            logger.warning("%s: %s; it is redone (its earlier embeddings stay until the new ones land)", sid, reason)
             outcomes[sid].note = f"redone: {reason}"
         process_list = store.output_dir / "process_list.csv"
         writer = _ProcessList(process_list, outcomes)

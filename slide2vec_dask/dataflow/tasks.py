@@ -122,7 +122,10 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
     """``tiles/<id>`` -> ``_slides/<id>``, on the device's own thread; drops the tiles when not kept."""
     from slide2vec_dask.dataflow import worker
 
-    if store.has_row("slide", sample_id) and (not save_latents or store.row_has_latents("slide", sample_id)):
+    same_files = not store.is_complete(sample_id) or \
+        store.fingerprints("slide", sample_id) == store.fingerprints("tiles", sample_id)
+    if store.has_row("slide", sample_id) and same_files and \
+            (not save_latents or store.row_has_latents("slide", sample_id)):
         # Made already: by an earlier run, or by this task before its worker was lost.
         num = int(store.row_attrs("slide", sample_id).get("num_tiles", 0))
     else:
@@ -153,7 +156,9 @@ def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], 
     """The slides' rows in ``_slides`` -> ``_patients/<patient_id>``; drops the slide rows when not kept."""
     from slide2vec_dask.dataflow.aggregate import encode_patient
 
-    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids)
+    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids) and \
+        all(store.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(s) == store.fingerprints("slide", s)
+            for s in sample_ids if store.has_row("slide", s))
     if not done:   # (a rerun after a lost worker may find it done, its slide rows already dropped)
         slides = np.stack([store.read_row("slide", s)[0] for s in sample_ids])
         embedding = encode_patient(spec, slides, settings)

@@ -221,13 +221,6 @@ class EmbeddingStore:
             records.append(self.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(sample_id, {}))
         return [r for r in records if r]
 
-    def forget_slide(self, sample_id: str, patient_id: str = "") -> None:
-        """A slide's outputs (and its patient's) made from a file that has changed since: they go."""
-        self.drop_tiles(sample_id)
-        self.drop_row("slide", sample_id)
-        if patient_id:
-            self.drop_row("patient", patient_id)
-
     def patient_slides(self, patient_id: str) -> list[str]:
         """The slides a stored patient embedding was made from, in order."""
         return list(self.row_attrs("patient", patient_id).get("sample_ids", []))
@@ -256,7 +249,8 @@ class EmbeddingStore:
 
     def prepare_slide(self, sample_id: str) -> None:
         """An empty staging folder for the slide; unfinished output of earlier runs goes."""
-        self._retire(self.path / "regions" / sample_id)   # of a slide whose tiles never got published
+        if not self.is_complete(sample_id):   # (a slide redone over older results keeps them until it lands)
+            self._retire(self.path / "regions" / sample_id)   # of a slide whose tiles never got published
         self._retire(self._staging(sample_id))
         self._staging(sample_id).mkdir(parents=True)
 
@@ -277,23 +271,33 @@ class EmbeddingStore:
     def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> dict[str, int]:
         """Block files -> flat row-major ``tiles/<id>`` (and ``regions/<id>``), published by rename.
 
-        Safe to run twice or concurrently: a slide already published is left as it is.
+        Safe to run twice or concurrently: a slide already published from the same
+        file (its fingerprint) is left as it is; one published from an earlier version
+        of the file is replaced by this one, in one rename, only now that it is built.
         """
         from slide2vec_dask.tiling.grid import TileGrid
 
         grid = TileGrid.load(plan_path)
         done = {"num_tiles": grid.num_tiles, "num_regions": grid.num_regions if grid.region_tile_multiple else 0}
-        if self.is_complete(sample_id):
+        prints = {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
+
+        def published() -> bool:
+            return self.is_complete(sample_id) and self.fingerprints("tiles", sample_id) == prints
+
+        if published():
             return done
         try:
             tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
         except FileNotFoundError:
-            if self.is_complete(sample_id):   # another run of this task published it meanwhile
+            if published():   # another run of this task published it meanwhile
                 return done
             raise
+        stale = self.is_complete(sample_id)
         if regions is not None:
             self._publish(regions, self.path / "regions" / sample_id, replace=True)
-        self._publish(tiles, self.path / "tiles" / sample_id, replace=False)
+        elif stale:
+            self._retire(self.path / "regions" / sample_id)
+        self._publish(tiles, self.path / "tiles" / sample_id, replace=stale)
         self.discard_staging(sample_id)
         return done
 
@@ -596,7 +600,7 @@ def _published(folder: Path) -> set[str]:
 def _attrs(group_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((group_dir / "zarr.json").read_text()).get("attributes", {})
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):   # absent, or damaged: nothing it says can be trusted
         return {}
 
 
