@@ -263,9 +263,13 @@ class EmbeddingStore:
         """
         target = self._staging(sample_id) / f"{block[0]}-{block[1]}.npy"
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(tmp.parent, exc) from exc
         return int(np.isfinite(embeddings[..., 0]).sum())
 
     def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> dict[str, int]:
@@ -545,6 +549,20 @@ class EmbeddingStore:
             if not target.exists():
                 raise
             shutil.rmtree(built, ignore_errors=True)   # an identical group got there first
+
+
+def write_error(folder: Path, exc: OSError) -> OSError:
+    """A write failure said plainly: numpy and zarr report a full disk as '... requested and ... written'."""
+    from slide2vec_dask.store.output_dir import describe_os_error
+
+    reason = describe_os_error(exc) if exc.errno else str(exc)
+    try:
+        if exc.errno is None and shutil.disk_usage(folder).free < (1 << 20):
+            reason = "no space left on the device"
+    except OSError:
+        pass
+    error = OSError(exc.errno, f"cannot write in {folder}: {reason}")
+    return error
 
 
 def _consolidate(group_dir: Path) -> None:

@@ -58,8 +58,10 @@ def check_output_dir(output_dir: Path) -> None:
     except OSError as exc:
         raise OutputDirError(f"cannot create output_dir {output_dir}: {describe_os_error(exc)}") from exc
     if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise OutputDirError(f"output_dir {output_dir} is not writable; choose another output_dir or fix its "
-                             "permissions")
+        read_only = bool(os.statvfs(output_dir).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
+        raise OutputDirError(f"output_dir {output_dir} {why}; choose another output_dir"
+                             + ("" if read_only else " or fix its permissions"))
 
 
 class RunLock:
