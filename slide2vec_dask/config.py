@@ -4,8 +4,9 @@ Both dataclasses check every value at construction — its type (a boolean is
 ``True``/``False``, never ``"flase"``; a number is a number), its range, and
 each key of the dict-valued options — so the Python API, YAML files and CLI
 overrides (all of which build these classes) refuse a typo before any
-cluster starts or any file is touched.  Fields that belong to a capability this release does
-not have yet raise ``NotImplementedError`` when set, never silently ignored.
+cluster starts or any file is touched.  Fields that belong to a capability
+this release does not have yet raise ``NotImplementedError`` when set, never
+silently ignored.
 """
 
 from __future__ import annotations
