@@ -110,3 +110,70 @@ def test_a_placeholder_resolution_is_missing_spacing_on_every_backend(tmp_path, 
     with pytest.raises(MissingSpacingError, match="spacing_at_level_0"):
         open_slide(path, backend=backend)
     assert open_slide(path, backend=backend, spacing_at_level_0=0.5).spacing == 0.5
+
+
+@pytest.fixture(scope="module")
+def odd_sized_svs(tmp_path_factory):
+    """An Aperio-style SVS whose size 4 does not divide: level 1 has downsample 4.00299, as Aperio's often do."""
+    image = testing.tissue_image(2410, 3010, [(300, 400, 2000, 2500)], seed=3)
+    return testing.write_svs(tmp_path_factory.mktemp("odd") / "odd.svs", image, downsamples=(1, 4), mpp=0.5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "tifffile", "openslide"])
+def test_blocks_on_a_non_integer_downsample_level_are_the_levels_own_pixels(odd_sized_svs, backend):
+    """OpenSlide paints a level at x0 / downsample: from most integer x0 that lands between pixels
+    and the block comes back resampled (a seam at every block edge).  Blocks must be the level's pixels."""
+    with openslide.OpenSlide(str(odd_sized_svs)) as osr:
+        downsample = osr.level_downsamples[1]
+    assert not float(downsample).is_integer()
+    expected = _openslide_level(odd_sized_svs, 1)   # from the level's origin (< 4096 px): OpenSlide paints it exactly
+    slide = open_slide(odd_sized_svs, backend=backend)
+    assert slide.level_downsamples[1] == pytest.approx(downsample, rel=1e-12)
+    h, w = slide.level_shapes[1]
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        size = int(rng.integers(16, 300))
+        y, x = (int(v) for v in rng.integers(1, (h - size + 1, w - size + 1)))
+        np.testing.assert_array_equal(slide.read_region(1, y, x, size, size), expected[y : y + size, x : x + size],
+                                      err_msg=f"window y={y} x={x} size={size}")
+    np.testing.assert_array_equal(slide.to_dask(1, chunks=224).compute(), expected)   # every block of a plan
+
+
+def test_tissue_tiles_on_a_non_integer_downsample_level_agree_across_backends(odd_sized_svs):
+    config = PreprocessingConfig(segmentation={"mthresh": 0, "downsample": 8}, tissue_threshold=0.5)
+    plans = {b: plan_slide(open_slide(odd_sized_svs, backend=b), config, spacing_um=2.0, tile_size_px=56,
+                           sample_id="odd").grid for b in ("tifffile", "openslide")}
+    assert plans["tifffile"].level == plans["openslide"].level == 1
+    np.testing.assert_array_equal(plans["tifffile"].keep, plans["openslide"].keep)
+    assert 0 < plans["tifffile"].num_tiles < plans["tifffile"].keep.size
+
+
+def _corrupt_tile(source, target, page_index: int, tile: int):
+    """A copy of ``source`` with one tile's JPEG bytes overwritten (its offset from the TIFF, read by tifffile)."""
+    import tifffile
+
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[page_index]
+        offset, count = page.dataoffsets[tile], page.databytecounts[tile]
+    data[offset : offset + count] = b"\xff\xd8\xff\xfe" + bytes(range(256)) * ((count - 4) // 256) + b"\x00" * ((count - 4) % 256)
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize("backend", ["tifffile", "openslide"])
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_damaged_tile_is_unreadable_slide_error_naming_file_level_and_tile_and_later_reads_work(
+        tmp_path, odd_sized_svs, backend, level):
+    from slide2vec_dask import UnreadableSlideError
+
+    page = {0: 0, 1: 2}[level]              # write_svs: page 1 is the thumbnail
+    damaged = _corrupt_tile(odd_sized_svs, tmp_path / "damaged.svs", page, tile=3)   # tile column 3, row 0
+    slide = open_slide(damaged, backend=backend)
+    with pytest.raises(UnreadableSlideError) as info:
+        slide.read_region(level, 0, 3 * 240, 240, 240)
+    message = str(info.value)
+    assert "damaged.svs" in message and f"level {level}" in message and "column 3" in message and "row 0" in message
+    # The handle is not left broken: tiles elsewhere still read, and equal the intact file's.
+    expected = _openslide_level(odd_sized_svs, level)[240:480, :480]
+    np.testing.assert_array_equal(slide.read_region(level, 240, 0, 240, 480), expected)

@@ -90,7 +90,7 @@ class TiffReader:
                 sy, sx = row * lv.seg_h, col * lv.seg_w
                 ty0, tx0 = max(y, sy), max(x, sx)
                 ty1, tx1 = min(y + height, sy + lv.seg_h), min(x + width, sx + lv.seg_w)
-                seg = self._segment(lv, row * lv.cols + col)
+                seg = self._segment(lv, row * lv.cols + col, level)
                 out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
         return out
 
@@ -137,7 +137,7 @@ class TiffReader:
             out[y : y + th, x : x + tw] = tile[: out.shape[0] - y, : out.shape[1] - x]
         return out
 
-    def _segment(self, lv: _Level, index: int) -> np.ndarray:
+    def _segment(self, lv: _Level, index: int, level: int) -> np.ndarray:
         count = lv.counts[index]
         if count == 0:  # sparse file: a tile that was never written is background
             return np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
@@ -147,8 +147,9 @@ class TiffReader:
         except Exception as exc:
             from slide2vec_dask.slide.base import UnreadableSlideError
 
-            raise UnreadableSlideError(f"{self.path}: tile {index} of page {lv.page.index} cannot be decoded "
-                                       f"({type(exc).__name__}: {exc}); the file is damaged") from exc
+            raise UnreadableSlideError(f"{self.path}: level {level}, tile {index} (column {index % lv.cols}, row "
+                                       f"{index // lv.cols}; page {lv.page.index}) cannot be decoded "
+                                       f"({type(exc).__name__}: {exc}); the file is damaged there") from exc
         seg = seg.reshape(seg.shape[-3:])
         if seg.shape[-1] == 1:
             return np.repeat(seg, 3, axis=-1)
