@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-BACKENDS = ("auto", "tifffile", "openslide", "cucim", "vips", "asap")
+from slide2vec_dask.slide.registry import backend_names
+
+BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
 PRECISIONS = ("fp16", "bf16", "fp32")
 SEGMENTATION_METHODS = ("hsv", "otsu", "threshold")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from slide2vec_dask.slide.base import UnreadableSlideError, usable_spacing
+from slide2vec_dask.slide.registry import ReaderSpec
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +137,38 @@ def _spacing(props) -> float | None:
         if per and float(xres) > 0:
             return usable_spacing(per / float(xres))
     return None
+
+
+def _claims(probe) -> int:
+    return 50 if probe.openslide_format else 0
+
+
+def _open(path: Path) -> OpenSlideReader:
+    import openslide
+
+    try:
+        return OpenSlideReader(path)
+    except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
+        raise UnreadableSlideError(f"{path}: not a readable whole-slide image (OpenSlide: {exc}). "
+                                   f"{_hint(path)}") from exc
+
+
+def _hint(path: Path) -> str:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            stripped = not tif.pages.first.is_tiled
+    except Exception:   # noqa: BLE001 - not a TIFF
+        stripped = False
+    if stripped:
+        return ("It is a TIFF stored in strips, which OpenSlide does not read; backend='tifffile' "
+                "(or 'auto') reads it.")
+    return "Check that the file is complete and in a slide format (SVS, TIFF, NDPI, MRXS, DICOM, ...)."
+
+
+READER = ReaderSpec(
+    name="openslide", requires="openslide", install="pip install openslide-python openslide-bin",
+    claims=_claims, open=_open,
+    formats="everything OpenSlide reads: SVS, tiled TIFF, NDPI, MRXS, SCN, BIF, VMS, DICOM WSI, ...",
+)

@@ -9,6 +9,7 @@ halves decode throughput and does not scale with threads.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import weakref
@@ -19,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from slide2vec_dask.slide.base import usable_spacing
+from slide2vec_dask.slide.base import UnreadableSlideError, usable_spacing
+from slide2vec_dask.slide.registry import ReaderSpec
+
+log = logging.getLogger(__name__)
 
 # Vendor TIFF dialects whose geometry or colour tifffile does not give us as
 # plain tiles; OpenSlide handles them (auto picks it for these).
@@ -66,6 +70,10 @@ class TiffReader:
         # A reader dropped from the open-slide cache closes its file when it is freed.
         self._closer = weakref.finalize(self, _close_both, self._fd, self._tif)
         self.level_shapes = [(lv.page.shape[0], lv.page.shape[1]) for lv in self._levels]
+        big = [i for i, lv in enumerate(self._levels) if not lv.page.is_tiled and lv.seg_h * lv.seg_w > 1 << 24]
+        if big:
+            log.warning("%s: level(s) %s are stored in strips of over 16 MP; every block read decodes whole "
+                        "strips, so reading is slow (re-save the slide as a tiled TIFF to avoid this)", path, big)
         h0, w0 = self.level_shapes[0]
         self.level_downsamples = [((h0 / h) + (w0 / w)) / 2 for h, w in self.level_shapes]
 
@@ -75,7 +83,8 @@ class TiffReader:
         page = tif.pages.first
         if any(getattr(page, flag, False) for flag in _OPENSLIDE_DIALECTS):
             return False
-        return page.is_tiled and page.dtype == np.uint8 and page.planarconfig == 1
+        # Tiles, or strips (a plain TIFF image: OpenSlide reads no strips at all).
+        return page.dtype == np.uint8 and page.planarconfig == 1 and page.samplesperpixel in (1, 3, 4)
 
     @staticmethod
     def _level(page: tifffile.TiffPage) -> _Level:
@@ -145,8 +154,6 @@ class TiffReader:
         try:
             seg = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)[0]
         except Exception as exc:
-            from slide2vec_dask.slide.base import UnreadableSlideError
-
             raise UnreadableSlideError(f"{self.path}: level {level}, tile {index} (column {index % lv.cols}, row "
                                        f"{index // lv.cols}; page {lv.page.index}) cannot be decoded "
                                        f"({type(exc).__name__}: {exc}); the file is damaged there") from exc
@@ -254,3 +261,21 @@ def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     return usable_spacing(um_per_unit * den / num)
 
 
+
+
+def _claims(probe) -> int:
+    return 100 if probe.tiff is not None and TiffReader.reads_natively(probe.tiff) else 0
+
+
+def _open(path: Path) -> TiffReader:
+    try:
+        return TiffReader(path)
+    except Exception as exc:
+        raise UnreadableSlideError(f"{path}: tifffile cannot read it as a slide ({type(exc).__name__}: {exc}); "
+                                   "is the file complete? backend='openslide' may read other formats") from exc
+
+
+READER = ReaderSpec(
+    name="tifffile", requires="tifffile", install="pip install tifffile imagecodecs", claims=_claims, open=_open,
+    formats="SVS (JPEG, JPEG 2000 YCbCr/RGB), generic tiled or stripped TIFF, OME-TIFF (SubIFD pyramids)",
+)
