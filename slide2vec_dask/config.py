@@ -75,10 +75,8 @@ class PreprocessingConfig:
     segmentation: Mapping[str, Any] = field(default_factory=dict)
     filtering: Mapping[str, Any] = field(default_factory=dict)
     preview: Mapping[str, Any] = field(default_factory=dict)
-    on_the_fly: bool = True
     use_supertiles: bool = True
     read_coordinates_from: str | Path | None = None
-    read_tiles_from: str | Path | None = None
     resume: bool = False
     region_tile_multiple: int | None = None
     requested_region_size_px: int | None = None
@@ -108,16 +106,6 @@ class PreprocessingConfig:
         object.__setattr__(self, "segmentation", seg)
         object.__setattr__(self, "filtering", filt)
         object.__setattr__(self, "preview", prev)
-        if not self.on_the_fly:
-            raise NotImplementedError(
-                "on_the_fly=False (tiles extracted to disk first) is not supported: slide2vec-dask always "
-                "reads tiles straight from the slide, which is what on_the_fly=True does."
-            )
-        if self.read_tiles_from is not None:
-            raise NotImplementedError(
-                "read_tiles_from (pre-extracted tile tar archives) is not supported: tiles are read from "
-                "the slide itself; use read_coordinates_from to reuse a tiling."
-            )
         if self.region_tile_multiple is not None:
             r = self.region_tile_multiple
             if not isinstance(r, int) or isinstance(r, bool) or r < 2:
