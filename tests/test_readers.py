@@ -64,10 +64,15 @@ def tissue():
     return testing.tissue_image(1440, 1920, [(240, 480, 1200, 1440)], seed=7)
 
 
+@pytest.fixture(scope="module")
+def jp2k_svs(tmp_path_factory, tissue):
+    folder = tmp_path_factory.mktemp("jp2k")
+    return _write_jp2k(folder / "ycc.svs", tissue, ycbcr=True), _write_jp2k(folder / "rgb.svs", tissue, ycbcr=False)
+
+
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-def test_aperio_jpeg2000_ycbcr_is_decoded_to_openslides_rgb(tmp_path, tissue, backend):
-    ycc = _write_jp2k(tmp_path / "ycc.svs", tissue, ycbcr=True)
-    rgb = _write_jp2k(tmp_path / "rgb.svs", tissue, ycbcr=False)
+def test_aperio_jpeg2000_ycbcr_is_decoded_to_openslides_rgb(jp2k_svs, backend):
+    ycc, rgb = jp2k_svs
     if backend == "vips":
         import pyvips
 
@@ -93,14 +98,21 @@ def test_aperio_jpeg2000_ycbcr_is_decoded_to_openslides_rgb(tmp_path, tissue, ba
     assert 0 < plans[0].num_tiles < plans[0].keep.size / 2   # the glass around the tissue is dropped
 
 
-@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
-def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(tmp_path, backend):
+@pytest.fixture(scope="module")
+def vips_converted(tmp_path_factory):
     pyvips = pytest.importorskip("pyvips")
-    source = testing.write_svs(tmp_path / "source.svs", testing.tissue_image(2400, 3000, [(240, 240, 1920, 2400)],
-                                                                             seed=8), mpp=0.5, downsamples=(1,))
-    converted = tmp_path / "vips.tif"
+    folder = tmp_path_factory.mktemp("vips")
+    source = testing.write_svs(folder / "source.svs", testing.tissue_image(2400, 3000, [(240, 240, 1920, 2400)],
+                                                                           seed=8), mpp=0.5, downsamples=(1,))
+    converted = folder / "vips.tif"
     pyvips.Image.new_from_file(str(source)).tiffsave(str(converted), tile=True, pyramid=True, compression="jpeg",
                                                     Q=90, tile_width=256, tile_height=256)
+    return converted
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(vips_converted, backend):
+    converted = vips_converted
     with openslide.OpenSlide(str(converted)) as osr:
         shapes = [(h, w) for w, h in osr.level_dimensions]
         downsamples = list(osr.level_downsamples)
@@ -257,3 +269,64 @@ def test_the_reader_registry_is_the_one_list_of_backends():
         assert spec.name == name and spec.install
     with pytest.raises(ValueError, match="backend.*bioformats"):
         PreprocessingConfig(backend="bioformats")
+
+
+@pytest.fixture(scope="module")
+def third_party_tiffs(tmp_path_factory, tissue):
+    """An LZW tiled TIFF whose reduced level has a non-integer downsample, and an OME-TIFF with SubIFDs."""
+    import tifffile
+
+    folder = tmp_path_factory.mktemp("tiffs")
+    image = tissue[:1437, :1901]
+    lzw = folder / "lzw.tif"
+    with tifffile.TiffWriter(lzw) as tif:
+        tif.write(image, tile=(256, 256), compression="lzw", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+        tif.write(np.ascontiguousarray(image[::4, ::4][:359, :475]), tile=(256, 256), compression="lzw",
+                  subfiletype=1)
+    ome = testing.write_tiff(folder / "x.ome.tif", tissue[:1024, :1280], spacing_um=0.5, ome=True)
+    return {"lzw": lzw, "ome": ome}
+
+
+def _reference_levels(path, kind):
+    """Each level's pixels from an independent read: OpenSlide from the origin, or tifffile's own series decode."""
+    import tifffile
+
+    if kind == "lzw":
+        with openslide.OpenSlide(str(path)) as osr:
+            return [_openslide_level(path, i) for i in range(osr.level_count)]
+    with tifffile.TiffFile(path) as tif:
+        return [np.asarray(level.asarray())[..., :3] for level in tif.series[0].levels]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["lzw", "ome"])
+def test_every_level_has_the_reference_geometry_and_pixels_at_20_random_windows(third_party_tiffs, kind, backend):
+    from slide2vec_dask import UnreadableSlideError
+
+    path = third_party_tiffs[kind]
+    if kind == "ome" and backend == "cucim":
+        with pytest.raises(UnreadableSlideError, match="pyramid"):   # cuCIM sees level 0 only: refused, not short
+            _open(path, backend)
+        return
+    slide = _open(path, backend)
+    if kind == "ome" and backend == "openslide":   # OpenSlide reads no SubIFDs: its own single level
+        with openslide.OpenSlide(str(path)) as osr:
+            assert slide.level_shapes == [(h, w) for w, h in osr.level_dimensions]
+        reference = _reference_levels(path, kind)[:1]
+    else:
+        reference = _reference_levels(path, kind)
+        assert slide.level_shapes == [level.shape[:2] for level in reference]
+    if kind == "lzw":
+        with openslide.OpenSlide(str(path)) as osr:
+            np.testing.assert_allclose(slide.level_downsamples, osr.level_downsamples, rtol=1e-12)
+            assert slide.spacing == pytest.approx(float(osr.properties["openslide.mpp-x"]), rel=1e-6)
+        assert not float(slide.level_downsamples[1]).is_integer()
+    rng = np.random.default_rng(5)
+    for level, expected in enumerate(reference):
+        h, w = expected.shape[:2]
+        for _ in range(20):
+            size = int(rng.integers(8, min(h, w, 300)))
+            y, x = (int(v) for v in rng.integers(0, (h - size + 1, w - size + 1)))
+            np.testing.assert_array_equal(slide.read_region(level, y, x, size, size),
+                                          expected[y : y + size, x : x + size],
+                                          err_msg=f"level {level} window y={y} x={x} size={size}")

@@ -31,6 +31,8 @@ _BUILTIN = {
     "asap": "slide2vec_dask.slide.asap_backend",
 }
 ENTRY_POINT_GROUP = "slide2vec_dask.readers"
+#: A claim this high ends the search (the tifffile backend on the TIFFs it decodes natively).
+CERTAIN = 100
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ def choose(path: Path) -> ReaderSpec | None:
             if not spec.available():
                 continue
             score = spec.claims(probe)
+            if score >= CERTAIN:   # no later reader can do better: skip their probes (and imports)
+                return spec
             if score > best_score:
                 best, best_score = spec, score
         return best
