@@ -330,3 +330,26 @@ def test_every_level_has_the_reference_geometry_and_pixels_at_20_random_windows(
             np.testing.assert_array_equal(slide.read_region(level, y, x, size, size),
                                           expected[y : y + size, x : x + size],
                                           err_msg=f"level {level} window y={y} x={x} size={size}")
+
+
+def test_a_dicom_wsi_folder_opens_as_its_series(tmp_path):
+    """A folder as wsidicomizer writes it (one file per level, plus a thumbnail): the same slide as its source."""
+    wsidicomizer = pytest.importorskip("wsidicomizer")
+    try:
+        from opentile.jpeg.jpeg import find_turbojpeg_path
+
+        find_turbojpeg_path()
+    except (ImportError, FileNotFoundError) as exc:   # opentile needs the system's libturbojpeg
+        pytest.skip(f"wsidicomizer cannot run here: {exc}")
+    source = testing.write_svs(tmp_path / "source.svs", testing.tissue_image(1200, 1500, [(0, 0, 1200, 1500)],
+                                                                             seed=4), downsamples=(1, 4), mpp=0.5)
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    wsidicomizer.WsiDicomizer.convert(source, folder)
+    slide = open_slide(folder)
+    with openslide.OpenSlide(str(source)) as osr:
+        assert (slide.backend, slide.vendor) == ("openslide", "dicom")
+        assert slide.level_shapes == [(h, w) for w, h in osr.level_dimensions]
+        assert slide.spacing == pytest.approx(0.5)
+    h, w = slide.level_shapes[0]
+    np.testing.assert_array_equal(slide.read_region(0, 0, 0, h, w), _openslide_level(source, 0))
