@@ -83,7 +83,8 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
     attrs = {"sample_id": item.sample_id, "image_path": str(item.image_path),
              "mask_path": "" if item.mask_path is None else str(item.mask_path),
              "encoder": spec.name, "feature_dim": int(spec.feature_dim), "read_level": int(grid.level),
-             "read_tile_size_px": int(grid.read_tile_size_px), "slide2vec_dask_version": __version__}
+             "read_tile_size_px": int(grid.read_tile_size_px), "slide2vec_dask_version": __version__,
+             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint")}}
     plan_path = str(Path(execution.output_dir) / "coordinates" / f"{item.sample_id}.npz")
     return PlannedSlide(item.sample_id, SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0),
                         grid.level, grid.read_tile_size_px, k, keep, blocks, grid.num_tiles,
@@ -121,7 +122,10 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
     """``tiles/<id>`` -> ``_slides/<id>``, on the device's own thread; drops the tiles when not kept."""
     from slide2vec_dask.dataflow import worker
 
-    if store.has_row("slide", sample_id) and (not save_latents or store.row_has_latents("slide", sample_id)):
+    same_files = not store.is_complete(sample_id) or \
+        store.fingerprints("slide", sample_id) == store.fingerprints("tiles", sample_id)
+    if store.has_row("slide", sample_id) and same_files and \
+            (not save_latents or store.row_has_latents("slide", sample_id)):
         # Made already: by an earlier run, or by this task before its worker was lost.
         num = int(store.row_attrs("slide", sample_id).get("num_tiles", 0))
     else:
@@ -140,7 +144,7 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
 
         embedding, latents, num = worker.run_on_device(settings.num_gpus, run)
         store.write_row("slide", sample_id, embedding, latents if save_latents else None,
-                        {**attrs, "num_tiles": int(num)})
+                        {**attrs, **store.fingerprints("tiles", sample_id), "num_tiles": int(num)})
     if not keep_tiles:
         store.drop_tiles(sample_id)
     flat = str(store.export_row("slide", sample_id, store.output_dir, output_format)) if output_format else ""
@@ -152,11 +156,16 @@ def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], 
     """The slides' rows in ``_slides`` -> ``_patients/<patient_id>``; drops the slide rows when not kept."""
     from slide2vec_dask.dataflow.aggregate import encode_patient
 
-    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids)
+    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids) and \
+        all(store.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(s) == store.fingerprints("slide", s)
+            for s in sample_ids if store.has_row("slide", s))
     if not done:   # (a rerun after a lost worker may find it done, its slide rows already dropped)
         slides = np.stack([store.read_row("slide", s)[0] for s in sample_ids])
         embedding = encode_patient(spec, slides, settings)
-        store.write_row("patient", patient_id, embedding, None, {**attrs, "sample_ids": list(sample_ids)})
+        store.write_row("patient", patient_id, embedding, None, {
+            **attrs, "sample_ids": list(sample_ids),
+            # Its slide rows may be dropped next: the patient row remembers which files it was made from.
+            "slide_fingerprints": {s: store.fingerprints("slide", s) for s in sample_ids}})
     if not keep_slide_rows:
         for s in sample_ids:
             store.drop_row("slide", s)
