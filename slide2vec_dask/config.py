@@ -4,8 +4,8 @@ Both dataclasses check every value at construction — its type (a boolean is
 ``True``/``False``, never ``"flase"``; a number is a number), its range, and
 each key of the dict-valued options — so the Python API, YAML files and CLI
 overrides (all of which build these classes) refuse a typo before any
-cluster starts or any file is touched.  Fields that belong to a capability this release does
-not have yet raise ``NotImplementedError`` when set, never silently ignored.
+cluster starts or any file is touched.  An option this release cannot act on
+does not exist (slide2vec's ``on_the_fly`` / ``read_tiles_from`` are not fields).
 """
 
 from __future__ import annotations
@@ -194,9 +194,9 @@ class PreprocessingConfig:
         check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
         check_number("tissue_threshold", self.tissue_threshold, 0, 1)
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
-        for name in ("on_the_fly", "use_supertiles", "resume"):
+        for name in ("use_supertiles", "resume"):
             check_bool(name, getattr(self, name))
-        for name in ("read_coordinates_from", "read_tiles_from"):
+        for name in ("read_coordinates_from",):
             check_path(name, getattr(self, name))
         seg = _merged("segmentation", self.segmentation, SEGMENTATION_DEFAULTS, _SEGMENTATION_CHECKS)
         filt = _merged("filtering", self.filtering, FILTERING_DEFAULTS, _FILTERING_CHECKS)

@@ -353,3 +353,24 @@ def test_a_dicom_wsi_folder_opens_as_its_series(tmp_path):
         assert slide.spacing == pytest.approx(0.5)
     h, w = slide.level_shapes[0]
     np.testing.assert_array_equal(slide.read_region(0, 0, 0, h, w), _openslide_level(source, 0))
+
+
+def test_tile_embeddings_on_a_non_integer_downsample_level_are_the_same_through_every_backend(odd_sized_svs):
+    """The issue's symptom end to end: at 2 µm/px (level 1, downsample 4.003) the openslide backend's
+    embeddings differed from tifffile's for nearly every tile; they must be the same tiles and values."""
+    import torch
+
+    from slide2vec_dask import Model
+
+    encoder = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(7), torch.nn.Flatten())   # sensitive to every shift
+    model = Model.from_module(encoder, name="pool7", spacing_um=2.0, tile_size_px=56, feature_dim=147)
+    config = PreprocessingConfig(segmentation={"mthresh": 0, "downsample": 8}, tissue_threshold=0.5)
+    installed = [b for b in BACKENDS if importlib.util.find_spec(_LIBRARY.get(b, b)) is not None]
+    results = {b: model.embed_slide(odd_sized_svs, preprocessing=config.replace(backend=b)) for b in installed}
+    reference = results["tifffile"]
+    assert reference.num_tiles > 50 and reference.attrs.get("read_level", 1) == 1
+    for backend, result in results.items():
+        np.testing.assert_array_equal(result.x, reference.x, err_msg=backend)
+        np.testing.assert_array_equal(result.y, reference.y, err_msg=backend)
+        np.testing.assert_allclose(result.tile_embeddings.numpy(), reference.tile_embeddings.numpy(), rtol=0,
+                                   atol=1e-6, err_msg=backend)
