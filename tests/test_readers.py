@@ -126,13 +126,20 @@ def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(vips_c
         # coordinates can land between a level's pixels); windows are cut from that.
         expected = _openslide_level(converted, level)
         np.testing.assert_array_equal(slide.read_region(level, 0, 0, h, w), expected)
-        for _ in range(5):
+        for _ in range(20):
             size = int(rng.integers(8, min(h, w, 400)))
             y, x = (int(v) for v in rng.integers(0, (h - size + 1, w - size + 1)))
             np.testing.assert_array_equal(slide.read_region(level, y, x, size, size),
                                           expected[y : y + size, x : x + size])
     # The thumbnail comes from a reduced level, not from decoding all of level 0.
     assert slide.best_level_for_downsample(64) == len(shapes) - 1
+    # The same tissue tiles as OpenSlide's own reading of the file, at a reduced level.
+    config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5)
+    plans = [plan_slide(s, config, spacing_um=2.0, tile_size_px=112, sample_id="v").grid
+             for s in (slide, open_slide(converted, backend="openslide"))]
+    assert plans[0].level == plans[1].level == 2
+    np.testing.assert_array_equal(plans[0].keep, plans[1].keep)
+    assert 0 < plans[0].num_tiles < plans[0].keep.size
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
