@@ -381,3 +381,14 @@ def test_tile_embeddings_on_a_non_integer_downsample_level_are_the_same_through_
         np.testing.assert_array_equal(result.y, reference.y, err_msg=backend)
         np.testing.assert_allclose(result.tile_embeddings.numpy(), reference.tile_embeddings.numpy(), rtol=0,
                                    atol=1e-6, err_msg=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_slide_pickles_as_its_backend_and_reopens_with_the_same_pixels(odd_sized_svs, backend):
+    """Dask ships a `Slide` to workers as its path and backend name; the registry reopens it there."""
+    import pickle
+
+    slide = _open(odd_sized_svs, backend)
+    again = pickle.loads(pickle.dumps(slide))
+    assert (again.backend, again.level_shapes, again.spacing) == (backend, slide.level_shapes, slide.spacing)
+    np.testing.assert_array_equal(again.read_region(1, 37, 41, 200, 150), slide.read_region(1, 37, 41, 200, 150))
