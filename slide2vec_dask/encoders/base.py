@@ -102,6 +102,9 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    # Floating weights are loaded as float32 whatever their precision; a tensor of another kind
+    # (integer, bool, complex) where the model holds floats, or the reverse, is another model's file.
+    dtypes = sorted(k for k in set(own) & set(state) if _kind(own[k]) != _kind(state[k]))
     detail = []
     if missing:
         detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
@@ -111,7 +114,19 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
         k = shapes[0]
         detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} "
                       f"vs model {tuple(own[k].shape)}")
+    if dtypes:
+        k = dtypes[0]
+        detail.append(f"{len(dtypes)} dtype mismatch(es), e.g. {k}: checkpoint {state[k].dtype} "
+                      f"vs model {own[k].dtype}")
     return "; ".join(detail)
+
+
+def _kind(tensor) -> str:
+    if tensor.is_floating_point():
+        return "float"
+    if tensor.is_complex():
+        return "complex"
+    return "bool" if str(tensor.dtype) == "torch.bool" else "int"
 
 
 def load_into_meta(module, state: dict, problem: str):

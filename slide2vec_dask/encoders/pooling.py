@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-POOLINGS = ("cls", "cls_mean")
+POOLINGS = ("cls", "cls_mean", "patch_mean")
 
 
 def _strip_prefix(module, state_dict, prefix, local_metadata) -> None:
@@ -27,7 +27,11 @@ def _add_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys
 
 
 class TokenPooler(nn.Module):
-    """``(B, 3, H, W) -> (B, D)``: the CLS token, or CLS ++ mean of the patch tokens."""
+    """``(B, 3, H, W) -> (B, D)``: the CLS token, CLS ++ mean of the patch tokens, or that mean alone.
+
+    ``patch_mean`` is what timm's ``global_pool="avg"`` returns for models
+    with registers (DINOv3): the mean over patch tokens, prefix tokens excluded.
+    """
 
     def __init__(self, model: nn.Module, pooling: str = "cls"):
         super().__init__()
@@ -50,7 +54,80 @@ class TokenPooler(nn.Module):
         cls = tokens[:, 0]
         if self.pooling == "cls":
             return cls
-        return torch.cat([cls, tokens[:, self.num_prefix_tokens:].mean(dim=1)], dim=-1)
+        patch_mean = tokens[:, self.num_prefix_tokens:].mean(dim=1)
+        if self.pooling == "patch_mean":
+            return patch_mean
+        return torch.cat([cls, patch_mean], dim=-1)
+
+
+class FeatureMapPooler(nn.Module):
+    """``(B, 3, H, W) -> (B, C)``: global average of a timm ``features_only`` CNN's last feature map.
+
+    CLAM's truncated ResNet-50 (and TRIDENT's ``resnet50``): stages 1-3 of an
+    ImageNet ResNet-50, then adaptive average pooling to 1024 channels.  The
+    state-dict keys are the wrapped network's own (``conv1.*``, ``layer3.*``).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, (list, tuple)):
+            out = out[-1]
+        return out.mean(dim=(2, 3))
+
+
+class MettleRefineHead(nn.Module):
+    """Mettle's refinement of the CLS embedding: a content-mixed sum of low-rank updates plus a shift.
+
+    ``mix`` weighs ``num_atoms`` rank-``rank`` maps ``x -> (x P_k) Q_k^T``;
+    ``shift`` adds a small MLP of ``x``.  Hyperparameters and parameter names
+    follow the published ``config.json`` / ``model.safetensors`` (``head.P``,
+    ``head.Q``, ``head.mix.{0,2}``, ``head.shift.{0,2}``).
+    """
+
+    def __init__(self, dim: int = 1536, num_atoms: int = 16, rank: int = 8, hidden: int = 256):
+        super().__init__()
+        self.P = nn.Parameter(torch.zeros(num_atoms, dim, rank))
+        self.Q = nn.Parameter(torch.zeros(num_atoms, dim, rank))
+        self.mix = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_atoms))
+        self.shift = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_rank = torch.einsum("bd,kdr->bkr", x, self.P)
+        updates = torch.einsum("bkr,kdr->bkd", low_rank, self.Q)
+        weights = self.mix(x).unsqueeze(-1)
+        return x + (weights * updates).sum(dim=1) + self.shift(x)
+
+
+class MettleEncoder(nn.Module):
+    """Mettle: an H-optimus-0 ViT-g/14 trunk (``backbone.*``) and `MettleRefineHead` (``head.*``).
+
+    ``cls``: the refined CLS token; ``cls_patch_mean`` (default): refined CLS ++
+    the *unrefined* mean of the patch tokens.  The head and the mean run in
+    float32 with autocast off, as the published code does.
+    """
+
+    def __init__(self, backbone: nn.Module, output_variant: str = "cls_patch_mean"):
+        super().__init__()
+        self.backbone = backbone
+        self.head = MettleRefineHead(dim=backbone.embed_dim)
+        self.output_variant = output_variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        device_type = x.device.type if x.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):
+            cls = self.head(tokens[:, 0].float())
+            if self.output_variant == "cls":
+                return cls
+            patch_mean = tokens[:, self.backbone.num_prefix_tokens:].float().mean(dim=1)
+            return torch.cat([cls, patch_mean], dim=-1)
 
 
 class ConchImageEncoder(nn.Module):

@@ -17,7 +17,6 @@ the equivalent timm modules key by key (``layout`` below).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, read_state_dict, state_dict_mismatch
 from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -36,7 +36,7 @@ HALF = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15")
+LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features")
 # How a checkpoint's position embedding is resampled to the tile grid, when it was
 # published for another grid: the algorithm the official code applies at run time.
 POS_EMBED_INTERP = {
@@ -80,9 +80,14 @@ class TilePreset:
     """A published tile encoder, as data.
 
     ``kwargs`` are the timm constructor arguments of the *published*
-    architecture; ``outputs`` maps each output variant to its feature
-    dimension, the first being the default.  ``layout`` names the key layout
-    of the published checkpoint.  ``pos_embed_interp`` (a key of
+    architecture; ``weights`` is where its checkpoint is published;
+    ``outputs`` maps each output variant to its feature dimension, the
+    first being the default.  ``layout`` names the key layout of the
+    published checkpoint (and, for ``mettle`` / ``timm_features``, the small
+    native wrapper around the timm trunk).  ``ignore_keys`` are prefixes of
+    tensors the official file holds that the published *use* of the model
+    never reads (ResNet-50's ``layer4`` and ``fc`` for CLAM's truncated
+    network); every other key must fit exactly.  ``pos_embed_interp`` (a key of
     `POS_EMBED_INTERP`) lets a checkpoint whose position embedding was
     published for another grid run at ``tile_size_px``: it is resampled once
     at load time with the algorithm the official code applies at run time.
@@ -91,19 +96,17 @@ class TilePreset:
     name: str
     arch: str | None
     kwargs: tuple
-    hub_id: str
-    hub_files: tuple[str, ...]
+    weights: Weights
     outputs: tuple[tuple[str, int], ...]
     spacing_um: float | None
     tile_size_px: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_precision: str
-    gated: bool
-    licence: str
     architecture: str
     layout: str = "timm"
     pos_embed_interp: str | None = None
+    ignore_keys: tuple[str, ...] = ()
     level: str = "tile"
     note: str = ""
 
@@ -122,9 +125,11 @@ class TilePreset:
     def default_variant(self) -> str:
         return self.outputs[0][0]
 
-    @property
-    def url(self) -> str:
-        return f"https://huggingface.co/{self.hub_id}"
+    hub_id = property(lambda self: self.weights.hub_id)
+    hub_files = property(lambda self: self.weights.files)
+    gated = property(lambda self: self.weights.gated)
+    licence = property(lambda self: self.weights.licence)
+    url = property(lambda self: self.weights.url)
 
     def feature_dim(self, output_variant: str | None = None) -> int:
         return dict(self.outputs)[self._variant(output_variant)]
@@ -152,30 +157,46 @@ class TilePreset:
         return kwargs
 
     def create_architecture(self, runtime: bool = False):
-        """The bare timm model, randomly initialised (use a ``meta`` device for a free one)."""
+        """The bare model whose state dict is the published file's, randomly initialised.
+
+        Build it under ``torch.device('meta')`` for a free one (parameter counts, shapes).
+        """
         if self.layout == "conch_v15":
             return _conch_v15_architecture(self, runtime)
         if self.arch is None:
             raise NotImplementedError(f"preset {self.name!r} is not a timm architecture ({self.architecture})")
         import timm
 
-        return timm.create_model(self.arch, pretrained=False, **self.timm_kwargs(runtime))
+        trunk = timm.create_model(self.arch, pretrained=False, **self.timm_kwargs(runtime))
+        if self.layout == "mettle":
+            from slide2vec_dask.encoders.pooling import MettleEncoder
+
+            return MettleEncoder(trunk)
+        return trunk
+
+    def create_module(self, output_variant: str | None = None, runtime: bool = True):
+        """The architecture wrapped to return this variant's ``(B, feature_dim)`` (keys unchanged)."""
+        from slide2vec_dask.encoders.pooling import FeatureMapPooler, TokenPooler
+
+        variant = self._variant(output_variant)
+        model = self.create_architecture(runtime=runtime)
+        if self.layout == "mettle":
+            model.output_variant = variant
+            return model
+        if self.layout == "timm_features":
+            return FeatureMapPooler(model)
+        if self.layout == "conch_v15":
+            return model
+        return TokenPooler(model, variant)
 
     # -- spec --------------------------------------------------------------
     def spec(self, checkpoint_path: str | Path | None = None, output_variant: str | None = None) -> EncoderSpec:
         """The `EncoderSpec` of this preset: cheap, no torch, no weights."""
         variant = self._variant(output_variant)
-        if checkpoint_path is not None:
-            checkpoint_path = Path(checkpoint_path).expanduser().resolve()
-            if not checkpoint_path.exists():
-                raise FileNotFoundError(f"preset {self.name!r}: checkpoint not found: {checkpoint_path}")
-        ckpt = None if checkpoint_path is None else str(checkpoint_path)
-        digest = hashlib.sha1(repr((self.arch, self.kwargs, self.layout, self.pos_embed_interp,
-                                    self.tile_size_px, self.hub_files)).encode()).hexdigest()[:12]
-        source = ckpt if ckpt is not None else f"hf://{self.hub_id}"
+        weights = self.weights.with_checkpoint(self.name, checkpoint_path)
         return EncoderSpec(
             name=self.name,
-            build=PresetBuilder(self, variant, ckpt),
+            build=PresetBuilder(self, variant, weights.checkpoint_path),
             spacing_um=self.spacing_um,
             tile_size_px=self.tile_size_px,
             mean=tuple(self.mean),
@@ -183,10 +204,9 @@ class TilePreset:
             feature_dim=self.feature_dim(variant),
             level=self.level,
             default_precision=self.default_precision,
-            key=f"preset:{self.name}:{variant}:{source}:{digest}",
-            info={"hub_id": self.hub_id, "url": self.url, "gated": self.gated, "licence": self.licence,
-                  "architecture": self.architecture, "output_variant": variant,
-                  "checkpoint_path": ckpt, "hub_files": list(self.hub_files)},
+            key=weights.cache_key(f"preset:{self.name}", variant, self.arch, self.kwargs, self.layout,
+                                  self.pos_embed_interp, self.ignore_keys, self.tile_size_px),
+            info={**weights.info(), "architecture": self.architecture, "output_variant": variant},
         )
 
 
@@ -207,24 +227,21 @@ class PresetBuilder:
         return self._build_timm()
 
     def _weights_file(self) -> Path:
-        if self.checkpoint_path is not None:
-            return Path(self.checkpoint_path)
-        from slide2vec_dask.encoders.hub import fetch_hub_file
-
-        return fetch_hub_file(self.preset.name, self.preset.hub_id, self.preset.hub_files, gated=self.preset.gated)
+        return dataclasses.replace(self.preset.weights, checkpoint_path=self.checkpoint_path).resolve(self.preset.name)
 
     def _build_timm(self):
         import torch
-
-        from slide2vec_dask.encoders.pooling import TokenPooler
 
         preset = self.preset
         path = self._weights_file()
         what = f"preset {preset.name!r} ({preset.hub_id})"
         state = read_state_dict(path, what)
         with torch.device("meta"):
-            model = preset.create_architecture(runtime=True)
+            module = preset.create_module(self.output_variant, runtime=True)
+        model = module.model if hasattr(module, "model") else module  # the keys of the published file
         state = to_timm_layout(state, preset.layout, model)
+        state = {k: v for k, v in state.items() if not k.startswith(preset.ignore_keys)} if preset.ignore_keys \
+            else state
         if preset.pos_embed_interp is not None:
             state = resample_pos_embed(state, model, preset.pos_embed_interp)
         problems = state_dict_mismatch(model.state_dict(), state)
@@ -239,7 +256,7 @@ class PresetBuilder:
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"{what}: tensors left unloaded after loading {path}: {left[:5]}")
-        return TokenPooler(model, self.output_variant).eval()
+        return module.eval()
 
     def _build_conch(self):
         try:
@@ -306,7 +323,7 @@ def to_timm_layout(state: dict, layout: str, model) -> dict:
     A checkpoint already in timm's layout passes through for every layout.
     Keys that do not map stay as they are, so a mismatch is reported by name.
     """
-    if layout == "timm" or _is_timm_layout(state):
+    if layout in ("timm", "mettle", "timm_features") or _is_timm_layout(state):
         return dict(state)
     if layout == "hf_vit":
         return _from_hf(_strip(state, "vit."), model, _HF_VIT_LAYER)
@@ -421,113 +438,101 @@ _VIT_G_DINOV2 = dict(embed_dim=1536, depth=40, num_heads=24)
 TILE_PRESETS: tuple[TilePreset, ...] = (
     TilePreset(
         name="lunit", arch="vit_small_patch8_224", kwargs=_kw(num_classes=0),
-        hub_id="1aurent/vit_small_patch8_224.lunit_dino", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("1aurent/vit_small_patch8_224.lunit_dino", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Lunit non-commercial"),
         outputs=(("cls", 384),), spacing_um=0.5, tile_size_px=224, mean=LUNIT_MEAN, std=LUNIT_STD,
-        default_precision="fp32", gated=False, licence="Lunit non-commercial",
-        architecture="ViT-S/8 (DINO)"),
+        default_precision="fp32", architecture="ViT-S/8 (DINO)"),
     TilePreset(
         name="uni", arch="vit_large_patch16_224",
         kwargs=_kw(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-        hub_id="MahmoodLab/UNI", hub_files=("pytorch_model.bin",),
+        weights=Weights("MahmoodLab/UNI", ("pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0", architecture="ViT-L/16"),
+        default_precision="fp16", architecture="ViT-L/16"),
     TilePreset(
         name="uni2", arch="vit_giant_patch14_224",
         kwargs=_kw(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
                    mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=SWIGLU_PACKED,
                    act_layer=SILU, reg_tokens=8, dynamic_img_size=True),
-        hub_id="MahmoodLab/UNI2-h", hub_files=("pytorch_model.bin",),
+        weights=Weights("MahmoodLab/UNI2-h", ("pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="bf16", gated=True, licence="CC-BY-NC-ND-4.0",
-        architecture="ViT-H/14 (UNI2-h: 24 blocks, 1536-d, SwiGLU, 8 registers)"),
+        default_precision="bf16", architecture="ViT-H/14 (UNI2-h: 24 blocks, 1536-d, SwiGLU, 8 registers)"),
     TilePreset(
         name="virchow", arch="vit_huge_patch14_224",
         kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
                    dynamic_img_size=True, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="paige-ai/Virchow", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("paige-ai/Virchow", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0 (with Paige's additional terms)"),
         outputs=(("cls_mean", 2560), ("cls", 1280)), spacing_um=0.5, tile_size_px=224,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", gated=True,
-        licence="Apache-2.0 (with Paige's additional terms)", architecture="ViT-H/14 (SwiGLU)"),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", architecture="ViT-H/14 (SwiGLU)"),
     TilePreset(
         name="virchow2", arch="vit_huge_patch14_224",
         kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
                    global_pool="", dynamic_img_size=True, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="paige-ai/Virchow2", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("paige-ai/Virchow2", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls_mean", 2560), ("cls", 1280)), spacing_um=0.5, tile_size_px=224,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", gated=True,
-        licence="CC-BY-NC-ND-4.0", architecture="ViT-H/14 (SwiGLU, 4 registers)"),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", architecture="ViT-H/14 (SwiGLU, 4 registers)"),
     TilePreset(
         name="h-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
-        hub_id="bioptimus/H-optimus-0", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("bioptimus/H-optimus-0", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        default_precision="fp16", gated=True, licence="Apache-2.0",
-        architecture="ViT-g/14 (4 registers)", note="gated with automatic approval"),
+        default_precision="fp16", architecture="ViT-g/14 (4 registers)", note="gated with automatic approval"),
     TilePreset(
         name="h-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
-        hub_id="bioptimus/H-optimus-1", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("bioptimus/H-optimus-1", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0", architecture="ViT-g/14 (4 registers)"),
+        default_precision="fp16", architecture="ViT-g/14 (4 registers)"),
     TilePreset(
         name="h0-mini", arch="vit_base_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, global_pool="", mlp_ratio=5.33334, mlp_layer=SWIGLU_PACKED,
                    act_layer=SILU),
-        hub_id="bioptimus/H0-mini", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("bioptimus/H0-mini", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls_mean", 1536), ("cls", 768)), spacing_um=0.5, tile_size_px=224,
-        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16", gated=True,
-        licence="CC-BY-NC-ND-4.0", architecture="ViT-B/14 (SwiGLU, 4 registers; distilled from H-optimus-0)"),
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16", architecture="ViT-B/14 (SwiGLU, 4 registers; distilled from H-optimus-0)"),
     TilePreset(
         name="gigapath", arch="vit_giant_patch14_dinov2",
         kwargs=_kw(img_size=224, in_chans=3, patch_size=16, init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
                    **_VIT_G_DINOV2),
-        hub_id="prov-gigapath/prov-gigapath", hub_files=("pytorch_model.bin",),
+        weights=Weights("prov-gigapath/prov-gigapath", ("pytorch_model.bin",), gated=True, licence="Apache-2.0 (with Prov-GigaPath's conditions)"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp16", gated=True, licence="Apache-2.0 (with Prov-GigaPath's conditions)",
-        architecture="ViT-g (DINOv2 giant, 16 px patches)", note="the tile encoder of Prov-GigaPath"),
+        default_precision="fp16", architecture="ViT-g (DINOv2 giant, 16 px patches)", note="the tile encoder of Prov-GigaPath"),
     TilePreset(
         name="phikon", arch="vit_base_patch16_224", kwargs=_kw(num_classes=0, norm_layer=LAYERNORM_EPS_1E12),
-        hub_id="owkin/phikon", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("owkin/phikon", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Owkin non-commercial"),
         outputs=(("cls", 768),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp32", gated=False, licence="Owkin non-commercial", architecture="ViT-B/16 (iBOT)",
+        default_precision="fp32", architecture="ViT-B/16 (iBOT)",
         layout="hf_vit", note="published as a transformers ViTModel; mapped onto timm (LayerNorm eps 1e-12)"),
     TilePreset(
         name="phikonv2", arch="vit_large_patch16_224", kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0),
-        hub_id="owkin/phikon-v2", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("owkin/phikon-v2", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Owkin non-commercial"),
         outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp32", gated=False, licence="Owkin non-commercial",
-        architecture="ViT-L/16 (DINOv2)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        default_precision="fp32", architecture="ViT-L/16 (DINOv2)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="published as a transformers Dinov2Model; mapped onto timm"),
     TilePreset(
         name="hibou-b", arch="vit_base_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, mlp_ratio=5.33334, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="histai/hibou-b", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("histai/hibou-b", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0"),
         outputs=(("cls", 768),), spacing_um=0.5, tile_size_px=224, mean=HIBOU_MEAN, std=HIBOU_STD,
-        default_precision="fp32", gated=True, licence="Apache-2.0",
-        architecture="ViT-B/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        default_precision="fp32", architecture="ViT-B/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="published as transformers remote code (Dinov2 with registers); mapped onto timm"),
     TilePreset(
         name="hibou-l", arch="vit_large_patch14_reg4_dinov2",
         # DINOv2's SwiGLU hidden width: (int(1024 * 4 * 2 / 3) + 7) // 8 * 8 = 2736, packed 5472 = 5.34375 x 1024
         kwargs=_kw(img_size=224, num_classes=0, mlp_ratio=5.34375, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="histai/hibou-L", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("histai/hibou-L", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0"),
         outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=HIBOU_MEAN, std=HIBOU_STD,
-        default_precision="fp32", gated=True, licence="Apache-2.0",
-        architecture="ViT-L/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        default_precision="fp32", architecture="ViT-L/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="published as transformers remote code (Dinov2 with registers); mapped onto timm"),
     TilePreset(
         name="midnight", arch="vit_giant_patch14_dinov2",
         kwargs=_kw(img_size=518, num_classes=0, init_values=1e-5),
-        hub_id="kaiko-ai/midnight", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("kaiko-ai/midnight", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="MIT"),
         outputs=(("cls_mean", 3072), ("cls", 1536)), spacing_um=0.5, tile_size_px=224,
-        mean=HALF, std=HALF, default_precision="fp16", gated=True, licence="MIT",
-        architecture="ViT-g/14 (DINOv2, SwiGLU)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        mean=HALF, std=HALF, default_precision="fp16", architecture="ViT-g/14 (DINOv2, SwiGLU)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="Midnight-12k; published as a transformers Dinov2Model (518 px grid, run at 224 px as its card does)"),
     TilePreset(
-        name="conch", arch=None, kwargs=(), hub_id="MahmoodLab/CONCH", hub_files=("pytorch_model.bin",),
+        name="conch", arch=None, kwargs=(), weights=Weights("MahmoodLab/CONCH", ("pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("default", 512),), spacing_um=0.5, tile_size_px=448,
-        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp32", gated=True,
-        licence="CC-BY-NC-ND-4.0", architecture="ViT-B/16 + attentional pooler (CoCa)", layout="conch",
+        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp32", architecture="ViT-B/16 + attentional pooler (CoCa)", layout="conch",
         note=f"needs the `conch` package: {CONCH_INSTALL}"),
     TilePreset(
         # CONCH v1.5 as TITAN's return_conch() builds it (conch_config of MahmoodLab/TITAN's config.json):
@@ -536,19 +541,78 @@ TILE_PRESETS: tuple[TilePreset, ...] = (
         # LayerNorm.  Weights: conch_v1_5_pytorch_model.bin of MahmoodLab/TITAN (what return_conch()
         # downloads); MahmoodLab/conchv1_5's pytorch_model_vision.bin has the same keys.
         name="conchv15", arch=None, kwargs=_kw(img_size=224, patch_size=16, init_values=1e-6, num_classes=0),
-        hub_id="MahmoodLab/TITAN", hub_files=("conch_v1_5_pytorch_model.bin",),
+        weights=Weights("MahmoodLab/TITAN", ("conch_v1_5_pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("default", 768),), spacing_um=0.5, tile_size_px=448, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0",
-        architecture="ViT-L/16 + attentional pooler (CONCH v1.5)", layout="conch_v15", pos_embed_interp="bicubic_dino",
+        default_precision="fp16", architecture="ViT-L/16 + attentional pooler (CONCH v1.5)", layout="conch_v15", pos_embed_interp="bicubic_dino",
         note="the tile encoder of TITAN; native PyTorch + timm, no `conch` package needed"),
     TilePreset(
         name="dinov2-vitb14", arch="vit_base_patch14_dinov2", kwargs=_kw(num_classes=0),
-        hub_id="timm/vit_base_patch14_dinov2.lvd142m", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("timm/vit_base_patch14_dinov2.lvd142m", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Apache-2.0"),
         outputs=(("cls", 768),), spacing_um=None, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp32", gated=False, licence="Apache-2.0", architecture="ViT-B/14 (DINOv2, natural images)",
+        default_precision="fp32", architecture="ViT-B/14 (DINOv2, natural images)",
         pos_embed_interp="bicubic_aa",
         note="natural-image control: no native spacing, set PreprocessingConfig(requested_spacing_um=...)"),
+    # -- slide2vec 7.1.4's further tile presets, by its names ---------------------------------------
+    TilePreset(
+        # timm's DINOv3 ViT-B/16 (an Eva model: RoPE, 4 registers, LayerScale); its pretrained
+        # global_pool is "avg": the mean of the patch tokens after the final norm (slide2vec's default).
+        name="dinov3-vitb16", arch="vit_base_patch16_dinov3", kwargs=_kw(num_classes=0, dynamic_img_size=True),
+        weights=Weights("timm/vit_base_patch16_dinov3.lvd1689m", ("model.safetensors", "pytorch_model.bin"),
+                        gated=False, licence="DINOv3 License"),
+        outputs=(("patch_mean", 768), ("cls", 768)), spacing_um=None, tile_size_px=256,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16",
+        architecture="ViT-B/16 (DINOv3, RoPE, 4 registers; natural images)",
+        note="natural-image control: no native spacing, set PreprocessingConfig(requested_spacing_um=...)"),
+    TilePreset(
+        # GPFM.pth is a bare DINOv2 ViT-L/14 state dict on a 224 px grid (timm keys).
+        name="gpfm", arch="vit_large_patch14_dinov2", kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0),
+        weights=Weights("majiabo/GPFM", ("GPFM.pth",), gated=False, licence="MIT"),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="ViT-L/14 (DINOv2)"),
+    TilePreset(
+        # mSTAR's hub repo is a timm ViT-L/16 (vit_large_patch16_224 with LayerScale init 1e-5).
+        name="mstar", arch="vit_large_patch16_224",
+        kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        weights=Weights("Wangyh/mSTAR", ("model.safetensors", "pytorch_model.bin"), gated=True),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="ViT-L/16"),
+    TilePreset(
+        # H-optimus-0's trunk fine-tuned, plus MettleRefineHead on the CLS token (model.safetensors:
+        # backbone.* and head.*).
+        name="mettle", arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, num_classes=0, init_values=1e-5, dynamic_img_size=False),
+        weights=Weights("slideflow-labs/Mettle", ("model.safetensors",), gated=False, licence="CC-BY-NC-ND-4.0"),
+        outputs=(("cls_patch_mean", 3072), ("cls", 1536)), spacing_um=0.5, tile_size_px=224,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16",
+        architecture="ViT-g/14 (4 registers) + Mettle refine head", layout="mettle",
+        note="spacing not stated on the card: H-optimus-0's (its parent model)"),
+    # -- TRIDENT's baselines -------------------------------------------------------------------------
+    TilePreset(
+        # CLAM's truncated ImageNet ResNet-50: stages 1-3 (out_indices=[3]) + global average pooling.
+        name="resnet50", arch="resnet50", kwargs=_kw(features_only=True, out_indices=(3,)),
+        weights=Weights("timm/resnet50.tv_in1k", ("model.safetensors", "pytorch_model.bin"), gated=False,
+                        licence="BSD-3-Clause (torchvision weights)"),
+        outputs=(("mean", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="ResNet-50, stages 1-3 + average pool (CLAM)",
+        layout="timm_features", ignore_keys=("layer4.", "fc."),
+        note="ImageNet weights; the published file's layer4.* and fc.* are not used by the truncated network"),
 )
+_KAIKO = (  # (name, timm architecture, published grid, dim, label): TRIDENT's kaiko-* encoders
+    ("kaiko-vits16", "vit_small_patch16_224", 224, 384, "ViT-S/16"),
+    ("kaiko-vits8", "vit_small_patch8_224", 224, 384, "ViT-S/8"),
+    ("kaiko-vitb16", "vit_base_patch16_224", 224, 768, "ViT-B/16"),
+    ("kaiko-vitb8", "vit_base_patch8_224", 224, 768, "ViT-B/8"),
+    ("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 518, 1024, "ViT-L/14 (4 registers)"),
+)
+TILE_PRESETS += tuple(
+    TilePreset(
+        name=name, arch=arch, kwargs=_kw(img_size=grid, num_classes=0, dynamic_img_size=True),
+        weights=Weights(f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
+                        gated=False),
+        outputs=(("cls", dim),), spacing_um=0.5, tile_size_px=224, mean=HALF, std=HALF, default_precision="fp32",
+        architecture=f"{label} (kaiko.ai)", pos_embed_interp="bicubic_aa" if grid != 224 else None,
+        note="published on a 518 px grid, run at 224 px as TRIDENT does" if grid != 224 else "")
+    for name, arch, grid, dim, label in _KAIKO)
 
 _BY_NAME = {p.name: p for p in TILE_PRESETS}
 
