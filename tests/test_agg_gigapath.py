@@ -31,6 +31,7 @@ from slide2vec_dask.encoders.aggregators.longnet import (
 )
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.registry import get_preset, list_models
+from slide2vec_dask.testing import checkpoints as ck
 
 # Published, demo/run_gigapath.ipynb (prov-gigapath/prov-gigapath), output of
 # load_tile_slide_encoder():  "segment_length:  [1024, 5792, 32768, 185363, 1048576]",
@@ -406,7 +407,7 @@ def test_layer_stack_and_keys_match_torchscale():
 
 @pytest.fixture(scope="module")
 def official_checkpoint(tmp_path_factory):
-    return gp.random_official_checkpoint(tmp_path_factory.mktemp("gigapath") / "slide_encoder.pth", seed=3)
+    return ck.gigapath_slide_checkpoint(tmp_path_factory.mktemp("gigapath") / "slide_encoder.pth", seed=3)
 
 
 def test_random_official_checkpoint_loads_through_the_preset(official_checkpoint):

@@ -25,13 +25,14 @@ from slide2vec_dask.encoders.aggregators._moozy_nn import (
 )
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.registry import get_preset, list_models
+from slide2vec_dask.testing import checkpoints as ck
 
 STEP = 448  # level-0 tile size of 224 px tiles at 0.5 µm/px on a 0.25 µm/px scan
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return mz.random_official_checkpoint(tmp_path_factory.mktemp("moozy") / "moozy.pt", seed=0)
+    return ck.moozy_checkpoint(tmp_path_factory.mktemp("moozy") / "moozy.pt", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def case_transformer(checkpoint):
 @pytest.fixture(scope="module")
 def small_variant(tmp_path_factory):
     """A 2-layer file with every optional part on (qk-norm, registers, learnable ALiBi, LayerScale)."""
-    return mz.random_official_checkpoint(
+    return ck.moozy_checkpoint(
         tmp_path_factory.mktemp("moozy_small") / "moozy.pt", seed=3,
         slide_config=dict(n_layers=2, qk_norm=True, num_registers=2, learnable_alibi=True, layerscale_enabled=True),
         case_config=dict(num_layers=1, qk_norm=True, num_registers=3))

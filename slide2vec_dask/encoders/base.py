@@ -151,3 +151,27 @@ def load_checkpoint(model, path: str | Path, what: str) -> None:
     if problems:
         raise ValueError(f"{what}: checkpoint {path} does not fit the architecture: {problems}")
     model.load_state_dict(state, strict=True)
+
+
+def materialize_buffers(model) -> None:
+    """Compute the non-persistent buffers a ``meta``-built model left empty (RoPE periods, say).
+
+    They are in no checkpoint by design: the module computes them from its
+    config.  timm modules say how (``init_non_persistent_buffers``); a module
+    that does not is an error, not silently random.
+    """
+    import torch
+
+    for module in model.modules():
+        names = [n for n, b in module.named_buffers(recurse=False)
+                 if b is not None and b.is_meta and n in module._non_persistent_buffers_set]
+        if not names:
+            continue
+        init = getattr(module, "init_non_persistent_buffers", None)
+        if init is None:
+            raise RuntimeError(f"{type(module).__name__} has computed buffers {names} and no way to compute them "
+                               "off the meta device")
+        for name in names:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        with torch.no_grad():
+            init()

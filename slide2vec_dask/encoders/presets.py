@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, read_state_dict, state_dict_mismatch
+from slide2vec_dask.encoders.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderSpec,
+    materialize_buffers,
+    read_state_dict,
+    state_dict_mismatch,
+)
 from slide2vec_dask.encoders.registry import register_preset
 from slide2vec_dask.encoders.weights import Weights
 
@@ -227,7 +234,7 @@ class PresetBuilder:
         return self._build_timm()
 
     def _weights_file(self) -> Path:
-        return dataclasses.replace(self.preset.weights, checkpoint_path=self.checkpoint_path).resolve(self.preset.name)
+        return self.preset.weights.resolve(self.preset.name, self.checkpoint_path)
 
     def _build_timm(self):
         import torch
@@ -253,6 +260,7 @@ class PresetBuilder:
                 + "), or leave checkpoint_path unset to fetch it from the hub.")
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
+        materialize_buffers(model)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"{what}: tensors left unloaded after loading {path}: {left[:5]}")

@@ -1,7 +1,7 @@
 """The preset registry: one entry per named model, as data (timm-style).
 
-A preset module calls `register_preset(...)` at import; adding a model
-touches one place.  `get_preset` and `list_models` are all callers need.
+A preset module calls `register_preset(...)` at import; the registry finds
+those modules itself (`preset_modules`), so adding a model touches one place.  `get_preset` and `list_models` are all callers need.
 """
 
 from __future__ import annotations
@@ -41,25 +41,33 @@ def register_preset(name: str, level: str = "tile"):
     return decorate
 
 
-PRESET_MODULES = (
-    "slide2vec_dask.encoders.presets",
-    "slide2vec_dask.encoders.aggregators.gigapath",
-    "slide2vec_dask.encoders.aggregators.titan",
-    "slide2vec_dask.encoders.aggregators.moozy",
-    "slide2vec_dask.encoders.aggregators.prism",
-)
+# Where presets are declared: the tile table, and one module per slide / patient model in the
+# aggregators package.  The list of modules is read from the package itself, so adding a model is
+# one entry in the table or one new module there, never an edit here.
+TILE_PRESET_MODULE = "slide2vec_dask.encoders.presets"
+AGGREGATOR_PACKAGE = "slide2vec_dask.encoders.aggregators"
+_loaded = False
+
+
+def preset_modules() -> list[str]:
+    """The modules that declare presets: the tile table, then every public module of the aggregators package."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(AGGREGATOR_PACKAGE)
+    found = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    return [TILE_PRESET_MODULE] + [f"{AGGREGATOR_PACKAGE}.{name}" for name in found]
 
 
 def _load_presets() -> None:
+    global _loaded
+    if _loaded:
+        return
     import importlib
 
-    # Preset modules register themselves on import; a missing module just means no presets yet.
-    for module in PRESET_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    for module in preset_modules():  # each registers its presets on import
+        importlib.import_module(module)
+    _loaded = True
 
 
 def get_preset(name: str) -> Callable[..., EncoderSpec]:

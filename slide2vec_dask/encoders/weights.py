@@ -63,10 +63,11 @@ class Weights:
             raise FileNotFoundError(f"preset {preset!r}: checkpoint not found: {path}")
         return dataclasses.replace(self, checkpoint_path=str(path))
 
-    def resolve(self, preset: str) -> Path:
-        """The file to load: ``checkpoint_path``, else the hub cache / the hub (see the module doc)."""
-        if self.checkpoint_path is not None:
-            return Path(self.checkpoint_path)
+    def resolve(self, preset: str, checkpoint_path: str | Path | None = None) -> Path:
+        """The file to load: ``checkpoint_path`` (the argument, else the record's), else the hub cache / the hub."""
+        local = checkpoint_path if checkpoint_path is not None else self.checkpoint_path
+        if local is not None:
+            return Path(local)
         from slide2vec_dask.encoders.hub import fetch_hub_file
 
         return fetch_hub_file(preset, self.hub_id, self.files, gated=self.gated, revision=self.revision)
