@@ -640,7 +640,8 @@ def _register(preset: TilePreset) -> None:
     factory.__name__ = f"preset_{preset.name.replace('-', '_')}"
     factory.__doc__ = f"{preset.name}: {preset.architecture}, {preset.url}"
     factory.preset = preset
-    register_preset(preset.name, preset.level)(factory)
+    register_preset(preset.name, preset.level, architecture=preset.architecture, outputs=preset.outputs,
+                    architecture_module=preset.create_architecture)(factory)
 
 
 for _preset in TILE_PRESETS:

@@ -7,7 +7,8 @@ those modules itself (`preset_modules`), so adding a model touches one place.  `
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from slide2vec_dask.encoders.base import EncoderSpec
 
@@ -16,15 +17,32 @@ LEVELS = ("tile", "slide", "patient")
 # name -> factory(checkpoint_path=None, output_variant=None) -> EncoderSpec
 _PRESETS: dict[str, Callable[..., EncoderSpec]] = {}
 _LEVEL: dict[str, str] = {}
+_ABOUT: dict[str, "PresetAbout"] = {}
 
 
-def register_preset(name: str, level: str = "tile"):
+@dataclass(frozen=True)
+class PresetAbout:
+    """What a preset declares about itself beyond its factory: for `slide2vec-dask models -v` and the docs.
+
+    ``outputs`` maps each output variant to its dimension (default first);
+    ``architecture_module`` builds the bare published module (called under
+    ``torch.device('meta')`` to count parameters without memory).
+    """
+
+    architecture: str
+    outputs: tuple[tuple[str, int], ...]
+    architecture_module: Callable[[], Any] | None = None
+
+
+def register_preset(name: str, level: str = "tile", *, architecture: str = "",
+                    outputs: dict | tuple | None = None, architecture_module: Callable[[], Any] | None = None):
     """Decorator registering a preset factory.
 
     Tile level: ``factory(checkpoint_path=None, output_variant=None) -> EncoderSpec``.
     Slide / patient level: ``factory(checkpoint_path=None, output_variant=None,
     tile_checkpoint_path=None) -> AggregatorSpec`` (``output_variant`` may be
     refused with a ValueError when the model has only one output).
+    ``architecture``, ``outputs`` and ``architecture_module`` describe it (`PresetAbout`).
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -36,9 +54,16 @@ def register_preset(name: str, level: str = "tile"):
             raise ValueError(f"preset {name!r} is registered twice")
         _PRESETS[key] = factory
         _LEVEL[key] = level
+        _ABOUT[key] = PresetAbout(architecture, tuple(dict(outputs or {}).items()), architecture_module)
         return factory
 
     return decorate
+
+
+def preset_about(name: str) -> PresetAbout:
+    """The `PresetAbout` of a registered preset."""
+    get_preset(name)
+    return _ABOUT[name.lower()]
 
 
 # Where presets are declared: the tile table, and one module per slide / patient model in the

@@ -25,7 +25,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-UNKNOWN_LICENCE = "not stated in installable sources; see the model card"
+UNKNOWN_LICENCE = "see the model card"
 
 
 @dataclass(frozen=True)

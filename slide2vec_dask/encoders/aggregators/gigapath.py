@@ -160,7 +160,8 @@ def chained_tile_spec(tile_spec: EncoderSpec) -> EncoderSpec:
                                          "encoded (Prov-GigaPath's pipeline)"})
 
 
-@register_preset(NAME, level="slide")
+@register_preset(NAME, level="slide", architecture="LongNet, 12 layers, 768-d (gigapath_slide_enc12l768d)",
+                 outputs={v: 768 for v in OUTPUT_VARIANTS}, architecture_module=lambda: create_architecture())
 def preset_gigapath_slide(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """gigapath-slide: Prov-GigaPath's LongNet slide encoder (768-d) over ``gigapath`` tiles.
 

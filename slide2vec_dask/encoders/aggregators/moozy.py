@@ -220,13 +220,15 @@ def slide_spec(checkpoint_path=None, tile_checkpoint_path=None, max_tokens: int 
               "max_tokens": "official (by GPU memory)" if max_tokens is None else max_tokens})
 
 
-@register_preset("moozy-slide", level="slide")
+@register_preset("moozy-slide", level="slide", architecture="ViT, 6 layers, 768-d, 4 registers, 2-D ALiBi",
+                 outputs={"cls": EMBED_DIM}, architecture_module=lambda: slide_module(device="meta"))
 def moozy_slide(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     _no_variant("moozy-slide", output_variant)
     return slide_spec(checkpoint_path, tile_checkpoint_path)
 
 
-@register_preset("moozy", level="patient")
+@register_preset("moozy", level="patient", architecture="case transformer, 3 layers, 768-d, [CASE] token",
+                 outputs={"cls": EMBED_DIM}, architecture_module=lambda: case_module(device="meta"))
 def moozy(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     _no_variant("moozy", output_variant)
     slide = slide_spec(checkpoint_path, tile_checkpoint_path)

@@ -338,7 +338,8 @@ def prism_spec(checkpoint_path=None, output_variant=None, tile_checkpoint_path=N
     )
 
 
-@register_preset("prism", level="slide")
+@register_preset("prism", level="slide", architecture="Perceiver resampler (8 layers, shared weights)",
+                 outputs={"default": PRISM_CONFIG.latent_dim}, architecture_module=lambda: create_prism())
 def prism(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """prism: PRISM slide encoder (Perceiver), https://huggingface.co/paige-ai/Prism"""
     return prism_spec(checkpoint_path, output_variant, tile_checkpoint_path)

@@ -271,7 +271,8 @@ class TitanBuilder:
                                             "the hub.")
 
 
-@register_preset("titan", level="slide")
+@register_preset("titan", level="slide", architecture="ViT (6 x 768, 12 heads), 2D ALiBi, CoCa attentional poolers",
+                 outputs=OUTPUTS, architecture_module=lambda: TitanSlideEncoder())
 def titan(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """TITAN: 768-d slide embedding over CONCH v1.5 tiles (512 px at 20x, resized to 448)."""
     from slide2vec_dask.encoders.registry import get_preset
