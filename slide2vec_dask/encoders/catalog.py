@@ -16,7 +16,6 @@ import re
 import sys
 from pathlib import Path
 
-COLUMNS = ("name", "level", "architecture", "parameters", "outputs", "spacing", "tile", "hub id", "gated", "licence")
 START, END = "<!-- models-table:start -->", "<!-- models-table:end -->"
 DOCUMENTS = ("README.md", "docs/models.md")
 
@@ -57,6 +56,7 @@ def describe(name: str) -> dict:
         "hub id": info.get("hub_id", ""),
         "gated": info.get("gated"),
         "licence": info.get("licence", ""),
+        "precision": spec.default_precision,
         "tile encoder": None if tile is spec else tile.name,
     }
 
@@ -76,12 +76,12 @@ def _cells(row: dict) -> list[str]:
     spacing = "any" if row["spacing"] is None else f"{row['spacing']:.4g}"
     arch = row["architecture"] + (f" over `{row['tile encoder']}`" if row.get("tile encoder") else "")
     return [f"`{row['name']}`", row["level"], arch, _count(row["parameters"]), outputs, spacing,
-            str(row["tile"]), row["hub id"], "yes" if row["gated"] else "no", row["licence"]]
+            str(row["tile"]), row["hub id"], "yes" if row["gated"] else "no", row["licence"], row["precision"]]
 
 
 def markdown_table(rows: list[dict]) -> str:
     header = ["preset", "level", "architecture", "parameters", "outputs (variant dim)", "µm/px", "tile px",
-              "hub id", "gated", "licence"]
+              "hub id", "gated", "licence", "GPU precision"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines)
