@@ -12,6 +12,7 @@ them, and a test checks they agree with the registry.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ START, END = "<!-- models-table:start -->", "<!-- models-table:end -->"
 DOCUMENTS = ("README.md", "docs/models.md")
 
 
+@functools.lru_cache(maxsize=None)
 def count_parameters(name: str) -> int | None:
     """Parameters of the published architecture (shared tensors once), counted on the meta device."""
     import torch
