@@ -73,6 +73,9 @@ PUBLISHED = {
     # CLAM's truncated ResNet-50 (Lu et al. 2021, resnet_custom.py: layers 1-3 + avgpool, 1024-d; TRIDENT
     # resnet50: timm resnet50.tv_in1k, out_indices=[3]): conv1..layer3 of torchvision's ResNet-50 = 8.54M.
     "resnet50": (8_543_296, {"mean": 1024}),
+    # CTransPath (Wang et al. 2022, MedIA: Swin-T with a conv stem, 27.5M; TRIDENT ctran.py; CHIEF's
+    # tile encoder): 27,520,038; the pooled 768-d output.
+    "ctranspath": (27_520_038, {"mean": 768}),
     # kaiko.ai (Aben et al. 2024, "Towards large-scale training of pathology foundation models"; TRIDENT
     # kaiko-*: timm vit_*_224 / vit_large_patch14_reg4_dinov2 at 518): ViT-S/16 21.67M, ViT-S/8 21.67M,
     # ViT-B/16 85.80M, ViT-B/8 85.81M, ViT-L/14 304.37M; CLS 384 / 384 / 768 / 768 / 1024.

@@ -271,3 +271,62 @@ def test_models_verbose_prints_every_column(capsys):
     assert lines["mettle"][:6] == ["mettle", "tile", "3072", "cls_patch_mean=3072,cls=1536", "1,136,353,296", "0.5"]
     assert lines["mettle"][6:10] == ["224", "slideflow-labs/Mettle", "no", "CC-BY-NC-ND-4.0"]
     assert lines["dinov3-vitb16"][5:7] == ["any", "256"]
+
+
+# -- CTransPath (CHIEF's weights): current timm Swin vs the timm 0.5 fork the weights were made with --
+class OldConvStem(torch.nn.Module):
+    """CTransPath's stem for timm 0.5's Swin (tokens out, ``B, N, C``), as TRIDENT's ctran.py defines it."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, embed_dim=96, norm_layer=None, flatten=True):
+        super().__init__()
+        side = img_size[0] if isinstance(img_size, tuple) else img_size
+        self.img_size, self.patch_size = (side, side), (patch_size, patch_size)
+        self.grid_size = (side // patch_size, side // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        c = embed_dim // 8
+        nn = torch.nn
+        self.proj = nn.Sequential(nn.Conv2d(in_chans, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, 2 * c, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(),
+                                  nn.Conv2d(2 * c, embed_dim, 1))
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x):
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+def test_ctranspath_loads_chiefs_file_and_matches_the_timm_fork_it_was_made_with(tmp_path, offline_hf):
+    timm_ctp = pytest.importorskip("timm_ctp")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        official = timm_ctp.create_model("swin_tiny_patch4_window7_224", embed_layer=OldConvStem, pretrained=False)
+    official.head = torch.nn.Identity()
+    state = ck.random_state(official, seed=7)
+    for key, value in official.state_dict().items():  # computed buffers stay as the model made them
+        if key.endswith(("relative_position_index", "attn_mask")):
+            state[key] = value
+    official.load_state_dict(state, strict=True)
+    assert "layers.0.downsample.reduction.weight" in state and "layers.0.blocks.1.attn_mask" in state
+    published = tmp_path / "CHIEF_CTransPath.pth"
+    torch.save({"model": state}, published)  # the file's format: {"model": state_dict}, attn masks included
+    ck.fill_hf_cache(offline_hf, "MahmoodLab/hest-bench", "fm_v1/ctranspath/CHIEF_CTransPath.pth", published,
+                     repo_type="dataset")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = official.eval()(x)
+        assert expected.shape == (2, 768)
+        for source in (published, None):
+            module = get_preset("ctranspath")(checkpoint_path=source).build()
+            torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+    # a checkpoint with a stage missing is refused by name
+    del state["layers.3.blocks.1.mlp.fc2.weight"]
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"preset 'ctranspath'.*missing 1 key.*layers\.3\.blocks\.1\.mlp\.fc2"):
+        get_preset("ctranspath")(checkpoint_path=tmp_path / "broken.pth").build()
+
+
+def test_ctranspath_random_checkpoint_in_the_published_layout_loads(tmp_path):
+    path, state = ck.tile_checkpoint("ctranspath", tmp_path / "CHIEF_CTransPath.pth", seed=1)
+    stored = torch.load(path, weights_only=True)["model"]
+    assert "layers.0.downsample.reduction.weight" in stored and "layers.3.downsample.norm.weight" not in stored
+    module = get_preset("ctranspath")(checkpoint_path=path).build()
+    assert {k: v.shape for k, v in module.state_dict().items()} == {k: v.shape for k, v in state.items()}

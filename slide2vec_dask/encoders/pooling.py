@@ -60,12 +60,14 @@ class TokenPooler(nn.Module):
         return torch.cat([cls, patch_mean], dim=-1)
 
 
-class FeatureMapPooler(nn.Module):
-    """``(B, 3, H, W) -> (B, C)``: global average of a timm ``features_only`` CNN's last feature map.
+class TimmPooled(nn.Module):
+    """``(B, 3, H, W) -> (B, C)``: a timm model's own pooled output, without a classifier.
 
-    CLAM's truncated ResNet-50 (and TRIDENT's ``resnet50``): stages 1-3 of an
-    ImageNet ResNet-50, then adaptive average pooling to 1024 channels.  The
-    state-dict keys are the wrapped network's own (``conv1.*``, ``layer3.*``).
+    For a ``features_only`` CNN (CLAM's truncated ResNet-50: ImageNet ResNet-50
+    stages 1-3, 1024 channels) the global average of its last feature map; for a
+    model built with ``num_classes=0`` (CTransPath's Swin) its ``forward``, i.e.
+    timm's pooling after the final norm.  The state-dict keys are the wrapped
+    network's own (``conv1.*``, ``layers.*``).
     """
 
     def __init__(self, model: nn.Module):
@@ -79,7 +81,7 @@ class FeatureMapPooler(nn.Module):
         out = self.model(x)
         if isinstance(out, (list, tuple)):
             out = out[-1]
-        return out.mean(dim=(2, 3))
+        return out.mean(dim=(2, 3)) if out.ndim == 4 else out
 
 
 class MettleRefineHead(nn.Module):

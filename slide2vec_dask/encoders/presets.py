@@ -43,7 +43,7 @@ HALF = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features")
+LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features", "ctranspath")
 # How a checkpoint's position embedding is resampled to the tile grid, when it was
 # published for another grid: the algorithm the official code applies at run time.
 POS_EMBED_INTERP = {
@@ -183,15 +183,15 @@ class TilePreset:
 
     def create_module(self, output_variant: str | None = None, runtime: bool = True):
         """The architecture wrapped to return this variant's ``(B, feature_dim)`` (keys unchanged)."""
-        from slide2vec_dask.encoders.pooling import FeatureMapPooler, TokenPooler
+        from slide2vec_dask.encoders.pooling import TimmPooled, TokenPooler
 
         variant = self._variant(output_variant)
         model = self.create_architecture(runtime=runtime)
         if self.layout == "mettle":
             model.output_variant = variant
             return model
-        if self.layout == "timm_features":
-            return FeatureMapPooler(model)
+        if self.layout in ("timm_features", "ctranspath"):
+            return TimmPooled(model)
         if self.layout == "conch_v15":
             return model
         return TokenPooler(model, variant)
@@ -331,6 +331,10 @@ def to_timm_layout(state: dict, layout: str, model) -> dict:
     A checkpoint already in timm's layout passes through for every layout.
     Keys that do not map stay as they are, so a mismatch is reported by name.
     """
+    if layout == "ctranspath":
+        from slide2vec_dask.encoders.ctranspath import from_official_layout
+
+        return from_official_layout(state)
     if layout in ("timm", "mettle", "timm_features") or _is_timm_layout(state):
         return dict(state)
     if layout == "hf_vit":
@@ -604,6 +608,17 @@ TILE_PRESETS: tuple[TilePreset, ...] = (
         default_precision="fp32", architecture="ResNet-50, stages 1-3 + average pool (CLAM)",
         layout="timm_features", ignore_keys=("layer4.", "fc."),
         note="ImageNet weights; the published file's layer4.* and fc.* are not used by the truncated network"),
+    TilePreset(
+        # TRIDENT's ctranspath: Swin-T/4 (window 7) with CTransPath's convolutional stem, CHIEF's weights
+        # (CHIEF_CTransPath.pth of the MahmoodLab/hest-bench dataset, {"model": ...}, timm 0.5 keys).
+        name="ctranspath", arch="swin_tiny_patch4_window7_224",
+        kwargs=_kw(num_classes=0, embed_layer=Ref("slide2vec_dask.encoders.ctranspath", "ConvStem")),
+        weights=Weights("MahmoodLab/hest-bench", ("fm_v1/ctranspath/CHIEF_CTransPath.pth",), gated=True,
+                        repo_type="dataset"),
+        outputs=(("mean", 768),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="Swin-T/4 + convolutional stem (CTransPath; CHIEF's tile encoder)",
+        layout="ctranspath",
+        note="the CHIEF-trained CTransPath TRIDENT loads; 0.5 µm/px is TRIDENT's default 20x"),
 )
 _KAIKO = (  # (name, timm architecture, published grid, dim, label): TRIDENT's kaiko-* encoders
     ("kaiko-vits16", "vit_small_patch16_224", 224, 384, "ViT-S/16"),

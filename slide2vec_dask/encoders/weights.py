@@ -38,21 +38,26 @@ class Weights:
     licence: str = UNKNOWN_LICENCE
     revision: str | None = None
     checkpoint_path: str | None = None
+    repo_type: str = "model"  # "dataset" for weights published inside a dataset repo
 
     def __post_init__(self) -> None:
         if isinstance(self.files, str) or not self.files:
             raise ValueError(f"Weights({self.hub_id!r}): files must be a non-empty tuple of file names")
+        if self.repo_type not in ("model", "dataset"):
+            raise ValueError(f"Weights({self.hub_id!r}): repo_type must be 'model' or 'dataset'")
 
     @property
     def url(self) -> str:
-        return f"https://huggingface.co/{self.hub_id}"
+        kind = "" if self.repo_type == "model" else "datasets/"
+        return f"https://huggingface.co/{kind}{self.hub_id}"
 
     @property
     def source(self) -> str:
         """The local file, or ``hf://repo[@revision]``: what the cache key and provenance name."""
         if self.checkpoint_path is not None:
             return self.checkpoint_path
-        return f"hf://{self.hub_id}" + (f"@{self.revision}" if self.revision else "")
+        kind = "" if self.repo_type == "model" else "datasets/"
+        return f"hf://{kind}{self.hub_id}" + (f"@{self.revision}" if self.revision else "")
 
     def with_checkpoint(self, preset: str, checkpoint_path: str | Path | None) -> "Weights":
         """This record with a user's local file (checked now, on the client, with a clear error)."""
@@ -70,16 +75,17 @@ class Weights:
             return Path(local)
         from slide2vec_dask.encoders.hub import fetch_hub_file
 
-        return fetch_hub_file(preset, self.hub_id, self.files, gated=self.gated, revision=self.revision)
+        return fetch_hub_file(preset, self.hub_id, self.files, gated=self.gated, revision=self.revision,
+                              repo_type=self.repo_type)
 
     def cache_key(self, preset: str, variant: str | None, *config) -> str:
         """``preset:variant:source:digest``; ``config`` is whatever else shapes the built module."""
-        digest = hashlib.sha1(repr((config, self.files, self.revision)).encode()).hexdigest()[:12]
+        digest = hashlib.sha1(repr((config, self.files, self.revision, self.repo_type)).encode()).hexdigest()[:12]
         return f"{preset}:{variant or 'default'}:{self.source}:{digest}"
 
     def info(self) -> dict:
         return {"hub_id": self.hub_id, "url": self.url, "gated": self.gated, "licence": self.licence,
-                "revision": self.revision, "checkpoint_path": self.checkpoint_path, "hub_files": list(self.files)}
+                "revision": self.revision, "repo_type": self.repo_type, "checkpoint_path": self.checkpoint_path, "hub_files": list(self.files)}
 
     def describe_files(self) -> str:
         """``a or b of https://huggingface.co/repo``: for error messages."""

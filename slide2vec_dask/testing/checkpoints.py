@@ -33,13 +33,14 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # -- the Hugging Face cache, offline ------------------------------------------------------------
 def fill_hf_cache(home: str | Path, repo_id: str, filename: str, src: str | Path, *,
-                  revision: str | None = None, commit: str = HUB_COMMIT) -> Path:
+                  revision: str | None = None, commit: str = HUB_COMMIT, repo_type: str = "model") -> Path:
     """Lay ``src`` out as ``filename`` of ``repo_id`` in the cache under ``HF_HOME=home``; the cached path.
 
-    The layout is huggingface_hub's (``hub/models--org--name/snapshots/<commit>/<file>``
-    with ``refs/<revision or main>``), so ``hf_hub_download(..., local_files_only=True)`` finds it.
+    The layout is huggingface_hub's (``hub/models--org--name/snapshots/<commit>/<file>``, or
+    ``datasets--`` for a dataset repo, with ``refs/<revision or main>``), so
+    ``hf_hub_download(..., local_files_only=True)`` finds it.
     """
-    repo = Path(home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    repo = Path(home) / "hub" / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     (snapshot / filename).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, snapshot / filename)
@@ -107,7 +108,7 @@ def tile_checkpoint(preset, path: str | Path, seed: int = 0, **twin) -> tuple[Pa
 
     if isinstance(preset, str):
         preset = get_tile_preset(preset)
-    if preset.layout not in ("timm", "mettle", "timm_features"):
+    if preset.layout not in ("timm", "mettle", "timm_features", "ctranspath"):
         raise ValueError(f"preset {preset.name!r} publishes the {preset.layout!r} layout; "
                          "tile_checkpoint writes timm-keyed files only")
     if twin:
@@ -116,6 +117,10 @@ def tile_checkpoint(preset, path: str | Path, seed: int = 0, **twin) -> tuple[Pa
         model = preset.create_architecture()
     state = random_state(model, seed)
     stored = {**state, **_published_extras(preset, seed)}
+    if preset.layout == "ctranspath":  # timm 0.5 keys, as CHIEF_CTransPath.pth has them, under "model"
+        from slide2vec_dask.encoders.ctranspath import to_official_layout
+
+        stored = {"model": to_official_layout(stored)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
