@@ -247,8 +247,8 @@ class PresetBuilder:
             module = preset.create_module(self.output_variant, runtime=True)
         model = module.model if hasattr(module, "model") else module  # the keys of the published file
         state = to_timm_layout(state, preset.layout, model)
-        state = {k: v for k, v in state.items() if not k.startswith(preset.ignore_keys)} if preset.ignore_keys \
-            else state
+        if preset.ignore_keys:  # tensors of the published file that the published use never reads
+            state = {k: v for k, v in state.items() if not k.startswith(preset.ignore_keys)}
         if preset.pos_embed_interp is not None:
             state = resample_pos_embed(state, model, preset.pos_embed_interp)
         problems = state_dict_mismatch(model.state_dict(), state)
