@@ -76,6 +76,10 @@ PUBLISHED = {
     # CTransPath (Wang et al. 2022, MedIA: Swin-T with a conv stem, 27.5M; TRIDENT ctran.py; CHIEF's
     # tile encoder): 27,520,038; the pooled 768-d output.
     "ctranspath": (27_520_038, {"mean": 768}),
+    # iSight (Huang et al., arXiv:2602.04063; slide2vec isight.py): CLIP ViT-L/14-336's vision tower
+    # (timm vit_large_patch14_clip_quickgelu_336 without the final LayerNorm: 303,505,408; transformers'
+    # CLIPVisionModel 303,507,456 with it) + visual_token_projection 1024x1024+1024; both outputs 1024.
+    "isight": (304_555_008, {"token_mean": 1024, "cls": 1024}),
     # kaiko.ai (Aben et al. 2024, "Towards large-scale training of pathology foundation models"; TRIDENT
     # kaiko-*: timm vit_*_224 / vit_large_patch14_reg4_dinov2 at 518): ViT-S/16 21.67M, ViT-S/8 21.67M,
     # ViT-B/16 85.80M, ViT-B/8 85.81M, ViT-L/14 304.37M; CLS 384 / 384 / 768 / 768 / 1024.

@@ -330,3 +330,74 @@ def test_ctranspath_random_checkpoint_in_the_published_layout_loads(tmp_path):
     assert "layers.0.downsample.reduction.weight" in stored and "layers.3.downsample.norm.weight" not in stored
     module = get_preset("ctranspath")(checkpoint_path=path).build()
     assert {k: v.shape for k, v in module.state_dict().items()} == {k: v.shape for k, v in state.items()}
+
+
+# -- iSight: a training checkpoint holding a transformers CLIPModel, read for its vision tower ---------
+def isight_file(state: dict, seed: int = 3) -> dict:
+    """``ISightEncoder`` keys -> the released file: transformers CLIP names under ``patch_encoder.``, q/k/v
+    split, ``post_layernorm``, a text tower, CLAM heads and optimizer state beside them (all unread)."""
+    gen = torch.Generator().manual_seed(seed)
+    vision = "patch_encoder.vision_model."
+    out = {}
+    for key, value in state.items():
+        if key.startswith("visual_token_projection."):
+            out[key] = value
+            continue
+        rest = key[len("trunk."):]
+        if rest == "cls_token":
+            out[vision + "embeddings.class_embedding"] = value.reshape(-1)
+        elif rest == "pos_embed":
+            out[vision + "embeddings.position_embedding.weight"] = value[0]
+        elif rest == "patch_embed.proj.weight":
+            out[vision + "embeddings.patch_embedding.weight"] = value
+        elif rest.startswith("norm_pre."):
+            out[vision + "pre_layrnorm." + rest.split(".")[-1]] = value
+        else:
+            _, i, sub = rest.split(".", 2)
+            layer = f"{vision}encoder.layers.{i}."
+            name, kind = sub.rsplit(".", 1)
+            if name == "attn.qkv":
+                for part, chunk in zip("qkv", value.chunk(3, dim=0)):
+                    out[layer + f"self_attn.{part}_proj.{kind}"] = chunk.clone()
+            else:
+                hf = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+                      "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}[name]
+                out[layer + f"{hf}.{kind}"] = value
+    d = state["visual_token_projection.weight"].shape[0]
+    extra = {vision + "post_layernorm.weight": (d,), vision + "post_layernorm.bias": (d,),
+             "patch_encoder.text_model.embeddings.token_embedding.weight": (50, 16),
+             "patch_encoder.visual_projection.weight": (8, d), "patch_encoder.logit_scale": (),
+             "attention_net.0.weight": (4, d), "classifiers.0.weight": (2, d)}
+    out.update({k: torch.randn(shape, generator=gen) for k, shape in extra.items()})
+    return {"epoch": 3, "model_state_dict": out, "optimizer_state_dict": {"state": {}, "param_groups": []}}
+
+
+def test_isight_reads_the_vision_tower_of_its_training_checkpoint(tmp_path, offline_hf):
+    import timm
+
+    preset = get_tile_preset("isight").with_kwargs(**TINY).replace(outputs=(("token_mean", 48), ("cls", 48)))
+    with torch.device("meta"):
+        arch = preset.create_architecture()
+    state = ck.random_state(arch, seed=4)
+    path = tmp_path / "iSight_model_checkpoint.pth"
+    torch.save(isight_file(state), path)
+    ck.fill_hf_cache(offline_hf, "nirschl-lab/iSight", "checkpoints/iSight_model_checkpoint.pth", path)
+
+    trunk = timm.create_model(preset.arch, pretrained=False, **preset.timm_kwargs())
+    trunk.load_state_dict({k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")})
+    x = torch.randn(2, 3, 336, 336)
+    with torch.no_grad():
+        tokens = F.linear(trunk.eval().forward_features(x), state["visual_token_projection.weight"],
+                          state["visual_token_projection.bias"])
+        assert tokens.shape == (2, 1 + 24 * 24, 48)
+        expected = {"token_mean": tokens.mean(1), "cls": tokens[:, 0]}
+        for source in (path, None):
+            for variant in preset.output_variants:
+                module = preset.spec(checkpoint_path=source, output_variant=variant).build()
+                torch.testing.assert_close(module(x), expected[variant], atol=1e-5, rtol=1e-5)
+    # a vision layer missing from the file is refused by name
+    broken = isight_file(state)
+    del broken["model_state_dict"]["patch_encoder.vision_model.encoder.layers.1.mlp.fc2.weight"]
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"preset 'isight' \(nirschl-lab/iSight\).*missing 1 key.*blocks\.1\.mlp\.fc2"):
+        preset.spec(checkpoint_path=tmp_path / "broken.pth").build()

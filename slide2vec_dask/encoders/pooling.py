@@ -195,3 +195,23 @@ class ConchV15Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)  # CLS + patches, after the trunk's final norm
         return self.ln_contrast(self.attn_pool_contrast(tokens)[:, 0])
+
+
+class ISightEncoder(nn.Module):
+    """iSight's tile features: CLIP ViT-L/14-336's last hidden states, a learned token projection, pooled.
+
+    ``trunk`` is timm's OpenAI-CLIP ViT-L/14 at 336 px (quick-GELU) *without* its final
+    LayerNorm: iSight reads ``hidden_states[-1]``, which precedes ``post_layernorm``.
+    ``visual_token_projection`` (1024 -> 1024) is applied to every token; ``token_mean``
+    (default) is the mean over all tokens, CLS included, ``cls`` the projected CLS token.
+    """
+
+    def __init__(self, trunk: nn.Module, output_variant: str = "token_mean"):
+        super().__init__()
+        self.trunk = trunk
+        self.visual_token_projection = nn.Linear(trunk.embed_dim, trunk.embed_dim)
+        self.output_variant = output_variant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.visual_token_projection(self.trunk.forward_features(x))
+        return tokens[:, 0] if self.output_variant == "cls" else tokens.mean(dim=1)

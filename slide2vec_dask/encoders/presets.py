@@ -43,7 +43,7 @@ HALF = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features", "ctranspath")
+LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features", "ctranspath", "isight")
 # How a checkpoint's position embedding is resampled to the tile grid, when it was
 # published for another grid: the algorithm the official code applies at run time.
 POS_EMBED_INTERP = {
@@ -179,6 +179,10 @@ class TilePreset:
             from slide2vec_dask.encoders.pooling import MettleEncoder
 
             return MettleEncoder(trunk)
+        if self.layout == "isight":
+            from slide2vec_dask.encoders.pooling import ISightEncoder
+
+            return ISightEncoder(trunk)
         return trunk
 
     def create_module(self, output_variant: str | None = None, runtime: bool = True):
@@ -187,7 +191,7 @@ class TilePreset:
 
         variant = self._variant(output_variant)
         model = self.create_architecture(runtime=runtime)
-        if self.layout == "mettle":
+        if self.layout in ("mettle", "isight"):
             model.output_variant = variant
             return model
         if self.layout in ("timm_features", "ctranspath"):
@@ -335,6 +339,8 @@ def to_timm_layout(state: dict, layout: str, model) -> dict:
         from slide2vec_dask.encoders.ctranspath import from_official_layout
 
         return from_official_layout(state)
+    if layout == "isight":
+        return from_isight_layout(state)
     if layout in ("timm", "mettle", "timm_features") or _is_timm_layout(state):
         return dict(state)
     if layout == "hf_vit":
@@ -342,6 +348,63 @@ def to_timm_layout(state: dict, layout: str, model) -> dict:
     if layout == "hf_dinov2":
         return _from_hf(_strip(state, "dinov2."), model, _HF_DINOV2_LAYER)
     raise ValueError(f"no key mapping for layout {layout!r}")
+
+
+ISIGHT_VISION = "patch_encoder.vision_model."  # CLAM_ViT.patch_encoder is a transformers CLIPModel
+ISIGHT_PROJECTION = "visual_token_projection."
+_HF_CLIP_LAYER = {"layer_norm1": "norm1", "self_attn.out_proj": "attn.proj", "layer_norm2": "norm2",
+                  "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def from_isight_layout(state: dict) -> dict:
+    """iSight's ``model_state_dict`` -> `ISightEncoder` keys.
+
+    Read: the CLIP vision tower (``patch_encoder.vision_model.*``, transformers' CLIP
+    names, q/k/v fused here) and ``visual_token_projection.*``.  Not read, as the
+    published tile features never use them: ``post_layernorm``, the text tower,
+    CLIP's projections and logit scale, the CLAM pooler and the five task heads.
+    A state dict already in `ISightEncoder`'s keys passes unchanged.
+    """
+    import torch
+
+    if any(k.startswith("trunk.") for k in state):
+        return dict(state)
+    out: dict = {}
+    qkv: dict = {}
+    for key, value in state.items():
+        if key.startswith(ISIGHT_PROJECTION):
+            out[key] = value
+            continue
+        if not key.startswith(ISIGHT_VISION):
+            continue
+        rest = key[len(ISIGHT_VISION):]
+        if rest.startswith("post_layernorm.") or rest == "embeddings.position_ids":
+            continue
+        if rest == "embeddings.class_embedding":
+            out["trunk.cls_token"] = value.reshape(1, 1, -1)
+        elif rest == "embeddings.patch_embedding.weight":
+            out["trunk.patch_embed.proj.weight"] = value
+        elif rest == "embeddings.position_embedding.weight":
+            out["trunk.pos_embed"] = value.unsqueeze(0)
+        elif rest.startswith("pre_layrnorm."):  # sic: transformers' name
+            out["trunk.norm_pre." + rest.rsplit(".", 1)[1]] = value
+        elif rest.startswith("encoder.layers."):
+            idx, sub = rest[len("encoder.layers."):].split(".", 1)
+            name, kind = sub.rsplit(".", 1)
+            if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((idx, kind), {})[name[len("self_attn."):-len("_proj")]] = value
+            elif name in _HF_CLIP_LAYER:
+                out[f"trunk.blocks.{idx}.{_HF_CLIP_LAYER[name]}.{kind}"] = value
+            else:
+                out[key] = value
+        else:
+            out[key] = value
+    for (idx, kind), parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            out[f"trunk.blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+        else:
+            out.update({f"{ISIGHT_VISION}encoder.layers.{idx}.self_attn.{n}_proj.{kind}": v for n, v in parts.items()})
+    return out
 
 
 # transformers (on-disk) names inside encoder.layer.N -> timm names inside blocks.N
@@ -608,6 +671,15 @@ TILE_PRESETS: tuple[TilePreset, ...] = (
         default_precision="fp32", architecture="ResNet-50, stages 1-3 + average pool (CLAM)",
         layout="timm_features", ignore_keys=("layer4.", "fc."),
         note="ImageNet weights; the published file's layer4.* and fc.* are not used by the truncated network"),
+    TilePreset(
+        # iSight (nirschl-lab/iSight; slide2vec isight.py): openai/clip-vit-large-patch14-336 fine-tuned on
+        # HPA10M; tile features = visual_token_projection(hidden_states[-1]), mean over all 577 tokens.
+        name="isight", arch="vit_large_patch14_clip_quickgelu_336", kwargs=_kw(num_classes=0, final_norm=False),
+        weights=Weights("nirschl-lab/iSight", ("checkpoints/iSight_model_checkpoint.pth",), gated=False),
+        outputs=(("token_mean", 1024), ("cls", 1024)), spacing_um=0.5, tile_size_px=336,
+        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp16",
+        architecture="CLIP ViT-L/14-336 + token projection (iSight, IHC)", layout="isight",
+        note="IHC model (Human Protein Atlas); the checkpoint's CLAM pooler and task heads are not used"),
     TilePreset(
         # TRIDENT's ctranspath: Swin-T/4 (window 7) with CTransPath's convolutional stem, CHIEF's weights
         # (CHIEF_CTransPath.pth of the MahmoodLab/hest-bench dataset, {"model": ...}, timm 0.5 keys).
