@@ -39,7 +39,7 @@ SLIDE2VEC_SLIDE = {"gigapath-slide", "prism", "prism2", "titan", "moozy-slide"}
 SLIDE2VEC_PATIENT = {"moozy"}
 # What docs/models.md says is left out (its "Left out, and why" section), no more and no less.
 LEFT_OUT = {"genbio-pathfm", "rudolfv2", "rudolfv2-b", "rudolfv2-s", "phaet", "mascaret", "prost40m", "musk",
-            "isight", "prism2"}
+            "prism2"}
 TINY = dict(embed_dim=48, depth=2, num_heads=2)
 
 
