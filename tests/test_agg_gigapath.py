@@ -440,3 +440,10 @@ def test_builder_is_picklable_and_equal_by_value(official_checkpoint):
     clone = pickle.loads(pickle.dumps(builder))
     assert clone == builder and dataclasses.is_dataclass(clone)
     assert clone().readout == (11, False, "mean")
+
+
+def test_weights_load_from_an_offline_hub_cache(official_checkpoint, offline_hf):
+    ck.fill_hf_cache(offline_hf, "prov-gigapath/prov-gigapath", "slide_encoder.pth", official_checkpoint, link=True)
+    cached = get_preset("gigapath-slide")().build()
+    state = torch.load(official_checkpoint, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in cached.state_dict().items())

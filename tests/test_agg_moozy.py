@@ -363,3 +363,11 @@ def test_strict_loading_names_what_does_not_fit(small_variant, tmp_path):
     torch.save(payload, bad)
     with pytest.raises(ValueError, match="384-d lunit input"):
         mz.load_slide_encoder(bad)
+
+
+def test_weights_load_from_an_offline_hub_cache(checkpoint, offline_hf):
+    ck.fill_hf_cache(offline_hf, "AtlasAnalyticsLab/MOOZY", "moozy.pt", checkpoint, link=True)
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for name, entry in (("moozy-slide", "teacher_slide_encoder"), ("moozy", "case_transformer")):
+        cached = get_preset(name)().build()
+        assert all(torch.equal(v, payload[entry][k]) for k, v in cached.state_dict().items()), name

@@ -357,3 +357,10 @@ def test_conch_v15_loads_the_official_layout_and_matches_the_official_forward(tm
     torch.save({k: v for k, v in state.items() if not k.startswith("ln_contrast.")}, broken)
     with pytest.raises(ValueError, match=r"missing 2 key.*ln_contrast"):
         PresetBuilder(preset, "default", str(broken))()
+
+
+def test_weights_load_from_an_offline_hub_cache(titan_file, encoder, offline_hf):
+    ck.fill_hf_cache(offline_hf, "MahmoodLab/TITAN", "model.safetensors", titan_file, link=True)
+    cached = get_preset("titan")().build()  # no checkpoint_path: the hub cache, offline
+    own = encoder.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in cached.state_dict().items())

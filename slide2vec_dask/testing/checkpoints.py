@@ -33,17 +33,22 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # -- the Hugging Face cache, offline ------------------------------------------------------------
 def fill_hf_cache(home: str | Path, repo_id: str, filename: str, src: str | Path, *,
-                  revision: str | None = None, commit: str = HUB_COMMIT, repo_type: str = "model") -> Path:
+                  revision: str | None = None, commit: str = HUB_COMMIT, repo_type: str = "model",
+                  link: bool = False) -> Path:
     """Lay ``src`` out as ``filename`` of ``repo_id`` in the cache under ``HF_HOME=home``; the cached path.
 
     The layout is huggingface_hub's (``hub/models--org--name/snapshots/<commit>/<file>``, or
     ``datasets--`` for a dataset repo, with ``refs/<revision or main>``), so
-    ``hf_hub_download(..., local_files_only=True)`` finds it.
+    ``hf_hub_download(..., local_files_only=True)`` finds it.  ``link`` symlinks instead of
+    copying (the hub cache's own snapshots are symlinks too), for large files.
     """
     repo = Path(home) / "hub" / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     (snapshot / filename).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, snapshot / filename)
+    if link:
+        (snapshot / filename).symlink_to(Path(src).resolve())
+    else:
+        shutil.copy(src, snapshot / filename)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / (revision or "main")).write_text(commit)
     return snapshot / filename
