@@ -7,11 +7,15 @@ and the weights are loaded by `PresetBuilder` in ``build()``, on the worker.
 
 Architectures are the published ones, built with timm from the kwargs of
 each model card / hub config (same parameter count, embed dim, token
-layout).  Weights come from ``checkpoint_path`` (``.safetensors``, or a
-weights-only ``.bin/.pt/.pth``) or from the preset's Hugging Face repo
-(`slide2vec_dask.encoders.hub`).  Checkpoints published in the Hugging Face
-``transformers`` layout (Phikon, Phikon-v2, Hibou, Midnight) are mapped onto
-the equivalent timm modules key by key (``layout`` below).
+layout).  Each declares its weights as a `Weights` record
+(`slide2vec_dask.encoders.weights`: hub repo, file names, gated, licence,
+revision), resolved on the worker from ``checkpoint_path`` (``.safetensors``,
+or a weights-only ``.bin/.pt/.pth``) or the Hugging Face cache / hub.
+Checkpoints published in another key layout are mapped onto the timm modules
+key by key (``layout`` below): the ``transformers`` layouts (Phikon,
+Phikon-v2, Hibou, Midnight), transformers' CLIP inside iSight's training
+checkpoint, timm 0.5's Swin (CTransPath); Mettle adds its refine head and
+CLAM's ResNet-50 its pooling as small native wrappers (`pooling`).
 """
 
 from __future__ import annotations
