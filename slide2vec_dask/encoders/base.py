@@ -88,7 +88,7 @@ def read_state_dict(path: str | Path, what: str) -> dict:
     except Exception as exc:
         raise ValueError(f"{what}: {path} is not a weights-only torch checkpoint ({exc}); "
                          "re-save it as a state dict or .safetensors") from exc
-    for nested in ("state_dict", "model", "teacher", "model_state_dict"):
+    for nested in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and nested in state and isinstance(state[nested], dict):
             state = state[nested]
             break

@@ -371,6 +371,8 @@ def from_isight_layout(state: dict) -> dict:
     """
     import torch
 
+    if isinstance(state.get("model_state_dict"), dict):  # the released training checkpoint's wrapper
+        state = state["model_state_dict"]
     if any(k.startswith("trunk.") for k in state):
         return dict(state)
     out: dict = {}
