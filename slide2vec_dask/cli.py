@@ -379,7 +379,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from slide2vec_dask.encoders.registry import get_preset, list_models
+    from slide2vec_dask.encoders.registry import list_models
 
     names = list_models(args.level)
     if not names:
@@ -388,16 +388,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not args.verbose:
         print("\n".join(names))
         return EXIT_OK
-    print(f"{'name':<16}{'level':<8}{'dim':>6}{'spacing':>9}{'tile':>6}  weights")
+    from slide2vec_dask.encoders.catalog import describe, text_table
+
+    rows = []
     for name in names:
         try:
-            spec = get_preset(name)()
+            rows.append(describe(name))
         except Exception as exc:  # a broken entry must not hide the others
-            print(f"{name:<16}({type(exc).__name__}: {exc})")
-            continue
-        spacing = "any" if spec.spacing_um is None else f"{spec.spacing_um:g}"
-        print(f"{name:<16}{spec.level:<8}{spec.feature_dim or '?':>6}{spacing:>9}{spec.tile_size_px:>6}  "
-              f"{spec.info.get('hub_id', '')}")
+            print(f"{name}: ({type(exc).__name__}: {exc})", file=sys.stderr)
+    print(text_table(rows))
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ from slide2vec_dask.encoders.aggregators.longnet import (
 )
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.registry import get_preset, list_models
+from slide2vec_dask.testing import checkpoints as ck
 
 # Published, demo/run_gigapath.ipynb (prov-gigapath/prov-gigapath), output of
 # load_tile_slide_encoder():  "segment_length:  [1024, 5792, 32768, 185363, 1048576]",
@@ -406,7 +407,7 @@ def test_layer_stack_and_keys_match_torchscale():
 
 @pytest.fixture(scope="module")
 def official_checkpoint(tmp_path_factory):
-    return gp.random_official_checkpoint(tmp_path_factory.mktemp("gigapath") / "slide_encoder.pth", seed=3)
+    return ck.gigapath_slide_checkpoint(tmp_path_factory.mktemp("gigapath") / "slide_encoder.pth", seed=3)
 
 
 def test_random_official_checkpoint_loads_through_the_preset(official_checkpoint):
@@ -439,3 +440,10 @@ def test_builder_is_picklable_and_equal_by_value(official_checkpoint):
     clone = pickle.loads(pickle.dumps(builder))
     assert clone == builder and dataclasses.is_dataclass(clone)
     assert clone().readout == (11, False, "mean")
+
+
+def test_weights_load_from_an_offline_hub_cache(official_checkpoint, offline_hf):
+    ck.fill_hf_cache(offline_hf, "prov-gigapath/prov-gigapath", "slide_encoder.pth", official_checkpoint, link=True)
+    cached = get_preset("gigapath-slide")().build()
+    state = torch.load(official_checkpoint, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(v, state[k]) for k, v in cached.state_dict().items())

@@ -25,13 +25,14 @@ from slide2vec_dask.encoders.aggregators._moozy_nn import (
 )
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.registry import get_preset, list_models
+from slide2vec_dask.testing import checkpoints as ck
 
 STEP = 448  # level-0 tile size of 224 px tiles at 0.5 µm/px on a 0.25 µm/px scan
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return mz.random_official_checkpoint(tmp_path_factory.mktemp("moozy") / "moozy.pt", seed=0)
+    return ck.moozy_checkpoint(tmp_path_factory.mktemp("moozy") / "moozy.pt", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def case_transformer(checkpoint):
 @pytest.fixture(scope="module")
 def small_variant(tmp_path_factory):
     """A 2-layer file with every optional part on (qk-norm, registers, learnable ALiBi, LayerScale)."""
-    return mz.random_official_checkpoint(
+    return ck.moozy_checkpoint(
         tmp_path_factory.mktemp("moozy_small") / "moozy.pt", seed=3,
         slide_config=dict(n_layers=2, qk_norm=True, num_registers=2, learnable_alibi=True, layerscale_enabled=True),
         case_config=dict(num_layers=1, qk_norm=True, num_registers=3))
@@ -362,3 +363,11 @@ def test_strict_loading_names_what_does_not_fit(small_variant, tmp_path):
     torch.save(payload, bad)
     with pytest.raises(ValueError, match="384-d lunit input"):
         mz.load_slide_encoder(bad)
+
+
+def test_weights_load_from_an_offline_hub_cache(checkpoint, offline_hf):
+    ck.fill_hf_cache(offline_hf, "AtlasAnalyticsLab/MOOZY", "moozy.pt", checkpoint, link=True)
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    for name, entry in (("moozy-slide", "teacher_slide_encoder"), ("moozy", "case_transformer")):
+        cached = get_preset(name)().build()
+        assert all(torch.equal(v, payload[entry][k]) for k, v in cached.state_dict().items()), name

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from slide2vec_dask.encoders.aggregators import prism as P
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.registry import get_preset, list_models
+from slide2vec_dask.testing import checkpoints as ck
 
 # A shallow twin with the same sharing pattern (layers 2.. reuse layer 1's cross block,
 # layers 1.. reuse layer 0's self-attention stack) and two cross-attention heads.
@@ -71,7 +72,7 @@ def test_spec_chains_virchow_cls_mean_and_is_picklable():
 
 
 def test_spec_key_follows_the_checkpoint_and_paths_are_checked(tmp_path):
-    ckpt = P.random_official_checkpoint(tmp_path / "a" / "model.safetensors", cfg=TINY)
+    ckpt = ck.prism_checkpoint(tmp_path / "a" / "model.safetensors", cfg=TINY)
     other = shutil.copy(ckpt, tmp_path / "b.safetensors")
     keys = {get_preset("prism")(checkpoint_path=p).key for p in (None, ckpt, other)}
     assert len(keys) == 3
@@ -83,7 +84,7 @@ def test_spec_key_follows_the_checkpoint_and_paths_are_checked(tmp_path):
     spec = get_preset("prism")(tile_checkpoint_path=tile_ckpt)
     assert spec.tile_encoder.info["checkpoint_path"] == str(tile_ckpt.resolve())
     with pytest.raises(ValueError, match=r"\.safetensors"):
-        P.random_official_checkpoint(tmp_path / "model.pt", cfg=TINY)
+        ck.prism_checkpoint(tmp_path / "model.pt", cfg=TINY)
 
 
 # -- the math, against a naive reference written from the official formulas --------------------
@@ -135,7 +136,7 @@ def naive_prism(state: dict, cfg: P.PrismConfig, tiles: torch.Tensor):
 
 @pytest.fixture
 def tiny_file(tmp_path) -> Path:
-    return P.random_official_checkpoint(tmp_path / "model.safetensors", seed=3, cfg=TINY)
+    return ck.prism_checkpoint(tmp_path / "model.safetensors", seed=3, cfg=TINY)
 
 
 def test_forward_equals_naive_reference(tiny_file):
@@ -192,7 +193,7 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_file):
 
 # -- loading the official file ---------------------------------------------------------------
 def test_full_size_random_checkpoint_loads_strictly(tmp_path):
-    path = P.random_official_checkpoint(tmp_path / "model.safetensors")
+    path = ck.prism_checkpoint(tmp_path / "model.safetensors")
     stored = load_file(str(path))
     # The official layout: one copy per shared tensor under image_resampler., the text heads beside it.
     assert {k for k in stored if not k.startswith("image_resampler.")} == set(P.TEXT_HEADS)

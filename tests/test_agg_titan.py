@@ -20,6 +20,7 @@ from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.presets import PresetBuilder, get_tile_preset
 from slide2vec_dask.encoders.registry import get_preset, list_models
 from slide2vec_dask.tiling.grid import choose_level
+from slide2vec_dask.testing import checkpoints as ck
 
 # TITAN's vision tower, from vision_config of MahmoodLab/TITAN's config.json (6 x 768, 12 heads,
 # MLP patch embed 768 -> 768, CoCa poolers of 128 and 1 queries, proj 768 x 768): 48,539,904.
@@ -40,7 +41,7 @@ SLOPES_12 = [2.0**-k for k in range(1, 9)] + [2.0 ** -(k + 0.5) for k in range(4
 
 @pytest.fixture(scope="module")
 def titan_file(tmp_path_factory):
-    return T.random_official_checkpoint(tmp_path_factory.mktemp("titan"), seed=0)
+    return ck.titan_checkpoint(tmp_path_factory.mktemp("titan"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_published_parameter_counts_on_meta():
         conch = get_tile_preset("conchv15").create_architecture()
         conch_run = get_tile_preset("conchv15").create_architecture(runtime=True)
     assert sum(p.numel() for p in vision.parameters()) == TITAN_VISION_PARAMS
-    text = sum(math.prod(s) for s in T._text_shapes().values())
+    text = sum(math.prod(s) for s in ck._titan_text_shapes().values())
     assert TITAN_VISION_PARAMS + text == TITAN_TOTAL_PARAMS and round(TITAN_TOTAL_PARAMS / 1e6, 1) == 158.9
     assert sum(p.numel() for p in conch.parameters()) == CONCH_V15_PARAMS
     assert sum(p.numel() for p in conch.trunk.parameters()) == VIT_L16_PARAMS
@@ -335,7 +336,7 @@ def reference_conch_v15(state, image, depth):
 
 
 def test_conch_v15_loads_the_official_layout_and_matches_the_official_forward(tmp_path):
-    path = T.random_conchv15_checkpoint(tmp_path / "conch_v1_5_pytorch_model.bin", seed=0, depth=1)
+    path = ck.conchv15_checkpoint(tmp_path / "conch_v1_5_pytorch_model.bin", seed=0, depth=1)
     state = torch.load(path, weights_only=True)
     assert state["trunk.pos_embed"].shape == (1, 197, 1024)
     assert state["attn_pool_contrast.to_kv.weight"].shape == (1536, 1024)
@@ -356,3 +357,10 @@ def test_conch_v15_loads_the_official_layout_and_matches_the_official_forward(tm
     torch.save({k: v for k, v in state.items() if not k.startswith("ln_contrast.")}, broken)
     with pytest.raises(ValueError, match=r"missing 2 key.*ln_contrast"):
         PresetBuilder(preset, "default", str(broken))()
+
+
+def test_weights_load_from_an_offline_hub_cache(titan_file, encoder, offline_hf):
+    ck.fill_hf_cache(offline_hf, "MahmoodLab/TITAN", "model.safetensors", titan_file, link=True)
+    cached = get_preset("titan")().build()  # no checkpoint_path: the hub cache, offline
+    own = encoder.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in cached.state_dict().items())

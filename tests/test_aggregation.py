@@ -19,6 +19,7 @@ import xarray as xr
 
 from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, testing
 from slide2vec_dask.encoders.registry import get_preset
+from slide2vec_dask.testing import checkpoints as ck
 
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
 SLIDE_PRESETS = {"gigapath-slide": "gigapath", "titan": "titan", "prism": "prism", "moozy-slide": "moozy"}
@@ -58,7 +59,7 @@ def checkpoints(tmp_path_factory):
             extra = {}
             if module == "prism":
                 extra["cfg"] = mod.PrismConfig(**PRISM_TWIN)
-            made[module] = mod.random_official_checkpoint(folder / f"{module}-{suffix}", **extra)
+            made[module] = ck.RANDOM_CHECKPOINTS[module](folder / f"{module}-{suffix}", **extra)
         return made[module]
 
     return get

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from slide2vec_dask.encoders.hub import WeightsUnavailableError
 from slide2vec_dask.encoders.pooling import TokenPooler
 from slide2vec_dask.encoders.presets import TILE_PRESETS, get_tile_preset
 from slide2vec_dask.encoders.registry import get_preset, list_models
+from slide2vec_dask.testing import checkpoints as ck
 
 # Published parameter counts (timm architecture, exactly as built from each model card's
 # kwargs) and output dims.  Sources: the model cards / hub configs and their papers;
@@ -59,10 +59,41 @@ PUBLISHED = {
     "midnight": (1_136_479_232, {"cls_mean": 3072, "cls": 1536}),
     # DINOv2 ViT-B/14 (timm vit_base_patch14_dinov2.lvd142m): 86.58M; CLS 768.
     "dinov2-vitb14": (86_579_712, {"cls": 768}),
+    # DINOv3 ViT-B/16 (Simeoni et al. 2025, "ViT-B/16 distilled, 86M"; timm vit_base_patch16_dinov3):
+    # 85.64M; slide2vec 7.1.4 encoders/models/dinov3.py: patch_mean (default) and cls, both 768.
+    "dinov3-vitb16": (85_641_216, {"patch_mean": 768, "cls": 768}),
+    # GPFM (Ma et al. 2024; slide2vec gpfm.py: ViT-L/14 DINOv2 at 224 px, LayerScale): 303.23M ("ViT-L"); 1024.
+    "gpfm": (303_227_904, {"cls": 1024}),
+    # mSTAR (Wang et al. 2024; card: ViT-L/16; slide2vec mstar.py: init_values 1e-5): 303.35M as UNI; 1024.
+    "mstar": (303_350_784, {"cls": 1024}),
+    # Mettle (slideflow-labs/Mettle; slide2vec mettle.py): H-optimus-0's ViT-g/14 reg4 (1,134,774,272)
+    # + MettleRefineHead(1536, atoms 16, rank 8, hidden 256) = 2*16*1536*8 + (1536*256+256 + 256*16+16)
+    # + (1536*256+256 + 256*1536+1536) = 1,579,024; cls_patch_mean 3072 (default), cls 1536.
+    "mettle": (1_136_353_296, {"cls_patch_mean": 3072, "cls": 1536}),
+    # CLAM's truncated ResNet-50 (Lu et al. 2021, resnet_custom.py: layers 1-3 + avgpool, 1024-d; TRIDENT
+    # resnet50: timm resnet50.tv_in1k, out_indices=[3]): conv1..layer3 of torchvision's ResNet-50 = 8.54M.
+    "resnet50": (8_543_296, {"mean": 1024}),
+    # CTransPath (Wang et al. 2022, MedIA: Swin-T with a conv stem, 27.5M; TRIDENT ctran.py; CHIEF's
+    # tile encoder): 27,520,038; the pooled 768-d output.
+    "ctranspath": (27_520_038, {"mean": 768}),
+    # iSight (Huang et al., arXiv:2602.04063; slide2vec isight.py): CLIP ViT-L/14-336's vision tower
+    # (timm vit_large_patch14_clip_quickgelu_336 without the final LayerNorm: 303,505,408; transformers'
+    # CLIPVisionModel 303,507,456 with it) + visual_token_projection 1024x1024+1024; both outputs 1024.
+    "isight": (304_555_008, {"token_mean": 1024, "cls": 1024}),
+    # kaiko.ai (Aben et al. 2024, "Towards large-scale training of pathology foundation models"; TRIDENT
+    # kaiko-*: timm vit_*_224 / vit_large_patch14_reg4_dinov2 at 518): ViT-S/16 21.67M, ViT-S/8 21.67M,
+    # ViT-B/16 85.80M, ViT-B/8 85.81M, ViT-L/14 304.37M; CLS 384 / 384 / 768 / 768 / 1024.
+    "kaiko-vits16": (21_665_664, {"cls": 384}),
+    "kaiko-vits8": (21_670_272, {"cls": 384}),
+    "kaiko-vitb16": (85_798_656, {"cls": 768}),
+    "kaiko-vitb8": (85_807_872, {"cls": 768}),
+    "kaiko-vitl14": (304_370_688, {"cls": 1024}),
 }
-TIMM_PRESETS = [p.name for p in TILE_PRESETS if p.arch is not None]
-REGISTERS = {"uni2": 8, "virchow2": 4, "h-optimus-0": 4, "h-optimus-1": 4, "h0-mini": 4, "hibou-b": 4, "hibou-l": 4}
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+VIT_LAYOUTS = ("timm", "hf_vit", "hf_dinov2")
+TIMM_PRESETS = [p.name for p in TILE_PRESETS if p.arch is not None and p.layout in VIT_LAYOUTS]
+REGISTERS = {"uni2": 8, "virchow2": 4, "h-optimus-0": 4, "h-optimus-1": 4, "h0-mini": 4, "hibou-b": 4, "hibou-l": 4,
+             "dinov3-vitb16": 4, "kaiko-vitl14": 4}
+COMMIT = ck.HUB_COMMIT
 
 
 def meta_model(preset, runtime=False):
@@ -174,7 +205,7 @@ TINY = dict(embed_dim=48, depth=2, num_heads=2)
 
 def tiny_preset(name):
     preset = get_tile_preset(name).with_kwargs(**TINY)
-    dims = tuple((v, TINY["embed_dim"] * (2 if v == "cls_mean" else 1)) for v, _ in preset.outputs)
+    dims = tuple((v, TINY["embed_dim"] * (2 if v in ("cls_mean", "cls_patch_mean") else 1)) for v, _ in preset.outputs)
     return preset.replace(outputs=dims)
 
 
@@ -262,15 +293,12 @@ def pooled(model, x, variant):
     cls = tokens[:, 0]
     if variant == "cls":
         return cls
+    if variant == "patch_mean":
+        return tokens[:, model.num_prefix_tokens:].mean(1)
     return torch.cat([cls, tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)
 
 
-def fill_hf_cache(home: Path, repo_id: str, filename: str, src: Path) -> None:
-    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    (repo / "snapshots" / COMMIT).mkdir(parents=True)
-    shutil.copy(src, repo / "snapshots" / COMMIT / filename)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+fill_hf_cache = ck.fill_hf_cache
 
 
 @pytest.mark.parametrize("name", TIMM_PRESETS)

@@ -9,7 +9,6 @@ pause, Dask reruns the lost task, and the run must end with every slide
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import time
@@ -20,6 +19,7 @@ import pytest
 import xarray as xr
 
 from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, testing
+from slide2vec_dask.testing import checkpoints as ck
 from test_aggregation import stand_in
 
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
@@ -27,8 +27,7 @@ EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
 
 @pytest.fixture(scope="module")
 def titan(tmp_path_factory):
-    mod = importlib.import_module("slide2vec_dask.encoders.aggregators.titan")
-    ckpt = mod.random_official_checkpoint(tmp_path_factory.mktemp("titan") / "model.safetensors")
+    ckpt = ck.titan_checkpoint(tmp_path_factory.mktemp("titan") / "model.safetensors")
     return Model.from_preset("titan", checkpoint_path=ckpt, tile_encoder=stand_in("titan"))
 
 

@@ -2,6 +2,7 @@
 
 from slide2vec_dask.encoders.base import EncoderSpec, ModuleBuilder, TimmBuilder, load_checkpoint
 from slide2vec_dask.encoders.registry import get_preset, list_models, register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 __all__ = ["EncoderSpec", "TimmBuilder", "ModuleBuilder", "load_checkpoint", "get_preset", "list_models",
-           "register_preset"]
+           "register_preset", "Weights"]

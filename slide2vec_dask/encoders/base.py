@@ -105,6 +105,9 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    # Floating weights are loaded as float32 whatever their precision; a tensor of another kind
+    # (integer, bool, complex) where the model holds floats, or the reverse, is another model's file.
+    dtypes = sorted(k for k in set(own) & set(state) if _kind(own[k]) != _kind(state[k]))
     detail = []
     if missing:
         detail.append(f"missing {len(missing)} key(s), e.g. {missing[:3]}")
@@ -114,7 +117,19 @@ def state_dict_mismatch(own: dict, state: dict) -> str:
         k = shapes[0]
         detail.append(f"{len(shapes)} shape mismatch(es), e.g. {k}: checkpoint {tuple(state[k].shape)} "
                       f"vs model {tuple(own[k].shape)}")
+    if dtypes:
+        k = dtypes[0]
+        detail.append(f"{len(dtypes)} dtype mismatch(es), e.g. {k}: checkpoint {state[k].dtype} "
+                      f"vs model {own[k].dtype}")
     return "; ".join(detail)
+
+
+def _kind(tensor) -> str:
+    if tensor.is_floating_point():
+        return "float"
+    if tensor.is_complex():
+        return "complex"
+    return "bool" if str(tensor.dtype) == "torch.bool" else "int"
 
 
 def load_into_meta(module, state: dict, problem: str):
@@ -139,3 +154,27 @@ def load_checkpoint(model, path: str | Path, what: str) -> None:
     if problems:
         raise ValueError(f"{what}: checkpoint {path} does not fit the architecture: {problems}")
     model.load_state_dict(state, strict=True)
+
+
+def materialize_buffers(model) -> None:
+    """Compute the non-persistent buffers a ``meta``-built model left empty (RoPE periods, say).
+
+    They are in no checkpoint by design: the module computes them from its
+    config.  timm modules say how (``init_non_persistent_buffers``); a module
+    that does not is an error, not silently random.
+    """
+    import torch
+
+    for module in model.modules():
+        names = [n for n, b in module.named_buffers(recurse=False)
+                 if b is not None and b.is_meta and n in module._non_persistent_buffers_set]
+        if not names:
+            continue
+        init = getattr(module, "init_non_persistent_buffers", None)
+        if init is None:
+            raise RuntimeError(f"{type(module).__name__} has computed buffers {names} and no way to compute them "
+                               "off the meta device")
+        for name in names:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        with torch.no_grad():
+            init()

@@ -60,8 +60,12 @@ def hub_token() -> str | None:
     return None  # huggingface_hub falls back to its own lookup
 
 
-def _advice(preset: str, repo_id: str, gated: bool, filename: str) -> str:
-    url = f"https://huggingface.co/{repo_id}"
+def _url(repo_id: str, repo_type: str = "model") -> str:
+    return f"https://huggingface.co/{'' if repo_type == 'model' else 'datasets/'}{repo_id}"
+
+
+def _advice(preset: str, repo_id: str, gated: bool, filename: str, repo_type: str = "model") -> str:
+    url = _url(repo_id, repo_type)
     steps = [f"accept the licence at {url} with your Hugging Face account and log in on this machine "
              "(`hf auth login`, or set HF_TOKEN)"] if gated else []
     steps.append(f"download {filename} from {url} yourself and pass it: "
@@ -70,7 +74,7 @@ def _advice(preset: str, repo_id: str, gated: bool, filename: str) -> str:
 
 
 def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated: bool = False,
-                   revision: str | None = None) -> Path:
+                   revision: str | None = None, repo_type: str = "model") -> Path:
     """Local path of the first of ``filenames`` that ``repo_id`` has (cache first)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
@@ -89,17 +93,19 @@ def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated
     for filename in filenames:
         try:
             path = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
-                                   local_files_only=offline, token=token)
+                                   local_files_only=offline, token=token,
+                                   **({} if repo_type == "model" else {"repo_type": repo_type}))
             return Path(path)
         except GatedRepoError as exc:
             raise WeightsUnavailableError(
-                f"preset {preset!r}: https://huggingface.co/{repo_id} is gated and this machine's "
+                f"preset {preset!r}: {_url(repo_id, repo_type)} is gated and this machine's "
                 f"Hugging Face token has no access to it ({type(exc).__name__}); "
-                + _advice(preset, repo_id, True, filename)) from exc
+                + _advice(preset, repo_id, True, filename, repo_type)) from exc
         except RepositoryNotFoundError as exc:
             raise WeightsUnavailableError(
                 f"preset {preset!r}: the Hugging Face repo {repo_id} was not found, or needs a token "
-                f"that can read it ({type(exc).__name__}); " + _advice(preset, repo_id, gated, filename)) from exc
+                f"that can read it ({type(exc).__name__}); "
+                + _advice(preset, repo_id, gated, filename, repo_type)) from exc
         except LocalEntryNotFoundError:
             not_cached.append(filename)      # not in the cache, and the hub not asked or not reachable
         except EntryNotFoundError:
@@ -108,20 +114,21 @@ def fetch_hub_file(preset: str, repo_id: str, filenames: Sequence[str], *, gated
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status in (401, 403):
                 raise WeightsUnavailableError(
-                    f"preset {preset!r}: access to https://huggingface.co/{repo_id} was refused "
-                    f"(HTTP {status}); " + _advice(preset, repo_id, True, filename)) from exc
+                    f"preset {preset!r}: access to {_url(repo_id, repo_type)} was refused "
+                    f"(HTTP {status}); " + _advice(preset, repo_id, True, filename, repo_type)) from exc
             raise WeightsUnavailableError(
                 f"preset {preset!r}: downloading {filename} from {repo_id} failed ({exc}); "
-                + _advice(preset, repo_id, gated, filename)) from exc
+                + _advice(preset, repo_id, gated, filename, repo_type)) from exc
 
     if not_cached:
         why = ("downloads are off (HF_HUB_OFFLINE=1)" if offline
                else "the Hugging Face hub could not be reached")
         raise WeightsUnavailableError(
-            f"preset {preset!r}: {' / '.join(not_cached)} of https://huggingface.co/{repo_id} is not in the "
+            f"preset {preset!r}: {' / '.join(not_cached)} of {_url(repo_id, repo_type)} is not in the "
             f"Hugging Face cache ({cache_dir}) and {why}. Fill the cache on a connected machine with "
-            f"`hf download {repo_id} {not_cached[0]}` (same HF_HOME); "
-            + _advice(preset, repo_id, gated, not_cached[0]))
+            f"`hf download {repo_id} {not_cached[0]}"
+            + ("" if repo_type == "model" else f" --repo-type {repo_type}") + "` (same HF_HOME); "
+            + _advice(preset, repo_id, gated, not_cached[0], repo_type))
     raise WeightsUnavailableError(
         f"preset {preset!r}: the Hugging Face repo {repo_id} has none of the weight files {list(absent)}; "
-        + _advice(preset, repo_id, gated, filenames[0]))
+        + _advice(preset, repo_id, gated, filenames[0], repo_type))

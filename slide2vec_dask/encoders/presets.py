@@ -7,24 +7,35 @@ and the weights are loaded by `PresetBuilder` in ``build()``, on the worker.
 
 Architectures are the published ones, built with timm from the kwargs of
 each model card / hub config (same parameter count, embed dim, token
-layout).  Weights come from ``checkpoint_path`` (``.safetensors``, or a
-weights-only ``.bin/.pt/.pth``) or from the preset's Hugging Face repo
-(`slide2vec_dask.encoders.hub`).  Checkpoints published in the Hugging Face
-``transformers`` layout (Phikon, Phikon-v2, Hibou, Midnight) are mapped onto
-the equivalent timm modules key by key (``layout`` below).
+layout).  Each declares its weights as a `Weights` record
+(`slide2vec_dask.encoders.weights`: hub repo, file names, gated, licence,
+revision), resolved on the worker from ``checkpoint_path`` (``.safetensors``,
+or a weights-only ``.bin/.pt/.pth``) or the Hugging Face cache / hub.
+Checkpoints published in another key layout are mapped onto the timm modules
+key by key (``layout`` below): the ``transformers`` layouts (Phikon,
+Phikon-v2, Hibou, Midnight), transformers' CLIP inside iSight's training
+checkpoint, timm 0.5's Swin (CTransPath); Mettle adds its refine head and
+CLAM's ResNet-50 its pooling as small native wrappers (`pooling`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, read_state_dict, state_dict_mismatch
+from slide2vec_dask.encoders.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderSpec,
+    materialize_buffers,
+    read_state_dict,
+    state_dict_mismatch,
+)
 from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
 HOPTIMUS_STD = (0.211883, 0.230117, 0.177517)
@@ -36,7 +47,7 @@ HALF = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15")
+LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features", "ctranspath", "isight")
 # How a checkpoint's position embedding is resampled to the tile grid, when it was
 # published for another grid: the algorithm the official code applies at run time.
 POS_EMBED_INTERP = {
@@ -80,9 +91,14 @@ class TilePreset:
     """A published tile encoder, as data.
 
     ``kwargs`` are the timm constructor arguments of the *published*
-    architecture; ``outputs`` maps each output variant to its feature
-    dimension, the first being the default.  ``layout`` names the key layout
-    of the published checkpoint.  ``pos_embed_interp`` (a key of
+    architecture; ``weights`` is where its checkpoint is published;
+    ``outputs`` maps each output variant to its feature dimension, the
+    first being the default.  ``layout`` names the key layout of the
+    published checkpoint (and, for ``mettle`` / ``timm_features``, the small
+    native wrapper around the timm trunk).  ``ignore_keys`` are prefixes of
+    tensors the official file holds that the published *use* of the model
+    never reads (ResNet-50's ``layer4`` and ``fc`` for CLAM's truncated
+    network); every other key must fit exactly.  ``pos_embed_interp`` (a key of
     `POS_EMBED_INTERP`) lets a checkpoint whose position embedding was
     published for another grid run at ``tile_size_px``: it is resampled once
     at load time with the algorithm the official code applies at run time.
@@ -91,19 +107,17 @@ class TilePreset:
     name: str
     arch: str | None
     kwargs: tuple
-    hub_id: str
-    hub_files: tuple[str, ...]
+    weights: Weights
     outputs: tuple[tuple[str, int], ...]
     spacing_um: float | None
     tile_size_px: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_precision: str
-    gated: bool
-    licence: str
     architecture: str
     layout: str = "timm"
     pos_embed_interp: str | None = None
+    ignore_keys: tuple[str, ...] = ()
     level: str = "tile"
     note: str = ""
 
@@ -122,9 +136,11 @@ class TilePreset:
     def default_variant(self) -> str:
         return self.outputs[0][0]
 
-    @property
-    def url(self) -> str:
-        return f"https://huggingface.co/{self.hub_id}"
+    hub_id = property(lambda self: self.weights.hub_id)
+    hub_files = property(lambda self: self.weights.files)
+    gated = property(lambda self: self.weights.gated)
+    licence = property(lambda self: self.weights.licence)
+    url = property(lambda self: self.weights.url)
 
     def feature_dim(self, output_variant: str | None = None) -> int:
         return dict(self.outputs)[self._variant(output_variant)]
@@ -152,30 +168,50 @@ class TilePreset:
         return kwargs
 
     def create_architecture(self, runtime: bool = False):
-        """The bare timm model, randomly initialised (use a ``meta`` device for a free one)."""
+        """The bare model whose state dict is the published file's, randomly initialised.
+
+        Build it under ``torch.device('meta')`` for a free one (parameter counts, shapes).
+        """
         if self.layout == "conch_v15":
             return _conch_v15_architecture(self, runtime)
         if self.arch is None:
             raise NotImplementedError(f"preset {self.name!r} is not a timm architecture ({self.architecture})")
         import timm
 
-        return timm.create_model(self.arch, pretrained=False, **self.timm_kwargs(runtime))
+        trunk = timm.create_model(self.arch, pretrained=False, **self.timm_kwargs(runtime))
+        if self.layout == "mettle":
+            from slide2vec_dask.encoders.pooling import MettleEncoder
+
+            return MettleEncoder(trunk)
+        if self.layout == "isight":
+            from slide2vec_dask.encoders.pooling import ISightEncoder
+
+            return ISightEncoder(trunk)
+        return trunk
+
+    def create_module(self, output_variant: str | None = None, runtime: bool = True):
+        """The architecture wrapped to return this variant's ``(B, feature_dim)`` (keys unchanged)."""
+        from slide2vec_dask.encoders.pooling import TimmPooled, TokenPooler
+
+        variant = self._variant(output_variant)
+        model = self.create_architecture(runtime=runtime)
+        if self.layout in ("mettle", "isight"):
+            model.output_variant = variant
+            return model
+        if self.layout in ("timm_features", "ctranspath"):
+            return TimmPooled(model)
+        if self.layout == "conch_v15":
+            return model
+        return TokenPooler(model, variant)
 
     # -- spec --------------------------------------------------------------
     def spec(self, checkpoint_path: str | Path | None = None, output_variant: str | None = None) -> EncoderSpec:
         """The `EncoderSpec` of this preset: cheap, no torch, no weights."""
         variant = self._variant(output_variant)
-        if checkpoint_path is not None:
-            checkpoint_path = Path(checkpoint_path).expanduser().resolve()
-            if not checkpoint_path.exists():
-                raise FileNotFoundError(f"preset {self.name!r}: checkpoint not found: {checkpoint_path}")
-        ckpt = None if checkpoint_path is None else str(checkpoint_path)
-        digest = hashlib.sha1(repr((self.arch, self.kwargs, self.layout, self.pos_embed_interp,
-                                    self.tile_size_px, self.hub_files)).encode()).hexdigest()[:12]
-        source = ckpt if ckpt is not None else f"hf://{self.hub_id}"
+        weights = self.weights.with_checkpoint(self.name, checkpoint_path)
         return EncoderSpec(
             name=self.name,
-            build=PresetBuilder(self, variant, ckpt),
+            build=PresetBuilder(self, variant, weights.checkpoint_path),
             spacing_um=self.spacing_um,
             tile_size_px=self.tile_size_px,
             mean=tuple(self.mean),
@@ -183,10 +219,9 @@ class TilePreset:
             feature_dim=self.feature_dim(variant),
             level=self.level,
             default_precision=self.default_precision,
-            key=f"preset:{self.name}:{variant}:{source}:{digest}",
-            info={"hub_id": self.hub_id, "url": self.url, "gated": self.gated, "licence": self.licence,
-                  "architecture": self.architecture, "output_variant": variant,
-                  "checkpoint_path": ckpt, "hub_files": list(self.hub_files)},
+            key=weights.cache_key(f"preset:{self.name}", variant, self.arch, self.kwargs, self.layout,
+                                  self.pos_embed_interp, self.ignore_keys, self.tile_size_px),
+            info={**weights.info(), "architecture": self.architecture, "output_variant": variant},
         )
 
 
@@ -207,24 +242,21 @@ class PresetBuilder:
         return self._build_timm()
 
     def _weights_file(self) -> Path:
-        if self.checkpoint_path is not None:
-            return Path(self.checkpoint_path)
-        from slide2vec_dask.encoders.hub import fetch_hub_file
-
-        return fetch_hub_file(self.preset.name, self.preset.hub_id, self.preset.hub_files, gated=self.preset.gated)
+        return self.preset.weights.resolve(self.preset.name, self.checkpoint_path)
 
     def _build_timm(self):
         import torch
-
-        from slide2vec_dask.encoders.pooling import TokenPooler
 
         preset = self.preset
         path = self._weights_file()
         what = f"preset {preset.name!r} ({preset.hub_id})"
         state = read_state_dict(path, what)
         with torch.device("meta"):
-            model = preset.create_architecture(runtime=True)
+            module = preset.create_module(self.output_variant, runtime=True)
+        model = module.model if hasattr(module, "model") else module  # the keys of the published file
         state = to_timm_layout(state, preset.layout, model)
+        if preset.ignore_keys:  # tensors of the published file that the published use never reads
+            state = {k: v for k, v in state.items() if not k.startswith(preset.ignore_keys)}
         if preset.pos_embed_interp is not None:
             state = resample_pos_embed(state, model, preset.pos_embed_interp)
         problems = state_dict_mismatch(model.state_dict(), state)
@@ -236,10 +268,11 @@ class PresetBuilder:
                 + "), or leave checkpoint_path unset to fetch it from the hub.")
         state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
+        materialize_buffers(model)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"{what}: tensors left unloaded after loading {path}: {left[:5]}")
-        return TokenPooler(model, self.output_variant).eval()
+        return module.eval()
 
     def _build_conch(self):
         try:
@@ -306,13 +339,78 @@ def to_timm_layout(state: dict, layout: str, model) -> dict:
     A checkpoint already in timm's layout passes through for every layout.
     Keys that do not map stay as they are, so a mismatch is reported by name.
     """
-    if layout == "timm" or _is_timm_layout(state):
+    if layout == "ctranspath":
+        from slide2vec_dask.encoders.ctranspath import from_official_layout
+
+        return from_official_layout(state)
+    if layout == "isight":
+        return from_isight_layout(state)
+    if layout in ("timm", "mettle", "timm_features") or _is_timm_layout(state):
         return dict(state)
     if layout == "hf_vit":
         return _from_hf(_strip(state, "vit."), model, _HF_VIT_LAYER)
     if layout == "hf_dinov2":
         return _from_hf(_strip(state, "dinov2."), model, _HF_DINOV2_LAYER)
     raise ValueError(f"no key mapping for layout {layout!r}")
+
+
+ISIGHT_VISION = "patch_encoder.vision_model."  # CLAM_ViT.patch_encoder is a transformers CLIPModel
+ISIGHT_PROJECTION = "visual_token_projection."
+_HF_CLIP_LAYER = {"layer_norm1": "norm1", "self_attn.out_proj": "attn.proj", "layer_norm2": "norm2",
+                  "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def from_isight_layout(state: dict) -> dict:
+    """iSight's ``model_state_dict`` -> `ISightEncoder` keys.
+
+    Read: the CLIP vision tower (``patch_encoder.vision_model.*``, transformers' CLIP
+    names, q/k/v fused here) and ``visual_token_projection.*``.  Not read, as the
+    published tile features never use them: ``post_layernorm``, the text tower,
+    CLIP's projections and logit scale, the CLAM pooler and the five task heads.
+    A state dict already in `ISightEncoder`'s keys passes unchanged.
+    """
+    import torch
+
+    if isinstance(state.get("model_state_dict"), dict):  # the released training checkpoint's wrapper
+        state = state["model_state_dict"]
+    if any(k.startswith("trunk.") for k in state):
+        return dict(state)
+    out: dict = {}
+    qkv: dict = {}
+    for key, value in state.items():
+        if key.startswith(ISIGHT_PROJECTION):
+            out[key] = value
+            continue
+        if not key.startswith(ISIGHT_VISION):
+            continue
+        rest = key[len(ISIGHT_VISION):]
+        if rest.startswith("post_layernorm.") or rest == "embeddings.position_ids":
+            continue
+        if rest == "embeddings.class_embedding":
+            out["trunk.cls_token"] = value.reshape(1, 1, -1)
+        elif rest == "embeddings.patch_embedding.weight":
+            out["trunk.patch_embed.proj.weight"] = value
+        elif rest == "embeddings.position_embedding.weight":
+            out["trunk.pos_embed"] = value.unsqueeze(0)
+        elif rest.startswith("pre_layrnorm."):  # sic: transformers' name
+            out["trunk.norm_pre." + rest.rsplit(".", 1)[1]] = value
+        elif rest.startswith("encoder.layers."):
+            idx, sub = rest[len("encoder.layers."):].split(".", 1)
+            name, kind = sub.rsplit(".", 1)
+            if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((idx, kind), {})[name[len("self_attn."):-len("_proj")]] = value
+            elif name in _HF_CLIP_LAYER:
+                out[f"trunk.blocks.{idx}.{_HF_CLIP_LAYER[name]}.{kind}"] = value
+            else:
+                out[key] = value
+        else:
+            out[key] = value
+    for (idx, kind), parts in qkv.items():
+        if set(parts) == {"q", "k", "v"}:
+            out[f"trunk.blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+        else:
+            out.update({f"{ISIGHT_VISION}encoder.layers.{idx}.self_attn.{n}_proj.{kind}": v for n, v in parts.items()})
+    return out
 
 
 # transformers (on-disk) names inside encoder.layer.N -> timm names inside blocks.N
@@ -421,113 +519,101 @@ _VIT_G_DINOV2 = dict(embed_dim=1536, depth=40, num_heads=24)
 TILE_PRESETS: tuple[TilePreset, ...] = (
     TilePreset(
         name="lunit", arch="vit_small_patch8_224", kwargs=_kw(num_classes=0),
-        hub_id="1aurent/vit_small_patch8_224.lunit_dino", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("1aurent/vit_small_patch8_224.lunit_dino", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Lunit non-commercial"),
         outputs=(("cls", 384),), spacing_um=0.5, tile_size_px=224, mean=LUNIT_MEAN, std=LUNIT_STD,
-        default_precision="fp32", gated=False, licence="Lunit non-commercial",
-        architecture="ViT-S/8 (DINO)"),
+        default_precision="fp32", architecture="ViT-S/8 (DINO)"),
     TilePreset(
         name="uni", arch="vit_large_patch16_224",
         kwargs=_kw(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-        hub_id="MahmoodLab/UNI", hub_files=("pytorch_model.bin",),
+        weights=Weights("MahmoodLab/UNI", ("pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0", architecture="ViT-L/16"),
+        default_precision="fp16", architecture="ViT-L/16"),
     TilePreset(
         name="uni2", arch="vit_giant_patch14_224",
         kwargs=_kw(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
                    mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=SWIGLU_PACKED,
                    act_layer=SILU, reg_tokens=8, dynamic_img_size=True),
-        hub_id="MahmoodLab/UNI2-h", hub_files=("pytorch_model.bin",),
+        weights=Weights("MahmoodLab/UNI2-h", ("pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="bf16", gated=True, licence="CC-BY-NC-ND-4.0",
-        architecture="ViT-H/14 (UNI2-h: 24 blocks, 1536-d, SwiGLU, 8 registers)"),
+        default_precision="bf16", architecture="ViT-H/14 (UNI2-h: 24 blocks, 1536-d, SwiGLU, 8 registers)"),
     TilePreset(
         name="virchow", arch="vit_huge_patch14_224",
         kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, global_pool="",
                    dynamic_img_size=True, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="paige-ai/Virchow", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("paige-ai/Virchow", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0 (with Paige's additional terms)"),
         outputs=(("cls_mean", 2560), ("cls", 1280)), spacing_um=0.5, tile_size_px=224,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", gated=True,
-        licence="Apache-2.0 (with Paige's additional terms)", architecture="ViT-H/14 (SwiGLU)"),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", architecture="ViT-H/14 (SwiGLU)"),
     TilePreset(
         name="virchow2", arch="vit_huge_patch14_224",
         kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
                    global_pool="", dynamic_img_size=True, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="paige-ai/Virchow2", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("paige-ai/Virchow2", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls_mean", 2560), ("cls", 1280)), spacing_um=0.5, tile_size_px=224,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", gated=True,
-        licence="CC-BY-NC-ND-4.0", architecture="ViT-H/14 (SwiGLU, 4 registers)"),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16", architecture="ViT-H/14 (SwiGLU, 4 registers)"),
     TilePreset(
         name="h-optimus-0", arch="vit_giant_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
-        hub_id="bioptimus/H-optimus-0", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("bioptimus/H-optimus-0", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        default_precision="fp16", gated=True, licence="Apache-2.0",
-        architecture="ViT-g/14 (4 registers)", note="gated with automatic approval"),
+        default_precision="fp16", architecture="ViT-g/14 (4 registers)", note="gated with automatic approval"),
     TilePreset(
         name="h-optimus-1", arch="vit_giant_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, global_pool="token", init_values=1e-5, dynamic_img_size=False),
-        hub_id="bioptimus/H-optimus-1", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("bioptimus/H-optimus-1", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD,
-        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0", architecture="ViT-g/14 (4 registers)"),
+        default_precision="fp16", architecture="ViT-g/14 (4 registers)"),
     TilePreset(
         name="h0-mini", arch="vit_base_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, global_pool="", mlp_ratio=5.33334, mlp_layer=SWIGLU_PACKED,
                    act_layer=SILU),
-        hub_id="bioptimus/H0-mini", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("bioptimus/H0-mini", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("cls_mean", 1536), ("cls", 768)), spacing_um=0.5, tile_size_px=224,
-        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16", gated=True,
-        licence="CC-BY-NC-ND-4.0", architecture="ViT-B/14 (SwiGLU, 4 registers; distilled from H-optimus-0)"),
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16", architecture="ViT-B/14 (SwiGLU, 4 registers; distilled from H-optimus-0)"),
     TilePreset(
         name="gigapath", arch="vit_giant_patch14_dinov2",
         kwargs=_kw(img_size=224, in_chans=3, patch_size=16, init_values=1e-5, mlp_ratio=5.33334, num_classes=0,
                    **_VIT_G_DINOV2),
-        hub_id="prov-gigapath/prov-gigapath", hub_files=("pytorch_model.bin",),
+        weights=Weights("prov-gigapath/prov-gigapath", ("pytorch_model.bin",), gated=True, licence="Apache-2.0 (with Prov-GigaPath's conditions)"),
         outputs=(("cls", 1536),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp16", gated=True, licence="Apache-2.0 (with Prov-GigaPath's conditions)",
-        architecture="ViT-g (DINOv2 giant, 16 px patches)", note="the tile encoder of Prov-GigaPath"),
+        default_precision="fp16", architecture="ViT-g (DINOv2 giant, 16 px patches)", note="the tile encoder of Prov-GigaPath"),
     TilePreset(
         name="phikon", arch="vit_base_patch16_224", kwargs=_kw(num_classes=0, norm_layer=LAYERNORM_EPS_1E12),
-        hub_id="owkin/phikon", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("owkin/phikon", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Owkin non-commercial"),
         outputs=(("cls", 768),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp32", gated=False, licence="Owkin non-commercial", architecture="ViT-B/16 (iBOT)",
+        default_precision="fp32", architecture="ViT-B/16 (iBOT)",
         layout="hf_vit", note="published as a transformers ViTModel; mapped onto timm (LayerNorm eps 1e-12)"),
     TilePreset(
         name="phikonv2", arch="vit_large_patch16_224", kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0),
-        hub_id="owkin/phikon-v2", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("owkin/phikon-v2", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Owkin non-commercial"),
         outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp32", gated=False, licence="Owkin non-commercial",
-        architecture="ViT-L/16 (DINOv2)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        default_precision="fp32", architecture="ViT-L/16 (DINOv2)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="published as a transformers Dinov2Model; mapped onto timm"),
     TilePreset(
         name="hibou-b", arch="vit_base_patch14_reg4_dinov2",
         kwargs=_kw(img_size=224, num_classes=0, mlp_ratio=5.33334, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="histai/hibou-b", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("histai/hibou-b", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0"),
         outputs=(("cls", 768),), spacing_um=0.5, tile_size_px=224, mean=HIBOU_MEAN, std=HIBOU_STD,
-        default_precision="fp32", gated=True, licence="Apache-2.0",
-        architecture="ViT-B/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        default_precision="fp32", architecture="ViT-B/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="published as transformers remote code (Dinov2 with registers); mapped onto timm"),
     TilePreset(
         name="hibou-l", arch="vit_large_patch14_reg4_dinov2",
         # DINOv2's SwiGLU hidden width: (int(1024 * 4 * 2 / 3) + 7) // 8 * 8 = 2736, packed 5472 = 5.34375 x 1024
         kwargs=_kw(img_size=224, num_classes=0, mlp_ratio=5.34375, mlp_layer=SWIGLU_PACKED, act_layer=SILU),
-        hub_id="histai/hibou-L", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("histai/hibou-L", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="Apache-2.0"),
         outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=HIBOU_MEAN, std=HIBOU_STD,
-        default_precision="fp32", gated=True, licence="Apache-2.0",
-        architecture="ViT-L/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        default_precision="fp32", architecture="ViT-L/14 (DINOv2, SwiGLU, 4 registers)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="published as transformers remote code (Dinov2 with registers); mapped onto timm"),
     TilePreset(
         name="midnight", arch="vit_giant_patch14_dinov2",
         kwargs=_kw(img_size=518, num_classes=0, init_values=1e-5),
-        hub_id="kaiko-ai/midnight", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("kaiko-ai/midnight", ("model.safetensors", "pytorch_model.bin"), gated=True, licence="MIT"),
         outputs=(("cls_mean", 3072), ("cls", 1536)), spacing_um=0.5, tile_size_px=224,
-        mean=HALF, std=HALF, default_precision="fp16", gated=True, licence="MIT",
-        architecture="ViT-g/14 (DINOv2, SwiGLU)", layout="hf_dinov2", pos_embed_interp="bicubic",
+        mean=HALF, std=HALF, default_precision="fp16", architecture="ViT-g/14 (DINOv2, SwiGLU)", layout="hf_dinov2", pos_embed_interp="bicubic",
         note="Midnight-12k; published as a transformers Dinov2Model (518 px grid, run at 224 px as its card does)"),
     TilePreset(
-        name="conch", arch=None, kwargs=(), hub_id="MahmoodLab/CONCH", hub_files=("pytorch_model.bin",),
+        name="conch", arch=None, kwargs=(), weights=Weights("MahmoodLab/CONCH", ("pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("default", 512),), spacing_um=0.5, tile_size_px=448,
-        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp32", gated=True,
-        licence="CC-BY-NC-ND-4.0", architecture="ViT-B/16 + attentional pooler (CoCa)", layout="conch",
+        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp32", architecture="ViT-B/16 + attentional pooler (CoCa)", layout="conch",
         note=f"needs the `conch` package: {CONCH_INSTALL}"),
     TilePreset(
         # CONCH v1.5 as TITAN's return_conch() builds it (conch_config of MahmoodLab/TITAN's config.json):
@@ -536,19 +622,98 @@ TILE_PRESETS: tuple[TilePreset, ...] = (
         # LayerNorm.  Weights: conch_v1_5_pytorch_model.bin of MahmoodLab/TITAN (what return_conch()
         # downloads); MahmoodLab/conchv1_5's pytorch_model_vision.bin has the same keys.
         name="conchv15", arch=None, kwargs=_kw(img_size=224, patch_size=16, init_values=1e-6, num_classes=0),
-        hub_id="MahmoodLab/TITAN", hub_files=("conch_v1_5_pytorch_model.bin",),
+        weights=Weights("MahmoodLab/TITAN", ("conch_v1_5_pytorch_model.bin",), gated=True, licence="CC-BY-NC-ND-4.0"),
         outputs=(("default", 768),), spacing_um=0.5, tile_size_px=448, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp16", gated=True, licence="CC-BY-NC-ND-4.0",
-        architecture="ViT-L/16 + attentional pooler (CONCH v1.5)", layout="conch_v15", pos_embed_interp="bicubic_dino",
+        default_precision="fp16", architecture="ViT-L/16 + attentional pooler (CONCH v1.5)", layout="conch_v15", pos_embed_interp="bicubic_dino",
         note="the tile encoder of TITAN; native PyTorch + timm, no `conch` package needed"),
     TilePreset(
         name="dinov2-vitb14", arch="vit_base_patch14_dinov2", kwargs=_kw(num_classes=0),
-        hub_id="timm/vit_base_patch14_dinov2.lvd142m", hub_files=("model.safetensors", "pytorch_model.bin"),
+        weights=Weights("timm/vit_base_patch14_dinov2.lvd142m", ("model.safetensors", "pytorch_model.bin"), gated=False, licence="Apache-2.0"),
         outputs=(("cls", 768),), spacing_um=None, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        default_precision="fp32", gated=False, licence="Apache-2.0", architecture="ViT-B/14 (DINOv2, natural images)",
+        default_precision="fp32", architecture="ViT-B/14 (DINOv2, natural images)",
         pos_embed_interp="bicubic_aa",
         note="natural-image control: no native spacing, set PreprocessingConfig(requested_spacing_um=...)"),
+    # -- slide2vec 7.1.4's further tile presets, by its names ---------------------------------------
+    TilePreset(
+        # timm's DINOv3 ViT-B/16 (an Eva model: RoPE, 4 registers, LayerScale); its pretrained
+        # global_pool is "avg": the mean of the patch tokens after the final norm (slide2vec's default).
+        name="dinov3-vitb16", arch="vit_base_patch16_dinov3", kwargs=_kw(num_classes=0, dynamic_img_size=True),
+        weights=Weights("timm/vit_base_patch16_dinov3.lvd1689m", ("model.safetensors", "pytorch_model.bin"),
+                        gated=False, licence="DINOv3 License"),
+        outputs=(("patch_mean", 768), ("cls", 768)), spacing_um=None, tile_size_px=256,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, default_precision="fp16",
+        architecture="ViT-B/16 (DINOv3, RoPE, 4 registers; natural images)",
+        note="natural-image control: no native spacing, set PreprocessingConfig(requested_spacing_um=...)"),
+    TilePreset(
+        # GPFM.pth is a bare DINOv2 ViT-L/14 state dict on a 224 px grid (timm keys).
+        name="gpfm", arch="vit_large_patch14_dinov2", kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0),
+        weights=Weights("majiabo/GPFM", ("GPFM.pth",), gated=False, licence="MIT"),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="ViT-L/14 (DINOv2)"),
+    TilePreset(
+        # mSTAR's hub repo is a timm ViT-L/16 (vit_large_patch16_224 with LayerScale init 1e-5).
+        name="mstar", arch="vit_large_patch16_224",
+        kwargs=_kw(img_size=224, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        weights=Weights("Wangyh/mSTAR", ("model.safetensors", "pytorch_model.bin"), gated=True),
+        outputs=(("cls", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="ViT-L/16"),
+    TilePreset(
+        # H-optimus-0's trunk fine-tuned, plus MettleRefineHead on the CLS token (model.safetensors:
+        # backbone.* and head.*).
+        name="mettle", arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, num_classes=0, init_values=1e-5, dynamic_img_size=False),
+        weights=Weights("slideflow-labs/Mettle", ("model.safetensors",), gated=False, licence="CC-BY-NC-ND-4.0"),
+        outputs=(("cls_patch_mean", 3072), ("cls", 1536)), spacing_um=0.5, tile_size_px=224,
+        mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, default_precision="fp16",
+        architecture="ViT-g/14 (4 registers) + Mettle refine head", layout="mettle",
+        note="spacing not stated on the card: H-optimus-0's (its parent model)"),
+    # -- TRIDENT's baselines -------------------------------------------------------------------------
+    TilePreset(
+        # CLAM's truncated ImageNet ResNet-50: stages 1-3 (out_indices=[3]) + global average pooling.
+        name="resnet50", arch="resnet50", kwargs=_kw(features_only=True, out_indices=(3,)),
+        weights=Weights("timm/resnet50.tv_in1k", ("model.safetensors", "pytorch_model.bin"), gated=False,
+                        licence="BSD-3-Clause (torchvision weights)"),
+        outputs=(("mean", 1024),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="ResNet-50, stages 1-3 + average pool (CLAM)",
+        layout="timm_features", ignore_keys=("layer4.", "fc."),
+        note="ImageNet weights; the published file's layer4.* and fc.* are not used by the truncated network"),
+    TilePreset(
+        # iSight (nirschl-lab/iSight; slide2vec isight.py): openai/clip-vit-large-patch14-336 fine-tuned on
+        # HPA10M; tile features = visual_token_projection(hidden_states[-1]), mean over all 577 tokens.
+        name="isight", arch="vit_large_patch14_clip_quickgelu_336", kwargs=_kw(num_classes=0, final_norm=False),
+        weights=Weights("nirschl-lab/iSight", ("checkpoints/iSight_model_checkpoint.pth",), gated=False),
+        outputs=(("token_mean", 1024), ("cls", 1024)), spacing_um=0.5, tile_size_px=336,
+        mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, default_precision="fp16",
+        architecture="CLIP ViT-L/14-336 + token projection (iSight, IHC)", layout="isight",
+        note="IHC model (Human Protein Atlas); the checkpoint's CLAM pooler and task heads are not used"),
+    TilePreset(
+        # TRIDENT's ctranspath: Swin-T/4 (window 7) with CTransPath's convolutional stem, CHIEF's weights
+        # (CHIEF_CTransPath.pth of the MahmoodLab/hest-bench dataset, {"model": ...}, timm 0.5 keys).
+        name="ctranspath", arch="swin_tiny_patch4_window7_224",
+        kwargs=_kw(num_classes=0, embed_layer=Ref("slide2vec_dask.encoders.ctranspath", "ConvStem")),
+        weights=Weights("MahmoodLab/hest-bench", ("fm_v1/ctranspath/CHIEF_CTransPath.pth",), gated=True,
+                        repo_type="dataset"),
+        outputs=(("mean", 768),), spacing_um=0.5, tile_size_px=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        default_precision="fp32", architecture="Swin-T/4 + convolutional stem (CTransPath; CHIEF's tile encoder)",
+        layout="ctranspath",
+        note="the CHIEF-trained CTransPath TRIDENT loads; 0.5 µm/px is TRIDENT's default 20x"),
 )
+_KAIKO = (  # (name, timm architecture, published grid, dim, label): TRIDENT's kaiko-* encoders
+    ("kaiko-vits16", "vit_small_patch16_224", 224, 384, "ViT-S/16"),
+    ("kaiko-vits8", "vit_small_patch8_224", 224, 384, "ViT-S/8"),
+    ("kaiko-vitb16", "vit_base_patch16_224", 224, 768, "ViT-B/16"),
+    ("kaiko-vitb8", "vit_base_patch8_224", 224, 768, "ViT-B/8"),
+    ("kaiko-vitl14", "vit_large_patch14_reg4_dinov2", 518, 1024, "ViT-L/14 (4 registers)"),
+)
+TILE_PRESETS += tuple(
+    TilePreset(
+        name=name, arch=arch, kwargs=_kw(img_size=grid, num_classes=0, dynamic_img_size=True),
+        weights=Weights(f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms", ("model.safetensors",),
+                        gated=False),
+        outputs=(("cls", dim),), spacing_um=0.5, tile_size_px=224, mean=HALF, std=HALF, default_precision="fp32",
+        architecture=f"{label} (kaiko.ai)", pos_embed_interp="bicubic_aa" if grid != 224 else None,
+        note="published on a 518 px grid, run at 224 px as TRIDENT does" if grid != 224 else "")
+    for name, arch, grid, dim, label in _KAIKO)
 
 _BY_NAME = {p.name: p for p in TILE_PRESETS}
 
@@ -568,7 +733,8 @@ def _register(preset: TilePreset) -> None:
     factory.__name__ = f"preset_{preset.name.replace('-', '_')}"
     factory.__doc__ = f"{preset.name}: {preset.architecture}, {preset.url}"
     factory.preset = preset
-    register_preset(preset.name, preset.level)(factory)
+    register_preset(preset.name, preset.level, architecture=preset.architecture, outputs=preset.outputs,
+                    architecture_module=preset.create_architecture)(factory)
 
 
 for _preset in TILE_PRESETS:

@@ -1,13 +1,14 @@
 """The preset registry: one entry per named model, as data (timm-style).
 
-A preset module calls `register_preset(...)` at import; adding a model
-touches one place.  `get_preset` and `list_models` are all callers need.
+A preset module calls `register_preset(...)` at import; the registry finds
+those modules itself (`preset_modules`), so adding a model touches one place.  `get_preset` and `list_models` are all callers need.
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from slide2vec_dask.encoders.base import EncoderSpec
 
@@ -16,15 +17,32 @@ LEVELS = ("tile", "slide", "patient")
 # name -> factory(checkpoint_path=None, output_variant=None) -> EncoderSpec
 _PRESETS: dict[str, Callable[..., EncoderSpec]] = {}
 _LEVEL: dict[str, str] = {}
+_ABOUT: dict[str, "PresetAbout"] = {}
 
 
-def register_preset(name: str, level: str = "tile"):
+@dataclass(frozen=True)
+class PresetAbout:
+    """What a preset declares about itself beyond its factory: for `slide2vec-dask models -v` and the docs.
+
+    ``outputs`` maps each output variant to its dimension (default first);
+    ``architecture_module`` builds the bare published module (called under
+    ``torch.device('meta')`` to count parameters without memory).
+    """
+
+    architecture: str
+    outputs: tuple[tuple[str, int], ...]
+    architecture_module: Callable[[], Any] | None = None
+
+
+def register_preset(name: str, level: str = "tile", *, architecture: str = "",
+                    outputs: dict | tuple | None = None, architecture_module: Callable[[], Any] | None = None):
     """Decorator registering a preset factory.
 
     Tile level: ``factory(checkpoint_path=None, output_variant=None) -> EncoderSpec``.
     Slide / patient level: ``factory(checkpoint_path=None, output_variant=None,
     tile_checkpoint_path=None) -> AggregatorSpec`` (``output_variant`` may be
     refused with a ValueError when the model has only one output).
+    ``architecture``, ``outputs`` and ``architecture_module`` describe it (`PresetAbout`).
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
@@ -36,30 +54,45 @@ def register_preset(name: str, level: str = "tile"):
             raise ValueError(f"preset {name!r} is registered twice")
         _PRESETS[key] = factory
         _LEVEL[key] = level
+        _ABOUT[key] = PresetAbout(architecture, tuple(dict(outputs or {}).items()), architecture_module)
         return factory
 
     return decorate
 
 
-PRESET_MODULES = (
-    "slide2vec_dask.encoders.presets",
-    "slide2vec_dask.encoders.aggregators.gigapath",
-    "slide2vec_dask.encoders.aggregators.titan",
-    "slide2vec_dask.encoders.aggregators.moozy",
-    "slide2vec_dask.encoders.aggregators.prism",
-)
+def preset_about(name: str) -> PresetAbout:
+    """The `PresetAbout` of a registered preset."""
+    get_preset(name)
+    return _ABOUT[name.lower()]
+
+
+# Where presets are declared: the tile table, and one module per slide / patient model in the
+# aggregators package.  The list of modules is read from the package itself, so adding a model is
+# one entry in the table or one new module there, never an edit here.
+TILE_PRESET_MODULE = "slide2vec_dask.encoders.presets"
+AGGREGATOR_PACKAGE = "slide2vec_dask.encoders.aggregators"
+_loaded = False
+
+
+def preset_modules() -> list[str]:
+    """The modules that declare presets: the tile table, then every public module of the aggregators package."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(AGGREGATOR_PACKAGE)
+    found = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    return [TILE_PRESET_MODULE] + [f"{AGGREGATOR_PACKAGE}.{name}" for name in found]
 
 
 def _load_presets() -> None:
+    global _loaded
+    if _loaded:
+        return
     import importlib
 
-    # Preset modules register themselves on import; a missing module just means no presets yet.
-    for module in PRESET_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    for module in preset_modules():  # each registers its presets on import
+        importlib.import_module(module)
+    _loaded = True
 
 
 def get_preset(name: str) -> Callable[..., EncoderSpec]:

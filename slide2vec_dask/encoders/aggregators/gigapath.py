@@ -41,7 +41,6 @@ Outputs (``output_variant``), all 768-d, each an official or published use:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,11 +48,13 @@ from typing import Any, Callable
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
 from slide2vec_dask.encoders.base import EncoderSpec, load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 NAME = "gigapath-slide"
 HUB_ID = "prov-gigapath/prov-gigapath"
 HUB_FILES = ("slide_encoder.pth",)
 URL = f"https://huggingface.co/{HUB_ID}"
+WEIGHTS = Weights(HUB_ID, HUB_FILES, gated=True, licence="Apache-2.0 (with Prov-GigaPath's conditions)")
 TILE_PRESET = "gigapath"
 TILE_SIZE_PX = 256   # official tiling: 256-px tiles at 0.5 µm/px ...
 CROP_PX = 224        # ... of which the tile encoder sees the centre 224 px
@@ -116,11 +117,7 @@ class GigaPathSlideBuilder:
     checkpoint_path: str | None = None
 
     def _weights_file(self) -> Path:
-        if self.checkpoint_path is not None:
-            return Path(self.checkpoint_path)
-        from slide2vec_dask.encoders.hub import fetch_hub_file
-
-        return fetch_hub_file(NAME, HUB_ID, HUB_FILES, gated=True)
+        return WEIGHTS.resolve(NAME, self.checkpoint_path)
 
     def __call__(self):
         import torch
@@ -163,7 +160,8 @@ def chained_tile_spec(tile_spec: EncoderSpec) -> EncoderSpec:
                                          "encoded (Prov-GigaPath's pipeline)"})
 
 
-@register_preset(NAME, level="slide")
+@register_preset(NAME, level="slide", architecture="LongNet, 12 layers, 768-d (gigapath_slide_enc12l768d)",
+                 outputs={v: 768 for v in OUTPUT_VARIANTS}, architecture_module=lambda: create_architecture())
 def preset_gigapath_slide(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """gigapath-slide: Prov-GigaPath's LongNet slide encoder (768-d) over ``gigapath`` tiles.
 
@@ -172,59 +170,19 @@ def preset_gigapath_slide(checkpoint_path=None, output_variant=None, tile_checkp
     from slide2vec_dask.encoders.registry import get_preset
 
     variant = _check_variant(output_variant)
-    if checkpoint_path is not None:
-        checkpoint_path = Path(checkpoint_path).expanduser().resolve()
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"preset {NAME!r}: checkpoint not found: {checkpoint_path}")
-    ckpt = None if checkpoint_path is None else str(checkpoint_path)
+    weights = WEIGHTS.with_checkpoint(NAME, checkpoint_path)
     tile_spec = chained_tile_spec(get_preset(TILE_PRESET)(checkpoint_path=tile_checkpoint_path))
-    digest = hashlib.sha1(repr((SEGMENT_LENGTHS, DILATIONS, SLIDE_NGRIDS, OUTPUT_VARIANTS[variant],
-                                HUB_FILES)).encode()).hexdigest()[:12]
-    source = ckpt if ckpt is not None else f"hf://{HUB_ID}"
     return AggregatorSpec(
         name=NAME,
         level="slide",
-        build=GigaPathSlideBuilder(variant, ckpt),
+        build=GigaPathSlideBuilder(variant, weights.checkpoint_path),
         tile_encoder=tile_spec,
         feature_dim=768,
         latent_dim=None,
         default_precision="fp16",  # the official pipeline runs it under fp16 autocast
-        key=f"{NAME}:{variant}:{source}:{digest}",
-        info={"hub_id": HUB_ID, "url": URL, "gated": True,
-              "licence": "Apache-2.0 (with Prov-GigaPath's conditions)",
+        key=weights.cache_key(NAME, variant, SEGMENT_LENGTHS, DILATIONS, SLIDE_NGRIDS, OUTPUT_VARIANTS[variant]),
+        info={**weights.info(),
               "architecture": "LongNet slide encoder, 12 layers, 768-d (gigapath_slide_enc12l768d)",
               "output_variant": variant, "output_variants": list(OUTPUT_VARIANTS),
-              "checkpoint_path": ckpt, "hub_files": list(HUB_FILES),
               "positions": "round(level-0 origin / tile_size_lv0) on a 1000 x 1000 grid"},
     )
-
-
-# -- test support ----------------------------------------------------------------
-def random_official_checkpoint(path, seed: int = 0) -> Path:
-    """Write a random ``slide_encoder.pth`` of the full published architecture, official format.
-
-    ``torch.save({"model": state_dict})`` with the official keys and shapes, as
-    the official ``create_model`` reads it; every tensor random (LayerNorm
-    weights near 1), so that a mis-mapped key shows in the outputs.
-    """
-    import torch
-    from torch import nn
-
-    path = Path(path)
-    with torch.device("meta"):
-        model = create_architecture()
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    norm_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen)
-        if key in norm_weights:
-            state[key] = 1.0 + 0.1 * noise
-        elif key.endswith("weight"):
-            state[key] = noise / shape[1] ** 0.5  # nn.Linear (out, in)
-        else:
-            state[key] = 0.02 * noise             # biases, cls_token
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state}, path)
-    return path

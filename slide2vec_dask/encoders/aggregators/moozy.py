@@ -19,13 +19,14 @@ not depend on slide order.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
 from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import get_preset, register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 HUB_ID = "AtlasAnalyticsLab/MOOZY"
 HUB_FILES = ("moozy.pt",)
@@ -44,8 +45,8 @@ SLIDE_CONFIG = dict(feat_dim=TILE_DIM, d_model=EMBED_DIM, n_layers=6, n_heads=12
 CASE_CONFIG = dict(d_model=EMBED_DIM, num_layers=3, num_heads=12, dim_feedforward=3072, dropout=0.1,
                    layerscale_init=1e-5, layer_drop=0.0, qk_norm=False, num_registers=0)
 
-INFO = {"hub_id": HUB_ID, "url": f"https://huggingface.co/{HUB_ID}", "gated": False, "licence": "CC-BY-NC-SA-4.0",
-        "hub_files": list(HUB_FILES), "code": "https://github.com/AtlasAnalyticsLab/MOOZY"}
+WEIGHTS = Weights(HUB_ID, HUB_FILES, gated=False, licence="CC-BY-NC-SA-4.0")
+CODE = "https://github.com/AtlasAnalyticsLab/MOOZY"
 
 
 # -- architectures from a checkpoint config ----------------------------------------------
@@ -186,11 +187,7 @@ class MoozyBuilder:
             raise ValueError("max_tokens applies to the slide encoder, not to the case transformer")
 
     def weights_file(self) -> Path:
-        if self.checkpoint_path is not None:
-            return Path(self.checkpoint_path)
-        from slide2vec_dask.encoders.hub import fetch_hub_file
-
-        return fetch_hub_file("moozy-slide" if self.part == "slide" else "moozy", HUB_ID, HUB_FILES)
+        return WEIGHTS.resolve("moozy-slide" if self.part == "slide" else "moozy", self.checkpoint_path)
 
     def __call__(self):
         path = self.weights_file()
@@ -200,18 +197,8 @@ class MoozyBuilder:
 
     @property
     def key(self) -> str:
-        source = self.checkpoint_path or f"hf://{HUB_ID}/{HUB_FILES[0]}"
-        digest = hashlib.sha1(repr((self.part, source, self.max_tokens)).encode()).hexdigest()[:12]
-        return f"moozy:{self.part}:{digest}"
-
-
-def _resolve(checkpoint_path) -> str | None:
-    if checkpoint_path is None:
-        return None
-    path = Path(checkpoint_path).expanduser().resolve()
-    if not path.exists():
-        raise FileNotFoundError(f"MOOZY checkpoint not found: {path}")
-    return str(path)
+        weights = dataclasses.replace(WEIGHTS, checkpoint_path=self.checkpoint_path)
+        return weights.cache_key(f"moozy:{self.part}", "cls", self.max_tokens)
 
 
 def _no_variant(name: str, output_variant) -> None:
@@ -221,23 +208,27 @@ def _no_variant(name: str, output_variant) -> None:
 
 def slide_spec(checkpoint_path=None, tile_checkpoint_path=None, max_tokens: int | None = None) -> AggregatorSpec:
     """The ``moozy-slide`` spec; ``max_tokens`` as in `MoozyBuilder`."""
-    builder = MoozyBuilder("slide", _resolve(checkpoint_path), max_tokens)
+    builder = MoozyBuilder("slide", WEIGHTS.with_checkpoint("moozy-slide", checkpoint_path).checkpoint_path,
+                           max_tokens)
     return AggregatorSpec(
         name="moozy-slide", level="slide", build=builder,
         tile_encoder=get_preset(TILE_PRESET)(checkpoint_path=tile_checkpoint_path),
         feature_dim=EMBED_DIM, default_precision="fp32", key=builder.key,
-        info={**INFO, "checkpoint_path": builder.checkpoint_path, "entry": SLIDE_KEY, "output": "cls",
+        info={**dataclasses.replace(WEIGHTS, checkpoint_path=builder.checkpoint_path).info(), "code": CODE,
+              "entry": SLIDE_KEY, "output": "cls",
               "architecture": "MOOZY slide encoder: ViT, 6 layers, d=768, 12 heads, 4 registers, 2-D ALiBi",
               "max_tokens": "official (by GPU memory)" if max_tokens is None else max_tokens})
 
 
-@register_preset("moozy-slide", level="slide")
+@register_preset("moozy-slide", level="slide", architecture="ViT, 6 layers, 768-d, 4 registers, 2-D ALiBi",
+                 outputs={"cls": EMBED_DIM}, architecture_module=lambda: slide_module(device="meta"))
 def moozy_slide(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     _no_variant("moozy-slide", output_variant)
     return slide_spec(checkpoint_path, tile_checkpoint_path)
 
 
-@register_preset("moozy", level="patient")
+@register_preset("moozy", level="patient", architecture="case transformer, 3 layers, 768-d, [CASE] token",
+                 outputs={"cls": EMBED_DIM}, architecture_module=lambda: case_module(device="meta"))
 def moozy(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     _no_variant("moozy", output_variant)
     slide = slide_spec(checkpoint_path, tile_checkpoint_path)
@@ -245,49 +236,6 @@ def moozy(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) 
     return AggregatorSpec(
         name="moozy", level="patient", build=builder, tile_encoder=slide.tile_encoder, feature_dim=EMBED_DIM,
         slide_encoder=slide, default_precision="fp32", key=builder.key,
-        info={**INFO, "checkpoint_path": builder.checkpoint_path, "entry": CASE_KEY, "output": "case token",
+        info={**dataclasses.replace(WEIGHTS, checkpoint_path=builder.checkpoint_path).info(), "code": CODE,
+              "entry": CASE_KEY, "output": "case token",
               "architecture": "MOOZY case transformer: 3 layers, d=768, 12 heads, LayerScale, [CASE] token"})
-
-
-# -- a random stand-in for moozy.pt -------------------------------------------------------
-def random_official_checkpoint(path: str | Path, seed: int = 0, *, slide_config: dict | None = None,
-                               case_config: dict | None = None) -> Path:
-    """Write a random ``moozy.pt``: the full published architecture, official layout and configs.
-
-    Weights are random but of a trained model's scale (LayerNorm gains near
-    1, LayerScale gammas ~0.1 rather than 1e-5, so every layer matters); the
-    ALiBi slopes are the fixed official ones (perturbed when learnable).  ``slide_config`` /
-    ``case_config`` override entries of the published configs.
-    """
-    import torch
-
-    slide_cfg = {**SLIDE_CONFIG, **(slide_config or {})}
-    case_cfg = {**CASE_CONFIG, **(case_config or {})}
-    gen = torch.Generator().manual_seed(seed)
-    from slide2vec_dask.encoders.aggregators._moozy_nn import alibi_slopes
-
-    payload = {}
-    slopes = -torch.tensor(alibi_slopes(int(slide_cfg["n_heads"])), dtype=torch.float32).unsqueeze(1)
-    if slide_cfg["learnable_alibi"]:  # trained slopes drift from their initial values
-        slopes = slopes * (1 + 0.1 * torch.randn(slopes.shape, generator=gen))
-    modules = {SLIDE_KEY: slide_module(slide_cfg, device="meta"), CASE_KEY: case_module(case_cfg, device="meta")}
-    for key, module in modules.items():
-        state = {}
-        for name, t in module.state_dict().items():
-            if name.endswith("pos_bias.slopes"):
-                value = slopes.clone()  # one module shared by every block: the same tensor under each key
-            elif name.endswith("gamma"):
-                value = 0.1 + 0.05 * torch.randn(t.shape, generator=gen)
-            elif name.endswith("norm.weight") or name.endswith(("norm1.weight", "norm2.weight")):
-                value = 1.0 + 0.1 * torch.randn(t.shape, generator=gen)
-            elif name.endswith("token") or name.endswith("tokens"):
-                value = torch.randn(t.shape, generator=gen)
-            else:
-                value = 0.02 * torch.randn(t.shape, generator=gen)
-            state[name] = value.to(torch.float32)
-        payload[key] = state
-    payload[SLIDE_CONFIG_KEY], payload[CASE_CONFIG_KEY] = slide_cfg, case_cfg
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
-    return path

@@ -28,7 +28,6 @@ The tiles carry no positions: PRISM's Perceiver sees the slide as a set, so
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,16 +36,18 @@ from pathlib import Path
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
 from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import get_preset, register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 PRISM_HUB_ID = "paige-ai/Prism"
 PRISM_HUB_FILES = ("model.safetensors",)
 PRISM_URL = f"https://huggingface.co/{PRISM_HUB_ID}"
+WEIGHTS = Weights(PRISM_HUB_ID, PRISM_HUB_FILES, gated=True, licence="CC-BY-NC-ND-4.0")
 CHECKPOINT_PREFIX = "image_resampler."
 TILE_PRESET = "virchow"
 TILE_OUTPUT_VARIANT = "cls_mean"  # Virchow v1 CLS ++ mean of patch tokens, 2560-d (PRISM model card)
 # The text side of the official file, with the shapes of its contrastive heads
 # (PrismConfig.dim_latents = 5120; BioGPT hidden size 1024): written by
-# `random_official_checkpoint` so loaders see the real file's extra keys.
+# `slide2vec_dask.testing.checkpoints.prism_checkpoint` so loaders see the real file's extra keys.
 TEXT_HEADS = {"img_to_latents.to_latents.weight": (5120, 1280),
               "text_to_latents.to_latents.weight": (5120, 1024),
               "temperature": ()}
@@ -306,45 +307,10 @@ class PrismBuilder:
     cfg: PrismConfig = PRISM_CONFIG
 
     def weights_file(self) -> Path:
-        if self.checkpoint_path is not None:
-            return Path(self.checkpoint_path)
-        from slide2vec_dask.encoders.hub import fetch_hub_file
-
-        return fetch_hub_file("prism", PRISM_HUB_ID, PRISM_HUB_FILES, gated=True)
+        return WEIGHTS.resolve("prism", self.checkpoint_path)
 
     def __call__(self):
         return load_prism(self.weights_file(), self.cfg)
-
-
-def random_official_checkpoint(path: str | Path, seed: int = 0, cfg: PrismConfig = PRISM_CONFIG) -> Path:
-    """Write random weights in the official file's format and key layout; returns ``path``.
-
-    ``model.safetensors`` layout: the full slide encoder under ``image_resampler.``
-    with one copy per shared tensor (the owner layer's key), plus the text side's
-    contrastive heads and temperature.  BioGPT's own decoder tensors (~0.35 B
-    parameters, not read by this preset) are left out to keep the file small.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"the official PRISM file is .safetensors; got {path.name!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = create_prism(cfg)
-        with torch.no_grad():
-            for sub in module.modules():
-                if isinstance(sub, torch.nn.LayerNorm):  # non-trivial norms, so a norm left unloaded shows
-                    sub.weight.normal_(1.0, 0.1)
-                    sub.bias.normal_(0.0, 0.1)
-        full = module.state_dict()
-        state = {CHECKPOINT_PREFIX + keys[0]: full[keys[0]].contiguous() for keys in shared_groups(module)}
-        for key, shape in TEXT_HEADS.items():
-            state[key] = torch.randn(shape) * 0.02 if shape else torch.tensor(2.6593)  # log(1/0.07)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return path
 
 
 # -- the preset -------------------------------------------------------------------
@@ -354,33 +320,26 @@ def prism_spec(checkpoint_path=None, output_variant=None, tile_checkpoint_path=N
     if output_variant not in (None, "default"):
         raise ValueError(f"preset 'prism' has one output (slide embedding + latents); "
                          f"output_variant must be None or 'default', got {output_variant!r}")
-    ckpt = None
-    if checkpoint_path is not None:
-        resolved = Path(checkpoint_path).expanduser().resolve()
-        if not resolved.exists():
-            raise FileNotFoundError(f"preset 'prism': checkpoint not found: {resolved}")
-        ckpt = str(resolved)
+    weights = WEIGHTS.with_checkpoint("prism", checkpoint_path)
     # Virchow's own preset is PRISM's tile stage unchanged (224 px at 0.5 µm/px, 20x).
     tile_spec = get_preset(TILE_PRESET)(checkpoint_path=tile_checkpoint_path, output_variant=TILE_OUTPUT_VARIANT)
     if tile_spec.feature_dim != cfg.context_dim:
         raise RuntimeError(f"preset 'prism' needs {cfg.context_dim}-d tile features, "
                            f"{TILE_PRESET}/{TILE_OUTPUT_VARIANT} gives {tile_spec.feature_dim}")
-    digest = hashlib.sha1(repr((cfg, PRISM_HUB_FILES, CHECKPOINT_PREFIX)).encode()).hexdigest()[:12]
-    source = ckpt if ckpt is not None else f"hf://{PRISM_HUB_ID}"
     return AggregatorSpec(
-        name="prism", level="slide", build=PrismBuilder(ckpt, cfg), tile_encoder=tile_spec,
+        name="prism", level="slide", build=PrismBuilder(weights.checkpoint_path, cfg), tile_encoder=tile_spec,
         feature_dim=cfg.latent_dim, latent_dim=cfg.latent_dim,
         default_precision="fp16",  # trained and run with fp16 autocast (model card)
-        key=f"prism:{source}:{digest}",
-        info={"hub_id": PRISM_HUB_ID, "url": PRISM_URL, "gated": True, "licence": "CC-BY-NC-ND-4.0",
+        key=weights.cache_key("prism", None, cfg, CHECKPOINT_PREFIX),
+        info={**weights.info(),
               "architecture": "Perceiver resampler (8 layers, shared weights) over Virchow v1 cls_mean tiles",
-              "checkpoint_path": ckpt, "hub_files": list(PRISM_HUB_FILES),
               "checkpoint_prefix": CHECKPOINT_PREFIX, "num_latents": cfg.latent_seq,
               "uses_coords": False},
     )
 
 
-@register_preset("prism", level="slide")
+@register_preset("prism", level="slide", architecture="Perceiver resampler (8 layers, shared weights)",
+                 outputs={"default": PRISM_CONFIG.latent_dim}, architecture_module=lambda: create_prism())
 def prism(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """prism: PRISM slide encoder (Perceiver), https://huggingface.co/paige-ai/Prism"""
     return prism_spec(checkpoint_path, output_variant, tile_checkpoint_path)

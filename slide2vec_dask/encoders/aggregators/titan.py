@@ -28,10 +28,8 @@ is per row), so memory grows with ``N``, not ``N**2``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,10 +38,12 @@ from torch import nn
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
 from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
 from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders.weights import Weights
 
 HUB_ID = "MahmoodLab/TITAN"
 HUB_FILES = ("model.safetensors",)
 URL = f"https://huggingface.co/{HUB_ID}"
+WEIGHTS = Weights(HUB_ID, HUB_FILES, gated=True, licence="CC-BY-NC-ND-4.0")
 VISION_PREFIX = "vision_encoder."
 TEXT_PREFIX = "text_encoder."
 TILE_PRESET = "conchv15"
@@ -261,12 +261,7 @@ class TitanBuilder:
 
     def __call__(self) -> TitanSlideEncoder:
         what = f"preset 'titan' ({HUB_ID})"
-        if self.checkpoint_path is not None:
-            path = Path(self.checkpoint_path)
-        else:
-            from slide2vec_dask.encoders.hub import fetch_hub_file
-
-            path = fetch_hub_file("titan", HUB_ID, HUB_FILES, gated=True)
+        path = WEIGHTS.resolve("titan", self.checkpoint_path)
         state = vision_state_dict(read_state_dict(path, what), what)
         with torch.device("meta"):
             model = TitanSlideEncoder(self.output_variant)
@@ -276,7 +271,8 @@ class TitanBuilder:
                                             "the hub.")
 
 
-@register_preset("titan", level="slide")
+@register_preset("titan", level="slide", architecture="ViT (6 x 768, 12 heads), 2D ALiBi, CoCa attentional poolers",
+                 outputs=OUTPUTS, architecture_module=lambda: TitanSlideEncoder())
 def titan(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """TITAN: 768-d slide embedding over CONCH v1.5 tiles (512 px at 20x, resized to 448)."""
     from slide2vec_dask.encoders.registry import get_preset
@@ -285,85 +281,12 @@ def titan(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) 
     if variant not in OUTPUTS:
         raise ValueError(f"preset 'titan' has no output_variant {variant!r}; choose one of {list(OUTPUTS)} "
                          "(default 'default')")
-    ckpt = None
-    if checkpoint_path is not None:
-        resolved = Path(checkpoint_path).expanduser().resolve()
-        if not resolved.exists():
-            raise FileNotFoundError(f"preset 'titan': checkpoint not found: {resolved}")
-        ckpt = str(resolved)
+    weights = WEIGHTS.with_checkpoint("titan", checkpoint_path)
     tile = get_preset(TILE_PRESET)(checkpoint_path=tile_checkpoint_path)
     tile = dataclasses.replace(tile, spacing_um=TILE_SPACING_UM, tile_size_px=TILE_SIZE_PX)
-    builder = TitanBuilder(ckpt, variant)
-    digest = hashlib.sha1(repr((builder, IN_DIM, EMBED_DIM, DEPTH, NUM_HEADS, POOL_QUERIES)).encode()).hexdigest()[:12]
     return AggregatorSpec(
-        name="titan", level="slide", build=builder, tile_encoder=tile, feature_dim=OUTPUTS[variant],
-        latent_dim=EMBED_DIM, default_precision="fp16", key=f"titan:{variant}:{digest}",
-        info={"hub_id": HUB_ID, "url": URL, "gated": True, "licence": "CC-BY-NC-ND-4.0",
-              "architecture": "ViT (6 x 768, 12 heads) with 2D ALiBi + CoCa attentional poolers",
-              "output_variant": variant, "checkpoint_path": ckpt, "hub_files": list(HUB_FILES),
-              "latents": "the 128 attn_pool (caption) tokens"})
-
-
-# -- random checkpoints in the official layout (tests, integration) ---------------------------
-def _text_shapes() -> dict[str, tuple[int, ...]]:
-    w, n = TEXT["width"], TEXT["layers"]
-    hidden = int(w * TEXT["mlp_ratio"])
-    shapes = {"token_embedding.weight": (TEXT["vocab_size"], w),
-              "positional_embedding": (TEXT["context_length"] + 1, w), "cls_emb": (w,),
-              "ln_final.weight": (w,), "ln_final.bias": (w,), "text_projection": (w, w)}
-    for i in range(n):
-        p = f"transformer.resblocks.{i}."
-        shapes.update({p + "ln_1.weight": (w,), p + "ln_1.bias": (w,), p + "attn.in_proj_weight": (3 * w, w),
-                       p + "attn.in_proj_bias": (3 * w,), p + "attn.out_proj.weight": (w, w),
-                       p + "attn.out_proj.bias": (w,), p + "ln_2.weight": (w,), p + "ln_2.bias": (w,),
-                       p + "mlp.c_fc.weight": (hidden, w), p + "mlp.c_fc.bias": (hidden,),
-                       p + "mlp.c_proj.weight": (w, hidden), p + "mlp.c_proj.bias": (w,)})
-    return shapes
-
-
-def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    t = torch.empty(shape)
-    leaf = name.rsplit(".", 2)[-2] if name.count(".") else ""
-    if len(shape) == 1 and name.endswith("weight") and ("norm" in leaf or leaf.startswith("ln")):
-        return t.normal_(1.0, 0.1, generator=gen)  # LayerNorm scale
-    if len(shape) >= 2:  # fan-in scaling: a conv kernel's fan-in is all but its first axis
-        return t.normal_(0.0, (math.prod(shape[1:]) if len(shape) == 4 else shape[-1]) ** -0.5, generator=gen)
-    return t.normal_(0.0, 0.1, generator=gen)
-
-
-def random_official_checkpoint(path: str | Path, seed: int = 0) -> Path:
-    """Write a random ``model.safetensors`` of TITAN in the hub's key layout (vision + text); its path.
-
-    ``path`` is the file, or a directory to hold ``model.safetensors``.  The text tower's
-    layout is open_clip's TextTransformer with TITAN's ``text_config`` (it is never loaded here).
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / HUB_FILES[0]
-    with torch.device("meta"):
-        vision = {k: tuple(v.shape) for k, v in TitanSlideEncoder().state_dict().items()}
-    shapes = {VISION_PREFIX + k: s for k, s in vision.items()}
-    shapes.update({TEXT_PREFIX + k: s for k, s in _text_shapes().items()})
-    gen = torch.Generator().manual_seed(seed)
-    save_file({k: _random_tensor(k, s, gen) for k, s in shapes.items()}, str(path), metadata={"format": "pt"})
-    return path
-
-
-def random_conchv15_checkpoint(path: str | Path, seed: int = 0, depth: int = 24) -> Path:
-    """Write a random CONCH v1.5 state dict (``torch.save``, the hub's ``.bin`` layout, 224 px grid).
-
-    ``depth`` < 24 writes a shallow twin for ``get_tile_preset('conchv15').with_kwargs(depth=...)``.
-    """
-    from slide2vec_dask.encoders.presets import get_tile_preset
-
-    preset = get_tile_preset(TILE_PRESET)
-    if depth != 24:
-        preset = preset.with_kwargs(depth=depth)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in preset.create_architecture().state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
-    path = Path(path)
-    torch.save({k: _random_tensor(k, s, gen) for k, s in shapes.items()}, path)
-    return path
+        name="titan", level="slide", build=TitanBuilder(weights.checkpoint_path, variant), tile_encoder=tile,
+        feature_dim=OUTPUTS[variant], latent_dim=EMBED_DIM, default_precision="fp16",
+        key=weights.cache_key("titan", variant, IN_DIM, EMBED_DIM, DEPTH, NUM_HEADS, POOL_QUERIES),
+        info={**weights.info(), "architecture": "ViT (6 x 768, 12 heads) with 2D ALiBi + CoCa attentional poolers",
+              "output_variant": variant, "latents": "the 128 attn_pool (caption) tokens"})

@@ -8,7 +8,9 @@ generic or OME pyramidal TIFFs (:func:`write_tiff`), user tissue-mask files
 built from real tissue (:func:`real_tissue_source`).
 
 Only numpy, tifffile, imagecodecs and pillow are needed, so importing this
-module stays cheap.
+module stays cheap.  Random model checkpoints in each publisher's key layout
+(and a pre-filled offline Hugging Face cache) are in
+`slide2vec_dask.testing.checkpoints`, which imports torch when it runs.
 """
 
 from __future__ import annotations
