@@ -16,6 +16,8 @@ from typing import Any, Mapping
 BACKENDS = ("auto", "tifffile", "openslide", "cucim", "vips", "asap")
 PRECISIONS = ("fp16", "bf16", "fp32")
 SEGMENTATION_METHODS = ("hsv", "otsu", "threshold")
+# Per-slide files written next to the store (see slide2vec_dask.exporters, one module each).
+OUTPUT_FORMATS = ("pt", "npz", "trident-h5", "clam-h5", "stamp-h5", "anndata", "spatialdata", "geojson")
 
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "method": "hsv",
@@ -165,7 +167,7 @@ class ExecutionOptions:
     prefetch_factor: int = 4
     persistent_workers: bool = True
     output_dir: str | Path | None = None
-    output_format: str | None = None
+    output_format: str | tuple[str, ...] | None = None   # one name or several; kept as a tuple
     save_tile_embeddings: bool = False
     save_slide_embeddings: bool = False
     save_latents: bool = False
@@ -182,8 +184,13 @@ class ExecutionOptions:
             raise ValueError(f"num_gpus must be an integer >= 0, got {self.num_gpus!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
-        if self.output_format is not None and self.output_format not in ("pt", "npz"):
-            raise ValueError(f"output_format must be 'pt', 'npz' or None, got {self.output_format!r}")
+        if self.output_format is not None:
+            given = self.output_format
+            names = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()
+            if not names or any(n not in OUTPUT_FORMATS for n in names):
+                raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, a list of them, or None; "
+                                 f"got {given!r}")
+            object.__setattr__(self, "output_format", tuple(dict.fromkeys(names)))
         if self.scheduler_address is not None and not str(self.scheduler_address).startswith(("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")):
             raise ValueError(f"scheduler_address must look like 'tcp://host:port', got {self.scheduler_address!r}")
 

@@ -47,6 +47,10 @@ class Pipeline:
                              "save_slide_embeddings is for patient-level models")
         if ex.save_latents and model.slide_spec.latent_dim is None:
             raise ValueError(f"save_latents=True but {model.slide_spec.name!r} has no latents")
+        if ex.output_format:
+            from slide2vec_dask.exporters import check_available
+
+            check_available(ex.output_format)   # a missing extra fails here, not on the first finished slide
         self.client = client
 
     # -- entry points ------------------------------------------------------
@@ -156,12 +160,26 @@ class Pipeline:
                     driver.run(todo, aggregate, resolved)
                 finally:
                     reporter.close()
+            self._refresh_exports(store, outcomes)
         finally:
             if cluster is not None:
                 client.close()
                 cluster.close()
             writer.write()
         return self._result(store, outcomes, process_list)
+
+    def _refresh_exports(self, store, outcomes: dict) -> None:
+        """Reruns make what is missing: the exports of slides complete in the store (a format newly
+        asked for, a file deleted or made from an older group) are written from it, nothing embedded."""
+        from slide2vec_dask.dataflow.tasks import export_task
+
+        formats, ex = self.execution.output_format, self.execution
+        if not formats or not (self.model.level == "tile" or ex.save_tile_embeddings):
+            return
+        complete = store.finished_slides()
+        for o in outcomes.values():
+            if o.status == "skipped" and o.sample_id in complete:
+                o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
 
     def _stages(self):
         from slide2vec_dask.dataflow.stages import Stages
@@ -259,8 +277,7 @@ class Pipeline:
             dim = int(self.model.slide_spec.feature_dim)
             for o in done:
                 if o.sample_id in rows:
-                    path = o.slide_flat_path or (store.export_row("slide", o.sample_id, store.output_dir,
-                                                                  ex.output_format) if ex.output_format else None)
+                    path = o.slide_flat_path or _row_flat(store, "slide", o.sample_id, ex.output_format)
                     slide_artifacts.append(SlideArtifact(o.sample_id, dim, store.path, store.table_group("slide"),
                                                          Path(path) if path else None, has_latents=ex.save_latents))
         if level == "patient":
@@ -270,9 +287,8 @@ class Pipeline:
                 by_patient.setdefault(o.patient_id, []).append(o)
             for p, members in by_patient.items():
                 if p in have and all(o.ok for o in members):
-                    path = next((o.patient_flat_path for o in members if o.patient_flat_path), "") or (
-                        store.export_row("patient", p, store.output_dir, ex.output_format)
-                        if ex.output_format else None)
+                    path = next((o.patient_flat_path for o in members if o.patient_flat_path), "") or \
+                        _row_flat(store, "patient", p, ex.output_format)
                     patient_artifacts.append(PatientArtifact(p, [o.sample_id for o in members],
                                                              int(self.model.feature_dim), store.path,
                                                              store.table_group("patient"),
@@ -309,6 +325,13 @@ class _ProcessList:
         tmp.replace(self.path)
         self.last = time.monotonic()
         self.cost = self.last - start
+
+
+def _row_flat(store, level: str, key: str, formats) -> str | None:
+    """A row of an earlier run: its exports (written when missing or stale); slide2vec's flat file first."""
+    from slide2vec_dask.dataflow.tasks import row_exports
+
+    return row_exports(store, level, key, formats)["flat_path"] or None if formats else None
 
 
 def _version() -> str:
