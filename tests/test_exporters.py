@@ -175,8 +175,9 @@ def test_spatialdata_layout_matches_the_store(run, slides, tmp_path):
         assert (linkage["region"], linkage["region_key"], linkage["instance_key"]) == ("tiles", "library_id", "tile_id")
 
 
-def test_spatialdata_and_wsidata_open_the_export(run, slides, tmp_path):
-    """The consumers themselves (installed where their pins allow; see the README)."""
+def test_spatialdata_wsidata_and_lazyslide_open_the_export(run, slides, tmp_path):
+    """The consumers themselves, where installed (not in the test extra: spatialdata pins an older
+    Dask; checked with spatialdata 0.7.3, wsidata 0.12.0, lazyslide 0.13.0 in a separate environment)."""
     sd = pytest.importorskip("spatialdata")
     export(run, "spatialdata", dest=tmp_path)
     slide = slides[0]
@@ -193,6 +194,11 @@ def test_spatialdata_and_wsidata_open_the_export(run, slides, tmp_path):
     assert (spec.height, spec.base_height, spec.ops_level, spec.mpp) == (224, 448, 1, 0.5)
     assert wsi.tables["pooled-linear_tiles"].shape == ds.embedding.shape
     assert len(wsi.shapes["tiles"]) == ds.sizes["tile"]
+    zs = pytest.importorskip("lazyslide")
+    wsi = zs.open_wsi(slide["image_path"], store=str(tmp_path / "spatialdata" / f"{sid}.zarr"))
+    zs.tl.feature_aggregation(wsi, feature_key="pooled-linear", encoder="mean")   # finds {model}_tiles itself
+    np.testing.assert_allclose(np.asarray(wsi["pooled-linear_tiles"].varm["agg_slide"]).ravel(),
+                               ds.embedding.values.mean(axis=0), rtol=1e-6)
 
 
 def _inside(px: float, py: float, rings) -> bool:
