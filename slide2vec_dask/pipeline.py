@@ -179,7 +179,10 @@ class Pipeline:
         complete = store.finished_slides()
         for o in outcomes.values():
             if o.status == "skipped" and o.sample_id in complete:
-                o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
+                try:
+                    o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
+                except (OSError, RuntimeError, ValueError) as exc:   # its embeddings stay; the row says why
+                    o.fail(exc)
 
     def _stages(self):
         from slide2vec_dask.dataflow.stages import Stages

@@ -285,13 +285,16 @@ def test_current_files_are_skipped_deleted_and_stale_ones_rewritten(slides, clus
         np.testing.assert_array_equal(f["feats"][:], stored(out, "a").embedding.values)
 
 
-def test_bad_names_and_missing_extras_are_clear(run, monkeypatch):
+def test_bad_names_and_missing_extras_are_clear(run, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="output_format must be one of"):
         ExecutionOptions(output_format=["pt", "h5"])
     with pytest.raises(ValueError, match="unknown output format"):
         export(run, "parquet")
     with pytest.raises(ValueError, match="not in the store"):
         export(run, "pt", samples=["nope"])
+    (tmp_path / "geojson").write_text("a file where the folder goes")
+    with pytest.raises(RuntimeError, match="a: writing its geojson export .*a.geojson failed"):
+        export(run, "geojson", dest=tmp_path)
     monkeypatch.setitem(sys.modules, "h5py", None)
     with pytest.raises(ImportError, match=r"slide2vec-dask\[h5\]"):
         export(run, "trident-h5")

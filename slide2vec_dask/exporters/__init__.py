@@ -34,7 +34,7 @@ FORMATS = OUTPUT_FORMATS
 _MODULES = {"trident-h5": "trident_h5", "clam-h5": "clam_h5", "stamp-h5": "stamp_h5", "anndata": "anndata_",
             "spatialdata": "spatialdata_", "geojson": "geojson"}
 
-__all__ = ["FORMATS", "check_available", "export", "export_slide", "export_row", "formats_of", "stale_slides"]
+__all__ = ["FORMATS", "check_available", "export", "export_slide", "export_row", "formats_of"]
 
 
 def formats_of(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -98,39 +98,17 @@ def _one(exporter, fmt: str, src, dest: Path, force: bool, tiles: bool) -> list[
     if not files:
         return []
     if force or not is_current(files, src.source_id, fmt, exporter.LAYOUT):
-        forget(files)
-        (exporter.write_tiles if tiles else exporter.write_row)(src, files)
-        record(files, src.source_id, fmt, exporter.LAYOUT)
+        try:
+            forget(files)
+            (exporter.write_tiles if tiles else exporter.write_row)(src, files)
+            record(files, src.source_id, fmt, exporter.LAYOUT)
+        except ImportError:
+            raise
+        except Exception as exc:
+            name = src.sample_id if tiles else src.key
+            raise RuntimeError(f"{name}: writing its {fmt} export {files[0]} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
     return files
-
-
-def stale_slides(store, sample_ids: Iterable[str], formats: Iterable[str], dest=None) -> list[str]:
-    """Which finished slides lack a current tile export in one of ``formats`` (cheap: sidecars only)."""
-    formats = formats_of(tuple(formats))
-    out = []
-    for sid in sample_ids:
-        src = TileSource.open(store, sid)
-        for fmt in formats:
-            ex = _exporter(fmt)
-            files = ex.tile_files(src, _dest(store, dest))
-            if files and not is_current(files, src.source_id, fmt, ex.LAYOUT):
-                out.append(sid)
-                break
-    return out
-
-
-def stale_rows(store, level: str, keys: Iterable[str], formats: Iterable[str], dest=None) -> list[str]:
-    formats = formats_of(tuple(formats))
-    out = []
-    for key in keys:
-        src = RowSource.open(store, level, key)
-        for fmt in formats:
-            ex = _exporter(fmt)
-            files = ex.row_files(src, _dest(store, dest))
-            if files and not is_current(files, src.source_id, fmt, ex.LAYOUT):
-                out.append(key)
-                break
-    return out
 
 
 def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequence[str] | None = None,
