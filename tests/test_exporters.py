@@ -437,3 +437,36 @@ def test_killed_run_leaves_no_partial_export_and_rerun_completes(slides, tmp_pat
         assert (h5_dir / f"{sid}.h5").exists() and (out / "spatialdata" / f"{sid}.zarr").exists()
         check(sid)
     assert not [p for p in h5_dir.iterdir() if p.name.endswith(".tmp")]   # a dead writer's temporaries swept
+
+
+def test_slide_and_patient_rows_where_the_format_has_a_place(run, tmp_path):
+    """Rows written by the store's own worker-side call, as a slide / patient model's tasks do."""
+    h5py = pytest.importorskip("h5py")
+    import shutil
+
+    from slide2vec_dask.store import EmbeddingStore
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    store = EmbeddingStore(out)
+    rng = np.random.default_rng(3)
+    slide_rows = {sid: rng.standard_normal(32).astype(np.float32) for sid in ("a", "b")}
+    for sid, vec in slide_rows.items():
+        store.write_row("slide", sid, vec, None, {"model": "mean-slide"})
+    patient = rng.standard_normal(32).astype(np.float32)
+    store.write_row("patient", "p1", patient, None, {"model": "mean-patient", "sample_ids": ["a", "b"]})
+    paths = export(out, ["trident-h5", "stamp-h5", "npz", "geojson"], samples=["a", "b"])
+    for sid, vec in slide_rows.items():
+        with h5py.File(out / "trident" / "20x_224px_0px_overlap" / "slide_features_mean-slide" / f"{sid}.h5") as f:
+            assert f["features"].shape == (32,)
+            np.testing.assert_array_equal(f["features"][:], vec)
+        with h5py.File(out / "stamp" / "mean-slide" / "slide" / f"{sid}.h5") as f:
+            np.testing.assert_array_equal(f["feats"][:], vec)
+            assert f.attrs["feat_type"] == "slide"
+        np.testing.assert_array_equal(np.load(out / "slide_embeddings" / f"{sid}.npz")["embedding"], vec)
+    with h5py.File(out / "stamp" / "mean-patient" / "patient" / "p1.h5") as f:
+        np.testing.assert_array_equal(f["feats"][:], patient)
+        assert f.attrs["feat_type"] == "patient"
+    np.testing.assert_array_equal(np.load(out / "patient_embeddings" / "p1.npz")["embedding"], patient)
+    assert not (out / "geojson" / "c.geojson").exists()   # only the samples asked for
+    assert not any("trident" in p.parts and "p1" in p.name for p in paths)   # TRIDENT has no patients
