@@ -211,26 +211,49 @@ def _inside(px: float, py: float, rings) -> bool:
     return inside
 
 
+def _drawn(polygons, shape, step):
+    """Which cells of a (rows, cols) grid of ``step``-px cells the polygons cover, at each cell centre."""
+    return np.array([[any(_inside((c + 0.5) * step, (r + 0.5) * step, p) for p in polygons)
+                      for c in range(shape[1])] for r in range(shape[0])])
+
+
 def test_geojson_tiles_and_tissue(run, slides, tmp_path):
     export(run, "geojson", dest=tmp_path)
     for slide in slides:
         sid, ds = slide["sample_id"], stored(run, slide["sample_id"])
         doc = json.loads((tmp_path / "geojson" / f"{sid}.geojson").read_text())
-        assert doc["type"] == "FeatureCollection"
+        assert doc["type"] == "FeatureCollection" and doc["properties"]["tissue_drawn_from"] == "tissue mask"
         tiles = [f for f in doc["features"] if f["properties"]["objectType"] == "tile"]
         assert [t["properties"]["tile_id"] for t in tiles] == list(range(ds.sizes["tile"]))
         for t, x, y in zip(tiles, ds.x.values, ds.y.values):
             assert t["geometry"]["coordinates"] == [[[x, y], [x + 448, y], [x + 448, y + 448], [x, y + 448], [x, y]]]
-        # Tissue: the outline of the plan's cells holding tissue, checked at every cell centre.
-        with np.load(run / "coordinates" / f"{sid}.npz") as plan:
-            tissue = plan["tissue_fraction"] > 0
+        # Tissue: the slide's tissue rectangles exactly (they are aligned to the 64x segmentation
+        # pixels), checked at the centre of every segmentation pixel.
         polygons = [f["geometry"]["coordinates"] for f in doc["features"]
                     if f["properties"]["objectType"] == "annotation"]
-        assert polygons
-        step = 448   # grid cell = one tile: 224 px at level 1 of a 0.25 µm/px slide
-        drawn = np.array([[any(_inside((c + 0.5) * step, (r + 0.5) * step, p) for p in polygons)
-                           for c in range(tissue.shape[1])] for r in range(tissue.shape[0])])
-        np.testing.assert_array_equal(drawn, tissue)
+        h, w, rects = SHAPES[sid]
+        expected = testing.tissue_mask(h // 64, w // 64, [tuple(v // 64 for v in r) for r in rects])
+        np.testing.assert_array_equal(_drawn(polygons, expected.shape, 64), expected)
+        assert len(polygons) == len(rects)   # b's two rectangles touch at a corner only: two pieces
+
+
+def test_geojson_tissue_falls_back_to_the_tile_grid(run, slides, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    moved = Path(slides[0]["image_path"]).with_suffix(".moved")
+    os.rename(slides[0]["image_path"], moved)
+    try:
+        export(out, "geojson", samples=["a"])
+    finally:
+        os.rename(moved, slides[0]["image_path"])
+    doc = json.loads((out / "geojson" / "a.geojson").read_text())
+    assert doc["properties"]["tissue_drawn_from"] == "tile grid"
+    with np.load(out / "coordinates" / "a.npz") as plan:
+        tissue = plan["tissue_fraction"] > 0
+    polygons = [f["geometry"]["coordinates"] for f in doc["features"] if f["properties"]["objectType"] == "annotation"]
+    np.testing.assert_array_equal(_drawn(polygons, tissue.shape, 448), tissue)   # one cell = one 448-px tile
 
 
 def test_outline_of_random_masks():

@@ -17,24 +17,19 @@ def outline(mask: np.ndarray) -> list[list[list[tuple[int, int]]]]:
     holes the other way; cells that touch only at a corner are separate polygons.
     """
     mask = np.asarray(mask, dtype=bool)
-    padded = np.pad(mask, 1)
+    p = np.pad(mask, 1)
+    inner = p[1:-1, 1:-1]
     edges: dict[tuple[int, int], list[tuple[int, int]]] = {}
-
-    def add(a, b):
-        edges.setdefault(a, []).append(b)
-
-    rows, cols = np.nonzero(mask)
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        p = padded[r + 1 - 1 : r + 1 + 2, c + 1 - 1 : c + 1 + 2]
-        # tissue on the right of each directed edge, walking y-down screen coordinates clockwise
-        if not p[0, 1]:
-            add((c, r), (c + 1, r))            # top, left to right
-        if not p[1, 2]:
-            add((c + 1, r), (c + 1, r + 1))    # right, downwards
-        if not p[2, 1]:
-            add((c + 1, r + 1), (c, r + 1))    # bottom, right to left
-        if not p[1, 0]:
-            add((c, r + 1), (c, r))            # left, upwards
+    # Boundary sides only (numpy finds them; the loop below runs over the perimeter, not the area),
+    # directed with tissue on the right when walking y-down screen coordinates clockwise.
+    sides = ((inner & ~p[:-2, 1:-1], (0, 0), (1, 0)),    # top: left to right
+             (inner & ~p[1:-1, 2:], (1, 0), (1, 1)),     # right: downwards
+             (inner & ~p[2:, 1:-1], (1, 1), (0, 1)),     # bottom: right to left
+             (inner & ~p[1:-1, :-2], (0, 1), (0, 0)))    # left: upwards
+    for where, (ax, ay), (bx, by) in sides:
+        rows, cols = np.nonzero(where)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            edges.setdefault((c + ax, r + ay), []).append((c + bx, r + by))
     rings = []
     while edges:
         start = next(iter(edges))
@@ -50,14 +45,28 @@ def outline(mask: np.ndarray) -> list[list[list[tuple[int, int]]]]:
             if here == start:
                 break
         rings.extend(_simplify(r) for r in _split(ring))
-    outers = sorted((r for r in rings if _area(r) > 0), key=_area)   # smallest first: the innermost wins
-    polygons = {id(o): [o] for o in outers}
-    for hole in (r for r in rings if _area(r) < 0):
-        probe = _probe(hole)
-        owner = next((o for o in outers if _inside(probe, o)), None)
-        if owner is not None:
-            polygons[id(owner)].append(hole)
-    return [polygons[id(o)] for o in sorted(outers, key=lambda r: (min(p[1] for p in r), min(p[0] for p in r)))]
+    # Each ring bounds one 4-connected piece of tissue: the cell on the right of its first edge says which.
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(mask)
+    polygons: dict[int, list] = {}
+    holes: list[tuple[int, list]] = []
+    for ring in rings:
+        piece = int(labels[_right_cell(ring)])
+        if _area(ring) > 0:
+            polygons[piece] = [ring]
+        else:
+            holes.append((piece, ring))
+    for piece, ring in holes:
+        polygons[piece].append(ring)
+    return [polygons[k] for k in sorted(polygons)]   # label order: row-major by first cell
+
+
+def _right_cell(ring) -> tuple[int, int]:
+    """(row, col) of the tissue cell on the right of the ring's first edge."""
+    (x0, y0), (x1, y1) = ring[0], ring[1]
+    dx, dy = np.sign(x1 - x0), np.sign(y1 - y0)
+    return int(np.floor(y0 + dy * 0.5 + dx * 0.5)), int(np.floor(x0 + dx * 0.5 - dy * 0.5))
 
 
 def _split(ring):
@@ -97,20 +106,3 @@ def _area(ring) -> float:
     x = np.array([p[0] for p in ring], dtype=float)
     y = np.array([p[1] for p in ring], dtype=float)
     return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
-
-
-def _probe(ring):
-    """A point in the empty cell beside a hole's first edge (tissue is on the edge's right)."""
-    (x0, y0), (x1, y1) = ring[0], ring[1]
-    mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-    dx, dy = np.sign(x1 - x0), np.sign(y1 - y0)
-    return mx + 0.5 * dy, my - 0.5 * dx
-
-
-def _inside(pt, ring) -> bool:
-    x, y = pt
-    inside = False
-    for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):
-        if (y0 > y) != (y1 > y) and x < x0 + (y - y0) * (x1 - x0) / (y1 - y0):
-            inside = not inside
-    return inside

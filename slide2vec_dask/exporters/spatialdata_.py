@@ -5,7 +5,7 @@ wsidata keep a slide's analysis, so ``wsidata.open_wsi(slide, store=<this>)`` fi
 
     <dest>/spatialdata/<sample_id>.zarr
         shapes/tiles                  one level-0 square per tile (index = tile_id, store order)
-        shapes/tissues                the tissue cells' outline (see `geojson`), when the plan is there
+        shapes/tissues                the tissue mask's outline (see `geojson`), when the plan is there
         tables/<encoder>_tiles        the features table of `anndata_`: region "tiles",
                                       region_key "library_id", instance_key "tile_id"
         attrs: tile_spec {"tiles": wsidata TileSpec}, slide2vec_dask (the store's attrs)
@@ -71,7 +71,7 @@ def write_tiles(src: TileSource, files: list[Path]) -> None:
     import zarr
 
     adata = anndata_.table(src, NAME)
-    tissues = tissue_polygons(src)
+    tissues, _ = tissue_polygons(src)
     name = table_name(src)
     meta = {k: v for k, v in src.attrs.items() if k != "complete"}
 
