@@ -7,7 +7,9 @@ lists the presets; ``export`` writes a finished run in other tools' formats.
 
 Exit codes: 0 when every slide succeeded or was skipped, 1 when any slide
 failed (the summary names them; ``process_list.csv`` has the errors), 2 for
-usage and configuration errors, reported before any work starts.
+usage and configuration errors, reported before any work starts, 3 when the
+output folder cannot be used (a file, not writable, full, or held by another
+run), 130 when interrupted.
 
 Importing this module is cheap (argparse only): PyYAML, torch, timm and Dask
 load inside the commands that need them, so ``--help`` answers at once.
@@ -23,7 +25,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 PROG = "slide2vec-dask"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = ("exit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error, "
+              "3 output folder unusable (a file, read-only, full, or in use by another run), 130 interrupted")
 
 SECTIONS = ("manifest", "model", "preprocessing", "execution", "cluster")
 PRESET_KEYS = ("preset", "checkpoint_path", "output_variant", "tile_checkpoint_path")
@@ -416,8 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Whole-slide images to tile embeddings with pathology foundation models, on Dask.",
-        epilog="exit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error. "
-               f"'{PROG} COMMAND --help' tells more.")
+        epilog=f"{EXIT_CODES}. '{PROG} COMMAND --help' tells more.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -436,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                "cluster ({kind: local|slurm|k8s|tcp://..., wait_for_workers, wait_timeout,\n"
                "slurm: {slurm_cluster options}, k8s: {kubernetes_cluster options}}).\n\n"
                "example config:\n" + "".join("  " + line for line in SAMPLE_CONFIG.splitlines(True)) +
-               "\nexit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error")
+               "\n" + EXIT_CODES)
     run.add_argument("config", metavar="CONFIG.yaml", help="the run configuration")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="settings that replace the file's")
     run.add_argument("--cluster", metavar="KIND", help="local (default), slurm, k8s, or a scheduler address "
@@ -450,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed every slide of a manifest CSV (sample_id,image_path[,mask_path,spacing_at_level_0]) "
                     "into DIR/embeddings.zarr; DIR/process_list.csv records each slide's outcome. "
                     "Slides already complete in the store are skipped.",
-        epilog="exit codes: 0 all slides succeeded or were skipped, 1 some slide failed, 2 usage/config error")
+        epilog=EXIT_CODES)
     embed.add_argument("--manifest", required=True, metavar="M.csv", help="the slides (CSV)")
     which = embed.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", metavar="PRESET", help=f"a preset name (see '{PROG} models')")
@@ -509,6 +512,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError, NotImplementedError, ConnectionError) as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (RuntimeError, OSError) as exc:
+        from slide2vec_dask.store.output_dir import RunEnvironmentError, describe_os_error
+
+        if isinstance(exc, RunEnvironmentError):
+            print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        elif isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"{PROG} {args.command}: error: {describe_os_error(exc)}{where}", file=sys.stderr)
+        else:
+            raise
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,7 +1,10 @@
 """Validated run configuration: how slides are tiled, and how the work runs.
 
-Both dataclasses check their values at construction, so a typo fails before
-any slide is opened.  Fields that belong to a capability this release does
+Both dataclasses check every value at construction — its type (a boolean is
+``True``/``False``, never ``"flase"``; a number is a number), its range, and
+each key of the dict-valued options — so the Python API, YAML files and CLI
+overrides (all of which build these classes) refuse a typo before any
+cluster starts or any file is touched.  Fields that belong to a capability this release does
 not have yet raise ``NotImplementedError`` when set, never silently ignored.
 """
 
@@ -43,21 +46,124 @@ PREVIEW_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merged(name: str, given: Mapping[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
+# Ranges every option is held to.  Spacings: what any scanner or pyramid level can mean
+# (the readers' plausibility rule for level 0 is the same); tiles: below 16 px no model
+# sees anything, above 4096 px a tile is a region.
+SPACING_RANGE_UM = (0.01, 100.0)
+TILE_SIZE_RANGE_PX = (16, 4096)
+REGION_SIZE_MAX_PX = 16384
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A real boolean: ``"flase"``, ``"no"`` or ``1`` are refused, never taken as true."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {value!r} ({_type_name(value)})")
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None,
+              optional: bool = False) -> int | None:
+    import numpy as np
+
+    if value is None and optional:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer{_range(low, high)}, got {value!r} ({_type_name(value)})")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer{_range(low, high)}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                 optional: bool = False, low_open: bool = False, high_open: bool = False) -> float | None:
+    import numpy as np
+
+    if value is None and optional:
+        return None
+    ok = (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float, np.integer, np.floating))
+          and math.isfinite(value))
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        span = _range(low, high, low_open, high_open)
+        raise ValueError(f"{name} must be a number{span}, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple, optional: bool = False) -> Any:
+    if (value is None and optional) or (isinstance(value, str) and value in choices):
+        return value
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}" + (" or None" if optional else "")
+                     + f", got {value!r}")
+
+
+def check_path(name: str, value: Any, optional: bool = True) -> Path | None:
+    import os
+
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or str(value) == "":
+        raise ValueError(f"{name} must be a path, got {value!r} ({_type_name(value)})")
+    return value
+
+
+def _range(low, high, low_open: bool = False, high_open: bool = False) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def _grey(name: str, value: Any) -> Any:
+    return check_number(name, value, 0, 255)
+
+
+# key -> check, for the dict-valued options: every key typed and ranged.
+_SEGMENTATION_CHECKS = {
+    "method": lambda n, v: check_choice(n, v, SEGMENTATION_METHODS),
+    "downsample": lambda n, v: check_number(n, v, 1, 4096),
+    "sthresh": lambda n, v: check_int(n, v, 0, 255),
+    "mthresh": lambda n, v: check_int(n, v, 0, 255),
+    "close": lambda n, v: check_int(n, v, 0, 255),
+    "threshold": lambda n, v: check_number(n, v, 0, 256),   # 256: every pixel is tissue
+}
+_FILTERING_CHECKS = {
+    "ref_tile_size": lambda n, v: check_int(n, v, 1, TILE_SIZE_RANGE_PX[1]),
+    "a_t": lambda n, v: check_number(n, v, 0),
+    "filter_white": check_bool,
+    "filter_black": check_bool,
+    "white_threshold": _grey,
+    "black_threshold": _grey,
+    "fraction_threshold": lambda n, v: check_number(n, v, 0, 1),
+}
+_PREVIEW_CHECKS = {
+    "save_mask_preview": check_bool,
+    "save_tiling_preview": check_bool,
+    "downsample": lambda n, v: check_number(n, v, 1, 4096),
+}
+
+
+def _merged(name: str, given: Mapping[str, Any] | None, defaults: dict[str, Any],
+            checks: dict[str, Any]) -> dict[str, Any]:
+    if given is not None and not isinstance(given, Mapping):
+        raise ValueError(f"{name} must be a mapping of keys to values, got {given!r} ({_type_name(given)})")
     given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(set(given) - set(defaults), key=str)
     if unknown:
         raise ValueError(f"{name}: unknown key(s) {unknown}; known keys are {sorted(defaults)}")
-    return {**defaults, **given}
-
-
-def _positive(name: str, value: float | None, *, integer: bool = False) -> None:
-    if value is None:
-        return
-    if integer and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be positive, got {value!r}")
+    merged = {**defaults, **given}
+    return {key: checks[key](f"{name}.{key}", value) for key, value in merged.items()}
 
 
 @dataclass(frozen=True)
@@ -85,26 +191,18 @@ class PreprocessingConfig:
     spacing_tolerance: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        _positive("requested_spacing_um", self.requested_spacing_um)
-        _positive("requested_tile_size_px", self.requested_tile_size_px, integer=True)
-        if not isinstance(self.tissue_threshold, (int, float)) or not 0.0 <= self.tissue_threshold <= 1.0:
-            raise ValueError(f"tissue_threshold must be within [0, 1], got {self.tissue_threshold!r}")
-        if not 0.0 <= self.spacing_tolerance < 1.0:
-            raise ValueError(f"spacing_tolerance must be within [0, 1), got {self.spacing_tolerance!r}")
-        seg = _merged("segmentation", self.segmentation, SEGMENTATION_DEFAULTS)
-        if seg["method"] not in SEGMENTATION_METHODS:
-            raise ValueError(f"segmentation method must be one of {SEGMENTATION_METHODS}, got {seg['method']!r}")
-        _positive("segmentation downsample", seg["downsample"])
-        filt = _merged("filtering", self.filtering, FILTERING_DEFAULTS)
-        if not 0.0 <= filt["fraction_threshold"] <= 1.0:
-            raise ValueError(f"filtering fraction_threshold must be within [0, 1], got {filt['fraction_threshold']!r}")
-        _positive("filtering ref_tile_size", filt["ref_tile_size"], integer=True)
-        if filt["a_t"] < 0:
-            raise ValueError(f"filtering a_t must be >= 0, got {filt['a_t']!r}")
-        prev = _merged("preview", self.preview, PREVIEW_DEFAULTS)
-        _positive("preview downsample", prev["downsample"])
+        check_choice("backend", self.backend, BACKENDS)
+        check_number("requested_spacing_um", self.requested_spacing_um, *SPACING_RANGE_UM, optional=True)
+        check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
+        check_number("tissue_threshold", self.tissue_threshold, 0, 1)
+        check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
+        for name in ("on_the_fly", "use_supertiles", "resume"):
+            check_bool(name, getattr(self, name))
+        for name in ("read_coordinates_from", "read_tiles_from"):
+            check_path(name, getattr(self, name))
+        seg = _merged("segmentation", self.segmentation, SEGMENTATION_DEFAULTS, _SEGMENTATION_CHECKS)
+        filt = _merged("filtering", self.filtering, FILTERING_DEFAULTS, _FILTERING_CHECKS)
+        prev = _merged("preview", self.preview, PREVIEW_DEFAULTS, _PREVIEW_CHECKS)
         object.__setattr__(self, "segmentation", seg)
         object.__setattr__(self, "filtering", filt)
         object.__setattr__(self, "preview", prev)
@@ -119,10 +217,9 @@ class PreprocessingConfig:
                 "the slide itself; use read_coordinates_from to reuse a tiling."
             )
         if self.region_tile_multiple is not None:
-            r = self.region_tile_multiple
-            if not isinstance(r, int) or isinstance(r, bool) or r < 2:
-                raise ValueError(f"region_tile_multiple must be an integer >= 2 (regions of R x R tiles), got {r!r}")
-        _positive("requested_region_size_px", self.requested_region_size_px, integer=True)
+            check_int("region_tile_multiple (regions of R x R tiles)", self.region_tile_multiple, 2, 64)
+        check_int("requested_region_size_px", self.requested_region_size_px, TILE_SIZE_RANGE_PX[0] * 2,
+                  REGION_SIZE_MAX_PX, optional=True)
         if self.requested_region_size_px is not None and self.requested_tile_size_px is not None:
             self.region_multiple(self.requested_tile_size_px)
 
@@ -176,14 +273,16 @@ class ExecutionOptions:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _positive("batch_size", self.batch_size, integer=True)
-        _positive("num_workers", self.num_workers, integer=True)
-        _positive("num_preprocessing_workers", self.num_preprocessing_workers, integer=True)
-        _positive("prefetch_factor", self.prefetch_factor, integer=True)
-        if self.num_gpus is not None and (not isinstance(self.num_gpus, int) or self.num_gpus < 0):
-            raise ValueError(f"num_gpus must be an integer >= 0, got {self.num_gpus!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {self.precision!r}")
+        check_int("batch_size", self.batch_size, 1, 1 << 16)
+        check_int("num_workers", self.num_workers, 1, optional=True)
+        check_int("num_preprocessing_workers", self.num_preprocessing_workers, 1, optional=True)
+        check_int("prefetch_factor", self.prefetch_factor, 1, 1024)
+        check_int("num_gpus", self.num_gpus, 0, optional=True)
+        check_choice("precision", self.precision, PRECISIONS, optional=True)
+        for name in ("persistent_workers", "save_tile_embeddings", "save_slide_embeddings", "save_latents",
+                     "channels_last", "overwrite"):
+            check_bool(name, getattr(self, name))
+        check_path("output_dir", self.output_dir)
         if self.output_format is not None:
             given = self.output_format
             names = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()
@@ -191,6 +290,9 @@ class ExecutionOptions:
                 raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, a list of them, or None; "
                                  f"got {given!r}")
             object.__setattr__(self, "output_format", tuple(dict.fromkeys(names)))
+        if self.scheduler_address is not None and not isinstance(self.scheduler_address, str):
+            raise ValueError(f"scheduler_address must be a string like 'tcp://host:port', "
+                             f"got {self.scheduler_address!r}")
         if self.scheduler_address is not None and not str(self.scheduler_address).startswith(("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")):
             raise ValueError(f"scheduler_address must look like 'tcp://host:port', got {self.scheduler_address!r}")
 

@@ -12,16 +12,30 @@ REQUIRED = ("sample_id", "image_path")
 OPTIONAL = ("mask_path", "spacing_at_level_0", "patient_id")
 # Letters, digits and . _ - (not leading with a dot): safe as a Zarr key and a file name everywhere.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
+# The longest file name written for an id is a temporary ``.<id>.meta.json.<32 hex>``
+# (44 characters more than the id), and file systems stop at 255 bytes.
+MAX_ID_LENGTH = 200
+# Names the store gives a meaning (a group's metadata file) or that file systems refuse.
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+RESERVED_IDS = ("zarr.json",)
 
 
-def check_sample_id(sample_id: str, where: str) -> None:
+def check_sample_id(sample_id: str, where: str, what: str = "sample_id") -> None:
+    """Ids name store groups and files: safe characters, a length that fits, no reserved name."""
     if not sample_id:
-        raise ValueError(f"{where}: empty sample_id")
+        raise ValueError(f"{where}: empty {what}")
     if not _SAFE_ID.match(sample_id) or sample_id in (".", ".."):
         raise ValueError(
-            f"{where}: sample_id {sample_id!r} is not safe as a store key or file name; "
+            f"{where}: {what} {sample_id!r} is not safe as a store key or file name; "
             "use letters, digits, '.', '_' and '-' only (no '/', '..', spaces or control characters)"
         )
+    if len(sample_id) > MAX_ID_LENGTH:
+        raise ValueError(f"{where}: {what} {sample_id[:40]!r}... is {len(sample_id)} characters long; "
+                         f"the limit is {MAX_ID_LENGTH} (the files named after it must fit a file system's "
+                         "255-byte names)")
+    if sample_id.lower() in RESERVED_IDS or sample_id.split(".")[0].lower() in _WINDOWS_DEVICES:
+        raise ValueError(f"{where}: {what} {sample_id!r} is a name the store or a file system reserves "
+                         f"({', '.join(RESERVED_IDS)}, Windows device names like CON or NUL); rename the slide")
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -81,3 +95,5 @@ def validate_slides(slides: Sequence[dict[str, Any]], where: Sequence[str]) -> N
         if sid in seen:
             raise ValueError(f"{place}: duplicate sample_id {sid!r} (first at {seen[sid]})")
         seen[sid] = place
+        if slide.get("patient_id"):
+            check_sample_id(str(slide["patient_id"]), place, "patient_id")

@@ -14,6 +14,8 @@ rest.
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,6 +23,15 @@ from typing import Any, Sequence
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
 from slide2vec_dask.results import (PROCESS_LIST_COLUMNS, HierarchicalArtifact, PatientArtifact, RunResult,
                                     SlideArtifact, SlideOutcome, TileArtifact)
+
+
+logger = logging.getLogger("slide2vec_dask")
+
+
+def _environment(what: str, exc: OSError):
+    from slide2vec_dask.store.output_dir import OutputDirError, describe_os_error
+
+    return OutputDirError(f"{what}: {describe_os_error(exc)}")
 
 
 class Pipeline:
@@ -123,22 +134,50 @@ class Pipeline:
                 "tiling": selection_config(config), "slide2vec_dask_version": __version__}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
+        from slide2vec_dask.store import EmbeddingStore
+        from slide2vec_dask.store.output_dir import RunLock, check_output_dir
+
+        out = Path(self.execution.output_dir)
+        store = EmbeddingStore(out)
+        run_attrs = self._run_attrs(config)
+        if not self.execution.overwrite and store.exists():
+            # A rerun with nothing to do only reads the store (which may be on a read-only mount);
+            # its report, process_list.csv, is rewritten where the folder allows it.
+            store.check_run(run_attrs)
+            outcomes = self._outcomes(items)
+            left = self._what_is_left(store, items, outcomes)
+            if not any(left[:4]) and store.is_consolidated() and self._exports_current(store, outcomes):
+                process_list = out / "process_list.csv"
+                try:
+                    _ProcessList(process_list, outcomes).write()
+                except OSError as exc:
+                    logger.warning("nothing to do: every slide is complete in %s; %s could not be updated (%s)",
+                                   store.path, process_list, exc)
+                return self._result(store, outcomes, process_list, write=False)
+        check_output_dir(out)
+        with RunLock(out):
+            try:
+                store.begin_run(run_attrs, overwrite=self.execution.overwrite)
+            except OSError as exc:
+                raise _environment(f"cannot prepare the store {store.path}", exc) from exc
+            outcomes = self._outcomes(items)
+            return self._stream(store, config, outcomes, *self._what_is_left(store, items, outcomes))
+
+    def _outcomes(self, items) -> dict[str, SlideOutcome]:
+        return {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path), str(it.mask_path or ""),
+                                           str(it.extra.get("patient_id", "") or "")) for it in items}
+
+    def _stream(self, store, config, outcomes, todo, aggregate, resolved, patients, stale) -> RunResult:
         from slide2vec_dask.dataflow.clusters import resolve_client, start_local_cluster
         from slide2vec_dask.dataflow.embed import embed_settings, resolve_num_gpus
         from slide2vec_dask.dataflow.stages import CohortDriver
         from slide2vec_dask.progress import get_progress_reporter
-        from slide2vec_dask.store import EmbeddingStore
 
-        out = Path(self.execution.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        store = EmbeddingStore(out)
-        store.begin_run(self._run_attrs(config), overwrite=self.execution.overwrite)
-        outcomes = {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path), str(it.mask_path or ""),
-                                               str(it.extra.get("patient_id", "") or "")) for it in items}
-        todo, aggregate, resolved, patients = self._what_is_left(store, items, outcomes)
-        process_list = out / "process_list.csv"
+        for sid, reason in stale.items():
+            logger.warning("%s: %s; it is redone (its earlier embeddings stay until the new ones land)", sid, reason)
+            outcomes[sid].note = f"redone: {reason}"
+        process_list = store.output_dir / "process_list.csv"
         writer = _ProcessList(process_list, outcomes)
-
         execution, cluster = self.execution, None
         work = bool(todo or aggregate or resolved)
         client = (self.client or resolve_client(execution.scheduler_address)) if work else None
@@ -165,8 +204,38 @@ class Pipeline:
             if cluster is not None:
                 client.close()
                 cluster.close()
-            writer.write()
+            try:
+                writer.write()
+            except OSError as exc:
+                raise _environment(f"could not write {process_list}; the store {store.path} holds every "
+                                   "slide that finished (a rerun skips them and writes the list)", exc) from exc
         return self._result(store, outcomes, process_list)
+
+    def _exports_current(self, store, outcomes: dict) -> bool:
+        """Whether every file ``output_format`` asks of the skipped slides is there and current
+        (then the rerun only reads); their paths go on the outcomes for the artifacts."""
+        from slide2vec_dask.exporters import current_files, flat_first
+
+        formats, ex, level = self.execution.output_format, self.execution, self.model.level
+        if not formats:
+            return True
+        skipped = [o for o in outcomes.values() if o.status == "skipped"]
+        tiles = store.finished_slides() if level == "tile" or ex.save_tile_embeddings else set()
+        rows = store.slide_rows() if level == "slide" or (level == "patient" and ex.save_slide_embeddings) else set()
+        patients = store.patient_rows() if level == "patient" else set()
+        found: dict[tuple[str, str], list[Path] | None] = {}
+        for o in skipped:
+            for kind, key, present in (("tile", o.sample_id, tiles), ("slide", o.sample_id, rows),
+                                       ("patient", o.patient_id, patients)):
+                if key in present and (kind, key) not in found:
+                    found[kind, key] = current_files(store, kind, key, formats)
+                    if found[kind, key] is None:
+                        return False
+        for o in skipped:
+            o.flat_paths = [str(p) for p in found.get(("tile", o.sample_id), [])]
+            o.slide_flat_path = flat_first(found.get(("slide", o.sample_id), []), "slide")
+            o.patient_flat_path = flat_first(found.get(("patient", o.patient_id), []), "patient")
+        return True
 
     def _refresh_exports(self, store, outcomes: dict) -> None:
         """Reruns make what is missing: the exports of slides complete in the store (a format newly
@@ -183,6 +252,19 @@ class Pipeline:
                     o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
                 except (OSError, RuntimeError, ValueError) as exc:   # its embeddings stay; the row says why
                     o.fail(exc)
+
+    def _finish_store(self, store, outcomes: dict, slides_kept: bool) -> None:
+        level, ex = self.model.level, self.execution
+        # This run's rows in input order, then those earlier runs left in the store.
+        if slides_kept:
+            store.assemble("slide", store.finished_rows("slide", list(outcomes)), with_latents=ex.save_latents,
+                           attrs={"model": self.model.slide_spec.name})
+        if level == "patient":
+            finished = store.finished_rows("patient", list(dict.fromkeys(
+                o.patient_id for o in outcomes.values() if o.patient_id)))
+            store.assemble("patient", finished, attrs={
+                "model": self.model.name, "slides": {p: store.patient_slides(p) for p in finished}})
+        store.finish_run()
 
     def _stages(self):
         from slide2vec_dask.dataflow.stages import Stages
@@ -203,21 +285,43 @@ class Pipeline:
         return stages
 
     def _what_is_left(self, store, items, outcomes):
-        """Split the slides into skipped, slide stage only (their tiles are in the store), and to do.
+        """Split the slides into skipped, slide stage only (their tiles are in the store), to do, and stale.
 
-        Skipped only when the store holds everything this run asks to keep: a rerun that
-        newly asks for tile embeddings, latents or slide rows recomputes what is missing.
+        Skipped only when the store holds everything this run asks to keep, made from
+        the same files: a rerun that newly asks for tile embeddings, latents or slide
+        rows recomputes what is missing, and a slide whose image or mask file changed
+        since (size or content fingerprint) is *stale*: redone from scratch.  A store
+        problem about one slide (an unreadable attribute file) fails that slide only.
         """
+        from slide2vec_dask.store.provenance import current_fingerprints, why_stale
+
         level, ex = self.model.level, self.execution
         complete = store.finished_slides()
         rows = store.slide_rows() if level != "tile" else set()
+        patient_rows = store.patient_rows() if level == "patient" else set()
+        stale: dict[str, str] = {}
+        for it in items:
+            sid, pid = it.sample_id, outcomes[it.sample_id].patient_id
+            if sid not in complete and sid not in rows and pid not in patient_rows:
+                continue
+            try:
+                records = store.provenance(sid, pid if level == "patient" else "")
+                now = current_fingerprints(it.image_path, it.mask_path) if records else None
+                reason = next(filter(None, (why_stale(r, now) for r in records)), None)
+            except (OSError, ValueError) as exc:
+                reason = f"its stored outputs cannot be read ({type(exc).__name__}: {exc})"
+            if reason:
+                stale[sid] = reason
+        complete -= set(stale)
+        rows -= set(stale)
         patients: dict[str, list[str]] = {}
         if level == "patient":
             for it in items:
                 patients.setdefault(outcomes[it.sample_id].patient_id, []).append(it.sample_id)
-        # A patient is done when its embedding was made from exactly these slides.
-        have = store.patient_rows() if level == "patient" else set()
-        done_patients = {p for p, members in patients.items() if p in have and store.patient_slides(p) == members}
+        stale_patients = {outcomes[s].patient_id for s in stale}
+        # A patient is done when its embedding was made from exactly these slides, all unchanged.
+        done_patients = {p for p, members in patients.items()
+                         if p in patient_rows and p not in stale_patients and store.patient_slides(p) == members}
 
         def tiles_kept(sid):
             return level == "tile" or not ex.save_tile_embeddings or sid in complete
@@ -228,39 +332,42 @@ class Pipeline:
         todo, aggregate, resolved = [], [], []
         for item in items:
             row, sid = outcomes[item.sample_id], item.sample_id
-            if level == "tile" and sid in complete \
-                    or level == "slide" and slide_kept(sid) and tiles_kept(sid) \
-                    or level == "patient" and row.patient_id in done_patients and tiles_kept(sid) \
-                    and (not ex.save_slide_embeddings or slide_kept(sid)):
-                row.status, row.error = "skipped", "already complete in the store"
-                if level == "tile":
-                    row.num_tiles = store.num_tiles(sid)
-                    row.num_regions = store.num_regions(sid) if store.has_regions(sid) else 0
-                    row.store_group = store.tiles_group(sid)
+            try:
+                if level == "tile" and sid in complete \
+                        or level == "slide" and slide_kept(sid) and tiles_kept(sid) \
+                        or level == "patient" and row.patient_id in done_patients and tiles_kept(sid) \
+                        and (not ex.save_slide_embeddings or slide_kept(sid)):
+                    row.status, row.error = "skipped", "already complete in the store"
+                    if level == "tile":
+                        row.num_tiles = store.num_tiles(sid)
+                        row.num_regions = store.num_regions(sid) if store.has_regions(sid) else 0
+                        row.store_group = store.tiles_group(sid)
+                    else:
+                        row.store_group = store.table_group(level)
+                elif level != "tile" and tiles_kept(sid) and slide_kept(sid):
+                    resolved.append(sid)          # its slide row is there; only its patient is missing
+                elif level != "tile" and tiles_kept(sid) and sid in complete:
+                    aggregate.append(sid)         # the tile stage of an earlier run is reused
                 else:
-                    row.store_group = store.table_group(level)
-            elif level != "tile" and tiles_kept(sid) and slide_kept(sid):
-                resolved.append(sid)          # its slide row is there; only its patient is missing
-            elif level != "tile" and tiles_kept(sid) and sid in complete:
-                aggregate.append(sid)         # the tile stage of an earlier run is reused
-            else:
-                todo.append(item)
-        return todo, aggregate, resolved, {p: s for p, s in patients.items() if p not in done_patients}
+                    todo.append(item)
+            except (OSError, ValueError) as exc:
+                row.fail(exc)
+        live = {p: s for p, s in patients.items() if p not in done_patients}
+        return todo, aggregate, resolved, live, stale
 
-    def _result(self, store, outcomes: dict, process_list: Path) -> RunResult:
+    def _result(self, store, outcomes: dict, process_list: Path, write: bool = True) -> RunResult:
+        """The run's `RunResult`; with ``write``, the slide/patient tables and the store's metadata first."""
         ex, level = self.execution, self.model.level
         done = [o for o in outcomes.values() if o.ok]
         slides_kept = level == "slide" or (level == "patient" and ex.save_slide_embeddings)
-        # This run's rows in input order, then those earlier runs left in the store.
-        if slides_kept:
-            store.assemble("slide", store.finished_rows("slide", list(outcomes)), with_latents=ex.save_latents,
-                           attrs={"model": self.model.slide_spec.name})
-        if level == "patient":
-            finished = store.finished_rows("patient", list(dict.fromkeys(
-                o.patient_id for o in outcomes.values() if o.patient_id)))
-            store.assemble("patient", finished, attrs={
-                "model": self.model.name, "slides": {p: store.patient_slides(p) for p in finished}})
-        store.finish_run()
+        if write:
+            try:
+                self._finish_store(store, outcomes, slides_kept)
+            except OSError as exc:
+                raise _environment(f"the slides are embedded, but the store's tables could not be written "
+                                   f"in {store.path} (a rerun finishes them)", exc) from exc
+        if not write:
+            ex = ex.replace(output_format=None)    # (a rerun with nothing to do writes no files either)
         tiles_kept = level == "tile" or ex.save_tile_embeddings
         complete = store.finished_slides() if tiles_kept else set()
 
@@ -309,23 +416,34 @@ class _ProcessList:
 
     def __init__(self, path: Path, outcomes: dict, every: float = 2.0):
         self.path, self.outcomes, self.every = path, outcomes, every
-        self.last, self.cost = 0.0, 0.0
+        self.last, self.cost, self.warned = 0.0, 0.0, False
 
     def maybe_write(self) -> None:
         now = time.monotonic()
         # Never more than ~10 % of the client's time, however long the manifest.
         if now - self.last >= max(self.every, 10 * self.cost):
-            self.write()
+            try:
+                self.write()
+            except OSError as exc:   # (disk full for a moment): the run goes on, the final write says
+                self.last = now
+                if not self.warned:
+                    self.warned = True
+                    logger.warning("could not update %s (%s); the run goes on", self.path, exc)
 
     def write(self) -> None:
+        """Replace the file atomically; an error leaves the old file and no temporary behind."""
         start = time.monotonic()
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
-            writer.writeheader()
-            for outcome in self.outcomes.values():
-                writer.writerow(outcome.csv_row())
-        tmp.replace(self.path)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
+                writer.writeheader()
+                for outcome in self.outcomes.values():
+                    writer.writerow(outcome.csv_row())
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self.last = time.monotonic()
         self.cost = self.last - start
 

@@ -162,7 +162,7 @@ class RunResult:
 
 PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
                         "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
-                        "flat_path"]
+                        "flat_path", "note"]
 
 
 @dataclass
@@ -190,6 +190,7 @@ class SlideOutcome:
     flat_paths: list = field(default_factory=list)   # tile (and region) files, output_format
     slide_flat_path: str = ""
     patient_flat_path: str = ""
+    note: str = ""            # what a user should know about a success: redone because its file changed, 0 tiles
 
     @property
     def ok(self) -> bool:

@@ -366,6 +366,15 @@ def test_rerun_writes_newly_asked_formats_without_embedding(run, slides, tmp_pat
     Pipeline(linear_model(), PreprocessingConfig(**EXACT),
              ExecutionOptions(output_dir=out, output_format=["pt", "trident-h5"])).run(slides=slides)
     assert (out / "tile_embeddings" / "b.pt").exists()
+    # Everything current: the rerun only reads, and still names the files.
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "embeddings.zarr" not in p.parts
+               and p.name != "process_list.csv"}
+    root = (out / "embeddings.zarr" / "zarr.json").stat().st_mtime_ns
+    third = Pipeline(linear_model(), PreprocessingConfig(**EXACT),
+                     ExecutionOptions(output_dir=out, output_format=["pt", "trident-h5"])).run(slides=slides)
+    assert {a.sample_id: a.flat_path for a in third.tile_artifacts}["b"] == out / "tile_embeddings" / "b.pt"
+    assert {p: p.stat().st_mtime_ns for p in written} == written
+    assert (out / "embeddings.zarr" / "zarr.json").stat().st_mtime_ns == root   # the store was not even opened for writing
 
 
 def test_a_run_writes_both_formats_as_slides_finish(slides, tmp_path):

@@ -68,6 +68,8 @@ def resolve_request(spec: EncoderSpec, config: PreprocessingConfig) -> tuple[flo
 
 def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
              execution: ExecutionOptions) -> tuple[Any, Plan]:
+    from slide2vec_dask.store.provenance import slide_fingerprints
+
     slide = open_slide(item.image_path, backend=config.backend, spacing_at_level_0=item.spacing_at_level_0)
     spacing, tile = resolve_request(spec, config)
     out = Path(execution.output_dir) if execution.output_dir is not None else None
@@ -78,18 +80,26 @@ def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
     else:
         plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
                           mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
+    plan.grid.meta.update(slide_fingerprints(item.image_path, item.mask_path))   # which files the plan (and so every result made from it) describes
     if out is not None:  # every run's output holds the plans it used
         plan.grid.save(out / "coordinates" / f"{item.sample_id}.npz")
     return slide, plan
 
 
 def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None) -> TileGrid | None:
+    from slide2vec_dask.store.provenance import current_fingerprints, why_stale
+
     if config.read_coordinates_from is not None:
         source = Path(config.read_coordinates_from)
         path = source / f"{item.sample_id}.npz" if source.is_dir() else source
         if not path.exists():
             raise FileNotFoundError(f"{item.sample_id}: no saved coordinates at {path} (read_coordinates_from)")
-        return TileGrid.load(path)
+        grid = TileGrid.load(path)
+        stale = why_stale(grid.meta, current_fingerprints(item.image_path, item.mask_path))
+        if stale:
+            raise ValueError(f"{item.sample_id}: the saved coordinates {path} do not fit: {stale}; plan the "
+                             "slide again (drop read_coordinates_from for it)")
+        return grid
     if config.resume and out is not None:
         path = out / "coordinates" / f"{item.sample_id}.npz"
         if path.exists():
@@ -98,8 +108,9 @@ def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None)
 
             same = (grid.meta.get("config") == selection_config(config)
                     and grid.meta.get("image_path") == str(item.image_path)
-                    and grid.meta.get("mask_path") == (None if item.mask_path is None else str(item.mask_path)))
-            return grid if same else None
+                    and grid.meta.get("mask_path") == (None if item.mask_path is None else str(item.mask_path))
+                    and why_stale(grid.meta, current_fingerprints(item.image_path, item.mask_path)) is None)
+            return grid if same else None   # a plan of another file is never laid over this one's pixels
     return None
 
 

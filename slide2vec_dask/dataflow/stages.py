@@ -95,6 +95,9 @@ class CohortDriver:
 
         from slide2vec_dask.dataflow.driver import shared_argument, window_size
 
+        from slide2vec_dask.dataflow.worker import forget_failures
+
+        self.client.run(forget_failures)   # a model refused in an earlier run is tried again, once per worker
         self.tile_spec = shared_argument(self.client, self.stages.tile_spec, f"encoder-{self.stages.tile_spec.key}")
         self.window = window_size(self.client, self.ex.num_workers, self.ex.prefetch_factor)
         planners = self.ex.num_preprocessing_workers
@@ -113,7 +116,10 @@ class CohortDriver:
             kind, sid = self.tags.pop(future.key)
             if future.status == "error":   # with_results hands over (type, exception, traceback)
                 result = result[1] if isinstance(result, tuple) else future.exception()
-            getattr(self, f"_on_{kind}")(sid, result)
+            try:
+                getattr(self, f"_on_{kind}")(sid, result)
+            except (OSError, ValueError, RuntimeError) as exc:   # a store call about one slide: that slide fails
+                self._isolate(kind, sid, exc)
             del future, result
             self._top_up()
             self.on_change()
@@ -153,6 +159,10 @@ class CohortDriver:
             return
         plan: tasks.PlannedSlide = result
         row.status, row.num_tiles, row.plan_seconds = "running", plan.num_tiles, round(plan.seconds, 3)
+        if not plan.num_tiles:
+            row.note = (f"no tiles: the slide is smaller than one tile ({plan.read_tile} px at read level "
+                        f"{plan.level})" if 0 in plan.keep.shape else
+                        "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)")
         row.coordinates_path = plan.plan_path
         self.counts["planned"] += 1
         self.counts["tiles"] += plan.num_tiles
@@ -287,6 +297,15 @@ class CohortDriver:
                     row.flat_paths = list(row.flat_paths) + [p for p in result["export_paths"]
                                                              if p != result["flat_path"]]
                 self._succeed(s)
+
+    def _isolate(self, kind: str, sid: str, exc: BaseException) -> None:
+        state = self.in_flight.pop(sid, None) if kind != "block" else None
+        if kind == "block" and sid in self.in_flight:
+            self.in_flight[sid].failed = True
+        if state is not None:
+            state.failed = True
+        for s in (self.patients.get(sid, []) if kind == "patient" else [sid]):
+            self._fail(s, exc, patient=kind != "patient")
 
     # -- outcomes ------------------------------------------------------------------------------
     def _succeed(self, sid: str) -> None:

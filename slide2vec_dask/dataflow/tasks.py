@@ -87,7 +87,8 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
              # what exports state in their own units: level-0 spacing and size, tile size asked for
              "slide_spacing_um": float(grid.slide_spacing_um), "read_spacing_um": float(grid.read_spacing_um),
              "requested_tile_size_px": int(grid.requested_tile_size_px),
-             "level0_height": int(slide.level_shapes[0][0]), "level0_width": int(slide.level_shapes[0][1])}
+             "level0_height": int(slide.level_shapes[0][0]), "level0_width": int(slide.level_shapes[0][1]),
+             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint")}}
     plan_path = str(Path(execution.output_dir) / "coordinates" / f"{item.sample_id}.npz")
     return PlannedSlide(item.sample_id, SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0),
                         grid.level, grid.read_tile_size_px, k, keep, blocks, grid.num_tiles,
@@ -134,7 +135,10 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
     """``tiles/<id>`` -> ``_slides/<id>``, on the device's own thread; drops the tiles when not kept."""
     from slide2vec_dask.dataflow import worker
 
-    if store.has_row("slide", sample_id) and (not save_latents or store.row_has_latents("slide", sample_id)):
+    same_files = not store.is_complete(sample_id) or \
+        store.fingerprints("slide", sample_id) == store.fingerprints("tiles", sample_id)
+    if store.has_row("slide", sample_id) and same_files and \
+            (not save_latents or store.row_has_latents("slide", sample_id)):
         # Made already: by an earlier run, or by this task before its worker was lost.
         num = int(store.row_attrs("slide", sample_id).get("num_tiles", 0))
     else:
@@ -153,7 +157,7 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
 
         embedding, latents, num = worker.run_on_device(settings.num_gpus, run)
         store.write_row("slide", sample_id, embedding, latents if save_latents else None,
-                        {**attrs, "num_tiles": int(num)})
+                        {**attrs, **store.fingerprints("tiles", sample_id), "num_tiles": int(num)})
     if not keep_tiles:
         store.drop_tiles(sample_id)
     return {"num_tiles": int(num), **row_exports(store, "slide", sample_id, output_format)}
@@ -161,11 +165,10 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
 
 def row_exports(store: EmbeddingStore, level: str, key: str, output_format) -> dict[str, Any]:
     """The row's exports: ``flat_path`` (slide2vec's flat file when asked, else the first) and all paths."""
-    from slide2vec_dask.exporters import export_row
+    from slide2vec_dask.exporters import export_row, flat_first
 
     paths = [str(p) for p in export_row(store, level, key, output_format or ())]
-    flat = [p for p in paths if Path(p).parent.name == f"{level}_embeddings" and p.endswith((".pt", ".npz"))]
-    return {"flat_path": (flat or paths or [""])[0], "export_paths": paths}
+    return {"flat_path": flat_first(paths, level), "export_paths": paths}
 
 
 def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], spec, settings: EmbedSettings,
@@ -173,11 +176,16 @@ def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], 
     """The slides' rows in ``_slides`` -> ``_patients/<patient_id>``; drops the slide rows when not kept."""
     from slide2vec_dask.dataflow.aggregate import encode_patient
 
-    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids)
+    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids) and \
+        all(store.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(s) == store.fingerprints("slide", s)
+            for s in sample_ids if store.has_row("slide", s))
     if not done:   # (a rerun after a lost worker may find it done, its slide rows already dropped)
         slides = np.stack([store.read_row("slide", s)[0] for s in sample_ids])
         embedding = encode_patient(spec, slides, settings)
-        store.write_row("patient", patient_id, embedding, None, {**attrs, "sample_ids": list(sample_ids)})
+        store.write_row("patient", patient_id, embedding, None, {
+            **attrs, "sample_ids": list(sample_ids),
+            # Its slide rows may be dropped next: the patient row remembers which files it was made from.
+            "slide_fingerprints": {s: store.fingerprints("slide", s) for s in sample_ids}})
     if not keep_slide_rows:
         for s in sample_ids:
             store.drop_row("slide", s)

@@ -22,6 +22,7 @@ from slide2vec_dask.encoders.base import EncoderSpec
 
 _LOCK = threading.Lock()
 _ENCODERS: dict[tuple, object] = {}
+_FAILED: dict[tuple, BaseException] = {}    # this run's refused builds (see forget_failures)
 _DEVICES: dict[int, queue.Queue] = {}
 
 
@@ -70,10 +71,24 @@ def get_encoder(spec: EncoderSpec, device: str, precision: str | None, channels_
     with _LOCK:
         encoder = _ENCODERS.get(key)
     if encoder is None:
-        built = LoadedEncoder(spec, device, precision, channels_last)
+        built = _build_once(key, lambda: LoadedEncoder(spec, device, precision, channels_last))
         with _LOCK:
             encoder = _ENCODERS.setdefault(key, built)
     return encoder
+
+
+def _build_once(key: tuple, build):
+    """Build a model; a refusal (bad checkpoint, missing weights) is remembered, not retried per block."""
+    with _LOCK:
+        failed = _FAILED.get(key)
+    if failed is not None:
+        raise type(failed)(*failed.args)
+    try:
+        return build()
+    except (OSError, ValueError, NotImplementedError, ImportError) as exc:
+        with _LOCK:
+            _FAILED[key] = exc
+        raise
 
 
 def get_aggregator(spec, device: str, precision: str | None):
@@ -85,10 +100,16 @@ def get_aggregator(spec, device: str, precision: str | None):
     with _LOCK:
         built = _ENCODERS.get(key)
     if built is None:
-        built = LoadedAggregator(spec, device, precision)
+        built = _build_once(key, lambda: LoadedAggregator(spec, device, precision))
         with _LOCK:
             built = _ENCODERS.setdefault(key, built)
     return built
+
+
+def forget_failures() -> None:
+    """Called on every worker when a run starts: the user may have fixed the weights since."""
+    with _LOCK:
+        _FAILED.clear()
 
 
 def loaded_encoder_keys() -> list[tuple]:
@@ -100,5 +121,7 @@ def loaded_encoder_keys() -> list[tuple]:
 def release_encoders(spec_key: str | None = None) -> None:
     """Free cached encoders (all, or those of one spec) so their memory can be reclaimed."""
     with _LOCK:
+        for key in [k for k in _FAILED if spec_key is None or k[0] == spec_key]:
+            del _FAILED[key]
         for key in [k for k in _ENCODERS if spec_key is None or k[0] == spec_key]:
             del _ENCODERS[key]

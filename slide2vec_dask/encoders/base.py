@@ -86,8 +86,11 @@ def read_state_dict(path: str | Path, what: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{what}: {path} is not a weights-only torch checkpoint ({exc}); "
-                         "re-save it as a state dict or .safetensors") from exc
+        # torch's own message advises weights_only=False, i.e. running the file's code: never ours to give.
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        raise ValueError(f"{what}: {path} is not a weights-only torch checkpoint ({detail}), so it was not "
+                         "loaded: it holds objects whose loading could run code. Re-save the weights as a "
+                         "plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
     for nested in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and nested in state and isinstance(state[nested], dict):
             state = state[nested]

@@ -34,7 +34,8 @@ FORMATS = OUTPUT_FORMATS
 _MODULES = {"trident-h5": "trident_h5", "clam-h5": "clam_h5", "stamp-h5": "stamp_h5", "anndata": "anndata_",
             "spatialdata": "spatialdata_", "geojson": "geojson"}
 
-__all__ = ["FORMATS", "check_available", "export", "export_slide", "export_row", "formats_of"]
+__all__ = ["FORMATS", "check_available", "current_files", "export", "export_slide", "export_row", "flat_first",
+           "formats_of"]
 
 
 def formats_of(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -109,6 +110,28 @@ def _one(exporter, fmt: str, src, dest: Path, force: bool, tiles: bool) -> list[
             raise RuntimeError(f"{name}: writing its {fmt} export {files[0]} failed: "
                                f"{type(exc).__name__}: {exc}") from exc
     return files
+
+
+def current_files(store, level: str, key: str, formats: Iterable[str], dest=None) -> list[Path] | None:
+    """The export files of a stored slide's tiles (``level="tile"``) or row when every one is current;
+    None when any must be (re)written.  Cheap: small JSON reads, nothing opened."""
+    formats = formats_of(tuple(formats))
+    src = TileSource.open(store, key) if level == "tile" else RowSource.open(store, level, key)
+    out: list[Path] = []
+    for fmt in formats:
+        ex = _exporter(fmt)
+        files = ex.tile_files(src, _dest(store, dest)) if level == "tile" else ex.row_files(src, _dest(store, dest))
+        if files and not is_current(files, src.source_id, fmt, ex.LAYOUT):
+            return None
+        out += files
+    return out
+
+
+def flat_first(paths: Iterable[Path | str], level: str) -> str:
+    """Of a row's export files, the one its artifact names: slide2vec's flat file when there, else the first."""
+    paths = [str(p) for p in paths]
+    flat = [p for p in paths if Path(p).parent.name == f"{level}_embeddings" and p.endswith((".pt", ".npz"))]
+    return (flat or paths or [""])[0]
 
 
 def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequence[str] | None = None,

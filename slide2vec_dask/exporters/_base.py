@@ -163,14 +163,22 @@ class RowSource:
     store: Any
     level: str
     key: str
-    group: Any = field(repr=False)
     attrs: dict
     source_id: str
+    _group: Any = field(default=None, repr=False)
 
     @classmethod
     def open(cls, store, level: str, key: str) -> "RowSource":
-        group = store.open_row(level, key)
-        return cls(store, level, key, group, dict(group.attrs), store.source_id(level, key))
+        """Cheap (one small JSON read): the row's arrays are opened only when an export is written."""
+        if not store.has_row(level, key):
+            raise FileNotFoundError(f"{key}: no {level} embedding in {store.path}")
+        return cls(store, level, key, store.row_attrs(level, key), store.source_id(level, key))
+
+    @property
+    def group(self):
+        if self._group is None:
+            self._group = self.store.open_row(self.level, self.key)
+        return self._group
 
     def embedding(self) -> np.ndarray:
         return np.asarray(self.group["embedding"][:], dtype=np.float32)

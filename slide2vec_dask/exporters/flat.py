@@ -38,7 +38,8 @@ class Flat:
         src.store.export_tiles(src.sample_id, files[0].parent.parent, self.NAME)
 
     def row_files(self, src: RowSource, dest: Path) -> list[Path]:
-        return self._names(Path(dest) / f"{src.level}_embeddings", src.key, latents="latents" in src.group)
+        latents = src.store.row_has_latents(src.level, src.key)
+        return self._names(Path(dest) / f"{src.level}_embeddings", src.key, latents=latents)
 
     def write_row(self, src: RowSource, files: list[Path]) -> None:
         src.store.export_row(src.level, src.key, files[0].parent.parent, self.NAME)

@@ -37,6 +37,7 @@ Why it is laid out so:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -52,6 +53,7 @@ WORK_NAME = ".slide2vec-work"
 SLIDE_ROWS = "_slides"
 PATIENT_ROWS = "_patients"
 _FLAT_CHUNK_BYTES = 8 << 20
+logger = logging.getLogger("slide2vec_dask")
 _ROWS = {"slide": (SLIDE_ROWS, "slides", "slide", "sample_id"),
          "patient": (PATIENT_ROWS, "patients", "patient", "patient_id")}
 
@@ -100,27 +102,48 @@ class EmbeddingStore:
         return _ROWS[level][1]
 
     # -- the run -----------------------------------------------------------------------------
-    def begin_run(self, run_attrs: dict[str, Any], overwrite: bool) -> None:
-        """Create the store, or check that the existing one was made with the same settings."""
+    def exists(self) -> bool:
+        return (self.path / "zarr.json").is_file()
+
+    def check_run(self, run_attrs: dict[str, Any]) -> None:
+        """Refuse to add to a store made with other settings (reads only)."""
+        if not self.exists():
+            return
+        existing = _attrs(self.path).get("run")
+        if existing is not None and existing != run_attrs:
+            changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
+            raise ValueError(
+                f"{self.path} holds a run made with other settings ({', '.join(changed)} differ); "
+                "use another output_dir, or ExecutionOptions(overwrite=True) to replace it")
+
+    def begin_run(self, run_attrs: dict[str, Any], overwrite: bool) -> str | None:
+        """Create the store, or check that the existing one was made with the same settings.
+
+        ``overwrite`` (a real ``True``: the options refuse anything else) replaces an
+        existing store; what it removed is returned (and logged), None when nothing.
+        """
         import zarr
 
-        if self.path.exists() and not overwrite:
-            existing = dict(_open_group(self.path).attrs).get("run")
-            if existing is not None and existing != run_attrs:
-                changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
-                raise ValueError(
-                    f"{self.path} holds a run made with other settings ({', '.join(changed)} differ); "
-                    "use another output_dir, or ExecutionOptions(overwrite=True) to replace it")
+        removed = None
+        if not overwrite:
+            self.check_run(run_attrs)
+        elif self.exists():
+            removed = (f"overwrite=True: replaced the store {self.path} ({len(self.finished_slides())} slides' "
+                       f"tile embeddings, {len(self.slide_rows())} slide and {len(self.patient_rows())} patient "
+                       "embeddings)")
+            logger.warning(removed)
         if overwrite:
             shutil.rmtree(self.work, ignore_errors=True)
         root = zarr.open_group(str(self.path), mode="w" if overwrite else "a", zarr_format=3,
                                use_consolidated=False)
-        root.attrs["run"] = run_attrs
+        if dict(root.attrs).get("run") != run_attrs:
+            root.attrs["run"] = run_attrs
         if "tiles" not in root:
             root.create_group("tiles")
         self._drop_consolidated()
         for sub in ("staging", "publish", "trash"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
+        return removed
 
     def finish_run(self) -> None:
         """Consolidate the store's metadata (plain xarray then opens it in one read); tidy the work area."""
@@ -186,6 +209,18 @@ class EmbeddingStore:
     def row_attrs(self, level: str, key: str) -> dict[str, Any]:
         return _attrs(self.path / _ROWS[level][0] / key)
 
+    def fingerprints(self, where: str, key: str) -> dict[str, Any]:
+        """The source-file fingerprints recorded with a slide's ``"tiles"`` or ``"slide"`` row."""
+        attrs = self.tile_attrs(key) if where == "tiles" else self.row_attrs(where, key)
+        return {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
+
+    def provenance(self, sample_id: str, patient_id: str = "") -> list[dict[str, Any]]:
+        """Every record of which files this slide's stored outputs came from (tiles, slide row, patient row)."""
+        records = [self.tile_attrs(sample_id), self.row_attrs("slide", sample_id)]
+        if patient_id:
+            records.append(self.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(sample_id, {}))
+        return [r for r in records if r]
+
     def patient_slides(self, patient_id: str) -> list[str]:
         """The slides a stored patient embedding was made from, in order."""
         return list(self.row_attrs("patient", patient_id).get("sample_ids", []))
@@ -214,7 +249,8 @@ class EmbeddingStore:
 
     def prepare_slide(self, sample_id: str) -> None:
         """An empty staging folder for the slide; unfinished output of earlier runs goes."""
-        self._retire(self.path / "regions" / sample_id)   # of a slide whose tiles never got published
+        if not self.is_complete(sample_id):   # (a slide redone over older results keeps them until it lands)
+            self._retire(self.path / "regions" / sample_id)   # of a slide whose tiles never got published
         self._retire(self._staging(sample_id))
         self._staging(sample_id).mkdir(parents=True)
 
@@ -227,31 +263,45 @@ class EmbeddingStore:
         """
         target = self._staging(sample_id) / f"{block[0]}-{block[1]}.npy"
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(tmp.parent, exc) from exc
         return int(np.isfinite(embeddings[..., 0]).sum())
 
     def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> dict[str, int]:
         """Block files -> flat row-major ``tiles/<id>`` (and ``regions/<id>``), published by rename.
 
-        Safe to run twice or concurrently: a slide already published is left as it is.
+        Safe to run twice or concurrently: a slide already published from the same
+        file (its fingerprint) is left as it is; one published from an earlier version
+        of the file is replaced by this one, in one rename, only now that it is built.
         """
         from slide2vec_dask.tiling.grid import TileGrid
 
         grid = TileGrid.load(plan_path)
         done = {"num_tiles": grid.num_tiles, "num_regions": grid.num_regions if grid.region_tile_multiple else 0}
-        if self.is_complete(sample_id):
+        prints = {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
+
+        def published() -> bool:
+            return self.is_complete(sample_id) and self.fingerprints("tiles", sample_id) == prints
+
+        if published():
             return done
         try:
             tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
         except FileNotFoundError:
-            if self.is_complete(sample_id):   # another run of this task published it meanwhile
+            if published():   # another run of this task published it meanwhile
                 return done
             raise
+        stale = self.is_complete(sample_id)
         if regions is not None:
             self._publish(regions, self.path / "regions" / sample_id, replace=True)
-        self._publish(tiles, self.path / "tiles" / sample_id, replace=False)
+        elif stale:
+            self._retire(self.path / "regions" / sample_id)
+        self._publish(tiles, self.path / "tiles" / sample_id, replace=stale)
         self.discard_staging(sample_id)
         return done
 
@@ -532,6 +582,20 @@ class EmbeddingStore:
             shutil.rmtree(built, ignore_errors=True)   # an identical group got there first
 
 
+def write_error(folder: Path, exc: OSError) -> OSError:
+    """A write failure said plainly: numpy and zarr report a full disk as '... requested and ... written'."""
+    from slide2vec_dask.store.output_dir import describe_os_error
+
+    reason = describe_os_error(exc) if exc.errno else str(exc)
+    try:
+        if exc.errno is None and shutil.disk_usage(folder).free < (1 << 20):
+            reason = "no space left on the device"
+    except OSError:
+        pass
+    error = OSError(exc.errno, f"cannot write in {folder}: {reason}")
+    return error
+
+
 def _consolidate(group_dir: Path) -> None:
     """Consolidate one finished group's metadata before it is published.
 
@@ -585,7 +649,7 @@ def _published(folder: Path) -> set[str]:
 def _attrs(group_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((group_dir / "zarr.json").read_text()).get("attributes", {})
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):   # absent, or damaged: nothing it says can be trusted
         return {}
 
 

@@ -170,12 +170,21 @@ class TileGrid:
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as ``.npz`` (arrays, plus x/y for other tools) and a readable ``.json``."""
+        import os
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path.with_suffix(".npz"), tissue_fraction=self.tissue_fraction, keep=self.keep,
+        target = path.with_suffix(".npz")
+        # Written aside and renamed: a run killed mid-save never leaves a plan that resume would trust.
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npz")
+        np.savez_compressed(tmp, tissue_fraction=self.tissue_fraction, keep=self.keep,
                             x=self.x, y=self.y, params=json.dumps(self._params()))
-        path.with_suffix(".json").write_text(json.dumps({**self._params(), "num_tiles": self.num_tiles}, indent=2))
-        return path.with_suffix(".npz")
+        os.replace(tmp, target)
+        readable = path.with_suffix(".json")
+        tmp = readable.with_name(f".{readable.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**self._params(), "num_tiles": self.num_tiles}, indent=2))
+        os.replace(tmp, readable)
+        return target
 
     @classmethod
     def load(cls, path: str | Path) -> "TileGrid":
