@@ -239,19 +239,23 @@ class Pipeline:
 
     def _refresh_exports(self, store, outcomes: dict) -> None:
         """Reruns make what is missing: the exports of slides complete in the store (a format newly
-        asked for, a file deleted or made from an older group) are written from it, nothing embedded."""
+        asked for, a file deleted or made from an older group) are written from it, nothing embedded;
+        and what writers killed in an earlier run left is swept."""
         from slide2vec_dask.dataflow.tasks import export_task
+        from slide2vec_dask.exporters import sweep_temporaries
 
         formats, ex = self.execution.output_format, self.execution
-        if not formats or not (self.model.level == "tile" or ex.save_tile_embeddings):
+        if not formats:
             return
-        complete = store.finished_slides()
-        for o in outcomes.values():
-            if o.status == "skipped" and o.sample_id in complete:
-                try:
-                    o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
-                except (OSError, RuntimeError, ValueError) as exc:   # its embeddings stay; the row says why
-                    o.fail(exc)
+        if self.model.level == "tile" or ex.save_tile_embeddings:
+            complete = store.finished_slides()
+            for o in outcomes.values():
+                if o.status == "skipped" and o.sample_id in complete:
+                    try:
+                        o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
+                    except (OSError, RuntimeError, ValueError) as exc:   # its embeddings stay; the row says why
+                        o.fail(exc)
+        sweep_temporaries(store.output_dir, formats)
 
     def _finish_store(self, store, outcomes: dict, slides_kept: bool) -> None:
         level, ex = self.model.level, self.execution

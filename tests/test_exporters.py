@@ -502,3 +502,20 @@ def test_slide_and_patient_rows_where_the_format_has_a_place(run, tmp_path):
     np.testing.assert_array_equal(np.load(out / "patient_embeddings" / "p1.npz")["embedding"], patient)
     assert not (out / "geojson" / "c.geojson").exists()   # only the samples asked for
     assert not any("trident" in p.parts and "p1" in p.name for p in paths)   # TRIDENT has no patients
+
+
+def test_temporaries_of_dead_writers_are_swept(run, tmp_path):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    folder = tmp_path / "geojson"
+    folder.mkdir()
+    left = folder / f".a.geojson.{host}-{int(dead.stdout)}-0123abcd.tmp"           # a killed writer's
+    mine = folder / f".b.geojson.{host}-{os.getpid()}-0123abcd.tmp"                  # a live writer's
+    other = folder / f".c.geojson.another-host-{int(dead.stdout)}-0123abcd.tmp"     # not ours to judge
+    for p in (left, mine, other):
+        p.write_text("{")
+    export(run, "geojson", dest=tmp_path)
+    assert not left.exists() and mine.exists() and other.exists()
+    assert json.loads((folder / "a.geojson").read_text())["type"] == "FeatureCollection"

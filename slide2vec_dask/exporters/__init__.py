@@ -35,7 +35,7 @@ _MODULES = {"trident-h5": "trident_h5", "clam-h5": "clam_h5", "stamp-h5": "stamp
             "spatialdata": "spatialdata_", "geojson": "geojson"}
 
 __all__ = ["FORMATS", "check_available", "current_files", "export", "export_slide", "export_row", "flat_first",
-           "formats_of"]
+           "formats_of", "sweep_temporaries"]
 
 
 def formats_of(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -68,6 +68,20 @@ def check_available(formats: Iterable[str]) -> None:
         extra = _exporter(fmt).EXTRA
         for module in _NEEDS.get(extra, ()):
             need(module, fmt, extra)
+
+
+_ROOTS = {"trident-h5": ("trident",), "clam-h5": ("clam",), "stamp-h5": ("stamp",), "anndata": ("anndata",),
+          "spatialdata": ("spatialdata",), "geojson": ("geojson",),
+          **{f: ("tile_embeddings", "hierarchical_embeddings", "slide_embeddings", "patient_embeddings")
+             for f in ("pt", "npz")}}
+
+
+def sweep_temporaries(dest: str | Path, formats: Iterable[str]) -> int:
+    """Remove what writers killed mid-export left (hidden temporaries of dead processes on this host)."""
+    from slide2vec_dask.exporters._base import sweep
+
+    roots = {r for fmt in formats_of(tuple(formats)) for r in _ROOTS[fmt]}
+    return sum(sweep(Path(dest) / r) for r in sorted(roots) if (Path(dest) / r).is_dir())
 
 
 def _dest(store, dest) -> Path:
@@ -172,4 +186,5 @@ def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequ
     for pid in sorted(patients):
         if samples is None or chosen & set(store.patient_slides(pid)):
             written += export_row(store, "patient", pid, formats, dest, force)
+    sweep_temporaries(_dest(store, dest), formats)
     return written

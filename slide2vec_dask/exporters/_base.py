@@ -9,7 +9,7 @@ even when its metadata is byte for byte the same.  The sidecar is written *after
 every file of the export is renamed into place, so a crash in between leaves an
 export that the next run redoes, never one that claims to be current.  Temporary
 files are hidden (``.<name>.<host>-<pid>-<token>.tmp``); those of dead processes on
-this host are removed when the same target is written again.
+this host are swept once per run (`sweep`), not at every write.
 """
 
 from __future__ import annotations
@@ -193,22 +193,28 @@ def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _sweep(target: Path) -> None:
-    """Temporaries of ``target`` left by dead processes on this host (a crash, a kill)."""
-    prefix = f".{target.name}.{_HOST}-"
-    try:
-        entries = list(os.scandir(target.parent))
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
-            continue
-        try:
-            pid = int(entry.name[len(prefix):].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            _remove(Path(entry.path))
+def sweep(root: Path) -> int:
+    """Temporaries left under ``root`` by dead processes of this host (a crash, a kill); how many went.
+
+    Run once per folder tree (at the end of a run, by `export`), never per file: a folder of
+    a cohort's exports holds one entry per slide, and a scan per write would be quadratic.
+    """
+    marker = f".{_HOST}-"
+    removed = 0
+    for folder, dirs, files in os.walk(root):
+        for name in list(dirs) + files:
+            if not (name.startswith(".") and name.endswith(".tmp") and marker in name):
+                continue
+            try:
+                pid = int(name.rsplit(marker, 1)[1].split("-")[0])
+            except (IndexError, ValueError):
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                _remove(Path(folder) / name)
+                removed += 1
+        # never into a store (a .zarr folder) or a temporary: neither holds other exports
+        dirs[:] = [d for d in dirs if not d.endswith((".zarr", ".tmp"))]
+    return removed
 
 
 def _alive(pid: int) -> bool:
@@ -231,7 +237,6 @@ def _remove(path: Path) -> None:
 def atomic(target: Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` a file or a folder next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(target)
     tmp = _tmp_name(target)
     try:
         write(tmp)
