@@ -122,7 +122,7 @@ class TileSource:
         """Tile side in pixels at the requested spacing (what the encoder saw)."""
         if "requested_tile_size_px" in self.attrs:
             return int(self.attrs["requested_tile_size_px"])
-        return int(self._plan().requested_tile_size_px)
+        return int(self.plan().requested_tile_size_px)
 
     @property
     def requested_spacing_um(self) -> float:
@@ -133,7 +133,7 @@ class TileSource:
         """Level-0 spacing (µm/px): from the tile attrs, or (older stores) from the saved plan."""
         if "slide_spacing_um" in self.attrs:
             return float(self.attrs["slide_spacing_um"])
-        return float(self._plan().slide_spacing_um)
+        return float(self.plan().slide_spacing_um)
 
     @property
     def level0_size(self) -> tuple[int, int] | None:
@@ -143,10 +143,7 @@ class TileSource:
         return None
 
     def plan(self):
-        """The slide's saved plan (`TileGrid`), when it is where the pipeline puts it."""
-        return self._plan()
-
-    def _plan(self):
+        """The slide's saved plan (`TileGrid`), where the pipeline puts it."""
         from slide2vec_dask.tiling.grid import TileGrid
 
         path = Path(self.store.output_dir) / "coordinates" / f"{self.sample_id}.npz"
