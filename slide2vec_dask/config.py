@@ -4,8 +4,8 @@ Both dataclasses check every value at construction — its type (a boolean is
 ``True``/``False``, never ``"flase"``; a number is a number), its range, and
 each key of the dict-valued options — so the Python API, YAML files and CLI
 overrides (all of which build these classes) refuse a typo before any
-cluster starts or any file is touched.  Fields that belong to a capability this release does
-not have yet raise ``NotImplementedError`` when set, never silently ignored.
+cluster starts or any file is touched.  An option this release cannot act on
+does not exist (slide2vec's ``on_the_fly`` / ``read_tiles_from`` are not fields).
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-BACKENDS = ("auto", "tifffile", "openslide", "cucim", "vips", "asap")
+from slide2vec_dask.slide.registry import backend_names
+
+BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
 PRECISIONS = ("fp16", "bf16", "fp32")
 SEGMENTATION_METHODS = ("hsv", "otsu", "threshold")
 # Per-slide files written next to the store (see slide2vec_dask.exporters, one module each).
@@ -181,10 +183,8 @@ class PreprocessingConfig:
     segmentation: Mapping[str, Any] = field(default_factory=dict)
     filtering: Mapping[str, Any] = field(default_factory=dict)
     preview: Mapping[str, Any] = field(default_factory=dict)
-    on_the_fly: bool = True
     use_supertiles: bool = True
     read_coordinates_from: str | Path | None = None
-    read_tiles_from: str | Path | None = None
     resume: bool = False
     region_tile_multiple: int | None = None
     requested_region_size_px: int | None = None
@@ -196,9 +196,9 @@ class PreprocessingConfig:
         check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
         check_number("tissue_threshold", self.tissue_threshold, 0, 1)
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
-        for name in ("on_the_fly", "use_supertiles", "resume"):
+        for name in ("use_supertiles", "resume"):
             check_bool(name, getattr(self, name))
-        for name in ("read_coordinates_from", "read_tiles_from"):
+        for name in ("read_coordinates_from",):
             check_path(name, getattr(self, name))
         seg = _merged("segmentation", self.segmentation, SEGMENTATION_DEFAULTS, _SEGMENTATION_CHECKS)
         filt = _merged("filtering", self.filtering, FILTERING_DEFAULTS, _FILTERING_CHECKS)
@@ -206,16 +206,6 @@ class PreprocessingConfig:
         object.__setattr__(self, "segmentation", seg)
         object.__setattr__(self, "filtering", filt)
         object.__setattr__(self, "preview", prev)
-        if not self.on_the_fly:
-            raise NotImplementedError(
-                "on_the_fly=False (tiles extracted to disk first) is not supported: slide2vec-dask always "
-                "reads tiles straight from the slide, which is what on_the_fly=True does."
-            )
-        if self.read_tiles_from is not None:
-            raise NotImplementedError(
-                "read_tiles_from (pre-extracted tile tar archives) is not supported: tiles are read from "
-                "the slide itself; use read_coordinates_from to reuse a tiling."
-            )
         if self.region_tile_multiple is not None:
             check_int("region_tile_multiple (regions of R x R tiles)", self.region_tile_multiple, 2, 64)
         check_int("requested_region_size_px", self.requested_region_size_px, TILE_SIZE_RANGE_PX[0] * 2,

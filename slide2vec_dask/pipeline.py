@@ -140,6 +140,7 @@ class Pipeline:
         out = Path(self.execution.output_dir)
         store = EmbeddingStore(out)
         run_attrs = self._run_attrs(config)
+        self._prints: dict[tuple[str, str], dict | None] = {}
         if not self.execution.overwrite and store.exists():
             # A rerun with nothing to do only reads the store (which may be on a read-only mount);
             # its report, process_list.csv, is rewritten where the folder allows it.
@@ -310,7 +311,10 @@ class Pipeline:
                 continue
             try:
                 records = store.provenance(sid, pid if level == "patient" else "")
-                now = current_fingerprints(it.image_path, it.mask_path) if records else None
+                key = (str(it.image_path), str(it.mask_path or ""))
+                if records and key not in self._prints:   # (once per run: this split runs before and after the lock)
+                    self._prints[key] = current_fingerprints(it.image_path, it.mask_path)
+                now = self._prints.get(key)
                 reason = next(filter(None, (why_stale(r, now) for r in records)), None)
             except (OSError, ValueError) as exc:
                 reason = f"its stored outputs cannot be read ({type(exc).__name__}: {exc})"

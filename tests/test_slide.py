@@ -141,18 +141,27 @@ def test_truncated_slide(tmp_path, syn_svs):
         open_slide(cut)
 
 
-@pytest.mark.parametrize("backend,package", [("cucim", "cucim"), ("vips", "pyvips"),
-                                             ("asap", "multiresolutionimageinterface")])
-def test_optional_backends_say_what_to_install(syn_svs, backend, package):
+@pytest.mark.parametrize("backend,package,extra", [("cucim", "cucim", "slide2vec-dask[cucim]"),
+                                                   ("vips", "pyvips", "slide2vec-dask[vips]"),
+                                                   ("asap", "multiresolutionimageinterface", "ASAP")])
+def test_a_backend_whose_library_is_missing_says_what_to_install(syn_svs, monkeypatch, backend, package, extra):
     import importlib.util
 
-    if importlib.util.find_spec(package) is not None:   # installed (pyvips is, for the tests that write with it)
-        with pytest.raises(NotImplementedError, match=f"backend={backend!r}.*not implemented"):
-            open_slide(syn_svs, backend=backend)
-        return
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     with pytest.raises(ImportError, match=package) as info:
         open_slide(syn_svs, backend=backend)
-    assert "install" in str(info.value)
+    assert extra in str(info.value)
+
+
+def test_asap_is_refused_even_when_installed(syn_svs, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "multiresolutionimageinterface" else real(name, *a))
+    with pytest.raises(NotImplementedError, match="asap.*openslide"):
+        open_slide(syn_svs, backend="asap")
 
 
 def test_unknown_backend(syn_svs):

@@ -2,79 +2,77 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from slide2vec_dask.slide import registry
 from slide2vec_dask.slide.base import Slide, UnreadableSlideError
-
-# Names users know from other tools; each needs its own library.
-_OPTIONAL = {
-    "cucim": ("cucim", "pip install cucim-cu12  (NVIDIA GPUs, Linux)"),
-    "vips": ("pyvips", "pip install pyvips[binary]"),
-    "asap": ("multiresolutionimageinterface", "install ASAP from https://github.com/computationalpathologygroup/ASAP/releases"),
-}
 
 
 def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: float | None = None) -> Slide:
     """Open a whole-slide image without decoding any pixels.
 
-    ``backend="auto"`` uses tifffile for SVS, generic tiled TIFF and OME-TIFF
-    (fast tile decoding) and OpenSlide for everything else.
-    ``spacing_at_level_0`` (µm/px) overrides what the file says.
+    ``backend="auto"`` asks every installed reader (`slide.registry`) how well
+    it reads the file and takes the best: tifffile for SVS, generic TIFF and
+    OME-TIFF (fast tile decoding), OpenSlide for everything else.  A DICOM WSI
+    folder opens through OpenSlide.  ``spacing_at_level_0`` (µm/px) overrides
+    what the file says.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"slide not found: {path}")
     if path.is_dir():
-        raise UnreadableSlideError(f"{path} is a directory, not a slide file (for MRXS pass the .mrxs file)")
-    if backend == "auto":
-        backend = _auto_backend(path)
+        path, backend = _folder_slide(path, backend)
     return Slide(path, _make_reader(path, backend), spacing_at_level_0)
 
 
-def _auto_backend(path: Path) -> str:
-    import tifffile
-
-    from slide2vec_dask.slide.tiff import TiffReader
-
-    try:
-        with tifffile.TiffFile(path) as tif:
-            return "tifffile" if TiffReader.reads_natively(tif) else "openslide"
-    except Exception:
-        return "openslide"
-
-
 def _make_reader(path: Path, backend: str):
-    if backend == "tifffile":
-        from slide2vec_dask.slide.tiff import TiffReader
-
-        try:
-            return TiffReader(path)
-        except Exception as exc:
-            raise UnreadableSlideError(f"{path}: tifffile cannot read it as a slide ({type(exc).__name__}: {exc}); "
-                                       "is the file complete? backend='openslide' may read other formats") from exc
-    if backend == "openslide":
-        import openslide
-
-        from slide2vec_dask.slide.openslide_backend import OpenSlideReader
-
-        try:
-            return OpenSlideReader(path)
-        except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
+    if backend == "auto":
+        spec = registry.choose(path)
+        if spec is None:
             raise UnreadableSlideError(
-                f"{path}: not a readable whole-slide image (OpenSlide: {exc}). "
+                f"{path}: no installed reader opens this file (tried {', '.join(_installed())}). "
                 "Check that the file is complete and in a slide format (SVS, TIFF, NDPI, MRXS, DICOM, ...)."
-            ) from exc
-    if backend in _OPTIONAL:
-        module, how = _OPTIONAL[backend]
-        if importlib.util.find_spec(module) is None:
-            raise ImportError(f"backend={backend!r} needs the {module!r} package, which is not installed: {how}")
-        raise NotImplementedError(
-            f"backend={backend!r} is recognised but not implemented yet; use 'tifffile', 'openslide' or 'auto'"
+            )
+        return spec.open(path)
+    return registry.require(backend).open(path)
+
+
+def _installed() -> list[str]:
+    return [spec.name for spec in registry.readers() if spec.available()]
+
+
+def _folder_slide(folder: Path, backend: str) -> tuple[Path, str]:
+    """A DICOM WSI folder opens as its series (OpenSlide reads it from any one of its files)."""
+    dicom = next((f for f in sorted(folder.iterdir())[:200] if f.is_file() and _is_dicom(f)), None)
+    if dicom is None:
+        raise UnreadableSlideError(f"{folder} is a directory, not a slide file (for MRXS pass the .mrxs file; "
+                                   "a DICOM WSI folder holds .dcm files, and this one holds none)")
+    if backend not in ("auto", "openslide"):
+        raise UnreadableSlideError(f"{folder} is a DICOM WSI folder, which only backend='openslide' (or 'auto') "
+                                   f"reads, not backend={backend!r}")
+    try:
+        registry.require("openslide")
+    except ImportError as exc:
+        raise UnreadableSlideError(f"{folder} is a DICOM WSI folder; reading it needs OpenSlide 4: {exc}") from exc
+    import openslide
+
+    if openslide.OpenSlide.detect_format(str(dicom)) != "dicom":
+        raise UnreadableSlideError(
+            f"{folder} is a DICOM folder but OpenSlide does not read {dicom.name} as a whole-slide image "
+            "(it needs the VL Whole Slide Microscopy series, e.g. as wsidicomizer writes it; "
+            f"OpenSlide {openslide.__library_version__} reads DICOM from 4.0 on)"
         )
-    raise ValueError(f"unknown backend {backend!r}; choose auto, tifffile, openslide, cucim, vips or asap")
+    return dicom, "openslide"
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 _OPEN: "OrderedDict[tuple, Slide]" = OrderedDict()

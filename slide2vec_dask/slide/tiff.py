@@ -9,6 +9,7 @@ halves decode throughput and does not scale with threads.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import weakref
@@ -19,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from slide2vec_dask.slide.base import usable_spacing
+from slide2vec_dask.slide.base import UnreadableSlideError, usable_spacing
+from slide2vec_dask.slide.registry import ReaderSpec
+
+log = logging.getLogger(__name__)
 
 # Vendor TIFF dialects whose geometry or colour tifffile does not give us as
 # plain tiles; OpenSlide handles them (auto picks it for these).
@@ -66,6 +70,10 @@ class TiffReader:
         # A reader dropped from the open-slide cache closes its file when it is freed.
         self._closer = weakref.finalize(self, _close_both, self._fd, self._tif)
         self.level_shapes = [(lv.page.shape[0], lv.page.shape[1]) for lv in self._levels]
+        big = [i for i, lv in enumerate(self._levels) if not lv.page.is_tiled and lv.seg_h * lv.seg_w > 1 << 24]
+        if big:
+            log.warning("%s: level(s) %s are stored in strips of over 16 MP; every block read decodes whole "
+                        "strips, so reading is slow (re-save the slide as a tiled TIFF to avoid this)", path, big)
         h0, w0 = self.level_shapes[0]
         self.level_downsamples = [((h0 / h) + (w0 / w)) / 2 for h, w in self.level_shapes]
 
@@ -75,7 +83,8 @@ class TiffReader:
         page = tif.pages.first
         if any(getattr(page, flag, False) for flag in _OPENSLIDE_DIALECTS):
             return False
-        return page.is_tiled and page.dtype == np.uint8 and page.planarconfig == 1
+        # Tiles, or strips (a plain TIFF image: OpenSlide reads no strips at all).
+        return page.dtype == np.uint8 and page.planarconfig == 1 and page.samplesperpixel in (1, 3, 4)
 
     @staticmethod
     def _level(page: tifffile.TiffPage) -> _Level:
@@ -90,7 +99,7 @@ class TiffReader:
                 sy, sx = row * lv.seg_h, col * lv.seg_w
                 ty0, tx0 = max(y, sy), max(x, sx)
                 ty1, tx1 = min(y + height, sy + lv.seg_h), min(x + width, sx + lv.seg_w)
-                seg = self._segment(lv, row * lv.cols + col)
+                seg = self._segment(lv, row * lv.cols + col, level)
                 out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
         return out
 
@@ -137,7 +146,7 @@ class TiffReader:
             out[y : y + th, x : x + tw] = tile[: out.shape[0] - y, : out.shape[1] - x]
         return out
 
-    def _segment(self, lv: _Level, index: int) -> np.ndarray:
+    def _segment(self, lv: _Level, index: int, level: int) -> np.ndarray:
         count = lv.counts[index]
         if count == 0:  # sparse file: a tile that was never written is background
             return np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
@@ -145,10 +154,9 @@ class TiffReader:
         try:
             seg = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)[0]
         except Exception as exc:
-            from slide2vec_dask.slide.base import UnreadableSlideError
-
-            raise UnreadableSlideError(f"{self.path}: tile {index} of page {lv.page.index} cannot be decoded "
-                                       f"({type(exc).__name__}: {exc}); the file is damaged") from exc
+            raise UnreadableSlideError(f"{self.path}: level {level}, tile {index} (column {index % lv.cols}, row "
+                                       f"{index // lv.cols}; page {lv.page.index}) cannot be decoded "
+                                       f"({type(exc).__name__}: {exc}); the file is damaged there") from exc
         seg = seg.reshape(seg.shape[-3:])
         if seg.shape[-1] == 1:
             return np.repeat(seg, 3, axis=-1)
@@ -253,3 +261,21 @@ def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     return usable_spacing(um_per_unit * den / num)
 
 
+
+
+def _claims(probe) -> int:
+    return 100 if probe.tiff is not None and TiffReader.reads_natively(probe.tiff) else 0
+
+
+def _open(path: Path) -> TiffReader:
+    try:
+        return TiffReader(path)
+    except Exception as exc:
+        raise UnreadableSlideError(f"{path}: tifffile cannot read it as a slide ({type(exc).__name__}: {exc}); "
+                                   "is the file complete? backend='openslide' may read other formats") from exc
+
+
+READER = ReaderSpec(
+    name="tifffile", requires="tifffile", install="pip install tifffile imagecodecs", claims=_claims, open=_open,
+    formats="SVS (JPEG, JPEG 2000 YCbCr/RGB), generic tiled or stripped TIFF, OME-TIFF (SubIFD pyramids)",
+)
