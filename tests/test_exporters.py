@@ -433,9 +433,19 @@ def test_killed_run_leaves_no_partial_export_and_rerun_completes(slides, tmp_pat
     h5_dir = out / "trident" / "20x_224px_0px_overlap" / "features_pooled-linear"
     proc = subprocess.Popen([sys.executable, str(script), str(out), str(manifest)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sd_dir = out / "spatialdata"
+
+    def writing() -> bool:
+        """A SpatialData export being written: its temporary, or its final name not yet recorded."""
+        try:
+            names = {p.name for p in sd_dir.iterdir()}
+        except FileNotFoundError:
+            return False
+        return any(n.endswith(".tmp") or n.endswith(".zarr") and f".{n}.source.json" not in names for n in names)
+
     deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline and not (h5_dir.is_dir() and any(h5_dir.glob("*.h5"))):
-        time.sleep(0.01)
+    while proc.poll() is None and time.time() < deadline and not writing():
+        time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
