@@ -23,6 +23,7 @@ _EXPORTS = {
     "PatientArtifact": "slide2vec_dask.results",
     "Pipeline": "slide2vec_dask.pipeline",
     "open_embeddings": "slide2vec_dask.store",
+    "export": "slide2vec_dask.exporters",
     "OutputDirError": "slide2vec_dask.store.output_dir",
     "OutputDirLocked": "slide2vec_dask.store.output_dir",
     "read_manifest": "slide2vec_dask.manifest",
@@ -54,6 +55,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
     from slide2vec_dask.encoders.registry import list_models
+    from slide2vec_dask.exporters import export
     from slide2vec_dask.model import Model
     from slide2vec_dask.progress import activate_progress_reporter
     from slide2vec_dask.manifest import read_manifest

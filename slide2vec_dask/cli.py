@@ -1,9 +1,9 @@
-"""Command line: ``slide2vec-dask run | embed | models``.
+"""Command line: ``slide2vec-dask run | embed | export | models``.
 
 ``run CONFIG.yaml [key=value ...]`` runs the `Pipeline` described by a YAML
 file (sections ``manifest``, ``model``, ``preprocessing``, ``execution``),
 with dotted overrides; ``embed`` does the same from flags alone; ``models``
-lists the presets.
+lists the presets; ``export`` writes a finished run in other tools' formats.
 
 Exit codes: 0 when every slide succeeded or was skipped, 1 when any slide
 failed (the summary names them; ``process_list.csv`` has the errors), 2 for
@@ -400,9 +400,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    from slide2vec_dask.exporters import export
+
+    samples = [s for s in args.samples.split(",") if s] if args.samples else None
+    try:
+        paths = export(args.output_dir, args.formats, samples=samples, dest=args.dest, force=args.force)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"{len(paths)} file(s) in {', '.join(args.formats)} under {args.dest or args.output_dir}")
+    return EXIT_OK
+
+
 # -- parser ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from slide2vec_dask import __version__
+    from slide2vec_dask.config import OUTPUT_FORMATS
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Whole-slide images to tile embeddings with pathology foundation models, on Dask.",
@@ -459,10 +472,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tile spacing in µm/px (--timm: the model's, default 0.5; --model: requested)")
     embed.add_argument("--tile-size", type=int, metavar="PX",
                        help="tile size in px (--timm: the model's, default 224; --model: requested)")
-    embed.add_argument("--output-format", choices=("pt", "npz"),
-                       help="also write DIR/tile_embeddings/<sample_id>.pt|.npz per slide")
+    embed.add_argument("--output-format", choices=OUTPUT_FORMATS, action="append", metavar="FORMAT",
+                       help="also write each slide's file in this format as it finishes (repeatable): "
+                            + ", ".join(OUTPUT_FORMATS))
     embed.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming")
     embed.set_defaults(func=cmd_embed)
+
+    exp = sub.add_parser(
+        "export", help="write a finished run's embeddings in other tools' formats",
+        description="Write the slides (and slide/patient embeddings) of OUTPUT_DIR/embeddings.zarr as the "
+                    "files other tools read. Files already up to date are skipped.",
+        epilog="formats: trident-h5 (TRIDENT/Patho-Bench), clam-h5 (CLAM), stamp-h5 (STAMP), anndata, "
+               "spatialdata (LazySlide/wsidata), geojson (QuPath), pt/npz (slide2vec). "
+               "exit codes: 0 done, 2 usage error or missing optional library")
+    exp.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output folder (holds embeddings.zarr)")
+    exp.add_argument("--format", required=True, action="append", choices=OUTPUT_FORMATS, metavar="FORMAT",
+                     dest="formats", help="repeatable: " + ", ".join(OUTPUT_FORMATS))
+    exp.add_argument("--samples", metavar="ID[,ID...]", help="only these sample ids (default: every finished slide)")
+    exp.add_argument("--dest", metavar="DIR", help="where the files go (default: OUTPUT_DIR)")
+    exp.add_argument("--force", action="store_true", help="rewrite files that are already up to date")
+    exp.set_defaults(func=cmd_export)
 
     models = sub.add_parser("models", help="list the model presets",
                             description="List the model presets usable with --model / model.preset.")

@@ -21,6 +21,8 @@ from slide2vec_dask.slide.registry import backend_names
 BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
 PRECISIONS = ("fp16", "bf16", "fp32")
 SEGMENTATION_METHODS = ("hsv", "otsu", "threshold")
+# Per-slide files written next to the store (see slide2vec_dask.exporters, one module each).
+OUTPUT_FORMATS = ("pt", "npz", "trident-h5", "clam-h5", "stamp-h5", "anndata", "spatialdata", "geojson")
 
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "method": "hsv",
@@ -252,7 +254,7 @@ class ExecutionOptions:
     prefetch_factor: int = 4
     persistent_workers: bool = True
     output_dir: str | Path | None = None
-    output_format: str | None = None
+    output_format: str | tuple[str, ...] | None = None   # one name or several; kept as a tuple
     save_tile_embeddings: bool = False
     save_slide_embeddings: bool = False
     save_latents: bool = False
@@ -271,8 +273,13 @@ class ExecutionOptions:
                      "channels_last", "overwrite"):
             check_bool(name, getattr(self, name))
         check_path("output_dir", self.output_dir)
-        if self.output_format is not None and self.output_format not in ("pt", "npz"):
-            raise ValueError(f"output_format must be 'pt', 'npz' or None, got {self.output_format!r}")
+        if self.output_format is not None:
+            given = self.output_format
+            names = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()
+            if not names or any(n not in OUTPUT_FORMATS for n in names):
+                raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, a list of them, or None; "
+                                 f"got {given!r}")
+            object.__setattr__(self, "output_format", tuple(dict.fromkeys(names)))
         if self.scheduler_address is not None and not isinstance(self.scheduler_address, str):
             raise ValueError(f"scheduler_address must be a string like 'tcp://host:port', "
                              f"got {self.scheduler_address!r}")

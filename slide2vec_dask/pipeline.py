@@ -58,6 +58,10 @@ class Pipeline:
                              "save_slide_embeddings is for patient-level models")
         if ex.save_latents and model.slide_spec.latent_dim is None:
             raise ValueError(f"save_latents=True but {model.slide_spec.name!r} has no latents")
+        if ex.output_format:
+            from slide2vec_dask.exporters import check_available
+
+            check_available(ex.output_format)   # a missing extra fails here, not on the first finished slide
         self.client = client
 
     # -- entry points ------------------------------------------------------
@@ -143,7 +147,7 @@ class Pipeline:
             store.check_run(run_attrs)
             outcomes = self._outcomes(items)
             left = self._what_is_left(store, items, outcomes)
-            if not any(left[:4]) and store.is_consolidated():
+            if not any(left[:4]) and store.is_consolidated() and self._exports_current(store, outcomes):
                 process_list = out / "process_list.csv"
                 try:
                     _ProcessList(process_list, outcomes).write()
@@ -196,6 +200,7 @@ class Pipeline:
                     driver.run(todo, aggregate, resolved)
                 finally:
                     reporter.close()
+            self._refresh_exports(store, outcomes)
         finally:
             if cluster is not None:
                 client.close()
@@ -206,6 +211,52 @@ class Pipeline:
                 raise _environment(f"could not write {process_list}; the store {store.path} holds every "
                                    "slide that finished (a rerun skips them and writes the list)", exc) from exc
         return self._result(store, outcomes, process_list)
+
+    def _exports_current(self, store, outcomes: dict) -> bool:
+        """Whether every file ``output_format`` asks of the skipped slides is there and current
+        (then the rerun only reads); their paths go on the outcomes for the artifacts."""
+        from slide2vec_dask.exporters import current_files, flat_first
+
+        formats, ex, level = self.execution.output_format, self.execution, self.model.level
+        if not formats:
+            return True
+        skipped = [o for o in outcomes.values() if o.status == "skipped"]
+        tiles = store.finished_slides() if level == "tile" or ex.save_tile_embeddings else set()
+        rows = store.slide_rows() if level == "slide" or (level == "patient" and ex.save_slide_embeddings) else set()
+        patients = store.patient_rows() if level == "patient" else set()
+        found: dict[tuple[str, str], list[Path] | None] = {}
+        for o in skipped:
+            for kind, key, present in (("tile", o.sample_id, tiles), ("slide", o.sample_id, rows),
+                                       ("patient", o.patient_id, patients)):
+                if key in present and (kind, key) not in found:
+                    found[kind, key] = current_files(store, kind, key, formats)
+                    if found[kind, key] is None:
+                        return False
+        for o in skipped:
+            o.flat_paths = [str(p) for p in found.get(("tile", o.sample_id), [])]
+            o.slide_flat_path = flat_first(found.get(("slide", o.sample_id), []), "slide")
+            o.patient_flat_path = flat_first(found.get(("patient", o.patient_id), []), "patient")
+        return True
+
+    def _refresh_exports(self, store, outcomes: dict) -> None:
+        """Reruns make what is missing: the exports of slides complete in the store (a format newly
+        asked for, a file deleted or made from an older group) are written from it, nothing embedded;
+        and what writers killed in an earlier run left is swept."""
+        from slide2vec_dask.dataflow.tasks import export_task
+        from slide2vec_dask.exporters import sweep_temporaries
+
+        formats, ex = self.execution.output_format, self.execution
+        if not formats:
+            return
+        if self.model.level == "tile" or ex.save_tile_embeddings:
+            complete = store.finished_slides()
+            for o in outcomes.values():
+                if o.status == "skipped" and o.sample_id in complete:
+                    try:
+                        o.flat_paths = export_task(store, o.sample_id, formats)["flat_paths"]
+                    except (OSError, RuntimeError, ValueError) as exc:   # its embeddings stay; the row says why
+                        o.fail(exc)
+        sweep_temporaries(store.output_dir, formats)
 
     def _finish_store(self, store, outcomes: dict, slides_kept: bool) -> None:
         level, ex = self.model.level, self.execution
@@ -344,8 +395,7 @@ class Pipeline:
             dim = int(self.model.slide_spec.feature_dim)
             for o in done:
                 if o.sample_id in rows:
-                    path = o.slide_flat_path or (store.export_row("slide", o.sample_id, store.output_dir,
-                                                                  ex.output_format) if ex.output_format else None)
+                    path = o.slide_flat_path or _row_flat(store, "slide", o.sample_id, ex.output_format)
                     slide_artifacts.append(SlideArtifact(o.sample_id, dim, store.path, store.table_group("slide"),
                                                          Path(path) if path else None, has_latents=ex.save_latents))
         if level == "patient":
@@ -355,9 +405,8 @@ class Pipeline:
                 by_patient.setdefault(o.patient_id, []).append(o)
             for p, members in by_patient.items():
                 if p in have and all(o.ok for o in members):
-                    path = next((o.patient_flat_path for o in members if o.patient_flat_path), "") or (
-                        store.export_row("patient", p, store.output_dir, ex.output_format)
-                        if ex.output_format else None)
+                    path = next((o.patient_flat_path for o in members if o.patient_flat_path), "") or \
+                        _row_flat(store, "patient", p, ex.output_format)
                     patient_artifacts.append(PatientArtifact(p, [o.sample_id for o in members],
                                                              int(self.model.feature_dim), store.path,
                                                              store.table_group("patient"),
@@ -405,6 +454,13 @@ class _ProcessList:
             raise
         self.last = time.monotonic()
         self.cost = self.last - start
+
+
+def _row_flat(store, level: str, key: str, formats) -> str | None:
+    """A row of an earlier run: its exports (written when missing or stale); slide2vec's flat file first."""
+    from slide2vec_dask.dataflow.tasks import row_exports
+
+    return row_exports(store, level, key, formats)["flat_path"] or None if formats else None
 
 
 def _version() -> str:

@@ -131,8 +131,12 @@ def aggregate_stored(artifacts: list, spec: AggregatorSpec, execution) -> list:
     for a in artifacts:
         flat = None
         if execution.output_format is not None:
+            from slide2vec_dask.exporters import export_row
+
             folder = Path(execution.output_dir) if execution.output_dir is not None else Path(a.store_path).parent
-            flat = stores[a.sample_id].export_row("slide", a.sample_id, folder, execution.output_format)
+            paths = export_row(stores[a.sample_id], "slide", a.sample_id, execution.output_format, folder)
+            flat = next((p for p in paths if p.suffix in (".pt", ".npz") and p.parent.name == "slide_embeddings"),
+                        paths[0] if paths else None)
         out.append(SlideArtifact(a.sample_id, int(spec.feature_dim), Path(a.store_path),
                                  EmbeddingStore.table_group("slide"), flat,
                                  has_latents=execution.save_latents))

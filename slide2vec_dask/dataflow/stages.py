@@ -252,6 +252,7 @@ class CohortDriver:
         row = self.outcomes[sid]
         row.num_tiles = int(result["num_tiles"])
         row.slide_flat_path = result["flat_path"]
+        row.flat_paths = list(row.flat_paths) + [p for p in result["export_paths"] if p != result["flat_path"]]
         self._slide_row_in(sid)
 
     def _slide_row_in(self, sid: str) -> None:
@@ -292,6 +293,9 @@ class CohortDriver:
                 self._fail(s, result, patient=False)
             else:
                 row.store_group, row.patient_flat_path = self.store.table_group("patient"), result["flat_path"]
+                if s == members[0]:   # the patient's other files, listed once
+                    row.flat_paths = list(row.flat_paths) + [p for p in result["export_paths"]
+                                                             if p != result["flat_path"]]
                 self._succeed(s)
 
     def _isolate(self, kind: str, sid: str, exc: BaseException) -> None:

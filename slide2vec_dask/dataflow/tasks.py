@@ -84,6 +84,10 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
              "mask_path": "" if item.mask_path is None else str(item.mask_path),
              "encoder": spec.name, "feature_dim": int(spec.feature_dim), "read_level": int(grid.level),
              "read_tile_size_px": int(grid.read_tile_size_px), "slide2vec_dask_version": __version__,
+             # what exports state in their own units: level-0 spacing and size, tile size asked for
+             "slide_spacing_um": float(grid.slide_spacing_um), "read_spacing_um": float(grid.read_spacing_um),
+             "requested_tile_size_px": int(grid.requested_tile_size_px),
+             "level0_height": int(slide.level_shapes[0][0]), "level0_width": int(slide.level_shapes[0][1]),
              **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint")}}
     plan_path = str(Path(execution.output_dir) / "coordinates" / f"{item.sample_id}.npz")
     return PlannedSlide(item.sample_id, SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0),
@@ -110,15 +114,24 @@ def embed_block(pixels: np.ndarray, keep: np.ndarray, *, store: EmbeddingStore, 
 
 
 def finalize_task(store: EmbeddingStore, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any],
-                  output_format: str | None) -> dict[str, Any]:
-    """Publish the slide's tile embeddings (and its flat files when asked)."""
+                  output_format: tuple[str, ...] | None) -> dict[str, Any]:
+    """Publish the slide's tile embeddings, then its exports in each asked format (as it finishes)."""
+    from slide2vec_dask.exporters import export_slide
+
     done = store.finalize_slide(sample_id, plan_path, k, attrs)
-    flat = store.export_tiles(sample_id, store.output_dir, output_format) if output_format else []
+    flat = export_slide(store, sample_id, output_format or ())
     return {**done, "flat_paths": [str(p) for p in flat]}
 
 
+def export_task(store: EmbeddingStore, sample_id: str, output_format: tuple[str, ...]) -> dict[str, Any]:
+    """A complete slide of an earlier run whose exports are missing or stale: written, nothing embedded."""
+    from slide2vec_dask.exporters import export_slide
+
+    return {"flat_paths": [str(p) for p in export_slide(store, sample_id, output_format)]}
+
+
 def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSettings, save_latents: bool,
-               attrs: dict[str, Any], keep_tiles: bool, output_format: str | None) -> dict[str, Any]:
+               attrs: dict[str, Any], keep_tiles: bool, output_format: tuple[str, ...] | None) -> dict[str, Any]:
     """``tiles/<id>`` -> ``_slides/<id>``, on the device's own thread; drops the tiles when not kept."""
     from slide2vec_dask.dataflow import worker
 
@@ -147,12 +160,19 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
                         {**attrs, **store.fingerprints("tiles", sample_id), "num_tiles": int(num)})
     if not keep_tiles:
         store.drop_tiles(sample_id)
-    flat = str(store.export_row("slide", sample_id, store.output_dir, output_format)) if output_format else ""
-    return {"num_tiles": int(num), "flat_path": flat}
+    return {"num_tiles": int(num), **row_exports(store, "slide", sample_id, output_format)}
+
+
+def row_exports(store: EmbeddingStore, level: str, key: str, output_format) -> dict[str, Any]:
+    """The row's exports: ``flat_path`` (slide2vec's flat file when asked, else the first) and all paths."""
+    from slide2vec_dask.exporters import export_row, flat_first
+
+    paths = [str(p) for p in export_row(store, level, key, output_format or ())]
+    return {"flat_path": flat_first(paths, level), "export_paths": paths}
 
 
 def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], spec, settings: EmbedSettings,
-                 attrs: dict[str, Any], keep_slide_rows: bool, output_format: str | None) -> dict[str, Any]:
+                 attrs: dict[str, Any], keep_slide_rows: bool, output_format: tuple[str, ...] | None) -> dict[str, Any]:
     """The slides' rows in ``_slides`` -> ``_patients/<patient_id>``; drops the slide rows when not kept."""
     from slide2vec_dask.dataflow.aggregate import encode_patient
 
@@ -169,5 +189,4 @@ def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], 
     if not keep_slide_rows:
         for s in sample_ids:
             store.drop_row("slide", s)
-    flat = str(store.export_row("patient", patient_id, store.output_dir, output_format)) if output_format else ""
-    return {"flat_path": flat}
+    return row_exports(store, "patient", patient_id, output_format)

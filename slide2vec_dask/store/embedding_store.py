@@ -368,7 +368,7 @@ class EmbeddingStore:
         _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
         _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], schema.TISSUE_FRACTION_ATTRS)
         group.update_attributes({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
-                                 "tile_size_lv0_units": schema.LEVEL0_PX,
+                                 "tile_size_lv0_units": schema.LEVEL0_PX, "build_id": uuid.uuid4().hex,
                                  "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
                                  "complete": True})
         _consolidate(tmp)
@@ -430,7 +430,7 @@ class EmbeddingStore:
         if latents is not None:
             group.create_array("latents", data=np.asarray(latents, dtype=np.float32),
                                dimension_names=["latent", "latent_feature"])
-        group.update_attributes({**attrs, "complete": True})
+        group.update_attributes({**attrs, "build_id": uuid.uuid4().hex, "complete": True})
         _consolidate(tmp)
         self._ensure_group(_ROWS[level][0])
         self._publish(tmp, self.path / _ROWS[level][0] / key, replace=True)
@@ -498,6 +498,37 @@ class EmbeddingStore:
         """``slide_embeddings/<id>.pt|.npz`` (or ``patient_embeddings/``): one vector (+ latents) per file."""
         group = _open_group(self.path / _ROWS[level][0] / key, mode="r")
         return flat.write_row(group, Path(folder) / f"{level}_embeddings", key, fmt)
+
+    # -- reading for exports -----------------------------------------------------------------
+    def run_attrs(self) -> dict[str, Any]:
+        """The settings the run was made with (``begin_run``'s record)."""
+        return dict(_attrs(self.path).get("run", {}))
+
+    def open_tiles(self, sample_id: str):
+        """A finished slide's ``tiles/<id>`` group (read-only zarr)."""
+        if not self.is_complete(sample_id):
+            raise FileNotFoundError(f"{sample_id}: no finished tile embeddings at {self.path}/tiles/{sample_id}")
+        return _open_group(self.path / "tiles" / sample_id, mode="r")
+
+    def open_row(self, level: str, key: str):
+        """One slide's (patient's) stored row, ``_slides/<id>`` (``_patients/<id>``), read-only."""
+        if not self.has_row(level, key):
+            raise FileNotFoundError(f"{key}: no {level} embedding at {self.path}/{_ROWS[level][0]}/{key}")
+        return _open_group(self.path / _ROWS[level][0] / key, mode="r")
+
+    def source_id(self, level: str, key: str) -> str:
+        """What identifies the stored group an export is made from (``level``: tile, slide, patient).
+
+        The group's ``build_id`` (new at every publication); groups of older stores have
+        none, so their directory inode and metadata mtime stand in (a republished group
+        is a new directory).  An export recorded with another id is stale.
+        """
+        folder = self.path / "tiles" / key if level == "tile" else self.path / _ROWS[level][0] / key
+        attrs = _attrs(folder)
+        if attrs.get("build_id"):
+            return str(attrs["build_id"])
+        meta = (folder / "zarr.json").stat()
+        return f"{folder.stat().st_ino}-{meta.st_mtime_ns}"
 
     # -- the user's view ---------------------------------------------------------------------
     def open(self, chunks: dict | str | None = None):

@@ -30,15 +30,7 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
     choice = choose_level(slide.level_spacings, slide.level_downsamples, spacing_um, tile_size_px,
                           config.spacing_tolerance, sample=sample_id)
     seg, filt = config.segmentation, config.filtering
-    thumb = slide.thumbnail(seg["downsample"])
-    if mask_path is not None:
-        mask = read_mask_file(mask_path, thumb.shape[:2], sample=sample_id)
-    else:
-        mask = segment_tissue(thumb, seg)
-    if filt["a_t"] > 0:
-        ref_lv0 = filt["ref_tile_size"] * spacing_um / slide.spacing   # ref tile side in level-0 px
-        px_area_lv0 = (slide.level_shapes[0][0] / mask.shape[0]) * (slide.level_shapes[0][1] / mask.shape[1])
-        mask = drop_small_components(mask, filt["a_t"] * ref_lv0**2 / px_area_lv0)
+    thumb, mask = tissue_mask(slide, seg, filt, spacing_um=spacing_um, mask_path=mask_path, sample_id=sample_id)
 
     lh, lw = slide.level_shapes[choice.level]
     ds = slide.level_downsamples[choice.level]
@@ -81,6 +73,24 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
             plan.tiling_preview_path = save_tiling_preview(
                 image, grid, slide.level_shapes[0], Path(preview_dir) / "tiling" / f"{sample_id}.png")
     return plan
+
+
+def tissue_mask(slide: Slide, segmentation: dict, filtering: dict, *, spacing_um: float,
+                mask_path: str | Path | None = None, sample_id: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(thumbnail, tissue mask) at the segmentation downsample: what a plan is laid over.
+
+    One function, so an export can redraw the very mask a saved plan was made from.
+    """
+    thumb = slide.thumbnail(segmentation["downsample"])
+    if mask_path is not None:
+        mask = read_mask_file(mask_path, thumb.shape[:2], sample=sample_id)
+    else:
+        mask = segment_tissue(thumb, segmentation)
+    if filtering["a_t"] > 0:
+        ref_lv0 = filtering["ref_tile_size"] * spacing_um / slide.spacing   # ref tile side in level-0 px
+        px_area_lv0 = (slide.level_shapes[0][0] / mask.shape[0]) * (slide.level_shapes[0][1] / mask.shape[1])
+        mask = drop_small_components(mask, filtering["a_t"] * ref_lv0**2 / px_area_lv0)
+    return thumb, mask
 
 
 def selection_config(config: PreprocessingConfig) -> dict:

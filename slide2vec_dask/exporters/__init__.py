@@ -1,0 +1,190 @@
+"""Exports: the run's store as the files other tools read, one module per format.
+
+(The package is ``exporters`` so that ``slide2vec_dask.export`` stays the function.)
+
+========================  ===========================================================
+format                    module (its docstring gives the layout)
+========================  ===========================================================
+``trident-h5``            `trident_h5`   TRIDENT / Patho-Bench patch features
+``clam-h5``               `clam_h5`      CLAM ``h5_files`` + ``pt_files``
+``stamp-h5``              `stamp_h5`     STAMP features, coordinates in µm
+``anndata``               `anndata_`     one ``.h5ad`` per slide
+``spatialdata``           `spatialdata_` one SpatialData zarr per slide (LazySlide / wsidata)
+``geojson``               `geojson`      QuPath tiles and tissue
+``pt`` / ``npz``          `flat`         slide2vec's flat files (the store's own writer)
+========================  ===========================================================
+
+Every export reads the store (never the encoder), writes each file beside its
+target and renames it into place, and is skipped when already current (see
+`_base`: a sidecar records which published group it was made from).  The worker
+that finishes a slide calls `export_slide`; `export` does the same for a
+finished run, from the driver or the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from slide2vec_dask.config import OUTPUT_FORMATS
+from slide2vec_dask.exporters._base import RowSource, TileSource, forget, is_current, record
+
+FORMATS = OUTPUT_FORMATS
+_MODULES = {"trident-h5": "trident_h5", "clam-h5": "clam_h5", "stamp-h5": "stamp_h5", "anndata": "anndata_",
+            "spatialdata": "spatialdata_", "geojson": "geojson"}
+
+__all__ = ["FORMATS", "check_available", "current_files", "export", "export_slide", "export_row", "flat_first",
+           "formats_of", "sweep_temporaries"]
+
+
+def formats_of(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"pt"``, ``["pt", "trident-h5"]`` or None as a tuple of known format names."""
+    if value is None:
+        return ()
+    names = (value,) if isinstance(value, str) else tuple(value)
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"unknown output format(s) {unknown or list(names)}; known: {', '.join(FORMATS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _exporter(fmt: str):
+    if fmt in ("pt", "npz"):
+        from slide2vec_dask.exporters.flat import Flat
+
+        return Flat(fmt)
+    return importlib.import_module(f"slide2vec_dask.exporters.{_MODULES[fmt]}")
+
+
+_NEEDS = {"h5": ("h5py",), "anndata": ("anndata",), "spatialdata": ("anndata", "zarr")}
+
+
+def check_available(formats: Iterable[str]) -> None:
+    """Import what the formats need now: a missing extra is an ImportError naming it, before any work."""
+    from slide2vec_dask.exporters._base import need
+
+    for fmt in formats_of(tuple(formats)):
+        extra = _exporter(fmt).EXTRA
+        for module in _NEEDS.get(extra, ()):
+            need(module, fmt, extra)
+
+
+_ROOTS = {"trident-h5": ("trident",), "clam-h5": ("clam",), "stamp-h5": ("stamp",), "anndata": ("anndata",),
+          "spatialdata": ("spatialdata",), "geojson": ("geojson",),
+          **{f: ("tile_embeddings", "hierarchical_embeddings", "slide_embeddings", "patient_embeddings")
+             for f in ("pt", "npz")}}
+
+
+def sweep_temporaries(dest: str | Path, formats: Iterable[str]) -> int:
+    """Remove what writers killed mid-export left (hidden temporaries of dead processes on this host)."""
+    from slide2vec_dask.exporters._base import sweep
+
+    roots = {r for fmt in formats_of(tuple(formats)) for r in _ROOTS[fmt]}
+    return sum(sweep(Path(dest) / r) for r in sorted(roots) if (Path(dest) / r).is_dir())
+
+
+def _dest(store, dest) -> Path:
+    return Path(dest) if dest is not None else Path(store.output_dir)
+
+
+def export_slide(store, sample_id: str, formats: Iterable[str], dest: str | Path | None = None,
+                 force: bool = False) -> list[Path]:
+    """A finished slide's tile embeddings in each format; files already current are left alone."""
+    formats = formats_of(tuple(formats))
+    if not formats:
+        return []
+    src = TileSource.open(store, sample_id)
+    return [p for fmt in formats for p in _one(_exporter(fmt), fmt, src, _dest(store, dest), force, tiles=True)]
+
+
+def export_row(store, level: str, key: str, formats: Iterable[str], dest: str | Path | None = None,
+               force: bool = False) -> list[Path]:
+    """A stored slide (``level="slide"``) or patient embedding in each format that has a place for it."""
+    formats = formats_of(tuple(formats))
+    if not formats:
+        return []
+    src = RowSource.open(store, level, key)
+    return [p for fmt in formats for p in _one(_exporter(fmt), fmt, src, _dest(store, dest), force, tiles=False)]
+
+
+def _one(exporter, fmt: str, src, dest: Path, force: bool, tiles: bool) -> list[Path]:
+    files = exporter.tile_files(src, dest) if tiles else exporter.row_files(src, dest)
+    if not files:
+        return []
+    if force or not is_current(files, src.source_id, fmt, exporter.LAYOUT):
+        try:
+            forget(files)
+            (exporter.write_tiles if tiles else exporter.write_row)(src, files)
+            record(files, src.source_id, fmt, exporter.LAYOUT)
+        except ImportError:
+            raise
+        except Exception as exc:
+            name = src.sample_id if tiles else src.key
+            raise RuntimeError(f"{name}: writing its {fmt} export {files[0]} failed: "
+                               f"{type(exc).__name__}: {exc}") from exc
+    return files
+
+
+def current_files(store, level: str, key: str, formats: Iterable[str], dest=None) -> list[Path] | None:
+    """The export files of a stored slide's tiles (``level="tile"``) or row when every one is current;
+    None when any must be (re)written.  Cheap: small JSON reads, nothing opened."""
+    formats = formats_of(tuple(formats))
+    src = TileSource.open(store, key) if level == "tile" else RowSource.open(store, level, key)
+    out: list[Path] = []
+    for fmt in formats:
+        ex = _exporter(fmt)
+        files = ex.tile_files(src, _dest(store, dest)) if level == "tile" else ex.row_files(src, _dest(store, dest))
+        if files and not is_current(files, src.source_id, fmt, ex.LAYOUT):
+            return None
+        out += files
+    return out
+
+
+def flat_first(paths: Iterable[Path | str], level: str) -> str:
+    """Of a row's export files, the one its artifact names: slide2vec's flat file when there, else the first."""
+    paths = [str(p) for p in paths]
+    flat = [p for p in paths if Path(p).parent.name == f"{level}_embeddings" and p.endswith((".pt", ".npz"))]
+    return (flat or paths or [""])[0]
+
+
+def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequence[str] | None = None,
+           dest: str | Path | None = None, force: bool = False) -> list[Path]:
+    """Write a run's embeddings (``<output_dir>/embeddings.zarr``) in ``format`` (one name or several).
+
+    ``samples``: the sample ids to export (default: every finished slide); their slide
+    rows and their patients' rows are exported too where the format has a place for
+    them.  ``dest``: where the files go (default ``output_dir``).  Files already current
+    are skipped unless ``force``.  Returns the paths, written or already there.
+    """
+    from slide2vec_dask.store import EmbeddingStore
+
+    formats = formats_of(format)
+    if not formats:
+        raise ValueError(f"no export format given; known: {', '.join(FORMATS)}")
+    store = EmbeddingStore(output_dir)
+    if not store.path.exists():
+        raise FileNotFoundError(f"no embeddings store at {store.path}: run the pipeline with "
+                                f"ExecutionOptions(output_dir={str(output_dir)!r}) first")
+    finished, rows, patients = store.finished_slides(), store.slide_rows(), store.patient_rows()
+    if samples is None:
+        wanted = sorted(finished | rows)
+    else:
+        wanted = list(dict.fromkeys(samples))
+        unknown = [s for s in wanted if s not in finished and s not in rows]
+        if unknown:
+            raise ValueError(f"not in the store {store.path}: {unknown[:5]}"
+                             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+                             + f"; finished slides: {len(finished)}")
+    written: list[Path] = []
+    for sid in wanted:
+        if sid in finished:
+            written += export_slide(store, sid, formats, dest, force)
+        if sid in rows:
+            written += export_row(store, "slide", sid, formats, dest, force)
+    chosen = set(wanted)
+    for pid in sorted(patients):
+        if samples is None or chosen & set(store.patient_slides(pid)):
+            written += export_row(store, "patient", pid, formats, dest, force)
+    sweep_temporaries(_dest(store, dest), formats)
+    return written

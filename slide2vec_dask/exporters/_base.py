@@ -1,0 +1,281 @@
+"""What every exporter shares: a finished slide (or row) as read from the store, atomic
+writes, and the rule that says an export is up to date.
+
+Up to date means: the file(s) exist and their *sidecar* (``.<name>.source.json`` next
+to the first file) names the same source group and the same layout version.  The
+source is `EmbeddingStore.source_id`: a ``build_id`` minted each time a group is
+published, so a slide re-embedded under ``overwrite=True`` makes its exports stale
+even when its metadata is byte for byte the same.  The sidecar is written *after*
+every file of the export is renamed into place, so a crash in between leaves an
+export that the next run redoes, never one that claims to be current.  Temporary
+files are hidden (``.<name>.<host>-<pid>-<token>.tmp``); those of dead processes on
+this host are swept once per run (`sweep`), not at every write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+_HOST = socket.gethostname()
+
+
+# -- optional libraries ---------------------------------------------------------------------
+def need(module: str, fmt: str, extra: str):
+    """Import ``module`` or say which extra to install for ``fmt``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"the {fmt!r} export needs {module}, which is not installed: "
+                          f"pip install 'slide2vec-dask[{extra}]'") from exc
+
+
+# -- names ------------------------------------------------------------------------------------
+def safe_name(name: str) -> str:
+    """A model name as a folder name (``hf-hub:org/model`` -> ``hf-hub_org_model``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def magnification(spacing_um: float) -> float:
+    """The objective magnification a spacing stands for, by the usual convention 10 µm / spacing
+    (0.25 µm/px ≈ 40×, 0.5 ≈ 20×)."""
+    return round(10.0 / float(spacing_um), 2)
+
+
+def mag_label(spacing_um: float) -> str:
+    mag = magnification(spacing_um)
+    return f"{mag:g}"
+
+
+# -- what is read ------------------------------------------------------------------------------
+@dataclass
+class TileSource:
+    """A finished slide's tiles group: arrays read on demand, attrs, and where it came from."""
+
+    store: Any
+    sample_id: str
+    attrs: dict
+    source_id: str
+    _group: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, store, sample_id: str) -> "TileSource":
+        """Cheap (one small JSON read): arrays are opened only when an export is written."""
+        if not store.is_complete(sample_id):
+            raise FileNotFoundError(f"{sample_id}: no finished tile embeddings in {store.path}")
+        return cls(store, sample_id, store.tile_attrs(sample_id), store.source_id("tile", sample_id))
+
+    @property
+    def group(self):
+        if self._group is None:
+            self._group = self.store.open_tiles(self.sample_id)
+        return self._group
+
+    # arrays
+    @property
+    def num_tiles(self) -> int:
+        return int(self.group["embedding"].shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.group["embedding"].shape[1])
+
+    def features(self) -> np.ndarray:
+        return np.asarray(self.group["embedding"][:], dtype=np.float32)
+
+    def feature_chunks(self):
+        """``(start, block)`` over the stored chunks: large slides never sit in memory twice."""
+        emb = self.group["embedding"]
+        step = max(1, emb.chunks[0])
+        for start in range(0, emb.shape[0], step):
+            yield start, np.asarray(emb[start : start + step], dtype=np.float32)
+
+    def xy(self) -> np.ndarray:
+        """(N, 2) int64 level-0 pixel (x, y) of each tile's top-left corner, in store order."""
+        return np.stack([self.group["x"][:], self.group["y"][:]], axis=1).astype(np.int64)
+
+    def tissue_fraction(self) -> np.ndarray:
+        return np.asarray(self.group["tissue_fraction"][:], dtype=np.float32)
+
+    # geometry and units
+    @property
+    def encoder(self) -> str:
+        return str(self.attrs.get("encoder", "") or "encoder")
+
+    @property
+    def tile_size_lv0(self) -> int:
+        return int(self.attrs["tile_size_lv0"])
+
+    @property
+    def tile_size_px(self) -> int:
+        """Tile side in pixels at the requested spacing (what the encoder saw)."""
+        if "requested_tile_size_px" in self.attrs:
+            return int(self.attrs["requested_tile_size_px"])
+        return int(self.plan().requested_tile_size_px)
+
+    @property
+    def requested_spacing_um(self) -> float:
+        return float(self.attrs["requested_spacing_um"])
+
+    @property
+    def slide_spacing_um(self) -> float:
+        """Level-0 spacing (µm/px): from the tile attrs, or (older stores) from the saved plan."""
+        if "slide_spacing_um" in self.attrs:
+            return float(self.attrs["slide_spacing_um"])
+        return float(self.plan().slide_spacing_um)
+
+    @property
+    def level0_size(self) -> tuple[int, int] | None:
+        """(width, height) of level 0, when the store recorded it (runs before it did not)."""
+        if "level0_width" in self.attrs:
+            return int(self.attrs["level0_width"]), int(self.attrs["level0_height"])
+        return None
+
+    def plan(self):
+        """The slide's saved plan (`TileGrid`), where the pipeline puts it."""
+        from slide2vec_dask.tiling.grid import TileGrid
+
+        path = Path(self.store.output_dir) / "coordinates" / f"{self.sample_id}.npz"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.sample_id}: the store's tile attrs lack the slide geometry and the "
+                                    f"saved plan {path} is gone; rerun the slide with overwrite=True")
+        return TileGrid.load(path)
+
+
+@dataclass
+class RowSource:
+    """A stored slide (``level="slide"``) or patient embedding."""
+
+    store: Any
+    level: str
+    key: str
+    attrs: dict
+    source_id: str
+    _group: Any = field(default=None, repr=False)
+
+    @classmethod
+    def open(cls, store, level: str, key: str) -> "RowSource":
+        """Cheap (one small JSON read): the row's arrays are opened only when an export is written."""
+        if not store.has_row(level, key):
+            raise FileNotFoundError(f"{key}: no {level} embedding in {store.path}")
+        return cls(store, level, key, store.row_attrs(level, key), store.source_id(level, key))
+
+    @property
+    def group(self):
+        if self._group is None:
+            self._group = self.store.open_row(self.level, self.key)
+        return self._group
+
+    def embedding(self) -> np.ndarray:
+        return np.asarray(self.group["embedding"][:], dtype=np.float32)
+
+    @property
+    def model(self) -> str:
+        return str(self.attrs.get("model", "") or "model")
+
+
+# -- atomic writes ------------------------------------------------------------------------------
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def sweep(root: Path) -> int:
+    """Temporaries left under ``root`` by dead processes of this host (a crash, a kill); how many went.
+
+    Run once per folder tree (at the end of a run, by `export`), never per file: a folder of
+    a cohort's exports holds one entry per slide, and a scan per write would be quadratic.
+    """
+    marker = f".{_HOST}-"
+    removed = 0
+    for folder, dirs, files in os.walk(root):
+        for name in list(dirs) + files:
+            if not (name.startswith(".") and name.endswith(".tmp") and marker in name):
+                continue
+            try:
+                pid = int(name.rsplit(marker, 1)[1].split("-")[0])
+            except (IndexError, ValueError):
+                continue
+            if pid != os.getpid() and not _alive(pid):
+                _remove(Path(folder) / name)
+                removed += 1
+        # never into a store (a .zarr folder) or a temporary: neither holds other exports
+        dirs[:] = [d for d in dirs if not d.endswith((".zarr", ".tmp"))]
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def atomic(target: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` a file or a folder next to ``target``, then rename it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(target)
+    try:
+        write(tmp)
+        if tmp.is_dir():
+            # A folder cannot be renamed over another: the old one goes aside first (one rename),
+            # so the target is, at every instant, absent, the old export or the new one.
+            if target.exists():
+                old = _tmp_name(target)
+                os.rename(target, old)
+                _remove(old)
+            os.rename(tmp, target)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            _remove(tmp)
+    return target
+
+
+def write_json(target: Path, doc: Any) -> Path:
+    return atomic(target, lambda tmp: tmp.write_text(json.dumps(doc)))
+
+
+# -- the up-to-date rule ----------------------------------------------------------------------
+def sidecar(primary: Path) -> Path:
+    return primary.with_name(f".{primary.name}.source.json")
+
+
+def is_current(files: list[Path], source_id: str, fmt: str, layout: int) -> bool:
+    try:
+        doc = json.loads(sidecar(files[0]).read_text())
+    except (OSError, ValueError):
+        return False
+    return (doc.get("source") == source_id and doc.get("format") == fmt and doc.get("layout") == layout
+            and all(f.exists() for f in files))
+
+
+def record(files: list[Path], source_id: str, fmt: str, layout: int) -> None:
+    write_json(sidecar(files[0]), {"source": source_id, "format": fmt, "layout": layout,
+                                   "files": [f.name for f in files]})
+
+
+def forget(files: list[Path]) -> None:
+    """Before rewriting: the export no longer claims to be current (a crash mid-rewrite is redone)."""
+    sidecar(files[0]).unlink(missing_ok=True)
