@@ -22,6 +22,20 @@ SYN_TILES = {(r, c) for y0, x0, y1, x1 in SYN_RECTS for r in range(y0 // 224, y1
              for c in range(x0 // 224, x1 // 224)}
 
 
+@pytest.fixture(autouse=True)
+def _cli_environment():
+    """`cli.main()` quiets Dask for its own process through the environment; a test that calls
+    it in-process must not leave that setting to the tests after it."""
+    import os
+
+    value = os.environ.get("DASK_LOGGING__DISTRIBUTED")
+    yield
+    if value is None:
+        os.environ.pop("DASK_LOGGING__DISTRIBUTED", None)
+    else:
+        os.environ["DASK_LOGGING__DISTRIBUTED"] = value
+
+
 @pytest.fixture(scope="session")
 def syn_image() -> np.ndarray:
     return testing.tissue_image(*SYN_SHAPE, SYN_RECTS, seed=1)
