@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from slide2vec_dask.store.output_dir import process_alive
+
 _HOST = socket.gethostname()
 
 
@@ -206,22 +208,12 @@ def sweep(root: Path) -> int:
                 pid = int(name.rsplit(marker, 1)[1].split("-")[0])
             except (IndexError, ValueError):
                 continue
-            if pid != os.getpid() and not _alive(pid):
+            if pid != os.getpid() and not process_alive(pid):
                 _remove(Path(folder) / name)
                 removed += 1
         # never into a store (a .zarr folder) or a temporary: neither holds other exports
         dirs[:] = [d for d in dirs if not d.endswith((".zarr", ".tmp"))]
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: Path) -> None:

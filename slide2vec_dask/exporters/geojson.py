@@ -18,8 +18,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from slide2vec_dask.exporters._base import TileSource, atomic
 from slide2vec_dask.exporters._outline import outline
 

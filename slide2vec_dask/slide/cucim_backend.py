@@ -39,10 +39,7 @@ class CuCIMReader:
 
         self.path = Path(path)
         with tifffile.TiffFile(path) as tif:
-            pages = tiff._level_pages(tif, tif.series[0])
-            base = pages[0]
-            self.vendor = "aperio" if base.is_svs else "ome-tiff" if base.is_ome else "generic-tiff"
-            self.spacing_um = tiff._spacing(tif, base)
+            pages, self.vendor, self.spacing_um = tiff.tiff_geometry(tif)
             shapes = [(page.shape[0], page.shape[1]) for page in pages]
         self._image = CuImage(str(path))
         res = self._image.resolutions

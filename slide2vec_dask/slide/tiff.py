@@ -61,8 +61,7 @@ class TiffReader:
                 end = max((o + c for o, c in zip(lv.offsets, lv.counts)), default=0)
                 if end > size:
                     raise ValueError(f"level {i} needs {end} bytes but the file has {size}: it is truncated")
-            self.vendor = "aperio" if page0.is_svs else "ome-tiff" if page0.is_ome else "generic-tiff"
-            self.spacing_um = _spacing(self._tif, page0)
+            self.vendor, self.spacing_um = tiff_vendor(page0), _spacing(self._tif, page0)
         except Exception:
             self._tif.close()
             raise
@@ -172,6 +171,18 @@ class TiffReader:
 def _close_both(fd: int, tif: tifffile.TiffFile) -> None:
     os.close(fd)
     tif.close()
+
+
+def tiff_vendor(page: tifffile.TiffPage) -> str:
+    """What wrote the TIFF, as the readers name it."""
+    return "aperio" if page.is_svs else "ome-tiff" if page.is_ome else "generic-tiff"
+
+
+def tiff_geometry(tif: tifffile.TiffFile) -> tuple[list[tifffile.TiffPage], str, float | None]:
+    """The pyramid's pages (as OpenSlide finds them), the vendor and level-0 spacing: what every
+    TIFF-reading backend agrees on, whatever library decodes the pixels."""
+    pages = _level_pages(tif, tif.series[0])
+    return pages, tiff_vendor(pages[0]), _spacing(tif, pages[0])
 
 
 def _level_pages(tif: tifffile.TiffFile, series) -> list[tifffile.TiffPage]:

@@ -38,10 +38,8 @@ class VipsReader:
 
         self.path = Path(path)
         with tifffile.TiffFile(path) as tif:
-            pages = tiff._level_pages(tif, tif.series[0])
+            pages, self.vendor, self.spacing_um = tiff.tiff_geometry(tif)
             base = pages[0]
-            self.vendor = "aperio" if base.is_svs else "ome-tiff" if base.is_ome else "generic-tiff"
-            self.spacing_um = tiff._spacing(tif, base)
             subifds = len(tif.pages.first.subifds or ())
             if base.is_ome and subifds and len(pages) == subifds + 1:
                 where = [{"page": 0}] + [{"page": 0, "subifd": i} for i in range(subifds)]

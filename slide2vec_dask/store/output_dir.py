@@ -145,7 +145,7 @@ class RunLock:
 
     def _stale(self, holder: dict, age: float) -> bool:
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return not _alive(holder["pid"])
+            return not process_alive(holder["pid"])
         return age > self.stale_after
 
     def _take_over(self, holder: dict) -> None:
@@ -159,7 +159,8 @@ class RunLock:
                        self.path.parent, holder.get("pid"), holder.get("host"), holder.get("started"))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (one we may not signal does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from slide2vec_dask.config import PreprocessingConfig
-
 
 @dataclass(frozen=True)
 class LevelChoice:
