@@ -85,7 +85,7 @@ def test_aperio_jpeg2000_ycbcr_is_decoded_to_openslides_rgb(jp2k_svs, backend):
     for path in (ycc, rgb):
         assert openslide.OpenSlide.detect_format(str(path)) == "aperio"
         slide = _open(path, backend)
-        got, want = slide.read_region(0, 0, 0, *slide.level_shapes[0]), _openslide_level(path, 0)
+        got, want = slide.read_level(0, 0, 0, *slide.level_shapes[0]), _openslide_level(path, 0)
         if backend == "cucim" and path == ycc:   # cuCIM converts YCbCr itself, rounding differently
             assert np.abs(got.astype(int) - want).max() <= 1
         else:
@@ -125,11 +125,11 @@ def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(vips_c
         # Whole levels from the origin: OpenSlide reads a level exactly there (elsewhere its level-0
         # coordinates can land between a level's pixels); windows are cut from that.
         expected = _openslide_level(converted, level)
-        np.testing.assert_array_equal(slide.read_region(level, 0, 0, h, w), expected)
+        np.testing.assert_array_equal(slide.read_level(level, 0, 0, h, w), expected)
         for _ in range(20):
             size = int(rng.integers(8, min(h, w, 400)))
             y, x = (int(v) for v in rng.integers(0, (h - size + 1, w - size + 1)))
-            np.testing.assert_array_equal(slide.read_region(level, y, x, size, size),
+            np.testing.assert_array_equal(slide.read_level(level, y, x, size, size),
                                           expected[y : y + size, x : x + size])
     # The thumbnail comes from a reduced level, not from decoding all of level 0.
     assert slide.best_level_for_downsample(64) == len(shapes) - 1
@@ -181,7 +181,7 @@ def test_blocks_on_a_non_integer_downsample_level_are_the_levels_own_pixels(odd_
     for _ in range(20):
         size = int(rng.integers(16, 300))
         y, x = (int(v) for v in rng.integers(1, (h - size + 1, w - size + 1)))
-        np.testing.assert_array_equal(slide.read_region(1, y, x, size, size), expected[y : y + size, x : x + size],
+        np.testing.assert_array_equal(slide.read_level(1, y, x, size, size), expected[y : y + size, x : x + size],
                                       err_msg=f"window y={y} x={x} size={size}")
     np.testing.assert_array_equal(slide.to_dask(1, chunks=224).compute(), expected)   # every block of a plan
 
@@ -221,12 +221,12 @@ def test_a_damaged_tile_is_unreadable_slide_error_naming_file_level_and_tile_and
     damaged = _corrupt_tile(odd_sized_svs, tmp_path / "damaged.svs", page, tile=3)   # tile column 3, row 0
     slide = _open(damaged, backend)
     with pytest.raises(UnreadableSlideError) as info:
-        slide.read_region(level, 0, 3 * 240, 240, 240)
+        slide.read_level(level, 0, 3 * 240, 240, 240)
     message = str(info.value)
     assert "damaged.svs" in message and f"level {level}" in message and "column 3" in message and "row 0" in message
     # The handle is not left broken: tiles elsewhere still read, and equal the intact file's.
     expected = _openslide_level(odd_sized_svs, level)[240:480, :480]
-    np.testing.assert_array_equal(slide.read_region(level, 240, 0, 240, 480), expected)
+    np.testing.assert_array_equal(slide.read_level(level, 240, 0, 240, 480), expected)
 
 
 def test_a_stripped_tiff_is_read_and_openslide_says_why_it_cannot(tmp_path, tissue):
@@ -241,7 +241,7 @@ def test_a_stripped_tiff_is_read_and_openslide_says_why_it_cannot(tmp_path, tiss
                      resolutionunit="CENTIMETER")
     slide = open_slide(path)
     assert (slide.backend, slide.level_shapes, slide.spacing) == ("tifffile", [tissue.shape[:2]], pytest.approx(0.5))
-    np.testing.assert_array_equal(slide.read_region(0, 100, 130, 300, 400),
+    np.testing.assert_array_equal(slide.read_level(0, 100, 130, 300, 400),
                                   np.asarray(Image.open(path).convert("RGB"))[100:400, 130:530])   # PIL's decoder
     with pytest.raises(UnreadableSlideError, match="strips.*backend='tifffile'") as info:
         open_slide(path, backend="openslide")
@@ -334,7 +334,7 @@ def test_every_level_has_the_reference_geometry_and_pixels_at_20_random_windows(
         for _ in range(20):
             size = int(rng.integers(8, min(h, w, 300)))
             y, x = (int(v) for v in rng.integers(0, (h - size + 1, w - size + 1)))
-            np.testing.assert_array_equal(slide.read_region(level, y, x, size, size),
+            np.testing.assert_array_equal(slide.read_level(level, y, x, size, size),
                                           expected[y : y + size, x : x + size],
                                           err_msg=f"level {level} window y={y} x={x} size={size}")
 
@@ -359,7 +359,7 @@ def test_a_dicom_wsi_folder_opens_as_its_series(tmp_path):
         assert slide.level_shapes == [(h, w) for w, h in osr.level_dimensions]
         assert slide.spacing == pytest.approx(0.5)
     h, w = slide.level_shapes[0]
-    np.testing.assert_array_equal(slide.read_region(0, 0, 0, h, w), _openslide_level(source, 0))
+    np.testing.assert_array_equal(slide.read_level(0, 0, 0, h, w), _openslide_level(source, 0))
 
 
 def test_tile_embeddings_on_a_non_integer_downsample_level_are_the_same_through_every_backend(odd_sized_svs):
@@ -391,4 +391,4 @@ def test_a_slide_pickles_as_its_backend_and_reopens_with_the_same_pixels(odd_siz
     slide = _open(odd_sized_svs, backend)
     again = pickle.loads(pickle.dumps(slide))
     assert (again.backend, again.level_shapes, again.spacing) == (backend, slide.level_shapes, slide.spacing)
-    np.testing.assert_array_equal(again.read_region(1, 37, 41, 200, 150), slide.read_region(1, 37, 41, 200, 150))
+    np.testing.assert_array_equal(again.read_level(1, 37, 41, 200, 150), slide.read_level(1, 37, 41, 200, 150))

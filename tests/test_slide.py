@@ -43,7 +43,7 @@ def test_pixels_match_openslide_read_region(syn_svs, backend, level):
             y, x = min(y, lh - 50), min(x, lw - 50)
             h, w = min(h, lh - y), min(w, lw - x)
             expected = np.asarray(osr.read_region((x * ds, y * ds), level, (w, h)))[..., :3]
-            np.testing.assert_array_equal(slide.read_region(level, y, x, h, w), expected)
+            np.testing.assert_array_equal(slide.read_level(level, y, x, h, w), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -54,7 +54,7 @@ def test_real_slide_pixels_and_spacing(cmu_svs, backend):
     with openslide.OpenSlide(str(cmu_svs)) as osr:
         for y, x, h, w in REGIONS:
             expected = np.asarray(osr.read_region((x, y), 0, (w, h)))[..., :3]
-            np.testing.assert_array_equal(slide.read_region(0, y, x, h, w), expected)
+            np.testing.assert_array_equal(slide.read_level(0, y, x, h, w), expected)
 
 
 def test_to_dask_is_lazy_and_block_sized(syn_svs):
@@ -71,7 +71,7 @@ def test_to_dask_is_lazy_and_block_sized(syn_svs):
 
 def test_reading_outside_the_level_gives_white(syn_svs):
     slide = open_slide(syn_svs)
-    edge = slide.read_region(2, 200, 260, 40, 40)
+    edge = slide.read_level(2, 200, 260, 40, 40)
     assert (edge[24:, :] == 255).all() and (edge[:, 20:] == 255).all()
 
 
@@ -79,7 +79,7 @@ def test_slide_pickles_without_file_handles(syn_svs):
     slide = open_slide(syn_svs, spacing_at_level_0=0.25)
     clone = pickle.loads(pickle.dumps(slide))
     assert clone.spacing == 0.25 and clone.backend == slide.backend
-    np.testing.assert_array_equal(clone.read_region(1, 10, 10, 64, 64), slide.read_region(1, 10, 10, 64, 64))
+    np.testing.assert_array_equal(clone.read_level(1, 10, 10, 64, 64), slide.read_level(1, 10, 10, 64, 64))
 
 
 def test_thumbnail_matches_area_average(syn_svs, syn_image):

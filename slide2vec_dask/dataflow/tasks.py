@@ -97,7 +97,7 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
 
 def read_block(slide: SlideRef, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
     """A block's pixels straight from the file (runs on any worker)."""
-    return slide.open().read_region(level, y, x, height, width)
+    return slide.open().read_level(level, y, x, height, width)
 
 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, store: EmbeddingStore, sample_id: str,

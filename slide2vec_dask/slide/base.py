@@ -110,8 +110,10 @@ class Slide:
                 f"spacing={self.spacing:g}µm levels=[{shapes}]>")
 
     # -- pixels -----------------------------------------------------------
-    def read_region(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    def read_level(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` at ``level``, origin in that level's pixels.
+
+        Not OpenSlide's ``read_region`` (level-0 origin, (x, y), RGBA), hence its own name.
 
         Pixels outside the level are white, so edge blocks need no special case.
         """
@@ -181,7 +183,7 @@ class Slide:
                 return pixels
             h, w = self.level_shapes[level]
             rows = factor * max(1, (1 << 24) // (w * factor))  # ~16 MP per strip
-            strips = [_block_mean(self.read_region(level, y, 0, min(rows, h - y), w), factor)
+            strips = [_block_mean(self.read_level(level, y, 0, min(rows, h - y), w), factor)
                       for y in range(0, h, rows)]
             pixels = np.concatenate(strips, axis=0)
             self._thumb_cache = ((level, factor), pixels)
@@ -216,7 +218,7 @@ class _LevelArray:
     def __getitem__(self, key) -> np.ndarray:
         y0, y1, _ = key[0].indices(self.shape[0])
         x0, x1, _ = key[1].indices(self.shape[1])
-        block = self.slide.read_region(self.level, y0, x0, y1 - y0, x1 - x0)
+        block = self.slide.read_level(self.level, y0, x0, y1 - y0, x1 - x0)
         return block[:, :, key[2]] if len(key) > 2 else block
 
 
