@@ -17,6 +17,7 @@ import csv
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -138,7 +139,7 @@ class Pipeline:
         from slide2vec_dask.store.output_dir import RunLock, check_output_dir
 
         out = Path(self.execution.output_dir)
-        store = EmbeddingStore(out)
+        store = EmbeddingStore(out, run=uuid.uuid4().hex[:8])
         run_attrs = self._run_attrs(config)
         self._prints: dict[tuple[str, str], dict | None] = {}
         if not self.execution.overwrite and store.exists():

@@ -158,3 +158,18 @@ def test_only_the_client_killed_while_its_cluster_goes_on(moment, tiny, cohort, 
         proc.send_signal(signal.SIGKILL)    # the client alone; the scheduler drops its tasks
         proc.wait()
         _rerun_equals_clean(tiny, out, cohort, clean)
+
+
+def test_an_orphaned_task_of_a_killed_run_never_touches_the_next_runs_blocks(tmp_path):
+    """What the client-kill tests caught once in CI: the killed run's tasks, still running on its
+    cluster, re-planned or finalised a slide and removed the resumed run's staged blocks."""
+    from slide2vec_dask.store import EmbeddingStore
+
+    killed, resumed = EmbeddingStore(tmp_path, run="killed"), EmbeddingStore(tmp_path, run="resumed")
+    resumed.prepare_slide("s0")
+    resumed.write_block("s0", (0, 0), np.ones((2, 2, 3), dtype=np.float32))
+    killed.prepare_slide("s0")              # an orphaned plan task
+    killed.discard_staging("s0")            # an orphaned finalisation's tidy-up
+    assert resumed.write_block("s0", (0, 1), np.ones((2, 2, 3), dtype=np.float32)) == 4
+    staged = sorted(p.name for p in (tmp_path / ".slide2vec-work" / "staging" / "resumed" / "s0").iterdir())
+    assert staged == ["0-0.npy", "0-1.npy"]

@@ -74,7 +74,7 @@ class CohortDriver:
         self.config, self.ex, self.settings = config, execution, settings
         self.outcomes, self.reporter, self.on_change = outcomes, reporter, on_change
         self.gpu = {"GPU": 1} if settings.num_gpus > 0 else None
-        self.run_token = uuid.uuid4().hex[:8]
+        self.run_token = store.run or uuid.uuid4().hex[:8]   # task keys name the run, as its staging does
         # patient -> its slides, and how many of them are still unresolved / failed
         self.patients = patients
         self.patient_of = {s: p for p, members in patients.items() for s in members}

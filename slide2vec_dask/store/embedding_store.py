@@ -14,7 +14,9 @@ Layout (Zarr v3, readable with plain xarray)::
       _slides/<sample_id>   one slide's embedding (and latents) as its worker wrote it
       _patients/<patient_id> one patient's embedding as its worker wrote it
     <output_dir>/.slide2vec-work/         work in progress, never part of the user's view
-      staging/<sample_id>   one .npy per block: (rows, cols, feature), NaN where no tile is kept
+      staging/<run>/<sample_id>   one .npy per block: (rows, cols, feature), NaN where no tile is kept;
+                            one folder per run, so tasks a killed client left running on its
+                            cluster never touch the blocks of the run that resumes after it
       publish/, trash/      groups being built, groups being replaced
 
 Why it is laid out so:
@@ -76,16 +78,17 @@ class EmbeddingStore:
     blocks, finalise slides and write slide/patient rows through it.
     """
 
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, run: str = ""):
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / STORE_NAME
         self.work = self.output_dir / WORK_NAME
+        self.run = run       # names this run's staging folder (a Pipeline run gives each run its own)
 
     def __repr__(self) -> str:
-        return f"EmbeddingStore({str(self.output_dir)!r})"
+        return f"EmbeddingStore({str(self.output_dir)!r}, run={self.run!r})"
 
     def __reduce__(self):
-        return EmbeddingStore, (str(self.output_dir),)
+        return EmbeddingStore, (str(self.output_dir), self.run)
 
     # -- names users see (nobody else spells them) ------------------------------------------
     @staticmethod
@@ -153,9 +156,16 @@ class EmbeddingStore:
         staging = self.work / "staging"
         if not staging.is_dir():
             return
-        # Left by a finalisation whose worker was lost after publishing: the slide is complete.
-        for sample_id in self.finished_slides() & {e.name for e in staging.iterdir()}:
-            self.discard_staging(sample_id)
+        for entry in staging.iterdir():
+            if entry.name != (self.run or "shared"):   # blocks of a crashed or killed run: a slide always restarts clean
+                shutil.rmtree(entry, ignore_errors=True)
+        mine = staging / (self.run or "shared")
+        if mine.is_dir():
+            # Left by a finalisation whose worker was lost after publishing: the slide is complete.
+            for sample_id in self.finished_slides() & {e.name for e in mine.iterdir()}:
+                self.discard_staging(sample_id)
+            if not any(mine.iterdir()):
+                mine.rmdir()
         if not any(staging.iterdir()):
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -245,7 +255,7 @@ class EmbeddingStore:
 
     # -- the tile stage (worker side) ---------------------------------------------------------
     def _staging(self, sample_id: str) -> Path:
-        return self.work / "staging" / sample_id
+        return self.work / "staging" / (self.run or "shared") / sample_id
 
     def prepare_slide(self, sample_id: str) -> None:
         """An empty staging folder for the slide; unfinished output of earlier runs goes."""
