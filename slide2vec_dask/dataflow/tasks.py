@@ -135,14 +135,14 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
     """``tiles/<id>`` -> ``_slides/<id>``, on the device's own thread; drops the tiles when not kept."""
     from slide2vec_dask.dataflow import worker
 
-    same_files = not store.is_complete(sample_id) or \
-        store.fingerprints("slide", sample_id) == store.fingerprints("tiles", sample_id)
+    tile_prints = store.fingerprints("tiles", sample_id) if store.is_complete(sample_id) else None
+    same_files = tile_prints is None or store.fingerprints("slide", sample_id) == tile_prints
     if store.has_row("slide", sample_id) and same_files and \
             (not save_latents or store.row_has_latents("slide", sample_id)):
         # Made already: by an earlier run, or by this task before its worker was lost.
         num = int(store.row_attrs("slide", sample_id).get("num_tiles", 0))
     else:
-        if not store.is_complete(sample_id):
+        if tile_prints is None:
             return FileNotFoundError(f"{sample_id}: no finished tile embeddings in {store.path}; rerun the slide")
         if store.num_tiles(sample_id) == 0:
             return ValueError(f"{sample_id}: no tiles (no tissue found), so no slide embedding; check the slide or lower "
@@ -157,7 +157,7 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
 
         embedding, latents, num = worker.run_on_device(settings.num_gpus, run)
         store.write_row("slide", sample_id, embedding, latents if save_latents else None,
-                        {**attrs, **store.fingerprints("tiles", sample_id), "num_tiles": int(num)})
+                        {**attrs, **tile_prints, "num_tiles": int(num)})
     if not keep_tiles:
         store.drop_tiles(sample_id)
     return {"num_tiles": int(num), **row_exports(store, "slide", sample_id, output_format)}
@@ -176,8 +176,9 @@ def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], 
     """The slides' rows in ``_slides`` -> ``_patients/<patient_id>``; drops the slide rows when not kept."""
     from slide2vec_dask.dataflow.aggregate import encode_patient
 
-    done = store.has_row("patient", patient_id) and store.patient_slides(patient_id) == list(sample_ids) and \
-        all(store.row_attrs("patient", patient_id).get("slide_fingerprints", {}).get(s) == store.fingerprints("slide", s)
+    made = store.row_attrs("patient", patient_id)    # {} when there is no row yet
+    done = made.get("sample_ids") == list(sample_ids) and \
+        all(made.get("slide_fingerprints", {}).get(s) == store.fingerprints("slide", s)
             for s in sample_ids if store.has_row("slide", s))
     if not done:   # (a rerun after a lost worker may find it done, its slide rows already dropped)
         slides = np.stack([store.read_row("slide", s)[0] for s in sample_ids])

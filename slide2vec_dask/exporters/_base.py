@@ -96,12 +96,15 @@ class TileSource:
     def features(self) -> np.ndarray:
         return np.asarray(self.group["embedding"][:], dtype=np.float32)
 
-    def feature_chunks(self):
-        """``(start, block)`` over the stored chunks: large slides never sit in memory twice."""
+    def write_features(self, h5file, name: str):
+        """The ``(N, D)`` float32 features as dataset ``name`` of an open h5 file, streamed chunk by
+        chunk over the stored chunks (large slides never sit in memory twice); the dataset."""
         emb = self.group["embedding"]
+        out = h5file.create_dataset(name, shape=(self.num_tiles, self.feature_dim), dtype="float32")
         step = max(1, emb.chunks[0])
         for start in range(0, emb.shape[0], step):
-            yield start, np.asarray(emb[start : start + step], dtype=np.float32)
+            out[start : start + step] = np.asarray(emb[start : start + step], dtype=np.float32)
+        return out
 
     def xy(self) -> np.ndarray:
         """(N, 2) int64 level-0 pixel (x, y) of each tile's top-left corner, in store order."""

@@ -34,13 +34,10 @@ def tile_files(src: TileSource, dest: Path) -> list[Path]:
 def write_tiles(src: TileSource, files: list[Path]) -> None:
     h5py = need("h5py", NAME, EXTRA)
     spacing = src.slide_spacing_um
-    n, d = src.num_tiles, src.feature_dim
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset("feats", shape=(n, d), dtype="float32")
-            for start, block in src.feature_chunks():
-                feats[start : start + len(block)] = block
+            src.write_features(f, "feats")
             f.create_dataset("coords", data=src.xy().astype(np.float64) * spacing)
             f.attrs.update({"unit": "um", "tile_size_um": src.tile_size_lv0 * spacing,
                             "tile_size_px": src.tile_size_px, "extractor": src.encoder, "encoder": src.encoder,

@@ -53,13 +53,10 @@ def coords_attrs(src: TileSource) -> dict:
 def write_patch_h5(src: TileSource, target: Path, fmt: str, extra_coords_attrs: dict | None = None) -> Path:
     """``features`` + ``coords`` (TRIDENT's and CLAM's shared layout), features streamed chunk by chunk."""
     h5py = need("h5py", fmt, EXTRA)
-    n, d = src.num_tiles, src.feature_dim
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset("features", shape=(n, d), dtype="float32")
-            for start, block in src.feature_chunks():
-                feats[start : start + len(block)] = block
+            feats = src.write_features(f, "features")
             feats.attrs.update({"encoder": src.encoder, "name": src.sample_id})
             coords = f.create_dataset("coords", data=src.xy())
             coords.attrs.update({**coords_attrs(src), **(extra_coords_attrs or {})})
