@@ -185,6 +185,8 @@ class PreprocessingConfig:
     preview: Mapping[str, Any] = field(default_factory=dict)
     use_supertiles: bool = True
     read_coordinates_from: str | Path | None = None
+    read_tiles_from: str | Path | None = None
+    on_the_fly: bool = True
     resume: bool = False
     region_tile_multiple: int | None = None
     requested_region_size_px: int | None = None
@@ -196,10 +198,13 @@ class PreprocessingConfig:
         check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
         check_number("tissue_threshold", self.tissue_threshold, 0, 1)
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
-        for name in ("use_supertiles", "resume"):
+        for name in ("use_supertiles", "resume", "on_the_fly"):
             check_bool(name, getattr(self, name))
-        for name in ("read_coordinates_from",):
+        for name in ("read_coordinates_from", "read_tiles_from"):
             check_path(name, getattr(self, name))
+        if self.read_coordinates_from is not None and self.read_tiles_from is not None:
+            raise ValueError("give read_coordinates_from or read_tiles_from, not both: a tile archive brings "
+                             "its own coordinates (its manifest)")
         seg = _merged("segmentation", self.segmentation, SEGMENTATION_DEFAULTS, _SEGMENTATION_CHECKS)
         filt = _merged("filtering", self.filtering, FILTERING_DEFAULTS, _FILTERING_CHECKS)
         prev = _merged("preview", self.preview, PREVIEW_DEFAULTS, _PREVIEW_CHECKS)
@@ -212,6 +217,11 @@ class PreprocessingConfig:
                   REGION_SIZE_MAX_PX, optional=True)
         if self.requested_region_size_px is not None and self.requested_tile_size_px is not None:
             self.region_multiple(self.requested_tile_size_px)
+        hierarchical = self.region_tile_multiple is not None or self.requested_region_size_px is not None
+        if hierarchical and not self.on_the_fly:
+            raise ValueError("on_the_fly=False (tile archives) has no hierarchical mode: a region's padding "
+                             "tiles have no place in an archive; drop region_tile_multiple / "
+                             "requested_region_size_px, or keep on_the_fly=True")
 
     def region_multiple(self, tile_size_px: int) -> int | None:
         """Tiles per region side (None: flat mode), checked against the tile size in use."""

@@ -68,33 +68,54 @@ def resolve_request(spec: EncoderSpec, config: PreprocessingConfig) -> tuple[flo
 
 def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
              execution: ExecutionOptions) -> tuple[Any, Plan]:
-    from slide2vec_dask.store.provenance import slide_fingerprints
+    """The slide (None when its tiles come from an archive) and its plan, saved under the output."""
+    from slide2vec_dask.store.provenance import fingerprint, slide_fingerprints
 
-    slide = open_slide(item.image_path, backend=config.backend, spacing_at_level_0=item.spacing_at_level_0)
     spacing, tile = resolve_request(spec, config)
     out = Path(execution.output_dir) if execution.output_dir is not None else None
-    saved = _saved_plan(item, config, out)
-    if saved is not None:
-        _check_plan(saved, slide, spacing, tile, item, config)
-        plan = Plan(saved)
+    if config.read_tiles_from is not None:
+        from slide2vec_dask.tiling.peers import archive_plan
+
+        _no_regions(item, config, tile, f"the tile archive in {config.read_tiles_from}")
+        slide, plan = None, Plan(archive_plan(Path(config.read_tiles_from), item.sample_id, spacing, tile))
+        plan.grid.meta["tiles_fingerprint"] = fingerprint(plan.grid.archive)
     else:
-        plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
-                          mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
-    plan.grid.meta.update(slide_fingerprints(item.image_path, item.mask_path))   # which files the plan (and so every result made from it) describes
+        slide = open_slide(item.image_path, backend=config.backend, spacing_at_level_0=item.spacing_at_level_0)
+        saved = _saved_plan(item, config, out, slide, spacing, tile)
+        if saved is not None:
+            _check_plan(saved, slide, spacing, tile, item, config)
+            plan = Plan(saved)
+        else:
+            plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
+                              mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
+        # which files the plan (and so every result made from it) describes
+        plan.grid.meta.update(slide_fingerprints(item.image_path, item.mask_path))
     if out is not None:  # every run's output holds the plans it used
         plan.grid.save(out / "coordinates" / f"{item.sample_id}.npz")
     return slide, plan
 
 
-def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None) -> TileGrid | None:
+def _no_regions(item: SlideInput, config: PreprocessingConfig, tile: int, where: str) -> None:
+    if config.region_multiple(tile) is not None:
+        raise ValueError(f"{item.sample_id}: hierarchical mode (region_tile_multiple / requested_region_size_px) "
+                         f"needs tiles on one grid, and {where} places them freely (a grid per tissue region, "
+                         "as hs2p, CLAM and TRIDENT tile); drop the region options or tile the slide here")
+
+
+def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None, slide, spacing: float,
+                tile: int):
     from slide2vec_dask.store.provenance import current_fingerprints, why_stale
+    from slide2vec_dask.tiling.peers import coordinates_file, is_own_plan, peer_coordinates
+    from slide2vec_dask.tiling.tile_list import load_plan
 
     if config.read_coordinates_from is not None:
-        source = Path(config.read_coordinates_from)
-        path = source / f"{item.sample_id}.npz" if source.is_dir() else source
+        path = coordinates_file(Path(config.read_coordinates_from), item.sample_id)
         if not path.exists():
             raise FileNotFoundError(f"{item.sample_id}: no saved coordinates at {path} (read_coordinates_from)")
-        grid = TileGrid.load(path)
+        if not is_own_plan(path):   # hs2p / slide2vec, CLAM or TRIDENT coordinates
+            _no_regions(item, config, tile, f"the coordinates in {path}")
+            return peer_coordinates(path, item.sample_id, slide, spacing, tile, config.spacing_tolerance)
+        grid = load_plan(path)
         stale = why_stale(grid.meta, current_fingerprints(item.image_path, item.mask_path))
         if stale:
             raise ValueError(f"{item.sample_id}: the saved coordinates {path} do not fit: {stale}; plan the "
@@ -103,7 +124,7 @@ def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None)
     if config.resume and out is not None:
         path = out / "coordinates" / f"{item.sample_id}.npz"
         if path.exists():
-            grid = TileGrid.load(path)
+            grid = load_plan(path)
             from slide2vec_dask.tiling.plan import selection_config
 
             same = (grid.meta.get("config") == selection_config(config)
@@ -114,7 +135,7 @@ def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None)
     return None
 
 
-def _check_plan(grid: TileGrid, slide, spacing: float, tile: int, item: SlideInput,
+def _check_plan(grid, slide, spacing: float, tile: int, item: SlideInput,
                 config: PreprocessingConfig) -> None:
     problems = []
     if abs(grid.requested_spacing_um - spacing) > 1e-9 or grid.requested_tile_size_px != tile:
@@ -125,7 +146,7 @@ def _check_plan(grid: TileGrid, slide, spacing: float, tile: int, item: SlideInp
                         f"{config.region_multiple(tile)}")
     if grid.level >= slide.level_count:
         problems.append(f"it reads level {grid.level}, the slide has {slide.level_count}")
-    else:
+    elif hasattr(grid, "keep"):
         lh, lw = slide.level_shapes[grid.level]
         if grid.shape[0] * grid.read_tile_size_px > lh or grid.shape[1] * grid.read_tile_size_px > lw:
             problems.append("its grid does not fit this slide's dimensions")
@@ -139,6 +160,9 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
     if execution.output_format is not None:
         raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
                          "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
+    if not config.on_the_fly and config.read_tiles_from is None:
+        raise ValueError("on_the_fly=False writes tile archives from Pipeline.run; embed_slide(s) read "
+                         "the slide directly (or from archives: PreprocessingConfig(read_tiles_from=...))")
     client = resolve_client(execution.scheduler_address)
     settings = embed_settings(execution, client)
     num_gpus = settings.num_gpus
@@ -152,7 +176,8 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
     for slide, plan in planned:
         graph = tile_embedding_graph(slide, plan.grid, spec, settings, config.use_supertiles)
         graphs.append(graph)
-        collectors.append(_Collector(plan.grid, graph, spec.feature_dim))
+        collectors.append(_Collector(plan.grid, graph, spec.feature_dim) if graph.keep is not None
+                          else _FreeCollector(plan.grid, graph, spec.feature_dim))
     slot = {id(g): c for g, c in zip(graphs, collectors)}
 
     reporter = get_progress_reporter()
@@ -198,6 +223,19 @@ class _Collector:
         if self.regions is not None:
             self.regions[self.region_index[block]] = result.reshape(k * k, -1)
         return int(kept.sum())
+
+
+class _FreeCollector:
+    """Places the block results of a plan of free positions: each block's rows at its tiles' indices."""
+
+    def __init__(self, plan, graph, feature_dim: int):
+        self.index = graph.tiles
+        self.tiles = np.zeros((plan.num_tiles, feature_dim), dtype=np.float32)
+        self.regions = None
+
+    def add(self, block: tuple[int, int], result: np.ndarray) -> int:
+        self.tiles[self.index[block]] = result
+        return len(result)
 
 
 def embed_settings(execution: ExecutionOptions, client) -> EmbedSettings:

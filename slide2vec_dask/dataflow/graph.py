@@ -35,13 +35,18 @@ def block_tiles(grid: TileGrid, use_supertiles: bool, block_px: int = DEFAULT_BL
     return max(1, round(block_px / grid.read_tile_size_px)) if use_supertiles else 1
 
 
-def block_layout(grid: TileGrid, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX
-                 ) -> tuple[int, np.ndarray, list[tuple[int, int]]]:
-    """``(k, mask, blocks)``: tiles per block side, the tiles to embed, and the blocks holding any.
+def block_layout(grid, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX):
+    """``(k, mask, blocks, tiles)``: tiles per block side, the grid's tiles to embed, the blocks holding any.
 
     In hierarchical mode a block is exactly one region (read whole, embedded whole),
     so the mask covers whole regions; otherwise blocks are ~``block_px`` supertiles.
+    A plan of free positions (`TileList`) has no mask: ``tiles`` lists each block's
+    tile indices instead (``None`` for grids).
     """
+    if not hasattr(grid, "keep"):
+        k = block_tiles(grid, use_supertiles, block_px)
+        blocks, tiles = grid.blocks(k)
+        return k, None, blocks, tiles
     if grid.region_tile_multiple is not None:
         k, mask = grid.region_tile_multiple, grid.embed_mask
     else:
@@ -49,7 +54,7 @@ def block_layout(grid: TileGrid, use_supertiles: bool, block_px: int = DEFAULT_B
     rows, cols = mask.shape
     counts = (np.add.reduceat(np.add.reduceat(mask, np.arange(0, rows, k), axis=0), np.arange(0, cols, k), axis=1)
               if rows and cols else np.zeros((0, 0), int))
-    return k, mask, [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))]
+    return k, mask, [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))], None
 
 
 def cut_tiles(pixels: np.ndarray, keep: np.ndarray, tile: int) -> np.ndarray:
@@ -59,27 +64,55 @@ def cut_tiles(pixels: np.ndarray, keep: np.ndarray, tile: int) -> np.ndarray:
     return np.ascontiguousarray(grid[keep])
 
 
-def encode_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
+def block_tiles_of(pixels: np.ndarray, keep: np.ndarray | None, tile: int) -> np.ndarray:
+    """The tiles a block embeds, ``(n, tile, tile, 3)``.
+
+    ``keep`` is a grid block's mask (2-D bool), a free block's tile corners in its pixels
+    ((n, 2) rows and columns), or None when ``pixels`` are the tiles already (an archive's).
+    """
+    if keep is None:
+        return pixels
+    if keep.dtype == bool:
+        return cut_tiles(pixels, keep, tile)
+    out = np.empty((len(keep), tile, tile, 3), dtype=np.uint8)
+    for i, (r, c) in enumerate(keep):
+        out[i] = pixels[r : r + tile, c : c + tile]
+    return out
+
+
+def encode_tiles(tiles: np.ndarray, keep: np.ndarray | None, *, spec: EncoderSpec,
                  settings: EmbedSettings) -> np.ndarray:
-    """A block's ``(rows, cols, feature)`` embeddings: its kept tiles (``keep``, 2-D) encoded, NaN elsewhere."""
+    """The tiles' embeddings, laid out as the block's result.
+
+    A grid block gives ``(rows, cols, feature)`` (NaN where no tile is kept); a free or
+    archive block gives ``(n, feature)``, one row per tile in the block's order.
+    """
     from slide2vec_dask.dataflow.worker import get_encoder, run_on_device
 
+    def encode(device: str) -> np.ndarray:
+        encoder = get_encoder(spec, device, settings.precision, settings.channels_last)
+        return encoder.embed(tiles, settings.batch_size)
+
+    embedded = run_on_device(settings.num_gpus, encode) if len(tiles) else np.zeros((0, spec.feature_dim), np.float32)
+    if keep is None or keep.dtype != bool:
+        return np.asarray(embedded, dtype=np.float32)
     out = np.full(keep.shape + (spec.feature_dim,), np.nan, dtype=np.float32)
-    if keep.any():
-        tiles = cut_tiles(pixels, keep, read_tile)
-
-        def encode(device: str) -> np.ndarray:
-            encoder = get_encoder(spec, device, settings.precision, settings.channels_last)
-            return encoder.embed(tiles, settings.batch_size)
-
-        out[keep] = run_on_device(settings.num_gpus, encode)
+    out[keep] = embedded
     return out
+
+
+def encode_block(pixels: np.ndarray, keep: np.ndarray | None, *, spec: EncoderSpec, read_tile: int,
+                 settings: EmbedSettings) -> np.ndarray:
+    """A block's embeddings from its pixels (see `block_tiles_of` and `encode_tiles`)."""
+    return encode_tiles(block_tiles_of(pixels, keep, read_tile), keep, spec=spec, settings=settings)
 
 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
                 settings: EmbedSettings) -> np.ndarray:
-    """`map_blocks` form of `encode_block` (``keep`` carries a trailing length-1 axis)."""
-    return encode_block(pixels, keep[:, :, 0], spec=spec, read_tile=read_tile, settings=settings)
+    """`map_blocks` form of `encode_block` (a grid's ``keep`` carries a trailing length-1 axis)."""
+    if keep is not None and keep.ndim == 3:
+        keep = keep[:, :, 0]
+    return encode_block(pixels, keep, spec=spec, read_tile=read_tile, settings=settings)
 
 
 @dataclass
@@ -117,7 +150,9 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
     if spec.feature_dim is None:
         raise ValueError(f"encoder {spec.name!r}: feature_dim must be known to build the graph")
     rt = grid.read_tile_size_px
-    k, mask, blocks = block_layout(grid, use_supertiles, block_px)
+    k, mask, blocks, tiles = block_layout(grid, use_supertiles, block_px)
+    if mask is None:
+        return _free_graph(slide, grid, k, blocks, tiles, spec, settings, sample_id)
     rows, cols = mask.shape
     if grid.region_tile_multiple is not None:   # whole regions, white past the level's edge
         pixels = slide.to_dask(grid.level, chunks=k * rt, shape=(rows * rt, cols * rt))
@@ -135,3 +170,50 @@ def tile_embedding_graph(slide: Slide, grid: TileGrid, spec: EncoderSpec, settin
     )
     return SlideGraph(array, pixels, mask, blocks, k, spec, rt, settings,
                       grid.level, sample_id)
+
+
+class _Tasks:
+    """A plain task graph under one name: what `driver.run_blocks` needs of a graph's arrays."""
+
+    def __init__(self, name: str, dsk: dict):
+        self.name, self.dsk = name, dsk
+
+    def __dask_graph__(self) -> dict:
+        return self.dsk
+
+
+@dataclass
+class FreeSlideGraph(SlideGraph):
+    """A plan of free positions (`TileList`): one read and one embedding task per lattice cell."""
+
+    tiles: dict | None = None          # block -> the block's tile indices in the plan
+    cuts: dict | None = None           # block -> its tiles' places in the block's pixels (None: archive tiles)
+
+    def keep_block(self, block: tuple[int, int]):
+        return self.cuts[block]
+
+
+def _free_graph(source, plan, k: int, blocks, tiles, spec: EncoderSpec, settings: EmbedSettings,
+                sample_id: str) -> FreeSlideGraph:
+    """``source``: the open `Slide`, or None when the tiles come from the plan's archive."""
+    import functools
+
+    import dask
+
+    from slide2vec_dask.dataflow.tasks import ArchiveRef, SlideRef, _free_block, read_block
+
+    if source is None:
+        ref = ArchiveRef(plan.archive, plan.read_tile_size_px)
+    else:   # (path, backend, spacing override): how the slide pickles
+        ref = SlideRef(*source.__reduce__()[1])
+    token = dask.base.tokenize(ref, plan.xy, k, spec.key, settings)
+    pixels_name, array_name = f"read-{token}", f"embed-{token}"
+    embed = functools.partial(encode_block, spec=spec, read_tile=plan.read_tile_size_px, settings=settings)
+    pixels, array, cuts = {}, {}, {}
+    for block, members in zip(blocks, tiles):
+        arguments, cuts[block] = _free_block(plan, members)
+        pixels[(pixels_name, *block, 0)] = (read_block, ref, *arguments)
+        array[(array_name, *block, 0)] = (embed, (pixels_name, *block, 0), cuts[block])
+    return FreeSlideGraph(_Tasks(array_name, {**pixels, **array}), _Tasks(pixels_name, pixels), None, blocks, k,
+                          spec, plan.read_tile_size_px, settings, plan.level, sample_id,
+                          tiles=dict(zip(blocks, tiles)), cuts=cuts)

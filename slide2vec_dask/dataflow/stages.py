@@ -33,6 +33,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from slide2vec_dask.dataflow import tasks
@@ -160,9 +161,7 @@ class CohortDriver:
         plan: tasks.PlannedSlide = result
         row.status, row.num_tiles, row.plan_seconds = "running", plan.num_tiles, round(plan.seconds, 3)
         if not plan.num_tiles:
-            row.note = (f"no tiles: the slide is smaller than one tile ({plan.read_tile} px at read level "
-                        f"{plan.level})" if 0 in plan.keep.shape else
-                        "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)")
+            row.note = plan.empty_note
         row.coordinates_path = plan.plan_path
         self.counts["planned"] += 1
         self.counts["tiles"] += plan.num_tiles
@@ -176,16 +175,14 @@ class CohortDriver:
 
     def _submit_block(self, state: _InFlight, block: tuple[int, int]) -> None:
         plan, tag = state.plan, f"{state.plan.sample_id}-{block[0]}-{block[1]}"
-        y, x, h, w = plan.window(block)
-        if self.gpu is None:   # one task: read and embed where the block is decoded, nothing moves
-            pixels = (plan.slide, plan.level, y, x, h, w)
-        else:                  # the read runs on any worker; only the embedding asks for a GPU
-            pixels = self.client.submit(tasks.read_block, plan.slide, plan.level, y, x, h, w,
-                                        key=f"read-{tag}-{self.run_token}", pure=False)
+        pixels = plan.read_request(block)
+        if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
+            pixels = self.client.submit(tasks.read_block, *pixels, key=f"read-{tag}-{self.run_token}", pure=False)
+        # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         self._submit("block", plan.sample_id, tasks.embed_block, pixels, plan.keep_block(block),
                      store=self.store, sample_id=plan.sample_id, block=block, spec=self.tile_spec,
-                     read_tile=plan.read_tile,
-                     settings=self.settings, key=f"embed-{tag}", resources=self.gpu)
+                     read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
+                     key=f"embed-{tag}", resources=self.gpu)
         state.running += 1
         self.blocks_running += 1
 
@@ -214,8 +211,9 @@ class CohortDriver:
     def _finalize(self, state: _InFlight) -> None:
         plan = state.plan
         keep = self.stages.level == "tile" or self.stages.keep_tiles
+        archive_dir = str(Path(self.ex.output_dir) / "tiles") if plan.archive_tile else None
         self._submit("finalize", plan.sample_id, tasks.finalize_task, self.store, plan.sample_id, plan.plan_path,
-                     plan.k, plan.attrs, self.ex.output_format if keep else None,
+                     plan.k, plan.attrs, self.ex.output_format if keep else None, archive_dir,
                      key=f"finalize-{plan.sample_id}")
 
     def _on_finalize(self, sid: str, result) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slide2vec_dask.dataflow.graph import EmbedSettings, block_layout, encode_block
+from slide2vec_dask.dataflow.graph import EmbedSettings, block_layout
 from slide2vec_dask.store import EmbeddingStore
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -37,31 +37,60 @@ class SlideRef:
 
         return _reopen(self.path, self.backend, self.spacing_at_level_0)
 
+    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+        return self.open().read_level(level, y, x, height, width)
+
+
+@dataclass(frozen=True)
+class ArchiveRef:
+    """A tile archive (hs2p's ``.tiles.tar``) as tasks name it: blocks read their tiles' JPEG bytes."""
+
+    path: str
+    tile: int
+
+    def read(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        from slide2vec_dask.tiling.archive import read_archive_tiles
+
+        return read_archive_tiles(self.path, offsets, sizes, self.tile)
+
 
 @dataclass
 class PlannedSlide:
-    """What the client keeps about a slide while its blocks are in flight (small)."""
+    """What the client keeps about a slide while its blocks are in flight (small).
+
+    A grid plan keeps its keep mask; a plan of free positions keeps, per block, its
+    read window and its tiles' places in it (or, from an archive, its members).
+    """
 
     sample_id: str
-    slide: SlideRef
+    source: SlideRef | ArchiveRef
     level: int
     read_tile: int
     k: int
-    keep: np.ndarray                  # (rows, cols) tiles to embed: whole regions in hierarchical mode
-    blocks: list[tuple[int, int]]     # blocks holding kept tiles, row-major
+    keep: np.ndarray | None           # grid plans: (rows, cols) tiles to embed (whole regions in hierarchical mode)
+    blocks: list[tuple[int, int]]     # blocks holding tiles, row-major
     num_tiles: int
     plan_path: str
     attrs: dict[str, Any]
     seconds: float
+    free: dict | None = None          # free plans: block -> (read arguments, the block's tiles in its pixels)
+    archive_tile: int | None = None   # on_the_fly=False: tiles also go to an archive, at this size
+    empty_note: str = ""
 
-    def window(self, block: tuple[int, int]) -> tuple[int, int, int, int]:
-        """The block's (y, x, height, width) in read-level pixels; regions may reach past the edge (white)."""
+    def read_request(self, block: tuple[int, int]) -> tuple:
+        """``(source, *arguments)``: what `read_block` reads for the block."""
+        if self.free is not None:
+            return (self.source, *self.free[block][0])
         rows, cols = self.keep.shape
         span = self.k * self.read_tile
-        y, x = block[0] * span, block[1] * span
-        return y, x, min(span, rows * self.read_tile - y), min(span, cols * self.read_tile - x)
+        y, x = block[0] * span, block[1] * span   # regions may reach past the edge (white)
+        return (self.source, self.level, y, x, min(span, rows * self.read_tile - y),
+                min(span, cols * self.read_tile - x))
 
-    def keep_block(self, block: tuple[int, int]) -> np.ndarray:
+    def keep_block(self, block: tuple[int, int]) -> np.ndarray | None:
+        """The block's tiles: a mask over its grid cells, their (row, col) in its pixels, or None (archives)."""
+        if self.free is not None:
+            return self.free[block][1]
         k = self.k
         return self.keep[block[0] * k : (block[0] + 1) * k, block[1] * k : (block[1] + 1) * k]
 
@@ -76,7 +105,6 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
     except EXPECTED as exc:
         return exc
     grid = plan.grid
-    k, keep, blocks = block_layout(grid, config.use_supertiles)
     store.prepare_slide(item.sample_id)
     from slide2vec_dask import __version__
 
@@ -87,38 +115,78 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
              # what exports state in their own units: level-0 spacing and size, tile size asked for
              "slide_spacing_um": float(grid.slide_spacing_um), "read_spacing_um": float(grid.read_spacing_um),
              "requested_tile_size_px": int(grid.requested_tile_size_px),
-             "level0_height": int(slide.level_shapes[0][0]), "level0_width": int(slide.level_shapes[0][1]),
-             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint")}}
+             "tile_layout": "grid" if hasattr(grid, "keep") else "free",
+             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")}}
+    if slide is not None:
+        attrs.update(level0_height=int(slide.level_shapes[0][0]), level0_width=int(slide.level_shapes[0][1]),
+                     backend=slide.backend, level_downsamples=[float(d) for d in slide.level_downsamples])
+        source = SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0)
+    else:   # tiles from an archive: the slide is not opened
+        attrs.update({k: grid.meta[k] for k in ("level0_height", "level0_width") if k in grid.meta})
+        source = ArchiveRef(grid.archive, grid.read_tile_size_px)
     plan_path = str(Path(execution.output_dir) / "coordinates" / f"{item.sample_id}.npz")
-    return PlannedSlide(item.sample_id, SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0),
-                        grid.level, grid.read_tile_size_px, k, keep, blocks, grid.num_tiles,
-                        plan_path, attrs, time.perf_counter() - start)
+    k, keep, blocks, free = block_layout(grid, config.use_supertiles)
+    if free is not None:
+        free = {b: _free_block(grid, tiles) for b, tiles in zip(blocks, free)}
+    note = ""
+    if not grid.num_tiles:
+        note = (f"no tiles: the slide is smaller than one tile ({grid.read_tile_size_px} px at read level "
+                f"{grid.level})" if keep is not None and 0 in keep.shape else
+                "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
+                if keep is not None else "no tiles: the coordinates list none")
+    return PlannedSlide(item.sample_id, source, grid.level, grid.read_tile_size_px, k, keep, blocks,
+                        grid.num_tiles, plan_path, attrs, time.perf_counter() - start, free,
+                        grid.requested_tile_size_px if writes_archive(config, grid) else None, note)
 
 
-def read_block(slide: SlideRef, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
-    """A block's pixels straight from the file (runs on any worker)."""
-    return slide.open().read_level(level, y, x, height, width)
+def writes_archive(config, plan) -> bool:
+    """``on_the_fly=False``: the run writes the tiles it reads to an archive (unless they come from one)."""
+    return not config.on_the_fly and getattr(plan, "archive", None) is None
 
 
-def embed_block(pixels: np.ndarray, keep: np.ndarray, *, store: EmbeddingStore, sample_id: str,
-                block: tuple[int, int], spec, read_tile: int,
-                settings: EmbedSettings) -> int:
-    """Embed a block's kept tiles and write them into its own staging file; the tile count.
+def _free_block(plan, tiles: np.ndarray) -> tuple[tuple, np.ndarray | None]:
+    if plan.archive is not None:
+        return (plan.member_offset[tiles], plan.member_size[tiles]), None
+    (y, x, h, w), offsets = plan.window(tiles)
+    return (plan.level, y, x, h, w), offsets
 
-    ``pixels`` is the block, or ``(slide, level, y, x, height, width)`` to read it here first.
+
+def read_block(source, *arguments) -> np.ndarray:
+    """A block's pixels (or an archive block's tiles) straight from the file (runs on any worker)."""
+    return source.read(*arguments)
+
+
+def embed_block(pixels: np.ndarray, keep: np.ndarray | None, *, store: EmbeddingStore, sample_id: str,
+                block: tuple[int, int], spec, read_tile: int, settings: EmbedSettings,
+                archive_tile: int | None = None) -> int:
+    """Embed a block's tiles and write them into its own staging file; the tile count.
+
+    ``pixels`` is the block, or ``(source, *arguments)`` to read it here first.  With
+    ``archive_tile`` (``on_the_fly=False``) the tiles are JPEG-encoded at that size and
+    staged for the slide's archive, and what is embedded is those JPEGs decoded: a later
+    run from the archive gets the same embeddings.
     """
+    from slide2vec_dask.dataflow.graph import block_tiles_of, encode_tiles
+
     if isinstance(pixels, tuple):
         pixels = read_block(*pixels)
-    out = encode_block(pixels, keep, spec=spec, read_tile=read_tile, settings=settings)
+    tiles = block_tiles_of(pixels, keep, read_tile)
+    if archive_tile is not None:
+        from slide2vec_dask.tiling.archive import decode_jpeg_tiles, encode_jpeg_tiles
+
+        blobs = encode_jpeg_tiles(tiles, archive_tile)
+        store.write_block_tiles(sample_id, block, blobs)
+        tiles = decode_jpeg_tiles(blobs) if blobs else tiles[:0]
+    out = encode_tiles(tiles, keep, spec=spec, settings=settings)
     return store.write_block(sample_id, block, out)
 
 
 def finalize_task(store: EmbeddingStore, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any],
-                  output_format: tuple[str, ...] | None) -> dict[str, Any]:
-    """Publish the slide's tile embeddings, then its exports in each asked format (as it finishes)."""
+                  output_format: tuple[str, ...] | None, archive_dir: str | None = None) -> dict[str, Any]:
+    """Publish the slide's tile embeddings (and tile archive), then its exports in each asked format."""
     from slide2vec_dask.exporters import export_slide
 
-    done = store.finalize_slide(sample_id, plan_path, k, attrs)
+    done = store.finalize_slide(sample_id, plan_path, k, attrs, archive_dir)
     flat = export_slide(store, sample_id, output_format or ())
     return {**done, "flat_paths": [str(p) for p in flat]}
 

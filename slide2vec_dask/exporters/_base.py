@@ -148,14 +148,14 @@ class TileSource:
         return None
 
     def plan(self):
-        """The slide's saved plan (`TileGrid`), where the pipeline puts it."""
-        from slide2vec_dask.tiling.grid import TileGrid
+        """The slide's saved plan (`TileGrid`, or `TileList` for free positions), where the pipeline puts it."""
+        from slide2vec_dask.tiling.tile_list import load_plan
 
         path = Path(self.store.output_dir) / "coordinates" / f"{self.sample_id}.npz"
         if not path.is_file():
             raise FileNotFoundError(f"{self.sample_id}: the store's tile attrs lack the slide geometry and the "
                                     f"saved plan {path} is gone; rerun the slide with overwrite=True")
-        return TileGrid.load(path)
+        return load_plan(path)
 
 
 @dataclass

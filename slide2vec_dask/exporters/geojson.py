@@ -48,6 +48,8 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
         grid = src.plan()
     except FileNotFoundError:
         return [], "none"
+    if not hasattr(grid, "keep"):   # free positions (peer coordinates): no tissue mask of ours to draw
+        return [], "none"
     try:
         mask, (height, width) = _plan_mask(grid, src.sample_id)
         sy, sx = height / mask.shape[0], width / mask.shape[1]

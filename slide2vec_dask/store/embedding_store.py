@@ -282,16 +282,48 @@ class EmbeddingStore:
             raise write_error(tmp.parent, exc) from exc
         return int(np.isfinite(embeddings[..., 0]).sum())
 
-    def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any]) -> dict[str, int]:
+    def write_block_tiles(self, sample_id: str, block: tuple[int, int], blobs: list[bytes]) -> None:
+        """One block's tiles as JPEG bytes (``on_the_fly=False``), staged for the slide's archive."""
+        target = self._staging(sample_id) / f"{block[0]}-{block[1]}.jpegs.npz"
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, data=data, sizes=np.array([len(b) for b in blobs], dtype=np.int64))
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(tmp.parent, exc) from exc
+
+    def _staged_tiles(self, sample_id: str, grid, k: int):
+        """The staged JPEGs of every tile, in the plan's row-major order (a band of blocks at a time)."""
+        staging = self._staging(sample_id)
+        _, _, blocks, members = _block_members(grid, k)
+        for band in _bands(blocks, members):
+            found = {}
+            for block, index in band:
+                path = staging / f"{block[0]}-{block[1]}.jpegs.npz"
+                if not path.exists():
+                    raise RuntimeError(f"{sample_id}: the tiles of block {block} never reached the archive")
+                with np.load(path) as staged:
+                    data, sizes = staged["data"].tobytes(), staged["sizes"]
+                ends = np.cumsum(sizes)
+                found.update({int(i): data[e - n : e] for i, n, e in zip(index, sizes, ends)})
+            yield from (found[i] for i in sorted(found))
+
+    def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any],
+                       archive_dir: str | None = None) -> dict[str, int]:
         """Block files -> flat row-major ``tiles/<id>`` (and ``regions/<id>``), published by rename.
 
         Safe to run twice or concurrently: a slide already published from the same
         file (its fingerprint) is left as it is; one published from an earlier version
         of the file is replaced by this one, in one rename, only now that it is built.
+        With ``archive_dir`` (``on_the_fly=False``) the slide's tile archive is written
+        there first, from its staged JPEGs.
         """
-        from slide2vec_dask.tiling.grid import TileGrid
+        from slide2vec_dask.tiling.tile_list import load_plan
 
-        grid = TileGrid.load(plan_path)
+        grid = load_plan(plan_path)
         done = {"num_tiles": grid.num_tiles, "num_regions": grid.num_regions if grid.region_tile_multiple else 0}
         prints = {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
 
@@ -302,6 +334,10 @@ class EmbeddingStore:
             return done
         try:
             tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
+            if archive_dir is not None:
+                from slide2vec_dask.tiling.archive import write_archive
+
+                write_archive(Path(archive_dir), sample_id, grid, self._staged_tiles(sample_id, grid, k), attrs)
         except FileNotFoundError:
             if published():   # another run of this task published it meanwhile
                 return done
@@ -331,9 +367,8 @@ class EmbeddingStore:
             dimension_names=list(schema.TILE_DIMS),
             attributes={"coordinates": "x y", **schema.TILE_EMBEDDING_ATTRS, "encoder": attrs.get("encoder", "")})
         hierarchical = grid.region_tile_multiple is not None
-        regions, region_emb, region = (self._regions_group(grid, k, feature_dim, attrs) if hierarchical
-                                       else (None, None, 0))
-        mask = grid.embed_mask if hierarchical else grid.keep      # where the blocks are
+        regions, region_emb = (self._regions_group(grid, k, feature_dim, attrs) if hierarchical
+                               else (None, None))
         written, pending = 0, []
 
         def flush(final: bool) -> None:
@@ -343,28 +378,9 @@ class EmbeddingStore:
             emb[written : written + take] = rows[:take]
             written, pending = written + take, [rows[take:]]
 
-        rows_total, cols_total = grid.shape
-        for bi, r0 in enumerate(range(0, mask.shape[0], k)):
-            band_mask = mask[r0 : r0 + k]
-            if not band_mask.any():
-                continue
-            band = np.full((band_mask.shape[0], mask.shape[1], feature_dim), np.nan, dtype=np.float32)
-            for bj, c0 in enumerate(range(0, mask.shape[1], k)):
-                if not band_mask[:, c0 : c0 + k].any():
-                    continue
-                path = staging / f"{bi}-{bj}.npy"
-                if not path.exists():
-                    raise RuntimeError(f"{sample_id}: the embeddings of block ({bi}, {bj}) never landed")
-                block = np.load(path)
-                band[:, c0 : c0 + block.shape[1]] = block
-                if hierarchical:   # one region = one block, in row-major order
-                    region_emb[region] = block.reshape(k * k, feature_dim)
-                    region += 1
-            keep = grid.keep[r0 : r0 + k]
-            rows = band[: keep.shape[0], :cols_total][keep]
-            if np.isnan(rows[:, 0]).any():
-                raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} "
-                                   "never landed")
+        bands = (_grid_rows(staging, sample_id, grid, k, feature_dim, region_emb) if hasattr(grid, "keep")
+                 else _free_rows(staging, sample_id, grid, k, feature_dim))
+        for rows in bands:
             if len(rows):
                 pending.append(rows)
             if sum(len(p) for p in pending) >= chunk:
@@ -373,10 +389,9 @@ class EmbeddingStore:
             flush(final=True)
         if written != n:
             raise RuntimeError(f"{sample_id}: wrote {written} tile rows, the plan has {n}")
-        rows, cols = grid.rows_cols
         _vector(group, "x", grid.x, schema.TILE_COORDS["x"])
         _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
-        _vector(group, "tissue_fraction", grid.tissue_fraction[rows, cols], schema.TISSUE_FRACTION_ATTRS)
+        _vector(group, "tissue_fraction", grid.kept_tissue_fraction, schema.TISSUE_FRACTION_ATTRS)
         group.update_attributes({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
                                  "tile_size_lv0_units": schema.LEVEL0_PX, "build_id": uuid.uuid4().hex,
                                  "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
@@ -404,7 +419,7 @@ class EmbeddingStore:
         group.update_attributes({**attrs, "num_regions": n, "region_tile_multiple": k,
                                  "tile_size_lv0": grid.tile_size_lv0, "sub_tile_order": schema.SUB_TILE_ORDER,
                                  "complete": True})
-        return tmp, emb, 0
+        return tmp, emb
 
     def discard_staging(self, sample_id: str) -> None:
         shutil.rmtree(self._staging(sample_id), ignore_errors=True)
@@ -604,6 +619,89 @@ def write_error(folder: Path, exc: OSError) -> OSError:
         pass
     error = OSError(exc.errno, f"cannot write in {folder}: {reason}")
     return error
+
+
+def _grid_rows(staging: Path, sample_id: str, grid, k: int, feature_dim: int, region_emb):
+    """A grid plan's tile rows, a band of k grid rows at a time, from its (rows, cols, feature) block files.
+
+    In hierarchical mode each block is one region: written to ``region_emb`` in row-major order.
+    """
+    hierarchical = region_emb is not None
+    mask = grid.embed_mask if hierarchical else grid.keep      # where the blocks are
+    cols_total = grid.shape[1]
+    region = 0
+    for bi, r0 in enumerate(range(0, mask.shape[0], k)):
+        band_mask = mask[r0 : r0 + k]
+        if not band_mask.any():
+            continue
+        band = np.full((band_mask.shape[0], mask.shape[1], feature_dim), np.nan, dtype=np.float32)
+        for bj, c0 in enumerate(range(0, mask.shape[1], k)):
+            if not band_mask[:, c0 : c0 + k].any():
+                continue
+            path = staging / f"{bi}-{bj}.npy"
+            if not path.exists():
+                raise RuntimeError(f"{sample_id}: the embeddings of block ({bi}, {bj}) never landed")
+            block = np.load(path)
+            band[:, c0 : c0 + block.shape[1]] = block
+            if hierarchical:   # one region = one block, in row-major order
+                region_emb[region] = block.reshape(k * k, feature_dim)
+                region += 1
+        keep = grid.keep[r0 : r0 + k]
+        rows = band[: keep.shape[0], :cols_total][keep]
+        if np.isnan(rows[:, 0]).any():
+            raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} never landed")
+        yield rows
+
+
+def _free_rows(staging: Path, sample_id: str, plan, k: int, feature_dim: int):
+    """A `TileList`'s tile rows, a band of lattice cells at a time, from its (n, feature) block files."""
+    blocks, members = plan.blocks(k)
+    for band in _bands(blocks, members):
+        lo = min(int(index.min()) for _, index in band)
+        hi = max(int(index.max()) for _, index in band) + 1
+        rows = np.full((hi - lo, feature_dim), np.nan, dtype=np.float32)
+        for block, index in band:
+            path = staging / f"{block[0]}-{block[1]}.npy"
+            if not path.exists():
+                raise RuntimeError(f"{sample_id}: the embeddings of block {block} never landed")
+            rows[index - lo] = np.load(path)
+        if np.isnan(rows[:, 0]).any():
+            raise RuntimeError(f"{sample_id}: embeddings of tiles {lo}..{hi - 1} never landed")
+        yield rows
+
+
+def _bands(blocks: list[tuple[int, int]], members: list[np.ndarray]):
+    """Blocks (row-major) grouped by block row, each with its tiles' plan indices."""
+    band: list = []
+    for block, index in zip(blocks, members):
+        if band and band[-1][0][0] != block[0]:
+            yield band
+            band = []
+        band.append((block, index))
+    if band:
+        yield band
+
+
+def _block_members(plan, k: int):
+    """``(k, mask, blocks, members)`` for a plan and a known block size: each block's tiles as plan indices.
+
+    (A grid block's tiles are its kept tiles in row-major order inside the block.)
+    """
+    if not hasattr(plan, "keep"):
+        blocks, members = plan.blocks(k)
+        return k, None, blocks, members
+    index = np.full(plan.keep.shape, -1, dtype=np.int64)
+    index[plan.keep] = np.arange(plan.num_tiles)
+    rows, cols = plan.keep.shape
+    blocks, members = [], []
+    for bi in range(-(-rows // k)):
+        for bj in range(-(-cols // k)):
+            part = index[bi * k : (bi + 1) * k, bj * k : (bj + 1) * k]
+            part = part[part >= 0]
+            if len(part):
+                blocks.append((bi, bj))
+                members.append(part)
+    return k, plan.keep, blocks, members
 
 
 def _consolidate(group_dir: Path) -> None:

@@ -91,6 +91,12 @@ class TileGrid:
     def y(self) -> np.ndarray:
         return self._lv0(self.rows_cols[0])
 
+    @property
+    def kept_tissue_fraction(self) -> np.ndarray:
+        """Tissue fraction of each kept tile (row-major)."""
+        rows, cols = self.rows_cols
+        return self.tissue_fraction[rows, cols]
+
     def _lv0(self, index: np.ndarray) -> np.ndarray:
         return np.round(index.astype(np.float64) * self.read_tile_size_px * self.level_downsample).astype(np.int64)
 
