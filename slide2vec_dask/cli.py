@@ -37,7 +37,7 @@ TIMM_KEYS = ("timm", "checkpoint_path", "spacing_um", "tile_size_px", "pretraine
 MODEL_KEYS = tuple(dict.fromkeys(PRESET_KEYS + TIMM_KEYS))
 # Path-valued settings; in the YAML file they are relative to the file's folder.
 PATH_KEYS = {"manifest": (), "model": ("checkpoint_path", "tile_checkpoint_path"), "execution": ("output_dir",),
-             "preprocessing": ("read_coordinates_from",)}
+             "preprocessing": ("read_coordinates_from", "read_tiles_from")}
 
 SAMPLE_CONFIG = """\
 manifest: slides.csv            # sample_id,image_path[,mask_path,spacing_at_level_0]

@@ -5,7 +5,7 @@ Both dataclasses check every value at construction — its type (a boolean is
 each key of the dict-valued options — so the Python API, YAML files and CLI
 overrides (all of which build these classes) refuse a typo before any
 cluster starts or any file is touched.  An option this release cannot act on
-does not exist (slide2vec's ``on_the_fly`` / ``read_tiles_from`` are not fields).
+does not exist.
 """
 
 from __future__ import annotations
