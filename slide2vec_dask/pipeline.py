@@ -290,6 +290,12 @@ class Pipeline:
                                     "slide2vec_dask_version": _version()}
         return stages
 
+    def _archive_missing(self, sample_id: str) -> bool:
+        config = self.preprocessing
+        if config.on_the_fly or config.read_tiles_from is not None:
+            return False
+        return not (Path(self.execution.output_dir) / "tiles" / f"{sample_id}.tiles.tar").is_file()
+
     def _what_is_left(self, store, items, outcomes):
         """Split the slides into skipped, slide stage only (their tiles are in the store), to do, and stale.
 
@@ -319,6 +325,8 @@ class Pipeline:
                 reason = next(filter(None, (why_stale(r, now) for r in records)), None)
             except (OSError, ValueError) as exc:
                 reason = f"its stored outputs cannot be read ({type(exc).__name__}: {exc})"
+            if reason is None and sid in complete and self._archive_missing(sid):
+                reason = "on_the_fly=False asks for its tile archive, and there is none"
             if reason:
                 stale[sid] = reason
         complete -= set(stale)

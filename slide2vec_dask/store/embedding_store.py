@@ -328,7 +328,8 @@ class EmbeddingStore:
         prints = {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
 
         def published() -> bool:
-            return self.is_complete(sample_id) and self.fingerprints("tiles", sample_id) == prints
+            archived = archive_dir is None or (Path(archive_dir) / f"{sample_id}.tiles.tar").is_file()
+            return archived and self.is_complete(sample_id) and self.fingerprints("tiles", sample_id) == prints
 
         if published():
             return done
