@@ -87,12 +87,26 @@ class Pipeline:
     # -- internals -----------------------------------------------------------
     @staticmethod
     def _slides_from_plans(coordinates_dir: Path) -> list[dict]:
-        from slide2vec_dask.tiling.grid import TileGrid
+        """The slides saved plans (ours, or hs2p's ``.coordinates.npz`` + ``.meta.json``) were made for."""
+        import json
+
+        from slide2vec_dask.tiling.peers import is_own_plan
+        from slide2vec_dask.tiling.tile_list import load_plan
 
         slides = []
         for path in sorted(coordinates_dir.glob("*.npz")):
-            meta = TileGrid.load(path).meta
-            slide = {"sample_id": path.stem, "image_path": meta["image_path"]}
+            if is_own_plan(path):
+                meta, sample_id = load_plan(path).meta, path.stem
+            elif path.name.endswith(".coordinates.npz"):
+                sample_id = path.name.removesuffix(".coordinates.npz")
+                meta_path = path.with_name(f"{sample_id}.coordinates.meta.json")
+                if not meta_path.is_file():
+                    raise FileNotFoundError(f"{sample_id}: {meta_path} is missing (it says which slide "
+                                            f"{path.name} was made from); pass slides= or manifest_path=")
+                meta = json.loads(meta_path.read_text())["provenance"]
+            else:
+                continue
+            slide = {"sample_id": sample_id, "image_path": meta["image_path"]}
             if meta.get("mask_path"):
                 slide["mask_path"] = meta["mask_path"]
             slides.append(slide)

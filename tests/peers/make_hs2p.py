@@ -1,0 +1,91 @@
+"""Run hs2p itself (in its own environment, see setup-hs2p.sh) for tests/test_peers.py.
+
+    python make_hs2p.py make SLIDE SAMPLE_ID OUTPUT_DIR [--spacing 0.5] [--tile-size 224]
+                             [--save-tiles] [--backend openslide]
+        Tiles SLIDE with hs2p.tile_slides (HSV segmentation, no overlap) into OUTPUT_DIR
+        (artifacts under OUTPUT_DIR/tiles/) and prints one JSON object: the artifact paths,
+        num_tiles, hs2p's version, read_level / tile_size_lv0 from its meta, and the seconds
+        it took.
+
+    python make_hs2p.py load NPZ META
+        Reads a ``<sample_id>.coordinates.npz`` + ``.coordinates.meta.json`` pair (ours or
+        hs2p's) with hs2p's public loader ``hs2p.load_tiling_result`` (which validates the
+        meta schema and the tile_index range) and prints x, y, tile_index and the tile
+        geometry it found as JSON.
+
+Only hs2p's public API is used; this file imports nothing from slide2vec_dask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+
+def make(args) -> dict:
+    import hs2p
+    from hs2p import SegmentationConfig, SlideSpec, TilingConfig
+
+    start = time.perf_counter()
+    tiling = TilingConfig(requested_spacing_um=args.spacing, requested_tile_size_px=args.tile_size,
+                          tolerance=0.05, overlap=0.0, backend=args.backend)
+    (art,) = hs2p.tile_slides([SlideSpec(sample_id=args.sample_id, image_path=Path(args.slide))],
+                              tiling=tiling, segmentation=SegmentationConfig(method="hsv"),
+                              output_dir=Path(args.output_dir), save_tiles=args.save_tiles, num_workers=1)
+    seconds = time.perf_counter() - start
+    meta = json.loads(Path(art.coordinates_meta_path).read_text())
+    tiles_dir = Path(art.coordinates_meta_path).parent
+    manifest = tiles_dir / f"{args.sample_id}.tiles.manifest.csv"
+
+    def path(p):
+        return str(p) if p is not None and Path(p).exists() else None
+
+    return {"sample_id": art.sample_id, "num_tiles": int(art.num_tiles), "seconds": round(seconds, 3),
+            "hs2p_version": version("hs2p"), "pillow_version": version("pillow"),
+            "tiles_dir": str(tiles_dir), "npz": path(art.coordinates_npz_path),
+            "meta": path(art.coordinates_meta_path), "tar": path(art.tiles_tar_path),
+            "manifest": path(manifest) if args.save_tiles else None, "backend": art.backend,
+            "read_level": meta["tiling"]["read_level"], "read_tile_size_px": meta["tiling"]["read_tile_size_px"],
+            "tile_size_lv0": meta["tiling"]["tile_size_lv0"], "base_spacing_um": meta["slide"]["base_spacing_um"]}
+
+
+def load(args) -> dict:
+    import hs2p
+
+    npz = Path(args.npz) if args.npz not in ("", "none") else None
+    result = hs2p.load_tiling_result(npz, Path(args.meta))
+    return {"sample_id": result.sample_id, "x": [int(v) for v in result.x], "y": [int(v) for v in result.y],
+            "tile_index": [int(v) for v in result.tile_index],
+            "tissue_fractions": [float(v) for v in result.tissue_fractions],
+            "read_level": int(result.read_level), "read_tile_size_px": int(result.read_tile_size_px),
+            "tile_size_lv0": int(result.tile_size_lv0), "requested_tile_size_px": int(result.requested_tile_size_px),
+            "requested_spacing_um": float(result.requested_spacing_um), "step_px_lv0": int(result.step_px_lv0)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("slide")
+    m.add_argument("sample_id")
+    m.add_argument("output_dir")
+    m.add_argument("--spacing", type=float, default=0.5)
+    m.add_argument("--tile-size", type=int, default=224)
+    m.add_argument("--save-tiles", action="store_true")
+    m.add_argument("--backend", default="openslide")
+    ld = sub.add_parser("load")
+    ld.add_argument("npz")
+    ld.add_argument("meta")
+    args = parser.parse_args(argv)
+    out = make(args) if args.command == "make" else load(args)
+    json.dump(out, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
