@@ -153,3 +153,25 @@ def test_embed_slide_says_archives_are_written_by_pipeline_run(tiny, syn_svs):
 def test_archive_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PreprocessingConfig(**kwargs)
+
+
+def test_archives_that_are_missing_or_damaged_fail_their_own_slide_only(tiny, syn_svs, tmp_path):
+    made = tmp_path / "made"
+    slides = [{"sample_id": s, "image_path": str(syn_svs)} for s in ("good", "damaged")]
+    Pipeline(tiny, preprocessing=PreprocessingConfig(on_the_fly=False),
+             execution=ExecutionOptions(output_dir=made, num_workers=1)).run(slides=slides)
+    archives = made / "tiles"
+    tar = archives / "damaged.tiles.tar"
+    data = bytearray(tar.read_bytes())
+    first = 512                                   # the first member's data follows its 512-byte header
+    data[first : first + 64] = b"\0" * 64         # its JPEG header overwritten
+    tar.write_bytes(bytes(data))
+    result = Pipeline(tiny, preprocessing=PreprocessingConfig(read_tiles_from=archives),
+                      execution=ExecutionOptions(output_dir=tmp_path / "again", num_workers=1)).run(
+        slides=slides + [{"sample_id": "absent", "image_path": str(syn_svs)}])
+    rows = {o.sample_id: o for o in result.outcomes}
+    assert rows["good"].status == "success"
+    assert rows["damaged"].status == "failed" and "damaged.tiles.tar" in rows["damaged"].error
+    assert "not a readable JPEG" in rows["damaged"].error
+    assert rows["absent"].status == "failed" and rows["absent"].error_type == "FileNotFoundError"
+    assert "absent" in rows["absent"].error and "read_tiles_from" in rows["absent"].error

@@ -146,7 +146,7 @@ def _check_plan(grid, slide, spacing: float, tile: int, item: SlideInput,
                         f"{config.region_multiple(tile)}")
     if grid.level >= slide.level_count:
         problems.append(f"it reads level {grid.level}, the slide has {slide.level_count}")
-    elif hasattr(grid, "keep"):
+    elif grid.layout == "grid":
         lh, lw = slide.level_shapes[grid.level]
         if grid.shape[0] * grid.read_tile_size_px > lh or grid.shape[1] * grid.read_tile_size_px > lw:
             problems.append("its grid does not fit this slide's dimensions")

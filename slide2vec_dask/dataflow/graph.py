@@ -43,7 +43,7 @@ def block_layout(grid, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX):
     A plan of free positions (`TileList`) has no mask: ``tiles`` lists each block's
     tile indices instead (``None`` for grids).
     """
-    if not hasattr(grid, "keep"):
+    if grid.layout == "free":
         k = block_tiles(grid, use_supertiles, block_px)
         blocks, tiles = grid.blocks(k)
         return k, None, blocks, tiles

@@ -115,7 +115,7 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
              # what exports state in their own units: level-0 spacing and size, tile size asked for
              "slide_spacing_um": float(grid.slide_spacing_um), "read_spacing_um": float(grid.read_spacing_um),
              "requested_tile_size_px": int(grid.requested_tile_size_px),
-             "tile_layout": "grid" if hasattr(grid, "keep") else "free",
+             "tile_layout": grid.layout,
              **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")}}
     if slide is not None:
         attrs.update(level0_height=int(slide.level_shapes[0][0]), level0_width=int(slide.level_shapes[0][1]),
@@ -128,15 +128,18 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
     k, keep, blocks, free = block_layout(grid, config.use_supertiles)
     if free is not None:
         free = {b: _free_block(grid, tiles) for b, tiles in zip(blocks, free)}
-    note = ""
-    if not grid.num_tiles:
-        note = (f"no tiles: the slide is smaller than one tile ({grid.read_tile_size_px} px at read level "
-                f"{grid.level})" if keep is not None and 0 in keep.shape else
-                "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
-                if keep is not None else "no tiles: the coordinates list none")
     return PlannedSlide(item.sample_id, source, grid.level, grid.read_tile_size_px, k, keep, blocks,
                         grid.num_tiles, plan_path, attrs, time.perf_counter() - start, free,
-                        grid.requested_tile_size_px if writes_archive(config, grid) else None, note)
+                        grid.requested_tile_size_px if writes_archive(config, grid) else None,
+                        "" if grid.num_tiles else _why_no_tiles(grid))
+
+
+def _why_no_tiles(grid) -> str:
+    if grid.layout == "free":
+        return "no tiles: the coordinates given list none"
+    if 0 in grid.shape:
+        return f"no tiles: the slide is smaller than one tile ({grid.read_tile_size_px} px at read level {grid.level})"
+    return "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
 
 
 def writes_archive(config, plan) -> bool:

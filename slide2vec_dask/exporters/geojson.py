@@ -48,7 +48,7 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
         grid = src.plan()
     except FileNotFoundError:
         return [], "none"
-    if not hasattr(grid, "keep"):   # free positions (peer coordinates): no tissue mask of ours to draw
+    if grid.layout == "free":   # free positions (peer coordinates): no tissue mask of ours to draw
         return [], "none"
     try:
         mask, (height, width) = _plan_mask(grid, src.sample_id)

@@ -379,7 +379,7 @@ class EmbeddingStore:
             emb[written : written + take] = rows[:take]
             written, pending = written + take, [rows[take:]]
 
-        bands = (_grid_rows(staging, sample_id, grid, k, feature_dim, region_emb) if hasattr(grid, "keep")
+        bands = (_grid_rows(staging, sample_id, grid, k, feature_dim, region_emb) if grid.layout == "grid"
                  else _free_rows(staging, sample_id, grid, k, feature_dim))
         for rows in bands:
             if len(rows):
@@ -688,7 +688,7 @@ def _block_members(plan, k: int):
 
     (A grid block's tiles are its kept tiles in row-major order inside the block.)
     """
-    if not hasattr(plan, "keep"):
+    if plan.layout == "free":
         blocks, members = plan.blocks(k)
         return k, None, blocks, members
     index = np.full(plan.keep.shape, -1, dtype=np.int64)

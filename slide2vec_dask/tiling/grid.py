@@ -67,6 +67,8 @@ class TileGrid:
     meta: dict = field(default_factory=dict)
     region_tile_multiple: int | None = None  # R: regions of R x R tiles (hierarchical mode)
 
+    layout = "grid"                          # (a `TileList`'s is "free")
+
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, cols) of the full grid."""

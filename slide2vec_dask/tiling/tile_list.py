@@ -44,6 +44,8 @@ class TileList:
     region_tile_multiple: None = None     # (free positions have no regions)
     tissue_threshold: float = 0.0
 
+    layout = "free"                       # (a `TileGrid`'s is "grid")
+
     def __post_init__(self) -> None:
         xy = np.asarray(self.xy, dtype=np.int64).reshape(-1, 2)
         order = np.lexsort((xy[:, 0], xy[:, 1]))   # row-major: y, then x
