@@ -139,9 +139,21 @@ def test_a_rerun_asking_for_archives_writes_the_missing_one_then_skips(tiny, syn
     assert result.outcomes[0].status == "skipped"
 
 
-def test_embed_slide_says_archives_are_written_by_pipeline_run(tiny, syn_svs):
-    with pytest.raises(ValueError, match="Pipeline.run"):
+def test_embed_slide_writes_the_same_archive_and_embeddings_as_pipeline_run(tiny, syn_svs, tmp_path):
+    with pytest.raises(ValueError, match="output_dir"):
         tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(on_the_fly=False))
+    config = PreprocessingConfig(on_the_fly=False)
+    Pipeline(tiny, preprocessing=config, execution=ExecutionOptions(output_dir=tmp_path / "run", num_workers=1)).run(
+        slides=[{"sample_id": "syn", "image_path": str(syn_svs)}])
+    got = tiny.embed_slide({"sample_id": "syn", "image_path": str(syn_svs)}, preprocessing=config,
+                           execution=ExecutionOptions(output_dir=tmp_path / "mem"))
+    run_names, run_tiles = _archive(tmp_path / "run" / "tiles", "syn")
+    mem_names, mem_tiles = _archive(tmp_path / "mem" / "tiles", "syn")
+    assert mem_names == run_names and mem_tiles.keys() == run_tiles.keys()
+    assert all(np.array_equal(mem_tiles[k], run_tiles[k]) for k in run_tiles)
+    stored = EmbeddingStore(tmp_path / "run").open_tiles("syn")
+    assert np.array_equal(got.x, stored["x"][:]) and np.array_equal(got.y, stored["y"][:])
+    assert np.abs(got.tile_embeddings.numpy() - stored["embedding"][:]).max() <= 1e-5
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -175,3 +187,17 @@ def test_archives_that_are_missing_or_damaged_fail_their_own_slide_only(tiny, sy
     assert "not a readable JPEG" in rows["damaged"].error
     assert rows["absent"].status == "failed" and rows["absent"].error_type == "FileNotFoundError"
     assert "absent" in rows["absent"].error and "read_tiles_from" in rows["absent"].error
+
+
+def test_embed_slide_on_a_cluster_writes_the_archive_there_too(tiny, syn_svs, tmp_path):
+    """The archive's reads and JPEG encoding run as cluster tasks; the result is the local one's."""
+    from distributed import LocalCluster
+
+    config = PreprocessingConfig(on_the_fly=False)
+    local = tiny.embed_slide(syn_svs, preprocessing=config, execution=ExecutionOptions(output_dir=tmp_path / "local"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        remote = tiny.embed_slide(syn_svs, preprocessing=config, execution=ExecutionOptions(
+            output_dir=tmp_path / "cluster", scheduler_address=cluster.scheduler_address))
+    a, b = (_archive(tmp_path / d / "tiles", "synthetic")[1] for d in ("local", "cluster"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.abs(local.tile_embeddings.numpy() - remote.tile_embeddings.numpy()).max() <= 1e-5

@@ -47,6 +47,35 @@ def run_blocks(jobs: Iterable[tuple[SlideGraph, tuple[int, int]]], on_block: Cal
         _run_local(jobs, on_block, num_workers or default_threads(), prefetch_factor)
 
 
+def run_cpu_blocks(jobs: Iterable[tuple], on_block: Callable, *, client=None, num_workers: int | None,
+                   prefetch_factor: int) -> None:
+    """`run_blocks` for graphs whose block tasks need no GPU (writing tile archives): each
+    block's culled graph runs as it is, in this process's threads or on the cluster."""
+    if client is None:
+        _run_local(jobs, on_block, num_workers or default_threads(), prefetch_factor)
+        return
+    from distributed import as_completed
+
+    window = window_size(client, num_workers, prefetch_factor)
+    cache: dict = {}
+    results = as_completed(loop=client.loop)
+    meta: dict = {}
+    jobs = iter(jobs)
+
+    def top_up():
+        for _, (graph, block) in zip(range(window() - len(meta)), jobs):
+            dsk, key = _subgraph_of(graph.array, graph.key(block), cache)
+            future = client.get(dsk, key, sync=False)
+            meta[future.key] = (graph, block)
+            results.add(future)
+
+    top_up()
+    for future in results:
+        graph, block = meta.pop(future.key)
+        on_block(graph, block, future.result())
+        top_up()
+
+
 def window_size(client, num_workers: int | None, prefetch_factor: int, every: float = 1.0) -> Callable[[], int]:
     """Blocks in flight: fixed for a given ``num_workers``, else the cluster's threads (asked at most every ``every`` s)."""
     if num_workers:

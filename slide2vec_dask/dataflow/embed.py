@@ -160,9 +160,9 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
     if execution.output_format is not None:
         raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
                          "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
-    if not config.on_the_fly and config.read_tiles_from is None:
-        raise ValueError("on_the_fly=False writes tile archives from Pipeline.run; embed_slide(s) read "
-                         "the slide directly (or from archives: PreprocessingConfig(read_tiles_from=...))")
+    if not config.on_the_fly and config.read_tiles_from is None and execution.output_dir is None:
+        raise ValueError("on_the_fly=False writes each slide's tile archive to <output_dir>/tiles/: set "
+                         "ExecutionOptions(output_dir=...)")
     client = resolve_client(execution.scheduler_address)
     settings = embed_settings(execution, client)
     num_gpus = settings.num_gpus
@@ -170,6 +170,8 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
     planners = execution.num_preprocessing_workers or min(len(items), default_threads()) or 1
     with cf.ThreadPoolExecutor(planners, thread_name_prefix="slide2vec-plan") as pool:
         planned = list(pool.map(lambda it: plan_for(it, spec, config, execution), items))
+    if not config.on_the_fly and config.read_tiles_from is None:
+        planned = _archive_first(items, planned, spec, config, execution, client, settings)
 
     graphs: list[SlideGraph] = []
     collectors: list[_Collector] = []
@@ -198,6 +200,39 @@ def embed_slides(items: Sequence[SlideInput], spec: EncoderSpec, config: Preproc
 
             release_encoders(spec.key)
     return [_result(item, plan, c, spec, settings) for item, (_, plan), c in zip(items, planned, collectors)]
+
+
+def _archive_first(items, planned, spec: EncoderSpec, config: PreprocessingConfig, execution: ExecutionOptions,
+                   client, settings: EmbedSettings) -> list:
+    """``on_the_fly=False``: each slide's tiles read, JPEG-encoded and written to its archive in
+    ``<output_dir>/tiles/`` first; the slides are then embedded from those archives, as
+    `Pipeline.run` embeds them (the decoded JPEGs), so a later ``read_tiles_from`` run agrees."""
+    from slide2vec_dask.dataflow.driver import run_cpu_blocks
+    from slide2vec_dask.dataflow.graph import archive_graph
+    from slide2vec_dask.tiling.archive import in_plan_order, write_archive
+    from slide2vec_dask.tiling.peers import archive_plan
+
+    folder = Path(execution.output_dir) / "tiles"
+    graphs = [archive_graph(tile_embedding_graph(slide, plan.grid, spec, settings, config.use_supertiles),
+                            plan.grid.requested_tile_size_px) for slide, plan in planned]
+    blobs: dict[int, dict] = {id(g): {} for g in graphs}
+
+    def on_block(graph, block, result) -> None:
+        blobs[id(graph)][block] = result
+
+    run_cpu_blocks(((g, b) for g in graphs for b in g.source.blocks), on_block, client=client,
+                   num_workers=execution.num_workers, prefetch_factor=execution.prefetch_factor)
+    out = []
+    for item, (slide, plan), graph in zip(items, planned, graphs):
+        grid, staged = plan.grid, blobs.pop(id(graph))
+        attrs = {"image_path": str(item.image_path), "mask_path": str(item.mask_path or ""),
+                 "backend": slide.backend, "level0_height": slide.level_shapes[0][0],
+                 "level0_width": slide.level_shapes[0][1], "level_downsamples": list(slide.level_downsamples)}
+        write_archive(folder, item.sample_id, grid, in_plan_order(grid, graph.source.k, staged.__getitem__), attrs)
+        spacing, tile = resolve_request(spec, config)
+        archived = archive_plan(folder, item.sample_id, spacing, tile)
+        out.append((None, Plan(archived, plan.mask_preview_path, plan.tiling_preview_path)))
+    return out
 
 
 class _Collector:

@@ -217,3 +217,27 @@ def _free_graph(source, plan, k: int, blocks, tiles, spec: EncoderSpec, settings
     return FreeSlideGraph(_Tasks(array_name, {**pixels, **array}), _Tasks(pixels_name, pixels), None, blocks, k,
                           spec, plan.read_tile_size_px, settings, plan.level, sample_id,
                           tiles=dict(zip(blocks, tiles)), cuts=cuts)
+
+
+@dataclass
+class ArchiveGraph:
+    """A slide's blocks as JPEG tiles (``on_the_fly=False`` in the in-memory API): its graph's reads, then
+    `archive.jpeg_block` where an embedding would be."""
+
+    array: _Tasks
+    source: SlideGraph
+
+    def key(self, block: tuple[int, int]) -> tuple:
+        return (self.array.name, block[0], block[1], 0)
+
+
+def archive_graph(graph: SlideGraph, size: int) -> ArchiveGraph:
+    import dask
+
+    from slide2vec_dask.tiling.archive import jpeg_block
+
+    name = f"jpeg-{dask.base.tokenize(graph.array.name, size)}"
+    dsk = dict(graph.pixels.__dask_graph__())
+    for block in graph.blocks:
+        dsk[(name, *block, 0)] = (jpeg_block, graph.pixels_key(block), graph.keep_block(block), graph.read_tile, size)
+    return ArchiveGraph(_Tasks(name, dsk), graph)

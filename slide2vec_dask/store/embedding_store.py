@@ -295,21 +295,15 @@ class EmbeddingStore:
             tmp.unlink(missing_ok=True)
             raise write_error(tmp.parent, exc) from exc
 
-    def _staged_tiles(self, sample_id: str, grid, k: int):
-        """The staged JPEGs of every tile, in the plan's row-major order (a band of blocks at a time)."""
-        staging = self._staging(sample_id)
-        _, _, blocks, members = _block_members(grid, k)
-        for band in _bands(blocks, members):
-            found = {}
-            for block, index in band:
-                path = staging / f"{block[0]}-{block[1]}.jpegs.npz"
-                if not path.exists():
-                    raise RuntimeError(f"{sample_id}: the tiles of block {block} never reached the archive")
-                with np.load(path) as staged:
-                    data, sizes = staged["data"].tobytes(), staged["sizes"]
-                ends = np.cumsum(sizes)
-                found.update({int(i): data[e - n : e] for i, n, e in zip(index, sizes, ends)})
-            yield from (found[i] for i in sorted(found))
+    def _staged_tiles(self, sample_id: str, block: tuple[int, int]) -> list[bytes]:
+        """One block's staged JPEGs (`write_block_tiles`), in the order its tiles were cut."""
+        path = self._staging(sample_id) / f"{block[0]}-{block[1]}.jpegs.npz"
+        if not path.exists():
+            raise RuntimeError(f"{sample_id}: the tiles of block {block} never reached the archive")
+        with np.load(path) as staged:
+            data, sizes = staged["data"].tobytes(), staged["sizes"]
+        ends = np.cumsum(sizes)
+        return [data[e - n : e] for n, e in zip(sizes.tolist(), ends.tolist())]
 
     def finalize_slide(self, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any],
                        archive_dir: str | None = None) -> dict[str, int]:
@@ -336,9 +330,10 @@ class EmbeddingStore:
         try:
             tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
             if archive_dir is not None:
-                from slide2vec_dask.tiling.archive import write_archive
+                from slide2vec_dask.tiling.archive import in_plan_order, write_archive
 
-                write_archive(Path(archive_dir), sample_id, grid, self._staged_tiles(sample_id, grid, k), attrs)
+                blobs = in_plan_order(grid, k, lambda block: self._staged_tiles(sample_id, block))
+                write_archive(Path(archive_dir), sample_id, grid, blobs, attrs)
         except FileNotFoundError:
             if published():   # another run of this task published it meanwhile
                 return done
@@ -656,8 +651,9 @@ def _grid_rows(staging: Path, sample_id: str, grid, k: int, feature_dim: int, re
 
 def _free_rows(staging: Path, sample_id: str, plan, k: int, feature_dim: int):
     """A `TileList`'s tile rows, a band of lattice cells at a time, from its (n, feature) block files."""
-    blocks, members = plan.blocks(k)
-    for band in _bands(blocks, members):
+    from slide2vec_dask.tiling.tile_list import bands
+
+    for band in bands(*plan.blocks(k)):
         lo = min(int(index.min()) for _, index in band)
         hi = max(int(index.max()) for _, index in band) + 1
         rows = np.full((hi - lo, feature_dim), np.nan, dtype=np.float32)
@@ -669,40 +665,6 @@ def _free_rows(staging: Path, sample_id: str, plan, k: int, feature_dim: int):
         if np.isnan(rows[:, 0]).any():
             raise RuntimeError(f"{sample_id}: embeddings of tiles {lo}..{hi - 1} never landed")
         yield rows
-
-
-def _bands(blocks: list[tuple[int, int]], members: list[np.ndarray]):
-    """Blocks (row-major) grouped by block row, each with its tiles' plan indices."""
-    band: list = []
-    for block, index in zip(blocks, members):
-        if band and band[-1][0][0] != block[0]:
-            yield band
-            band = []
-        band.append((block, index))
-    if band:
-        yield band
-
-
-def _block_members(plan, k: int):
-    """``(k, mask, blocks, members)`` for a plan and a known block size: each block's tiles as plan indices.
-
-    (A grid block's tiles are its kept tiles in row-major order inside the block.)
-    """
-    if plan.layout == "free":
-        blocks, members = plan.blocks(k)
-        return k, None, blocks, members
-    index = np.full(plan.keep.shape, -1, dtype=np.int64)
-    index[plan.keep] = np.arange(plan.num_tiles)
-    rows, cols = plan.keep.shape
-    blocks, members = [], []
-    for bi in range(-(-rows // k)):
-        for bj in range(-(-cols // k)):
-            part = index[bi * k : (bi + 1) * k, bj * k : (bj + 1) * k]
-            part = part[part >= 0]
-            if len(part):
-                blocks.append((bi, bj))
-                members.append(part)
-    return k, plan.keep, blocks, members
 
 
 def _consolidate(group_dir: Path) -> None:

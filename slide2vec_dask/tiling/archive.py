@@ -63,6 +63,27 @@ def decode_jpeg_tiles(blobs: list[bytes]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
 
 
+def jpeg_block(pixels: np.ndarray, keep, read_tile: int, size: int) -> list[bytes]:
+    """A block's tiles as JPEGs (the in-memory API's archive task; see `graph.block_tiles_of`)."""
+    from slide2vec_dask.dataflow.graph import block_tiles_of
+
+    if keep is not None and keep.ndim == 3:
+        keep = keep[:, :, 0]
+    return encode_jpeg_tiles(block_tiles_of(pixels, keep, read_tile), size)
+
+
+def in_plan_order(plan, k: int, blobs_of):
+    """Each tile's JPEG in the plan's row-major order, a band of blocks at a time; ``blobs_of(block)``
+    gives a block's JPEGs in the order its tiles were cut."""
+    from slide2vec_dask.tiling.tile_list import bands, block_members
+
+    for band in bands(*block_members(plan, k)):
+        found = {}
+        for block, index in band:
+            found.update(zip(index.tolist(), blobs_of(block)))
+        yield from (found[i] for i in sorted(found))
+
+
 def write_archive(folder: Path, sample_id: str, plan, blobs, attrs: dict) -> Path:
     """The slide's archive, manifest and hs2p coordinates in ``folder``, each written aside and renamed.
 

@@ -141,6 +141,39 @@ class TileList:
             np.array_equal(self.xy, other.xy)
 
 
+def bands(blocks: list[tuple[int, int]], members: list[np.ndarray]):
+    """Blocks (row-major) grouped by block row, each with its tiles' plan indices."""
+    band: list = []
+    for block, index in zip(blocks, members):
+        if band and band[-1][0][0] != block[0]:
+            yield band
+            band = []
+        band.append((block, index))
+    if band:
+        yield band
+
+
+def block_members(plan, k: int):
+    """``(blocks, members)`` of any plan for a known block size: each block's tiles as plan indices.
+
+    (A grid block's tiles are its kept tiles in row-major order inside the block, as its worker cuts them.)
+    """
+    if plan.layout == "free":
+        return plan.blocks(k)
+    index = np.full(plan.keep.shape, -1, dtype=np.int64)
+    index[plan.keep] = np.arange(plan.num_tiles)
+    rows, cols = plan.keep.shape
+    blocks, members = [], []
+    for bi in range(-(-rows // k)):
+        for bj in range(-(-cols // k)):
+            part = index[bi * k : (bi + 1) * k, bj * k : (bj + 1) * k]
+            part = part[part >= 0]
+            if len(part):
+                blocks.append((bi, bj))
+                members.append(part)
+    return blocks, members
+
+
 def load_plan(path: str | Path):
     """A saved plan: a `TileGrid` (one grid) or a `TileList` (free positions)."""
     from slide2vec_dask.tiling.grid import TileGrid
