@@ -260,6 +260,11 @@ class Pipeline:
         from slide2vec_dask.dataflow.tasks import export_task
         from slide2vec_dask.exporters import sweep_temporaries
 
+        from slide2vec_dask.store.output_dir import sweep
+
+        archives = Path(store.output_dir) / "tiles"
+        if archives.is_dir():   # the tile archives' writers (on_the_fly=False) too
+            sweep(archives)
         formats, ex = self.execution.output_format, self.execution
         if not formats:
             return

@@ -56,7 +56,8 @@ RUN = textwrap.dedent("""
     setattr(owner, method, paused)
     from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig
     model = Model.from_timm("vit_tiny_patch16_224", checkpoint_path=checkpoint)
-    Pipeline(model, PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5),
+    Pipeline(model, PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5,
+                                        on_the_fly=os.environ.get("ON_THE_FLY", "1") == "1"),
              ExecutionOptions(output_dir=out, batch_size=4, num_workers=2,
                               scheduler_address=address or None)).run(slides=slides)
 """)
@@ -89,7 +90,8 @@ def clean(tiny, cohort, tmp_path_factory):
         slides=cohort)
 
 
-def _run_until(moment: str, out: Path, cohort, checkpoint: Path, tmp_path: Path, address: str = ""):
+def _run_until(moment: str, out: Path, cohort, checkpoint: Path, tmp_path: Path, address: str = "",
+               on_the_fly: bool = True):
     target, when = MOMENTS[moment]
     marker = tmp_path / "here"
     script = tmp_path / "run.py"
@@ -98,7 +100,8 @@ def _run_until(moment: str, out: Path, cohort, checkpoint: Path, tmp_path: Path,
     for s in cohort:
         args += [s["sample_id"], str(s["image_path"])]
     proc = subprocess.Popen([sys.executable, str(script), *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ON_THE_FLY": "1" if on_the_fly else "0"})
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -173,3 +176,32 @@ def test_an_orphaned_task_of_a_killed_run_never_touches_the_next_runs_blocks(tmp
     assert resumed.write_block("s0", (0, 1), np.ones((2, 2, 3), dtype=np.float32)) == 4
     staged = sorted(p.name for p in (tmp_path / ".slide2vec-work" / "staging" / "resumed" / "s0").iterdir())
     assert staged == ["0-0.npy", "0-1.npy"]
+
+
+def test_killed_while_writing_a_tile_archive(tiny, cohort, vit_tiny_checkpoint, tmp_path):
+    """on_the_fly=False: killed with a slide's archive half written; the rerun writes it whole, and
+    every archive and embedding equals a clean run's, with no temporary left."""
+    import tarfile
+
+    config = PreprocessingConfig(**EXACT, on_the_fly=False)
+    clean = Pipeline(tiny, config, ExecutionOptions(output_dir=tmp_path / "clean", batch_size=4)).run(slides=cohort)
+    out = tmp_path / "run"
+    MOMENTS["archive being written"] = ("slide2vec_dask.store.embedding_store:EmbeddingStore._staged_tiles", "'s1'")
+    try:
+        proc = _run_until("archive being written", out, cohort, vit_tiny_checkpoint, tmp_path, on_the_fly=False)
+    finally:
+        del MOMENTS["archive being written"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "tiles" / "s1.tiles.tar").exists(), "a half-written archive is never in place"
+    rerun = Pipeline(tiny, config, ExecutionOptions(output_dir=out, batch_size=4)).run(slides=cohort)
+    assert all(o.status in ("success", "skipped") for o in rerun.outcomes), [o.error for o in rerun.outcomes]
+    for sid in IDS:
+        with tarfile.open(out / "tiles" / f"{sid}.tiles.tar") as a, \
+                tarfile.open(tmp_path / "clean" / "tiles" / f"{sid}.tiles.tar") as b:
+            assert a.getnames() == b.getnames()
+            assert all(a.extractfile(n).read() == b.extractfile(n).read() for n in a.getnames())
+        x = xr.open_zarr(rerun.store_path, group=f"tiles/{sid}")
+        y = xr.open_zarr(clean.store_path, group=f"tiles/{sid}")
+        np.testing.assert_allclose(x.embedding.values, y.embedding.values, atol=1e-5)
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]

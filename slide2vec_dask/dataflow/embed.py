@@ -209,7 +209,8 @@ def _archive_first(items, planned, spec: EncoderSpec, config: PreprocessingConfi
     `Pipeline.run` embeds them (the decoded JPEGs), so a later ``read_tiles_from`` run agrees."""
     from slide2vec_dask.dataflow.driver import run_cpu_blocks
     from slide2vec_dask.dataflow.graph import archive_graph
-    from slide2vec_dask.tiling.archive import in_plan_order, write_archive
+    from slide2vec_dask.store.tile_archive import write_archive
+    from slide2vec_dask.tiling.archive import in_plan_order
     from slide2vec_dask.tiling.peers import archive_plan
 
     folder = Path(execution.output_dir) / "tiles"

@@ -78,7 +78,7 @@ _ROOTS = {"trident-h5": ("trident",), "clam-h5": ("clam",), "stamp-h5": ("stamp"
 
 def sweep_temporaries(dest: str | Path, formats: Iterable[str]) -> int:
     """Remove what writers killed mid-export left (hidden temporaries of dead processes on this host)."""
-    from slide2vec_dask.exporters._base import sweep
+    from slide2vec_dask.store.output_dir import sweep
 
     roots = {r for fmt in formats_of(tuple(formats)) for r in _ROOTS[fmt]}
     return sum(sweep(Path(dest) / r) for r in sorted(roots) if (Path(dest) / r).is_dir())

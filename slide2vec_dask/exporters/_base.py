@@ -8,27 +8,22 @@ published, so a slide re-embedded under ``overwrite=True`` makes its exports sta
 even when its metadata is byte for byte the same.  The sidecar is written *after*
 every file of the export is renamed into place, so a crash in between leaves an
 export that the next run redoes, never one that claims to be current.  Temporary
-files are hidden (``.<name>.<host>-<pid>-<token>.tmp``); those of dead processes on
-this host are swept once per run (`sweep`), not at every write.
+files are hidden (``.<name>.<host>-<pid>-<token>.tmp``, `store.output_dir.atomic`); those
+of dead processes on this host are swept once per run (`store.output_dir.sweep`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import socket
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from slide2vec_dask.store.output_dir import process_alive
+from slide2vec_dask.store.output_dir import atomic
 
-_HOST = socket.gethostname()
 
 
 # -- optional libraries ---------------------------------------------------------------------
@@ -190,64 +185,7 @@ class RowSource:
         return str(self.attrs.get("model", "") or "model")
 
 
-# -- atomic writes ------------------------------------------------------------------------------
-def _tmp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-def sweep(root: Path) -> int:
-    """Temporaries left under ``root`` by dead processes of this host (a crash, a kill); how many went.
-
-    Run once per folder tree (at the end of a run, by `export`), never per file: a folder of
-    a cohort's exports holds one entry per slide, and a scan per write would be quadratic.
-    """
-    marker = f".{_HOST}-"
-    removed = 0
-    for folder, dirs, files in os.walk(root):
-        for name in list(dirs) + files:
-            if not (name.startswith(".") and name.endswith(".tmp") and marker in name):
-                continue
-            try:
-                pid = int(name.rsplit(marker, 1)[1].split("-")[0])
-            except (IndexError, ValueError):
-                continue
-            if pid != os.getpid() and not process_alive(pid):
-                _remove(Path(folder) / name)
-                removed += 1
-        # never into a store (a .zarr folder) or a temporary: neither holds other exports
-        dirs[:] = [d for d in dirs if not d.endswith((".zarr", ".tmp"))]
-    return removed
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def atomic(target: Path, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` a file or a folder next to ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(target)
-    try:
-        write(tmp)
-        if tmp.is_dir():
-            # A folder cannot be renamed over another: the old one goes aside first (one rename),
-            # so the target is, at every instant, absent, the old export or the new one.
-            if target.exists():
-                old = _tmp_name(target)
-                os.rename(target, old)
-                _remove(old)
-            os.rename(tmp, target)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
-    return target
-
-
+# -- atomic writes: store.output_dir's ------------------------------------------------------
 def write_json(target: Path, doc: Any) -> Path:
     return atomic(target, lambda tmp: tmp.write_text(json.dumps(doc)))
 

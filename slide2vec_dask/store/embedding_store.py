@@ -330,7 +330,8 @@ class EmbeddingStore:
         try:
             tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
             if archive_dir is not None:
-                from slide2vec_dask.tiling.archive import in_plan_order, write_archive
+                from slide2vec_dask.store.tile_archive import write_archive
+                from slide2vec_dask.tiling.archive import in_plan_order
 
                 blobs = in_plan_order(grid, k, lambda block: self._staged_tiles(sample_id, block))
                 write_archive(Path(archive_dir), sample_id, grid, blobs, attrs)

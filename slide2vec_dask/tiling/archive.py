@@ -1,19 +1,14 @@
-"""Tile archives in hs2p's layout: read (``read_tiles_from``) and written (``on_the_fly=False``).
+"""Tile archives in hs2p's layout: their tiles read, and tiles made into them (JPEG).
 
 ``<id>.tiles.tar`` holds one JPEG per tile (``%06d.jpg``, the tile's index
 in ``<id>.tiles.manifest.csv``: ``tile_index, x, y`` in level-0 px), at the
-requested tile size; ``<id>.coordinates.npz`` / ``.coordinates.meta.json``
-describe the tiling as hs2p does, so hs2p and slide2vec read ours and we
-read theirs.  Tiles are encoded with Pillow at quality 90, hs2p's default.
+requested tile size.  Tiles are encoded with Pillow at quality 90, hs2p's
+default.  Writing the files is `store.tile_archive`'s.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import tarfile
-from pathlib import Path
 
 import numpy as np
 
@@ -82,81 +77,3 @@ def in_plan_order(plan, k: int, blobs_of):
         for block, index in band:
             found.update(zip(index.tolist(), blobs_of(block)))
         yield from (found[i] for i in sorted(found))
-
-
-def write_archive(folder: Path, sample_id: str, plan, blobs, attrs: dict) -> Path:
-    """The slide's archive, manifest and hs2p coordinates in ``folder``, each written aside and renamed.
-
-    ``blobs`` yields each tile's JPEG bytes in the plan's (row-major) order.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    tar_path = folder / f"{sample_id}.tiles.tar"
-    tmp = folder / f".{sample_id}.tiles.tar.{os.getpid()}.tmp"
-    rows = []
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for i, (x, y, blob) in enumerate(zip(plan.x, plan.y, blobs)):
-                info = tarfile.TarInfo(f"{i:06d}.jpg")
-                info.size = len(blob)
-                tf.addfile(info, io.BytesIO(blob))
-                rows.append((i, int(x), int(y)))
-        if len(rows) != plan.num_tiles:
-            raise RuntimeError(f"{sample_id}: {len(rows)} tiles reached the archive, the plan has {plan.num_tiles}")
-        _atomic_text(folder / f"{sample_id}.tiles.manifest.csv",
-                     "tile_index,x,y\n" + "".join(f"{i},{x},{y}\n" for i, x, y in rows))
-        coords = folder / f".{sample_id}.coordinates.{os.getpid()}.tmp.npz"
-        np.savez_compressed(coords, tile_index=np.arange(plan.num_tiles, dtype=np.int32),
-                            x=np.asarray(plan.x, np.int64), y=np.asarray(plan.y, np.int64),
-                            tissue_fractions=np.asarray(plan.kept_tissue_fraction, np.float32))
-        os.replace(coords, folder / f"{sample_id}.coordinates.npz")
-        _atomic_text(folder / f"{sample_id}.coordinates.meta.json",
-                     json.dumps(hs2p_meta(sample_id, plan, attrs), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, tar_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return tar_path
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# hs2p filters we do not have, stated as off (their values are hs2p's defaults).
-_HS2P_FILTERS_WE_LACK = {"a_h": 0, "filter_grayspace": False, "grayspace_saturation_threshold": 0.05,
-                         "grayspace_fraction_threshold": 0.6, "filter_blur": False, "blur_threshold": 50.0,
-                         "qc_spacing_um": 2.0}
-
-
-def hs2p_meta(sample_id: str, plan, attrs: dict) -> dict:
-    """hs2p's ``.coordinates.meta.json`` for our plan (every section and key its loader checks)."""
-    cfg = plan.meta.get("config", {})
-    seg, filt = cfg.get("segmentation", {}), cfg.get("filtering", {})
-    return {
-        "provenance": {"sample_id": sample_id, "image_path": attrs.get("image_path"),
-                       "mask_path": attrs.get("mask_path") or None, "backend": attrs.get("backend", "auto"),
-                       "requested_backend": cfg.get("backend", "auto"), "spacing_at_level_0": None,
-                       "mask_backend": None, "requested_mask_backend": None},
-        "slide": {"dimensions": [attrs.get("level0_width"), attrs.get("level0_height")],
-                  "base_spacing_um": plan.slide_spacing_um, "level_downsamples": attrs.get("level_downsamples", [1.0])},
-        "tiling": {"requested_tile_size_px": plan.requested_tile_size_px,
-                   "requested_spacing_um": plan.requested_spacing_um, "read_level": plan.level,
-                   "read_tile_size_px": plan.read_tile_size_px, "read_spacing_um": plan.read_spacing_um,
-                   "tile_size_lv0": plan.tile_size_lv0, "tolerance": cfg.get("spacing_tolerance", 0.05),
-                   "step_px_lv0": plan.tile_size_lv0, "overlap": 0.0,
-                   "min_tissue_fraction": float(plan.tissue_threshold),
-                   "is_within_tolerance": not plan.resize_needed, "n_tiles": plan.num_tiles},
-        "segmentation": {"tissue_method": "mask" if attrs.get("mask_path") else "hsv",
-                         "requested_seg_downsample": seg.get("downsample"), "seg_downsample": seg.get("downsample"),
-                         "seg_level": None, "seg_spacing_um": None, "sthresh": seg.get("sthresh"),
-                         "sthresh_up": seg.get("sthresh_up"), "mthresh": seg.get("mthresh"),
-                         "close": seg.get("close"), "sam2_checkpoint_path": None, "sam2_config_path": None,
-                         "mask_path": attrs.get("mask_path") or None, "ref_tile_size_px": filt.get("ref_tile_size"),
-                         "tissue_mask_tissue_value": None, "mask_level": None, "mask_spacing_um": None},
-        "filtering": {**_HS2P_FILTERS_WE_LACK, **{key: filt.get(key) for key in (
-            "a_t", "filter_white", "filter_black", "white_threshold", "black_threshold", "fraction_threshold")}},
-        "artifact": {"coordinate_space": "level0_px", "tile_order": "y_then_x", "annotation": None,
-                     "selection_strategy": None, "output_mode": None},
-    }
-
