@@ -169,6 +169,24 @@ def assert_rows_match(x, y, embeddings, expected: dict, what: str = "") -> None:
     assert diff <= ATOL, f"{what}: max |diff| {diff:.3g} > {ATOL}"
 
 
+# -- the slide ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def cmu_svs(tmp_path_factory) -> Path:
+    """The real H&E slide when present; else an Aperio-layout stand-in of its size and spacing, whose
+    tissue lies in three regions at unaligned offsets, two touching the right / bottom edge: what makes
+    hs2p lay several grids and run tiles past the edges, the facts these tests are about."""
+    from conftest import CMU_SVS
+
+    if CMU_SVS.exists():
+        return CMU_SVS
+    from slide2vec_dask import testing
+
+    rects = [(57, 13, 1100, 900), (1210, 700, 2967, 1500), (300, 1650, 1400, 2220)]
+    image = testing.tissue_image(2967, 2220, rects, seed=7)
+    return testing.write_svs(tmp_path_factory.mktemp("standin") / "CMU-standin.svs", image, mpp=0.499,
+                             downsamples=(1,), quality=90)
+
+
 # -- the artifacts (fresh each session) -------------------------------------------------------------
 @pytest.fixture(scope="session")
 def hs2p_cmu(hs2p_python, cmu_svs, tmp_path_factory) -> Hs2pRun:
