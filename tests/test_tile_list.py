@@ -106,6 +106,10 @@ def test_on_the_fly_false_on_a_grid_plan_writes_the_archive_a_later_run_embeds_t
     x, y, emb = stored["x"][:], stored["y"][:], stored["embedding"][:]
     names, tiles = _archive(first / "tiles", "syn")
     assert len(names) == len(x) == len(tiles) > 0
+    from slide2vec_dask.tiling.peers import coordinates_file
+
+    # Pointed at the run's folder, read_coordinates_from takes our own plan (a grid) over its hs2p copy.
+    assert coordinates_file(first, "syn") == first / "coordinates" / "syn.npz"
     assert set(tiles) == set(zip(x.tolist(), y.tolist()))
     from PIL import Image
 

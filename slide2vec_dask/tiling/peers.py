@@ -32,13 +32,13 @@ def coordinates_file(source: Path, sample_id: str) -> Path:
     if not source.is_dir():
         return source
     names = (f"{sample_id}.npz", f"{sample_id}.coordinates.npz", f"{sample_id}.h5", f"{sample_id}_patches.h5")
-    for folder in (source, source / "tiles", source / "coordinates", source / "patches"):
+    for folder in (source, source / "coordinates", source / "tiles", source / "patches"):   # ours first
         for name in names:
             if (folder / name).is_file():
                 return folder / name
     raise FileNotFoundError(
         f"{sample_id}: no saved coordinates in {source} (read_coordinates_from looks for "
-        f"{', '.join(names)}, also under tiles/, coordinates/ and patches/)")
+        f"{', '.join(names)}, also under coordinates/, tiles/ and patches/)")
 
 
 def is_own_plan(path: Path) -> bool:
