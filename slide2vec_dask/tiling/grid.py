@@ -50,8 +50,8 @@ def choose_level(spacings: list[float], downsamples: list[float], requested_spac
 
 
 @dataclass
-class TileGrid:
-    """A slide's tile plan; small, in memory, and saved to reuse."""
+class TileGeometry:
+    """What every plan states: the level read, spacings, and the tile's size asked for, read and at level 0."""
 
     level: int
     level_downsample: float
@@ -61,6 +61,12 @@ class TileGrid:
     requested_tile_size_px: int
     read_tile_size_px: int
     tile_size_lv0: int
+
+
+@dataclass
+class TileGrid(TileGeometry):
+    """A slide's tile plan on one grid; small, in memory, and saved to reuse."""
+
     tissue_threshold: float
     tissue_fraction: np.ndarray              # (rows, cols) float32, every grid tile
     keep: np.ndarray                         # (rows, cols) bool, the tiles to embed

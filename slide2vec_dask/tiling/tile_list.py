@@ -22,19 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from slide2vec_dask.tiling.grid import TileGeometry
+
 
 @dataclass
-class TileList:
+class TileList(TileGeometry):
     """A slide's tiles at free level-0 positions (row-major), small and saved to reuse."""
 
-    level: int
-    level_downsample: float
-    slide_spacing_um: float
-    read_spacing_um: float
-    requested_spacing_um: float
-    requested_tile_size_px: int
-    read_tile_size_px: int
-    tile_size_lv0: int
     xy: np.ndarray                        # (n, 2) int64 level-0 (x, y) of each tile's top-left corner
     fraction: np.ndarray                  # (n,) float32 tissue fraction as the source gave it (NaN: none)
     meta: dict = field(default_factory=dict)
