@@ -261,8 +261,9 @@ class Pipeline:
         from slide2vec_dask.exporters import sweep_temporaries
 
         from slide2vec_dask.store.output_dir import sweep
+        from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
 
-        archives = Path(store.output_dir) / "tiles"
+        archives = Path(store.output_dir) / ARCHIVE_FOLDER
         if archives.is_dir():   # the tile archives' writers (on_the_fly=False) too
             sweep(archives)
         formats, ex = self.execution.output_format, self.execution
@@ -313,7 +314,9 @@ class Pipeline:
         config = self.preprocessing
         if config.on_the_fly or config.read_tiles_from is not None:
             return False
-        return not (Path(self.execution.output_dir) / "tiles" / f"{sample_id}.tiles.tar").is_file()
+        from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
+
+        return not archive_path(Path(self.execution.output_dir) / ARCHIVE_FOLDER, sample_id).is_file()
 
     def _what_is_left(self, store, items, outcomes):
         """Split the slides into skipped, slide stage only (their tiles are in the store), to do, and stale.

@@ -95,6 +95,12 @@ def plan_for(item: SlideInput, spec: EncoderSpec, config: PreprocessingConfig,
     return slide, plan
 
 
+def slide_attrs(slide) -> dict[str, Any]:
+    """What a slide's outputs (its tile group, its archive's meta) state about the file it was read from."""
+    return {"level0_height": int(slide.level_shapes[0][0]), "level0_width": int(slide.level_shapes[0][1]),
+            "backend": slide.backend, "level_downsamples": [float(d) for d in slide.level_downsamples]}
+
+
 def _no_regions(item: SlideInput, config: PreprocessingConfig, tile: int, where: str) -> None:
     if config.region_multiple(tile) is not None:
         raise ValueError(f"{item.sample_id}: hierarchical mode (region_tile_multiple / requested_region_size_px) "
@@ -213,7 +219,10 @@ def _archive_first(items, planned, spec: EncoderSpec, config: PreprocessingConfi
     from slide2vec_dask.tiling.archive import in_plan_order
     from slide2vec_dask.tiling.peers import archive_plan
 
-    folder = Path(execution.output_dir) / "tiles"
+    from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
+
+    folder = Path(execution.output_dir) / ARCHIVE_FOLDER
+    spacing, tile = resolve_request(spec, config)
     graphs = [archive_graph(tile_embedding_graph(slide, plan.grid, spec, settings, config.use_supertiles),
                             plan.grid.requested_tile_size_px) for slide, plan in planned]
     blobs: dict[int, dict] = {id(g): {} for g in graphs}
@@ -226,11 +235,8 @@ def _archive_first(items, planned, spec: EncoderSpec, config: PreprocessingConfi
     out = []
     for item, (slide, plan), graph in zip(items, planned, graphs):
         grid, staged = plan.grid, blobs.pop(id(graph))
-        attrs = {"image_path": str(item.image_path), "mask_path": str(item.mask_path or ""),
-                 "backend": slide.backend, "level0_height": slide.level_shapes[0][0],
-                 "level0_width": slide.level_shapes[0][1], "level_downsamples": list(slide.level_downsamples)}
+        attrs = {"image_path": str(item.image_path), "mask_path": str(item.mask_path or ""), **slide_attrs(slide)}
         write_archive(folder, item.sample_id, grid, in_plan_order(grid, graph.source.k, staged.__getitem__), attrs)
-        spacing, tile = resolve_request(spec, config)
         archived = archive_plan(folder, item.sample_id, spacing, tile)
         out.append((None, Plan(archived, plan.mask_preview_path, plan.tiling_preview_path)))
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slide2vec_dask.dataflow.sources import read_block, source_of
 from slide2vec_dask.encoders.base import EncoderSpec
 from slide2vec_dask.slide import Slide
 from slide2vec_dask.tiling.grid import TileGrid
@@ -109,10 +110,20 @@ def encode_block(pixels: np.ndarray, keep: np.ndarray | None, *, spec: EncoderSp
 
 def embed_block(pixels: np.ndarray, keep: np.ndarray, *, spec: EncoderSpec, read_tile: int,
                 settings: EmbedSettings) -> np.ndarray:
-    """`map_blocks` form of `encode_block` (a grid's ``keep`` carries a trailing length-1 axis)."""
-    if keep is not None and keep.ndim == 3:
-        keep = keep[:, :, 0]
-    return encode_block(pixels, keep, spec=spec, read_tile=read_tile, settings=settings)
+    """`map_blocks` form of `encode_block`."""
+    return encode_block(pixels, _unpadded(keep), spec=spec, read_tile=read_tile, settings=settings)
+
+
+def jpeg_block(pixels: np.ndarray, keep, read_tile: int, size: int) -> list[bytes]:
+    """A block's tiles as JPEGs (``on_the_fly=False`` in the in-memory API: see `archive_graph`)."""
+    from slide2vec_dask.tiling.archive import encode_jpeg_tiles
+
+    return encode_jpeg_tiles(block_tiles_of(pixels, _unpadded(keep), read_tile), size)
+
+
+def _unpadded(keep):
+    """A grid's mask as `SlideGraph.keep_block` gives it carries a trailing length-1 axis (map_blocks')."""
+    return keep[:, :, 0] if keep is not None and keep.ndim == 3 else keep
 
 
 @dataclass
@@ -200,18 +211,13 @@ def _free_graph(source, plan, k: int, blocks, tiles, spec: EncoderSpec, settings
 
     import dask
 
-    from slide2vec_dask.dataflow.tasks import ArchiveRef, SlideRef, _free_block, read_block
-
-    if source is None:
-        ref = ArchiveRef(plan.archive, plan.read_tile_size_px)
-    else:   # (path, backend, spacing override): how the slide pickles
-        ref = SlideRef(*source.__reduce__()[1])
+    ref = source_of(source, plan)
     token = dask.base.tokenize(ref, plan.xy, k, spec.key, settings)
     pixels_name, array_name = f"read-{token}", f"embed-{token}"
     embed = functools.partial(encode_block, spec=spec, read_tile=plan.read_tile_size_px, settings=settings)
     pixels, array, cuts = {}, {}, {}
     for block, members in zip(blocks, tiles):
-        arguments, cuts[block] = _free_block(plan, members)
+        arguments, cuts[block] = plan.block_read(members)
         pixels[(pixels_name, *block, 0)] = (read_block, ref, *arguments)
         array[(array_name, *block, 0)] = (embed, (pixels_name, *block, 0), cuts[block])
     return FreeSlideGraph(_Tasks(array_name, {**pixels, **array}), _Tasks(pixels_name, pixels), None, blocks, k,
@@ -222,7 +228,7 @@ def _free_graph(source, plan, k: int, blocks, tiles, spec: EncoderSpec, settings
 @dataclass
 class ArchiveGraph:
     """A slide's blocks as JPEG tiles (``on_the_fly=False`` in the in-memory API): its graph's reads, then
-    `archive.jpeg_block` where an embedding would be."""
+    `jpeg_block` where an embedding would be."""
 
     array: _Tasks
     source: SlideGraph
@@ -233,8 +239,6 @@ class ArchiveGraph:
 
 def archive_graph(graph: SlideGraph, size: int) -> ArchiveGraph:
     import dask
-
-    from slide2vec_dask.tiling.archive import jpeg_block
 
     name = f"jpeg-{dask.base.tokenize(graph.array.name, size)}"
     dsk = dict(graph.pixels.__dask_graph__())

@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from slide2vec_dask.dataflow import tasks
+from slide2vec_dask.dataflow.sources import read_block
 from slide2vec_dask.results import SlideOutcome
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
 
 
 @dataclass
@@ -177,7 +179,7 @@ class CohortDriver:
         plan, tag = state.plan, f"{state.plan.sample_id}-{block[0]}-{block[1]}"
         pixels = plan.read_request(block)
         if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
-            pixels = self.client.submit(tasks.read_block, *pixels, key=f"read-{tag}-{self.run_token}", pure=False)
+            pixels = self.client.submit(read_block, *pixels, key=f"read-{tag}-{self.run_token}", pure=False)
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         self._submit("block", plan.sample_id, tasks.embed_block, pixels, plan.keep_block(block),
                      store=self.store, sample_id=plan.sample_id, block=block, spec=self.tile_spec,
@@ -211,7 +213,7 @@ class CohortDriver:
     def _finalize(self, state: _InFlight) -> None:
         plan = state.plan
         keep = self.stages.level == "tile" or self.stages.keep_tiles
-        archive_dir = str(Path(self.ex.output_dir) / "tiles") if plan.archive_tile else None
+        archive_dir = str(Path(self.ex.output_dir) / ARCHIVE_FOLDER) if plan.archive_tile else None
         self._submit("finalize", plan.sample_id, tasks.finalize_task, self.store, plan.sample_id, plan.plan_path,
                      plan.k, plan.attrs, self.ex.output_format if keep else None, archive_dir,
                      key=f"finalize-{plan.sample_id}")

@@ -19,39 +19,10 @@ from typing import Any
 import numpy as np
 
 from slide2vec_dask.dataflow.graph import EmbedSettings, block_layout
+from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.store import EmbeddingStore
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
-
-
-@dataclass(frozen=True)
-class SlideRef:
-    """A slide as tasks name it: reopened (once per process) where it is read."""
-
-    path: str
-    backend: str
-    spacing_at_level_0: float | None
-
-    def open(self):
-        from slide2vec_dask.slide.open import _reopen
-
-        return _reopen(self.path, self.backend, self.spacing_at_level_0)
-
-    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
-        return self.open().read_level(level, y, x, height, width)
-
-
-@dataclass(frozen=True)
-class ArchiveRef:
-    """A tile archive (hs2p's ``.tiles.tar``) as tasks name it: blocks read their tiles' JPEG bytes."""
-
-    path: str
-    tile: int
-
-    def read(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        from slide2vec_dask.tiling.archive import read_archive_tiles
-
-        return read_archive_tiles(self.path, offsets, sizes, self.tile)
 
 
 @dataclass
@@ -97,7 +68,7 @@ class PlannedSlide:
 
 def plan_task(store: EmbeddingStore, item, spec, config, execution):
     """Open and plan one slide, save its plan, and give it an empty staging folder."""
-    from slide2vec_dask.dataflow.embed import plan_for
+    from slide2vec_dask.dataflow.embed import plan_for, slide_attrs
 
     start = time.perf_counter()
     try:
@@ -118,16 +89,14 @@ def plan_task(store: EmbeddingStore, item, spec, config, execution):
              "tile_layout": grid.layout,
              **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")}}
     if slide is not None:
-        attrs.update(level0_height=int(slide.level_shapes[0][0]), level0_width=int(slide.level_shapes[0][1]),
-                     backend=slide.backend, level_downsamples=[float(d) for d in slide.level_downsamples])
-        source = SlideRef(str(slide.path), slide.backend, item.spacing_at_level_0)
+        attrs.update(slide_attrs(slide))
     else:   # tiles from an archive: the slide is not opened
         attrs.update({k: grid.meta[k] for k in ("level0_height", "level0_width") if k in grid.meta})
-        source = ArchiveRef(grid.archive, grid.read_tile_size_px)
+    source = source_of(slide, grid)
     plan_path = str(Path(execution.output_dir) / "coordinates" / f"{item.sample_id}.npz")
     k, keep, blocks, free = block_layout(grid, config.use_supertiles)
     if free is not None:
-        free = {b: _free_block(grid, tiles) for b, tiles in zip(blocks, free)}
+        free = {b: grid.block_read(tiles) for b, tiles in zip(blocks, free)}
     return PlannedSlide(item.sample_id, source, grid.level, grid.read_tile_size_px, k, keep, blocks,
                         grid.num_tiles, plan_path, attrs, time.perf_counter() - start, free,
                         grid.requested_tile_size_px if writes_archive(config, grid) else None,
@@ -145,18 +114,6 @@ def _why_no_tiles(grid) -> str:
 def writes_archive(config, plan) -> bool:
     """``on_the_fly=False``: the run writes the tiles it reads to an archive (unless they come from one)."""
     return not config.on_the_fly and getattr(plan, "archive", None) is None
-
-
-def _free_block(plan, tiles: np.ndarray) -> tuple[tuple, np.ndarray | None]:
-    if plan.archive is not None:
-        return (plan.member_offset[tiles], plan.member_size[tiles]), None
-    (y, x, h, w), offsets = plan.window(tiles)
-    return (plan.level, y, x, h, w), offsets
-
-
-def read_block(source, *arguments) -> np.ndarray:
-    """A block's pixels (or an archive block's tiles) straight from the file (runs on any worker)."""
-    return source.read(*arguments)
 
 
 def embed_block(pixels: np.ndarray, keep: np.ndarray | None, *, store: EmbeddingStore, sample_id: str,

@@ -315,6 +315,7 @@ class EmbeddingStore:
         With ``archive_dir`` (``on_the_fly=False``) the slide's tile archive is written
         there first, from its staged JPEGs.
         """
+        from slide2vec_dask.tiling.archive import archive_path
         from slide2vec_dask.tiling.tile_list import load_plan
 
         grid = load_plan(plan_path)
@@ -322,7 +323,7 @@ class EmbeddingStore:
         prints = {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
 
         def published() -> bool:
-            archived = archive_dir is None or (Path(archive_dir) / f"{sample_id}.tiles.tar").is_file()
+            archived = archive_dir is None or archive_path(archive_dir, sample_id).is_file()
             return archived and self.is_complete(sample_id) and self.fingerprints("tiles", sample_id) == prints
 
         if published():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slide2vec_dask.store.output_dir import atomic
+from slide2vec_dask.tiling.archive import archive_path
 
 
 def write_archive(folder: Path, sample_id: str, plan, blobs, attrs: dict) -> Path:
@@ -49,7 +50,7 @@ def write_archive(folder: Path, sample_id: str, plan, blobs, attrs: dict) -> Pat
     atomic(folder / f"{sample_id}.coordinates.npz", coordinates)
     atomic(folder / f"{sample_id}.coordinates.meta.json", lambda tmp: tmp.write_text(
         json.dumps(hs2p_meta(sample_id, plan, attrs), indent=2, sort_keys=True) + "\n"))
-    tar_path = atomic(folder / f"{sample_id}.tiles.tar", tar)   # last: a tar that exists is a whole archive
+    tar_path = atomic(archive_path(folder, sample_id), tar)   # last: a tar that exists is a whole archive
     return tar_path
 
 

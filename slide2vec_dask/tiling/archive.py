@@ -9,25 +9,29 @@ default.  Writing the files is `store.tile_archive`'s.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 
 JPEG_QUALITY = 90
+ARCHIVE_SUFFIX = ".tiles.tar"
+ARCHIVE_FOLDER = "tiles"   # where a run writes its archives: <output_dir>/tiles/ (hs2p's place for them)
+
+
+def archive_path(folder, sample_id: str) -> Path:
+    """The slide's tar in ``folder``: whether it exists says whether the archive is whole."""
+    return Path(folder) / f"{sample_id}{ARCHIVE_SUFFIX}"
 
 
 def read_archive_tiles(path: str, offsets: np.ndarray, sizes: np.ndarray, tile: int) -> np.ndarray:
     """The JPEG members at ``offsets`` / ``sizes`` of the tar, decoded: ``(n, tile, tile, 3)`` uint8."""
-    from PIL import Image
-
     out = np.empty((len(offsets), tile, tile, 3), dtype=np.uint8)
     order = np.argsort(offsets)   # one forward pass through the file
     with open(path, "rb") as f:
         for i in order:
             f.seek(int(offsets[i]))
-            data = f.read(int(sizes[i]))
             try:
-                with Image.open(io.BytesIO(data)) as im:
-                    pixels = np.asarray(im.convert("RGB"))
+                pixels = _decode(f.read(int(sizes[i])))
             except (OSError, ValueError) as exc:
                 raise OSError(f"{path}: the tile at byte {int(offsets[i])} is not a readable JPEG ({exc})") from None
             if pixels.shape[:2] != (tile, tile):
@@ -53,18 +57,14 @@ def encode_jpeg_tiles(tiles: np.ndarray, size: int, quality: int = JPEG_QUALITY)
 
 
 def decode_jpeg_tiles(blobs: list[bytes]) -> np.ndarray:
+    return np.stack([_decode(b) for b in blobs])
+
+
+def _decode(data: bytes) -> np.ndarray:
     from PIL import Image
 
-    return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
-
-
-def jpeg_block(pixels: np.ndarray, keep, read_tile: int, size: int) -> list[bytes]:
-    """A block's tiles as JPEGs (the in-memory API's archive task; see `graph.block_tiles_of`)."""
-    from slide2vec_dask.dataflow.graph import block_tiles_of
-
-    if keep is not None and keep.ndim == 3:
-        keep = keep[:, :, 0]
-    return encode_jpeg_tiles(block_tiles_of(pixels, keep, read_tile), size)
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def in_plan_order(plan, k: int, blobs_of):

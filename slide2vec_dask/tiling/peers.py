@@ -21,18 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, ARCHIVE_SUFFIX, archive_path
 from slide2vec_dask.tiling.grid import choose_level
 from slide2vec_dask.tiling.tile_list import TileList
-
-ARCHIVE_SUFFIX = ".tiles.tar"
-
 
 def coordinates_file(source: Path, sample_id: str) -> Path:
     """The slide's coordinates under ``source`` (a file is taken as it is)."""
     if not source.is_dir():
         return source
     names = (f"{sample_id}.npz", f"{sample_id}.coordinates.npz", f"{sample_id}.h5", f"{sample_id}_patches.h5")
-    for folder in (source, source / "coordinates", source / "tiles", source / "patches"):   # ours first
+    for folder in (source, source / "coordinates", source / ARCHIVE_FOLDER, source / "patches"):   # ours first
         for name in names:
             if (folder / name).is_file():
                 return folder / name
@@ -56,11 +54,7 @@ def peer_coordinates(path: Path, sample_id: str, slide, spacing_um: float, tile_
     else:
         xy, tile_lv0, fraction, made_for = _hs2p_npz(path, sample_id)
     if made_for is not None:
-        want_tile, want_spacing = made_for
-        if want_tile != tile_size_px or abs(want_spacing - spacing_um) > 1e-6 * spacing_um:
-            raise ValueError(f"{sample_id}: {path.name} was made for {want_tile} px tiles at {want_spacing:g} µm/px; "
-                             f"this run asks for {tile_size_px} px at {spacing_um:g} µm/px (set "
-                             "PreprocessingConfig requested_tile_size_px / requested_spacing_um to match, or tile again)")
+        _check_made_for(sample_id, path.name, made_for, tile_size_px, spacing_um)
     choice = choose_level(slide.level_spacings, slide.level_downsamples, spacing_um, tile_size_px, tolerance,
                           sample=sample_id)
     if abs(choice.tile_size_lv0 - tile_lv0) > max(1, 0.01 * tile_lv0):
@@ -74,6 +68,15 @@ def peer_coordinates(path: Path, sample_id: str, slide, spacing_um: float, tile_
                     read_tile_size_px=int(choice.read_tile_size_px), tile_size_lv0=int(choice.tile_size_lv0),
                     xy=xy, fraction=fraction,
                     meta={"sample_id": sample_id, "image_path": str(slide.path), "coordinates_from": str(path)})
+
+
+def _check_made_for(sample_id: str, name: str, made_for: tuple[int, float], tile_size_px: int,
+                    spacing_um: float) -> None:
+    want_tile, want_spacing = made_for
+    if want_tile != tile_size_px or abs(want_spacing - spacing_um) > 1e-6 * spacing_um:
+        raise ValueError(f"{sample_id}: {name} was made for {want_tile} px tiles at {want_spacing:g} µm/px; "
+                         f"this run asks for {tile_size_px} px at {spacing_um:g} µm/px (set "
+                         "PreprocessingConfig requested_tile_size_px / requested_spacing_um to match, or tile again)")
 
 
 def _hs2p_npz(path: Path, sample_id: str):
@@ -135,8 +138,8 @@ def _patch_h5(path: Path, sample_id: str, slide):
 # -- tile archives ------------------------------------------------------------------------------
 def archive_files(source: Path, sample_id: str) -> tuple[Path, Path, Path]:
     """(tar, manifest, meta) of the slide's archive under ``source``, all three present."""
-    for folder in (source, source / "tiles"):
-        tar = folder / f"{sample_id}{ARCHIVE_SUFFIX}"
+    for folder in (source, source / ARCHIVE_FOLDER):
+        tar = archive_path(folder, sample_id)
         if tar.is_file():
             break
     else:
@@ -155,10 +158,8 @@ def archive_plan(source: Path, sample_id: str, spacing_um: float, tile_size_px: 
     tar, manifest, meta_path = archive_files(source, sample_id)
     meta = _hs2p_meta(meta_path, tar.name, sample_id)
     tiling, slide = meta["tiling"], meta.get("slide", {})
-    made_for = int(tiling["requested_tile_size_px"]), float(tiling["requested_spacing_um"])
-    if made_for[0] != tile_size_px or abs(made_for[1] - spacing_um) > 1e-6 * spacing_um:
-        raise ValueError(f"{sample_id}: the tiles of {tar.name} are {made_for[0]} px at {made_for[1]:g} µm/px; "
-                         f"this run asks for {tile_size_px} px at {spacing_um:g} µm/px")
+    _check_made_for(sample_id, tar.name, (int(tiling["requested_tile_size_px"]),
+                                          float(tiling["requested_spacing_um"])), tile_size_px, spacing_um)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     try:

@@ -72,8 +72,10 @@ class TileList(TileGeometry):
         return self.read_tile_size_px != self.requested_tile_size_px
 
     def read_origin(self) -> np.ndarray:
-        """(n, 2) read-level (row, col) of each tile's top-left pixel."""
-        return np.round(self.xy[:, ::-1] / self.level_downsample).astype(np.int64)
+        """(n, 2) read-level (row, col) of each tile's top-left pixel (computed once: every block asks)."""
+        if getattr(self, "_origin", None) is None:
+            self._origin = np.round(self.xy[:, ::-1] / self.level_downsample).astype(np.int64)
+        return self._origin
 
     # -- blocks ------------------------------------------------------------------------------
     def blocks(self, k: int) -> tuple[list[tuple[int, int]], list[np.ndarray]]:
@@ -88,7 +90,7 @@ class TileList(TileGeometry):
             return [], []
         keys = cell[:, 0] * (int(cell[:, 1].max()) + 1) + cell[:, 1]
         order = np.argsort(keys, kind="stable")
-        uniq, starts = np.unique(keys[order], return_index=True)
+        _, starts = np.unique(keys[order], return_index=True)
         groups = np.split(order, starts[1:])
         ids = [(int(cell[g[0], 0]), int(cell[g[0], 1])) for g in groups]
         return ids, groups
@@ -99,6 +101,17 @@ class TileList(TileGeometry):
         y0, x0 = origin.min(axis=0)
         y1, x1 = origin.max(axis=0) + self.read_tile_size_px
         return (int(y0), int(x0), int(y1 - y0), int(x1 - x0)), (origin - (y0, x0)).astype(np.int32)
+
+    def block_read(self, tiles: np.ndarray) -> tuple[tuple, np.ndarray | None]:
+        """What a block of ``tiles`` reads, and its tiles' places in what it reads.
+
+        From the slide: ``(level, y, x, height, width)`` and their (row, col) in that window;
+        from an archive: the members' ``(offsets, sizes)``, and None (the tiles come whole).
+        """
+        if self.archive is not None:
+            return (self.member_offset[tiles], self.member_size[tiles]), None
+        (y, x, h, w), cuts = self.window(tiles)
+        return (self.level, y, x, h, w), cuts
 
     # -- persistence -------------------------------------------------------------------------
     def _params(self) -> dict:
@@ -125,7 +138,6 @@ class TileList(TileGeometry):
     @classmethod
     def from_npz(cls, data) -> "TileList":
         params = json.loads(str(data["params"]))
-        params.pop("region_tile_multiple", None)
         members = {k: data[k] for k in ("member_offset", "member_size") if k in data}
         return cls(xy=np.stack([data["x"], data["y"]], axis=1), fraction=data["tissue_fraction"],
                    **members, **params)
