@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from slide2vec_dask._version import __version__
 
 _EXPORTS = {
     "Model": "slide2vec_dask.model",
@@ -26,7 +26,7 @@ _EXPORTS = {
     "export": "slide2vec_dask.exporters",
     "OutputDirError": "slide2vec_dask.store.output_dir",
     "OutputDirLocked": "slide2vec_dask.store.output_dir",
-    "read_manifest": "slide2vec_dask.manifest",
+    "read_manifest": "slide2vec_dask.inputs",
     "open_slide": "slide2vec_dask.slide",
     "Slide": "slide2vec_dask.slide",
     "MissingSpacingError": "slide2vec_dask.slide",
@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from slide2vec_dask.exporters import export
     from slide2vec_dask.model import Model
     from slide2vec_dask.progress import activate_progress_reporter
-    from slide2vec_dask.manifest import read_manifest
+    from slide2vec_dask.inputs import read_manifest
     from slide2vec_dask.pipeline import Pipeline
     from slide2vec_dask.results import (EmbeddedPatient, EmbeddedSlide, PatientArtifact, RunResult,
                                         SlideArtifact, TileArtifact)

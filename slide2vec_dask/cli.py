@@ -262,7 +262,7 @@ def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, 
             execution: dict[str, Any], cluster: dict[str, Any] | None = None) -> int:
     """Check everything cheap first, then start the cluster, build the model and run the pipeline."""
     from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
-    from slide2vec_dask.manifest import read_manifest
+    from slide2vec_dask.inputs import read_manifest
 
     if manifest in (None, ""):
         raise UsageError("no manifest given: set 'manifest: PATH' in the config (or manifest=PATH)")
@@ -303,7 +303,7 @@ def _cluster_client(kind: str, options: dict[str, Any], execution):
     if others:
         raise UsageError(f"cluster options for {others} given, but the cluster is {kind!r}")
     if kind == "address":
-        from slide2vec_dask.dataflow.clusters import resolve_client
+        from slide2vec_dask.clusters.client import resolve_client
 
         yield resolve_client(execution.scheduler_address)  # ConnectionError: a usage error, nothing ran yet
         return
@@ -414,7 +414,7 @@ def cmd_export(args) -> int:
 
 # -- parser ------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from slide2vec_dask import __version__
+    from slide2vec_dask._version import __version__
     from slide2vec_dask.config import OUTPUT_FORMATS
 
     parser = argparse.ArgumentParser(

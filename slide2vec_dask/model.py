@@ -11,9 +11,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+from slide2vec_dask.dataflow.blocks import EmbedSettings
+from slide2vec_dask.dataflow.driver import Driver, Stages
+from slide2vec_dask.dataflow.executors import executor_for
+from slide2vec_dask.dataflow.sinks import MemorySink, StoreSink
+from slide2vec_dask.dataflow.tasks import row_exports
+from slide2vec_dask.dataflow.worker import release_encoders
+from slide2vec_dask.inputs import SlideInput
+from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleBuilder, TimmBuilder
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
-from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide
+from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, SlideArtifact, SlideOutcome
+from slide2vec_dask.store import EmbeddingStore
 
 
 class Model:
@@ -168,8 +177,6 @@ class Model:
                     execution: ExecutionOptions | None = None, spacing_at_level_0: float | None = None,
                     mask_path: str | Path | None = None, sample_id: str | None = None) -> EmbeddedSlide:
         """Embed every tissue tile of one slide (a path, or a dict with ``image_path``...)."""
-        from slide2vec_dask.dataflow.embed import SlideInput
-
         item = SlideInput.parse(slide, spacing_at_level_0=spacing_at_level_0, mask_path=mask_path,
                                 sample_id=sample_id)
         return self.embed_slides([item], preprocessing=preprocessing, execution=execution)[0]
@@ -182,18 +189,11 @@ class Model:
         stage) also fill ``slide_embedding`` and, when the model has them,
         ``latents``.
         """
-        from slide2vec_dask.dataflow.embed import embed_slides
-
         items = self._inputs(slides)
         if not items:
             return []
-        execution = self.resolve_execution(execution)
-        results = embed_slides(items, self.tile_spec, preprocessing or PreprocessingConfig(), execution)
-        if self.slide_spec is not None:
-            from slide2vec_dask.dataflow.aggregate import aggregate_in_memory
-
-            aggregate_in_memory(results, self.slide_spec, execution)
-        return results
+        level = "slide" if self.slide_spec is not None else "tile"
+        return self._embed(items, level, {}, preprocessing, execution)[0]
 
     def embed_patient(self, slides: Sequence, *, patient_id: str | None = None,
                       preprocessing: PreprocessingConfig | None = None,
@@ -232,22 +232,42 @@ class Model:
         return self._patients(list(groups.items()), preprocessing, execution)
 
     def _patients(self, groups, preprocessing, execution) -> list[EmbeddedPatient]:
-        import numpy as np
-        import torch
+        items = [it for _, members in groups for it in members]
+        patients = {pid: [it.sample_id for it in members] for pid, members in groups}
+        return list(self._embed(items, "patient", patients, preprocessing, execution)[1].values())
 
-        from slide2vec_dask.dataflow.aggregate import patient_in_memory
+    def _embed(self, items: list[SlideInput], level: str, patients: dict[str, list[str]],
+               preprocessing: PreprocessingConfig | None, execution: ExecutionOptions | None):
+        """The driver with a memory sink: ``(slides in input order, patients in order of first appearance)``.
 
+        Slides stream as `Pipeline.run` streams them: planned just ahead of the blocks,
+        blocks of many slides interleaved, the slide and patient stages as their inputs land.
+        """
+        config = preprocessing or PreprocessingConfig()
         execution = self.resolve_execution(execution)
-        flat = [it for _, members in groups for it in members]
-        embedded = {r.sample_id: r for r in self.embed_slides(flat, preprocessing=preprocessing,
-                                                                execution=execution)}
-        patients = []
-        for pid, members in groups:
-            slides = {it.sample_id: embedded[it.sample_id].slide_embedding for it in members}
-            stacked = np.stack([t.numpy() for t in slides.values()])
-            vector = patient_in_memory(stacked, self.spec, execution)
-            patients.append(EmbeddedPatient(pid, torch.from_numpy(vector), slides))
-        return patients
+        if execution.output_format is not None:
+            raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
+                             "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
+        if not config.on_the_fly and config.read_tiles_from is None and execution.output_dir is None:
+            raise ValueError("on_the_fly=False writes each slide's tile archive to <output_dir>/tiles/: set "
+                             "ExecutionOptions(output_dir=...)")
+        executor = executor_for(execution.scheduler_address, execution.num_workers)
+        settings = EmbedSettings.of(execution, executor.client)
+        stages = Stages(level, self.tile_spec, self.slide_spec, self.spec if level == "patient" else None)
+        sink = MemorySink(items, stages, settings, execution.output_dir)
+        outcomes = {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path)) for it in items}
+        driver = Driver(executor=executor, sink=sink, stages=stages, config=config, execution=execution,
+                        settings=settings, outcomes=outcomes, patients=patients, reporter=get_progress_reporter(),
+                        label=items[0].sample_id if len(items) == 1 else f"{len(items)} slides")
+        try:
+            driver.run(items)
+        finally:
+            executor.close()
+            if executor.client is None and not execution.persistent_workers:
+                for spec in (stages.tile_spec, stages.slide_spec, stages.patient_spec):
+                    if spec is not None:
+                        release_encoders(spec.key)
+        return [sink.slides[it.sample_id] for it in items], sink.patients
 
     # -- persisted artifacts without Pipeline ----------------------------------------------------
     def embed_tiles(self, slides: Sequence, *, output_dir: str | Path | None = None,
@@ -278,15 +298,49 @@ class Model:
         (and ``slide_embeddings/`` files when ``execution.output_format``
         asks).  Returns one `SlideArtifact` per artifact, in order.
         """
-        from slide2vec_dask.dataflow.aggregate import aggregate_stored
-
         if self.slide_spec is None:
             raise ValueError(f"aggregate_tiles needs a slide- or patient-level model; {self.name!r} is tile-level")
-        return aggregate_stored(list(tile_artifacts), self.slide_spec, self.resolve_execution(execution))
+        spec, execution, artifacts = self.slide_spec, self.resolve_execution(execution), list(tile_artifacts)
+        stores: dict[Path, EmbeddingStore] = {}
+        for a in artifacts:
+            store = stores.setdefault(Path(a.store_path).parent, EmbeddingStore(Path(a.store_path).parent))
+            stored = store.tile_encoder(a.sample_id)
+            if stored != spec.tile_encoder.name:
+                raise ValueError(f"{a.sample_id}: its tile embeddings were made by {stored!r}, but {spec.name!r} "
+                                 f"aggregates {spec.tile_encoder.name!r} features")
+        executor = executor_for(execution.scheduler_address, execution.num_workers)
+        settings = EmbedSettings.of(execution, executor.client)
+        stages = Stages("slide", spec.tile_encoder, spec, save_latents=execution.save_latents, slide_attrs={
+            "model": spec.name, "model_key": spec.key, "tile_encoder": spec.tile_encoder.name})
+        try:
+            for folder, store in stores.items():   # the driver with a store sink, the slide stage only
+                mine = [a.sample_id for a in artifacts if Path(a.store_path).parent == folder]
+                driver = Driver(executor=executor, sink=StoreSink(store, stages, settings, None), stages=stages,
+                                config=PreprocessingConfig(), execution=execution, settings=settings,
+                                outcomes={sid: SlideOutcome(sid, "") for sid in mine}, patients={},
+                                reporter=get_progress_reporter(), label=f"{len(mine)} slides")
+                driver.run([], mine)
+                if driver.failure is not None:
+                    raise driver.failure
+                store.assemble("slide", store.finished_rows("slide", mine), with_latents=execution.save_latents,
+                               attrs={"model": spec.name})
+                store.finish_run()
+        finally:
+            executor.close()
+            if executor.client is None and not execution.persistent_workers:
+                release_encoders(spec.key)
+        out = []
+        for a in artifacts:
+            store, flat = stores[Path(a.store_path).parent], None
+            if execution.output_format is not None:
+                dest = Path(execution.output_dir) if execution.output_dir is not None else store.output_dir
+                flat = row_exports(store, "slide", a.sample_id, execution.output_format, dest)["flat_path"] or None
+            out.append(SlideArtifact(a.sample_id, int(spec.feature_dim), Path(a.store_path),
+                                     EmbeddingStore.table_group("slide"), None if flat is None else Path(flat),
+                                     has_latents=execution.save_latents))
+        return out
 
     def _inputs(self, slides: Sequence) -> list:
-        from slide2vec_dask.dataflow.embed import SlideInput
-
         if isinstance(slides, (str, Path)) or isinstance(slides, dict):
             slides = [slides]
         items = [SlideInput.parse(s) for s in slides]

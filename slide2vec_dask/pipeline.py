@@ -3,8 +3,8 @@
 A thin caller: it validates the run, decides per slide what is left to do
 (skip what the store holds, reuse finished tile embeddings when only the
 aggregation is missing), picks the cluster, and hands the slides to the
-streaming driver (`dataflow.stages.CohortDriver`), which runs every stage of
-every slide as one stream.  ``process_list.csv`` is rewritten atomically
+streaming driver (`dataflow.driver.Driver`) with a store sink, which runs
+every stage of every slide as one stream.  ``process_list.csv`` is rewritten atomically
 as slides finish (at most every few seconds), so it is true after a crash.
 A slide that fails — missing, corrupt, no spacing — becomes a ``failed``
 row; the others finish.  Re-running skips complete slides and redoes the
@@ -115,8 +115,7 @@ class Pipeline:
         return slides
 
     def _items(self, manifest_path, slides):
-        from slide2vec_dask.dataflow.embed import SlideInput
-        from slide2vec_dask.manifest import read_manifest, validate_slides
+        from slide2vec_dask.inputs import SlideInput, read_manifest, validate_slides
 
         if (manifest_path is None) == (slides is None):
             raise ValueError("give exactly one of manifest_path or slides")
@@ -136,7 +135,7 @@ class Pipeline:
         return [SlideInput.parse(r) for r in rows]
 
     def _run_attrs(self, config: PreprocessingConfig) -> dict[str, Any]:
-        from slide2vec_dask import __version__
+        from slide2vec_dask._version import __version__
         from slide2vec_dask.tiling.plan import selection_config
 
         spec = self.model.tile_spec
@@ -184,9 +183,11 @@ class Pipeline:
                                            str(it.extra.get("patient_id", "") or "")) for it in items}
 
     def _stream(self, store, config, outcomes, todo, aggregate, resolved, patients, stale) -> RunResult:
-        from slide2vec_dask.dataflow.clusters import resolve_client, start_local_cluster
-        from slide2vec_dask.dataflow.embed import embed_settings, resolve_num_gpus
-        from slide2vec_dask.dataflow.stages import CohortDriver
+        from slide2vec_dask.clusters.client import resolve_client, resolve_num_gpus
+        from slide2vec_dask.dataflow.blocks import EmbedSettings
+        from slide2vec_dask.dataflow.driver import Driver
+        from slide2vec_dask.dataflow.executors import DaskExecutor
+        from slide2vec_dask.dataflow.sinks import StoreSink
         from slide2vec_dask.progress import get_progress_reporter
 
         for sid, reason in stale.items():
@@ -200,21 +201,20 @@ class Pipeline:
         if client is None and work:
             from distributed import Client
 
+            from slide2vec_dask.clusters.local import start_local_cluster
+
             # The local cluster gets this machine's GPUs, and the run must then ask for them.
-            execution = execution.replace(num_gpus=resolve_num_gpus(execution, None))
+            execution = execution.replace(num_gpus=resolve_num_gpus(execution.num_gpus, None))
             cluster = start_local_cluster(execution.num_workers, execution.num_gpus)
             client = Client(cluster, set_as_default=False)
-        reporter = get_progress_reporter()
         try:
             if work:
-                driver = CohortDriver(client=client, store=store, stages=self._stages(), config=config,
-                                      execution=execution, settings=embed_settings(execution, client),
-                                      outcomes=outcomes, patients=patients, reporter=reporter,
-                                      on_change=writer.maybe_write)
-                try:
-                    driver.run(todo, aggregate, resolved)
-                finally:
-                    reporter.close()
+                settings, stages = EmbedSettings.of(execution, client), self._stages()
+                driver = Driver(executor=DaskExecutor(client, execution.num_workers),
+                                sink=StoreSink(store, stages, settings, execution.output_format), stages=stages,
+                                config=config, execution=execution, settings=settings, outcomes=outcomes,
+                                patients=patients, reporter=get_progress_reporter(), on_change=writer.maybe_write)
+                driver.run(todo, aggregate, resolved)
             self._refresh_exports(store, outcomes)
         finally:
             if cluster is not None:
@@ -293,7 +293,7 @@ class Pipeline:
         store.finish_run()
 
     def _stages(self):
-        from slide2vec_dask.dataflow.stages import Stages
+        from slide2vec_dask.dataflow.driver import Stages
 
         model, ex, level = self.model, self.execution, self.model.level
         stages = Stages(level, model.tile_spec)
@@ -327,7 +327,7 @@ class Pipeline:
         since (size or content fingerprint) is *stale*: redone from scratch.  A store
         problem about one slide (an unreadable attribute file) fails that slide only.
         """
-        from slide2vec_dask.store.provenance import current_fingerprints, why_stale
+        from slide2vec_dask.inputs import current_fingerprints, why_stale
 
         level, ex = self.model.level, self.execution
         complete = store.finished_slides()
@@ -495,6 +495,6 @@ def _row_flat(store, level: str, key: str, formats) -> str | None:
 
 
 def _version() -> str:
-    from slide2vec_dask import __version__
+    from slide2vec_dask._version import __version__
 
     return __version__

@@ -346,7 +346,7 @@ def test_rerun_writes_newly_asked_formats_without_embedding(run, slides, tmp_pat
     tiles = out / "embeddings.zarr" / "tiles" / "a" / "zarr.json"
     before = (tiles.stat().st_mtime_ns, json.loads(tiles.read_text())["attributes"]["build_id"])
 
-    from slide2vec_dask.dataflow import clusters
+    from slide2vec_dask.clusters import local as clusters
 
     def no_cluster(*args, **kwargs):
         raise AssertionError("a rerun with nothing to embed started a cluster")

@@ -149,9 +149,9 @@ def test_only_the_client_killed_while_its_cluster_goes_on(moment, tiny, cohort, 
     out = tmp_path / "run"
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
         # The pause lives in the client process, so patch what runs there: the driver's handlers.
-        target = {"a block staged": "slide2vec_dask.dataflow.stages:CohortDriver._on_block",
+        target = {"a block staged": "slide2vec_dask.dataflow.driver:Driver._on_block",
                   "one slide published, staging not yet removed":
-                      "slide2vec_dask.dataflow.stages:CohortDriver._on_finalize"}[moment]
+                      "slide2vec_dask.dataflow.driver:Driver._on_finalize"}[moment]
         MOMENTS[f"client: {moment}"] = (target, "'s1'")
         try:
             proc = _run_until(f"client: {moment}", out, cohort, vit_tiny_checkpoint, tmp_path,

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from slide2vec_dask import testing
-from slide2vec_dask.dataflow import clusters
-from slide2vec_dask.dataflow.clusters import start_local_cluster
+from slide2vec_dask.clusters import local as clusters
+from slide2vec_dask.clusters.local import start_local_cluster
 
 # A user's script: everything at top level, no ``if __name__ == "__main__":`` guard.
 SCRIPT = textwrap.dedent("""\
@@ -42,7 +42,7 @@ GPU_WORKERS = SCRIPT.format(
     cluster=textwrap.dedent("""\
         import os
         from distributed import Client
-        from slide2vec_dask.dataflow.clusters import start_local_cluster
+        from slide2vec_dask.clusters.local import start_local_cluster
         cluster = start_local_cluster(1, 1)
         client = Client(cluster, set_as_default=False)
         """).strip(),

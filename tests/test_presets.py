@@ -173,7 +173,7 @@ def test_spec_fields_and_key():
 
 
 def test_natural_image_control_has_no_native_spacing():
-    from slide2vec_dask.dataflow.embed import resolve_request
+    from slide2vec_dask.tiling.plan import resolve_request
 
     spec = Model.from_preset("dinov2-vitb14").spec
     assert spec.spacing_um is None

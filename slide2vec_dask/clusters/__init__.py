@@ -11,6 +11,8 @@ dask-jobqueue and dask-kubernetes are optional: ``pip install
 
 from __future__ import annotations
 
+from slide2vec_dask.config import ExecutionOptions
+from slide2vec_dask.clusters.client import cluster_threads, default_threads, resolve_client, resolve_num_gpus
 from slide2vec_dask.clusters.slurm import lifetime_for, slurm_cluster
 
 KINDS = ("local", "slurm", "k8s")
@@ -18,12 +20,10 @@ KINDS = ("local", "slurm", "k8s")
 
 def local_cluster(num_workers: int | None = None, num_gpus: int | None = None):
     """This machine: one worker process per GPU (``resources={"GPU": 1}``), else one CPU worker."""
-    from slide2vec_dask.config import ExecutionOptions
-    from slide2vec_dask.dataflow.clusters import start_local_cluster
-    from slide2vec_dask.dataflow.embed import resolve_num_gpus
+    from slide2vec_dask.clusters.local import start_local_cluster   # (imports distributed)
 
-    gpus = resolve_num_gpus(ExecutionOptions(num_gpus=num_gpus), None)
-    return start_local_cluster(num_workers, gpus)
+    ExecutionOptions(num_workers=num_workers, num_gpus=num_gpus)   # the options' own checks
+    return start_local_cluster(num_workers, resolve_num_gpus(num_gpus, None))
 
 
 def kubernetes_cluster(*args, **kwargs):
@@ -48,4 +48,4 @@ def make_cluster(kind: str, **options):
     return makers[kind](**options)
 
 
-__all__ = ["KINDS", "make_cluster", "local_cluster", "slurm_cluster", "kubernetes_cluster", "lifetime_for"]
+__all__ = ["KINDS", "resolve_client", "cluster_threads", "default_threads", "resolve_num_gpus", "make_cluster", "local_cluster", "slurm_cluster", "kubernetes_cluster", "lifetime_for"]

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from slide2vec_dask.store import flat, schema
+from slide2vec_dask.tiling.tile_list import bands, block_members
 
 STORE_NAME = "embeddings.zarr"
 WORK_NAME = ".slide2vec-work"
@@ -264,23 +265,30 @@ class EmbeddingStore:
         self._retire(self._staging(sample_id))
         self._staging(sample_id).mkdir(parents=True)
 
-    def write_block(self, sample_id: str, block: tuple[int, int], embeddings: np.ndarray) -> int:
-        """One block's ``(rows, cols, feature)`` embeddings (NaN where no tile is kept) into its own file.
+    def write_block(self, sample_id: str, block: tuple[int, int], tiles: np.ndarray,
+                    region: np.ndarray | None = None) -> int:
+        """One block's tile rows (its tiles in plan order; NaN rows count as missing), and in
+        hierarchical mode its whole region, each into its own file; the tile count.
 
         Staging is private, so it is a plain ``.npy`` per block, renamed into place:
         a zarr chunk write costs ~4 ms of metadata reads, compression and event-loop
         hops per block (measured), this a fraction of one.
         """
-        target = self._staging(sample_id) / f"{block[0]}-{block[1]}.npy"
+        if region is not None:
+            self._stage(sample_id, f"{block[0]}-{block[1]}.region.npy", region)
+        self._stage(sample_id, f"{block[0]}-{block[1]}.npy", tiles)
+        return int(np.isfinite(tiles[..., 0]).sum())
+
+    def _stage(self, sample_id: str, name: str, values: np.ndarray) -> None:
+        target = self._staging(sample_id) / name
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
         try:
             with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(embeddings, dtype=np.float32))
+                np.save(f, np.ascontiguousarray(values, dtype=np.float32))
             os.replace(tmp, target)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise write_error(tmp.parent, exc) from exc
-        return int(np.isfinite(embeddings[..., 0]).sum())
 
     def write_block_tiles(self, sample_id: str, block: tuple[int, int], blobs: list[bytes]) -> None:
         """One block's tiles as JPEG bytes (``on_the_fly=False``), staged for the slide's archive."""
@@ -364,7 +372,7 @@ class EmbeddingStore:
             "embedding", shape=(n, feature_dim), chunks=(chunk, feature_dim), dtype="float32", fill_value=np.nan,
             dimension_names=list(schema.TILE_DIMS),
             attributes={"coordinates": "x y", **schema.TILE_EMBEDDING_ATTRS, "encoder": attrs.get("encoder", "")})
-        hierarchical = grid.region_tile_multiple is not None
+        hierarchical = grid.layout == "grid" and grid.region_tile_multiple is not None
         regions, region_emb = (self._regions_group(grid, k, feature_dim, attrs) if hierarchical
                                else (None, None))
         written, pending = 0, []
@@ -376,9 +384,7 @@ class EmbeddingStore:
             emb[written : written + take] = rows[:take]
             written, pending = written + take, [rows[take:]]
 
-        bands = (_grid_rows(staging, sample_id, grid, k, feature_dim, region_emb) if grid.layout == "grid"
-                 else _free_rows(staging, sample_id, grid, k, feature_dim))
-        for rows in bands:
+        for rows in _staged_rows(staging, sample_id, grid, k, feature_dim, region_emb):
             if len(rows):
                 pending.append(rows)
             if sum(len(p) for p in pending) >= chunk:
@@ -619,43 +625,16 @@ def write_error(folder: Path, exc: OSError) -> OSError:
     return error
 
 
-def _grid_rows(staging: Path, sample_id: str, grid, k: int, feature_dim: int, region_emb):
-    """A grid plan's tile rows, a band of k grid rows at a time, from its (rows, cols, feature) block files.
+def _staged_rows(staging: Path, sample_id: str, plan, k: int, feature_dim: int, region_emb=None):
+    """The plan's tile rows in order, a band of blocks at a time, from the blocks' staged files.
 
-    In hierarchical mode each block is one region: written to ``region_emb`` in row-major order.
+    Each block's file holds its tiles in plan order (`tiling.tile_list.block_members`),
+    and a band (one row of blocks) is a contiguous run of the plan's order, so a band at
+    a time is all that is in memory.  In hierarchical mode each block is one region,
+    written to ``region_emb`` in row-major order.
     """
-    hierarchical = region_emb is not None
-    mask = grid.embed_mask if hierarchical else grid.keep      # where the blocks are
-    cols_total = grid.shape[1]
     region = 0
-    for bi, r0 in enumerate(range(0, mask.shape[0], k)):
-        band_mask = mask[r0 : r0 + k]
-        if not band_mask.any():
-            continue
-        band = np.full((band_mask.shape[0], mask.shape[1], feature_dim), np.nan, dtype=np.float32)
-        for bj, c0 in enumerate(range(0, mask.shape[1], k)):
-            if not band_mask[:, c0 : c0 + k].any():
-                continue
-            path = staging / f"{bi}-{bj}.npy"
-            if not path.exists():
-                raise RuntimeError(f"{sample_id}: the embeddings of block ({bi}, {bj}) never landed")
-            block = np.load(path)
-            band[:, c0 : c0 + block.shape[1]] = block
-            if hierarchical:   # one region = one block, in row-major order
-                region_emb[region] = block.reshape(k * k, feature_dim)
-                region += 1
-        keep = grid.keep[r0 : r0 + k]
-        rows = band[: keep.shape[0], :cols_total][keep]
-        if np.isnan(rows[:, 0]).any():
-            raise RuntimeError(f"{sample_id}: embeddings of grid rows {r0}..{r0 + keep.shape[0] - 1} never landed")
-        yield rows
-
-
-def _free_rows(staging: Path, sample_id: str, plan, k: int, feature_dim: int):
-    """A `TileList`'s tile rows, a band of lattice cells at a time, from its (n, feature) block files."""
-    from slide2vec_dask.tiling.tile_list import bands
-
-    for band in bands(*plan.blocks(k)):
+    for band in bands(*block_members(plan, k)):
         lo = min(int(index.min()) for _, index in band)
         hi = max(int(index.max()) for _, index in band) + 1
         rows = np.full((hi - lo, feature_dim), np.nan, dtype=np.float32)
@@ -664,6 +643,9 @@ def _free_rows(staging: Path, sample_id: str, plan, k: int, feature_dim: int):
             if not path.exists():
                 raise RuntimeError(f"{sample_id}: the embeddings of block {block} never landed")
             rows[index - lo] = np.load(path)
+            if region_emb is not None:
+                region_emb[region] = np.load(staging / f"{block[0]}-{block[1]}.region.npy")
+                region += 1
         if np.isnan(rows[:, 0]).any():
             raise RuntimeError(f"{sample_id}: embeddings of tiles {lo}..{hi - 1} never landed")
         yield rows

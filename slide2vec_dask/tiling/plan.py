@@ -1,23 +1,140 @@
-"""From an open slide and a config to a `TileGrid` (and its previews)."""
+"""Which plan a slide gets, and how a fresh one is made.
+
+`plan_for` is the one place that decides: the tiles of an archive
+(``read_tiles_from``), saved coordinates (ours or a peer's:
+``read_coordinates_from``), this run's own plan from an earlier attempt
+(``resume``), or a fresh plan (`plan_slide`: tissue on a thumbnail, the grid
+laid over it) -- each checked against the slide and the request.  Every
+run's output keeps the plans it used (``<output_dir>/coordinates/``).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from slide2vec_dask.config import PreprocessingConfig
-from slide2vec_dask.slide import Slide
+from slide2vec_dask.inputs import SlideInput, current_fingerprints, fingerprint, slide_fingerprints, why_stale
+from slide2vec_dask.slide import Slide, open_slide
 from slide2vec_dask.tiling.grid import TileGrid, choose_level, tile_fractions
 from slide2vec_dask.tiling.masks import drop_small_components, read_mask_file, segment_tissue
+from slide2vec_dask.tiling.peers import archive_plan, coordinates_file, is_own_plan, peer_coordinates
+from slide2vec_dask.tiling.tile_list import load_plan
 
 
 @dataclass
 class Plan:
-    grid: TileGrid
+    """A slide's tiles (`grid`: a `TileGrid`, or a `TileList` of free positions) and its previews."""
+
+    grid: Any
     mask_preview_path: Path | None = None
     tiling_preview_path: Path | None = None
+
+
+def resolve_request(spec, config: PreprocessingConfig) -> tuple[float, int]:
+    """Spacing and tile size to tile at: the config's, else the model's own contract."""
+    spacing = config.requested_spacing_um if config.requested_spacing_um is not None else spec.spacing_um
+    if spacing is None:
+        raise ValueError(f"model {spec.name!r} has no native spacing; set PreprocessingConfig(requested_spacing_um=...)")
+    return spacing, config.requested_tile_size_px or spec.tile_size_px
+
+
+def plan_for(item: SlideInput, spec, config: PreprocessingConfig, output_dir: str | Path | None) -> tuple[Any, Plan]:
+    """The slide (None when its tiles come from an archive) and its plan, saved under ``output_dir``."""
+    spacing, tile = resolve_request(spec, config)
+    out = Path(output_dir) if output_dir is not None else None
+    if config.read_tiles_from is not None:
+        _no_regions(item, config, tile, f"the tile archive in {config.read_tiles_from}")
+        slide, plan = None, Plan(archive_plan(Path(config.read_tiles_from), item.sample_id, spacing, tile))
+        plan.grid.meta["tiles_fingerprint"] = fingerprint(plan.grid.archive)
+    else:
+        slide = open_slide(item.image_path, backend=config.backend, spacing_at_level_0=item.spacing_at_level_0)
+        saved = _saved_plan(item, config, out, slide, spacing, tile)
+        if saved is not None:
+            _check_plan(saved, slide, spacing, tile, item, config)
+            plan = Plan(saved)
+        else:
+            plan = plan_slide(slide, config, spacing_um=spacing, tile_size_px=tile, sample_id=item.sample_id,
+                              mask_path=item.mask_path, preview_dir=None if out is None else out / "preview")
+        # which files the plan (and so every result made from it) describes
+        plan.grid.meta.update(slide_fingerprints(item.image_path, item.mask_path))
+    if out is not None:  # every run's output holds the plans it used
+        plan.grid.save(out / "coordinates" / f"{item.sample_id}.npz")
+    return slide, plan
+
+
+def slide_attrs(slide) -> dict[str, Any]:
+    """What a slide's outputs (its tile group, its archive's meta) state about the file it was read from."""
+    return {"level0_height": int(slide.level_shapes[0][0]), "level0_width": int(slide.level_shapes[0][1]),
+            "backend": slide.backend, "level_downsamples": [float(d) for d in slide.level_downsamples]}
+
+
+def writes_archive(config: PreprocessingConfig, plan) -> bool:
+    """``on_the_fly=False``: the run writes the tiles it reads to an archive (unless they come from one)."""
+    return not config.on_the_fly and getattr(plan, "archive", None) is None
+
+
+def why_no_tiles(plan) -> str:
+    """A plan with no tiles: why, in the words its slide's outcome row gives."""
+    if plan.layout == "free":
+        return "no tiles: the coordinates given list none"
+    if 0 in plan.shape:
+        return f"no tiles: the slide is smaller than one tile ({plan.read_tile_size_px} px at read level {plan.level})"
+    return "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
+
+
+def _no_regions(item: SlideInput, config: PreprocessingConfig, tile: int, where: str) -> None:
+    if config.region_multiple(tile) is not None:
+        raise ValueError(f"{item.sample_id}: hierarchical mode (region_tile_multiple / requested_region_size_px) "
+                         f"needs tiles on one grid, and {where} places them freely (a grid per tissue region, "
+                         "as hs2p, CLAM and TRIDENT tile); drop the region options or tile the slide here")
+
+
+def _saved_plan(item: SlideInput, config: PreprocessingConfig, out: Path | None, slide, spacing: float, tile: int):
+    if config.read_coordinates_from is not None:
+        path = coordinates_file(Path(config.read_coordinates_from), item.sample_id)
+        if not path.exists():
+            raise FileNotFoundError(f"{item.sample_id}: no saved coordinates at {path} (read_coordinates_from)")
+        if not is_own_plan(path):   # hs2p / slide2vec, CLAM or TRIDENT coordinates
+            _no_regions(item, config, tile, f"the coordinates in {path}")
+            return peer_coordinates(path, item.sample_id, slide, spacing, tile, config.spacing_tolerance)
+        grid = load_plan(path)
+        stale = why_stale(grid.meta, current_fingerprints(item.image_path, item.mask_path))
+        if stale:
+            raise ValueError(f"{item.sample_id}: the saved coordinates {path} do not fit: {stale}; plan the "
+                             "slide again (drop read_coordinates_from for it)")
+        return grid
+    if config.resume and out is not None:
+        path = out / "coordinates" / f"{item.sample_id}.npz"
+        if path.exists():
+            grid = load_plan(path)
+            same = (grid.meta.get("config") == selection_config(config)
+                    and grid.meta.get("image_path") == str(item.image_path)
+                    and grid.meta.get("mask_path") == (None if item.mask_path is None else str(item.mask_path))
+                    and why_stale(grid.meta, current_fingerprints(item.image_path, item.mask_path)) is None)
+            return grid if same else None   # a plan of another file is never laid over this one's pixels
+    return None
+
+
+def _check_plan(grid, slide, spacing: float, tile: int, item: SlideInput, config: PreprocessingConfig) -> None:
+    problems = []
+    if abs(grid.requested_spacing_um - spacing) > 1e-9 or grid.requested_tile_size_px != tile:
+        problems.append(f"it was made for {grid.requested_tile_size_px} px at {grid.requested_spacing_um} µm/px, "
+                        f"this run asks for {tile} px at {spacing} µm/px")
+    if grid.region_tile_multiple != config.region_multiple(tile):
+        problems.append(f"its regions are {grid.region_tile_multiple} tiles wide, this run asks for "
+                        f"{config.region_multiple(tile)}")
+    if grid.level >= slide.level_count:
+        problems.append(f"it reads level {grid.level}, the slide has {slide.level_count}")
+    elif grid.layout == "grid":
+        lh, lw = slide.level_shapes[grid.level]
+        if grid.shape[0] * grid.read_tile_size_px > lh or grid.shape[1] * grid.read_tile_size_px > lw:
+            problems.append("its grid does not fit this slide's dimensions")
+    if problems:
+        raise ValueError(f"{item.sample_id}: saved coordinates do not fit: " + "; ".join(problems))
 
 
 def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, tile_size_px: int,

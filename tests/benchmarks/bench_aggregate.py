@@ -28,7 +28,7 @@ import torch
 
 from slide2vec_dask.dataflow.tasks import slide_task
 from slide2vec_dask.store import EmbeddingStore
-from slide2vec_dask.dataflow.graph import EmbedSettings
+from slide2vec_dask.dataflow.blocks import EmbedSettings
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
 from slide2vec_dask.encoders.base import EncoderSpec, ModuleBuilder
 from slide2vec_dask.dataflow import worker

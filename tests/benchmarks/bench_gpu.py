@@ -164,7 +164,7 @@ def write_random_checkpoint(path: Path, smoke: bool) -> dict:
 def full_block_batch(batch_size: int, tile_px: int = 224) -> int:
     """The batch the Pipeline really runs: a ~2048 px block of k x k tiles split into balanced batches."""
     try:
-        from slide2vec_dask.dataflow.graph import DEFAULT_BLOCK_PX
+        from slide2vec_dask.dataflow.blocks import DEFAULT_BLOCK_PX
     except ImportError:      # internals moved: the value when this script was written
         DEFAULT_BLOCK_PX = 2048
     n = max(1, round(DEFAULT_BLOCK_PX / tile_px)) ** 2

@@ -1,13 +1,8 @@
-"""Which Dask cluster runs the work.
+"""The embedded local cluster: what `Pipeline` starts on this machine when it is given no cluster.
 
-No set-up by default: `Model.embed_slide(s)` runs on threads in this
-process, `Pipeline.run` on the embedded local cluster below.  A
-``scheduler_address`` connects to an existing cluster; an active
-``distributed.Client`` (``with Client(...):`` or the last one created) is
-used as everywhere in Dask.
-
-The embedded local cluster (`start_local_cluster`, what `Pipeline` starts
-when it is given no cluster) behaves like a library, not like a service:
+Which cluster runs a call is `clusters.client.resolve_client`'s (``Model.embed_*``
+without a cluster run on threads in this process: `dataflow.executors`); this
+module only builds the local one.  It behaves like a library, not like a service:
 
 * **Nothing re-imports the user's ``__main__``.**  Dask's default local
   workers are ``Nanny`` processes started with multiprocessing ``spawn``,
@@ -81,40 +76,10 @@ import sys
 import threading
 import time
 
-_CLIENTS: dict[str, object] = {}
-_LOCK = threading.Lock()
+from slide2vec_dask.clusters.client import default_threads
 
 #: Seconds the GPU worker processes have to join the scheduler.
 WORKER_START_TIMEOUT = 120.0
-
-
-def resolve_client(scheduler_address: str | None):
-    """The distributed client to use, or None for local threads."""
-    if scheduler_address is not None:
-        from distributed import Client
-
-        with _LOCK:
-            client = _CLIENTS.get(scheduler_address)
-            if client is None or client.status not in ("running", "connecting", "newly-created"):
-                try:
-                    client = Client(scheduler_address, timeout="20s", set_as_default=False)
-                except OSError as exc:
-                    raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler_address}: {exc}") from exc
-                _CLIENTS[scheduler_address] = client
-            return client
-    if "distributed" in sys.modules:  # only look for a client if the user could have made one
-        from distributed import default_client
-
-        try:
-            return default_client()
-        except ValueError:
-            return None
-    return None
-
-
-def cluster_threads(client) -> int:
-    """Total worker threads of a cluster (the natural number of blocks in flight)."""
-    return max(1, sum(client.nthreads().values()))
 
 
 # -- logging -----------------------------------------------------------------------------------
@@ -281,8 +246,6 @@ def start_local_cluster(num_workers: int | None, num_gpus: int):
     from distributed import Scheduler, Worker
     from distributed.compatibility import WINDOWS
     from distributed.system import MEMORY_LIMIT
-
-    from slide2vec_dask.dataflow.driver import default_threads
 
     cpus = default_threads()
     token = _quiet_distributed()
