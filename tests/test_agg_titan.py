@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from slide2vec_dask.encoders.aggregators import titan as T
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
-from slide2vec_dask.encoders.presets import PresetBuilder, get_tile_preset
+from slide2vec_dask.encoders.preset_builder import PresetBuilder
+from slide2vec_dask.encoders.presets import get_tile_preset
 from slide2vec_dask.encoders.registry import get_preset, list_models
 from slide2vec_dask.tiling.grid import choose_level
 from slide2vec_dask.testing import checkpoints as ck

@@ -19,6 +19,7 @@ import torch
 from slide2vec_dask import Model
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
 from slide2vec_dask.encoders.hub import WeightsUnavailableError
+from slide2vec_dask.encoders.key_layouts import resample_pos_embed
 from slide2vec_dask.encoders.pooling import TokenPooler
 from slide2vec_dask.encoders.presets import TILE_PRESETS, get_tile_preset
 from slide2vec_dask.encoders.registry import get_preset, list_models
@@ -278,8 +279,6 @@ def published_file(preset, state, tmp_path, suffix):
 
 def reference_model(preset, state):
     """The bare timm model (runtime grid) holding ``state``: what a preset must reproduce."""
-    from slide2vec_dask.encoders.presets import resample_pos_embed
-
     model = preset.create_architecture(runtime=True)
     if preset.pos_embed_interp is not None:
         state = resample_pos_embed(state, model, preset.pos_embed_interp)

@@ -3,7 +3,8 @@
 Adding a model is one entry in `TILE_PRESETS`; it registers itself with
 `register_preset`.  A preset's factory returns an `EncoderSpec` without
 touching torch or the network: its feature dimension comes from the table,
-and the weights are loaded by `PresetBuilder` in ``build()``, on the worker.
+and the weights are loaded by `PresetBuilder` (`preset_builder`) in
+``build()``, on the worker.
 
 Architectures are the published ones, built with timm from the kwargs of
 each model card / hub config (same parameter count, embed dim, token
@@ -11,30 +12,31 @@ layout).  Each declares its weights as a `Weights` record
 (`slide2vec_dask.encoders.weights`: hub repo, file names, gated, licence,
 revision), resolved on the worker from ``checkpoint_path`` (``.safetensors``,
 or a weights-only ``.bin/.pt/.pth``) or the Hugging Face cache / hub.
-Checkpoints published in another key layout are mapped onto the timm modules
-key by key (``layout`` below): the ``transformers`` layouts (Phikon,
-Phikon-v2, Hibou, Midnight), transformers' CLIP inside iSight's training
-checkpoint, timm 0.5's Swin (CTransPath); Mettle adds its refine head and
-CLAM's ResNet-50 its pooling as small native wrappers (`pooling`).
+Checkpoints published in another key layout name it (``layout``, one of
+`key_layouts.LAYOUTS`) and are mapped onto the timm modules key by key there:
+the ``transformers`` layouts (Phikon, Phikon-v2, Hibou, Midnight),
+transformers' CLIP inside iSight's training checkpoint, timm 0.5's Swin
+(CTransPath); Mettle adds its refine head and CLAM's ResNet-50 its pooling
+as small native wrappers (`pooling`).
+
+This module declares; `preset_builder` builds (architecture, then weights)
+and `key_layouts` re-keys checkpoints.  Imports point that way only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slide2vec_dask.encoders.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EncoderSpec,
-    materialize_buffers,
-    read_state_dict,
-    state_dict_mismatch,
-)
-from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders import preset_builder
+from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+from slide2vec_dask.encoders.key_layouts import LAYOUTS, POS_EMBED_INTERP
+from slide2vec_dask.encoders.preset_builder import CONCH_INSTALL, PresetBuilder
+from slide2vec_dask.encoders.registry import get_preset, register_preset
 from slide2vec_dask.encoders.weights import Weights
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
@@ -46,18 +48,6 @@ HIBOU_STD = (0.195, 0.2316, 0.1816)
 HALF = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-LAYOUTS = ("timm", "hf_vit", "hf_dinov2", "conch", "conch_v15", "mettle", "timm_features", "ctranspath", "isight")
-# How a checkpoint's position embedding is resampled to the tile grid, when it was
-# published for another grid: the algorithm the official code applies at run time.
-POS_EMBED_INTERP = {
-    "bicubic": dict(mode="bicubic", align_corners=False, antialias=False),    # transformers Dinov2
-    "bicubic_aa": dict(mode="bicubic", align_corners=False, antialias=True),  # timm (dynamic / pretrained)
-    # DINO / iBOT interpolate_pos_encoding (CONCH v1.5): scale_factor (grid + 0.1) / side, not a target size
-    "bicubic_dino": dict(mode="bicubic", align_corners=False, antialias=False, grid_offset=0.1),
-}
-CONCH_INSTALL = "pip install git+https://github.com/mahmoodlab/CONCH.git"
-CONCH_V15_TRUNK = "vit_large_patch16_224"  # CONCH v1.5's trunk: timm's ViT-L/16 layout (ls1/ls2 LayerScale)
 
 
 @dataclass(frozen=True)
@@ -71,8 +61,6 @@ class Ref:
     def resolve(self):
         obj = getattr(importlib.import_module(self.module), self.attr)
         if self.kwargs:
-            import functools
-
             return functools.partial(obj, **dict(self.kwargs))
         return obj
 
@@ -172,37 +160,11 @@ class TilePreset:
 
         Build it under ``torch.device('meta')`` for a free one (parameter counts, shapes).
         """
-        if self.layout == "conch_v15":
-            return _conch_v15_architecture(self, runtime)
-        if self.arch is None:
-            raise NotImplementedError(f"preset {self.name!r} is not a timm architecture ({self.architecture})")
-        import timm
-
-        trunk = timm.create_model(self.arch, pretrained=False, **self.timm_kwargs(runtime))
-        if self.layout == "mettle":
-            from slide2vec_dask.encoders.pooling import MettleEncoder
-
-            return MettleEncoder(trunk)
-        if self.layout == "isight":
-            from slide2vec_dask.encoders.pooling import ISightEncoder
-
-            return ISightEncoder(trunk)
-        return trunk
+        return preset_builder.create_architecture(self, runtime)
 
     def create_module(self, output_variant: str | None = None, runtime: bool = True):
         """The architecture wrapped to return this variant's ``(B, feature_dim)`` (keys unchanged)."""
-        from slide2vec_dask.encoders.pooling import TimmPooled, TokenPooler
-
-        variant = self._variant(output_variant)
-        model = self.create_architecture(runtime=runtime)
-        if self.layout in ("mettle", "isight"):
-            model.output_variant = variant
-            return model
-        if self.layout in ("timm_features", "ctranspath"):
-            return TimmPooled(model)
-        if self.layout == "conch_v15":
-            return model
-        return TokenPooler(model, variant)
+        return preset_builder.create_module(self, self._variant(output_variant), runtime)
 
     # -- spec --------------------------------------------------------------
     def spec(self, checkpoint_path: str | Path | None = None, output_variant: str | None = None) -> EncoderSpec:
@@ -223,294 +185,6 @@ class TilePreset:
                                   self.pos_embed_interp, self.ignore_keys, self.tile_size_px),
             info={**weights.info(), "architecture": self.architecture, "output_variant": variant},
         )
-
-
-# -- building: architecture + weights, on the worker ----------------------
-@dataclass(frozen=True)
-class PresetBuilder:
-    """Builds a preset's module and loads its weights (picklable; runs where the model runs)."""
-
-    preset: TilePreset
-    output_variant: str
-    checkpoint_path: str | None = None
-
-    def __call__(self):
-        if self.preset.layout == "conch":
-            return self._build_conch()
-        if self.preset.layout == "conch_v15":
-            return self._build_conch_v15()
-        return self._build_timm()
-
-    def _weights_file(self) -> Path:
-        return self.preset.weights.resolve(self.preset.name, self.checkpoint_path)
-
-    def _build_timm(self):
-        import torch
-
-        preset = self.preset
-        path = self._weights_file()
-        what = f"preset {preset.name!r} ({preset.hub_id})"
-        state = read_state_dict(path, what)
-        with torch.device("meta"):
-            module = preset.create_module(self.output_variant, runtime=True)
-        model = module.model if hasattr(module, "model") else module  # the keys of the published file
-        state = to_timm_layout(state, preset.layout, model)
-        if preset.ignore_keys:  # tensors of the published file that the published use never reads
-            state = {k: v for k, v in state.items() if not k.startswith(preset.ignore_keys)}
-        if preset.pos_embed_interp is not None:
-            state = resample_pos_embed(state, model, preset.pos_embed_interp)
-        problems = state_dict_mismatch(model.state_dict(), state)
-        if problems:
-            raise ValueError(
-                f"{what}: checkpoint {path} does not fit the {preset.architecture} architecture: {problems}. "
-                f"Pass the checkpoint published at {preset.url} ({' or '.join(preset.hub_files)}"
-                + (", in the Hugging Face transformers layout or timm's" if preset.layout.startswith("hf_") else "")
-                + "), or leave checkpoint_path unset to fetch it from the hub.")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        materialize_buffers(model)
-        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"{what}: tensors left unloaded after loading {path}: {left[:5]}")
-        return module.eval()
-
-    def _build_conch(self):
-        try:
-            from conch.open_clip_custom import create_model_from_pretrained
-        except ImportError as exc:
-            raise ImportError(
-                f"preset {self.preset.name!r} needs the `conch` package (CONCH's own model code, not on "
-                f"PyPI), which is not installed: {CONCH_INSTALL}") from exc
-        from slide2vec_dask.encoders.pooling import ConchImageEncoder
-
-        path = self._weights_file()
-        model, _ = create_model_from_pretrained("conch_ViT-B-16", checkpoint_path=str(path))
-        return ConchImageEncoder(model).eval()
-
-    def _build_conch_v15(self):
-        import torch
-
-        preset = self.preset
-        path = self._weights_file()
-        what = f"preset {preset.name!r} ({preset.hub_id})"
-        state = read_state_dict(path, what)
-        with torch.device("meta"):
-            model = preset.create_architecture(runtime=True)
-        pos = state.get("trunk.pos_embed")
-        if pos is not None and preset.pos_embed_interp is not None:
-            trunk = resample_pos_embed({"pos_embed": pos}, model.trunk, preset.pos_embed_interp)
-            state = {**state, "trunk.pos_embed": trunk["pos_embed"]}
-        problems = state_dict_mismatch(model.state_dict(), state)
-        if problems:
-            raise ValueError(
-                f"{what}: checkpoint {path} does not fit the {preset.architecture} architecture: {problems}. "
-                f"Pass CONCH v1.5's published weights ({' or '.join(preset.hub_files)} of {preset.url}, or "
-                "pytorch_model_vision.bin of https://huggingface.co/MahmoodLab/conchv1_5: keys trunk.*, "
-                "attn_pool_contrast.*, ln_contrast.*), or leave checkpoint_path unset to fetch it from the hub.")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.eval()
-
-
-def _conch_v15_architecture(preset: TilePreset, runtime: bool):
-    """CONCH v1.5 (TITAN's ``return_conch()``): timm ViT-L/16 trunk + attentional pooler + LayerNorm."""
-    import timm
-
-    from slide2vec_dask.encoders.pooling import ConchV15Encoder
-
-    trunk = timm.create_model(CONCH_V15_TRUNK, pretrained=False, **preset.timm_kwargs(runtime))
-    return ConchV15Encoder(trunk, embed_dim=preset.feature_dim())
-
-
-# -- checkpoint layouts -----------------------------------------------------
-def _strip(state: dict, prefix: str) -> dict:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _is_timm_layout(state: dict) -> bool:
-    return any(k.startswith("blocks.") for k in state) or "cls_token" in state
-
-
-def to_timm_layout(state: dict, layout: str, model) -> dict:
-    """A published checkpoint's tensors renamed (and fused) to the timm model's keys.
-
-    A checkpoint already in timm's layout passes through for every layout.
-    Keys that do not map stay as they are, so a mismatch is reported by name.
-    """
-    if layout == "ctranspath":
-        from slide2vec_dask.encoders.ctranspath import from_official_layout
-
-        return from_official_layout(state)
-    if layout == "isight":
-        return from_isight_layout(state)
-    if layout in ("timm", "mettle", "timm_features") or _is_timm_layout(state):
-        return dict(state)
-    if layout == "hf_vit":
-        return _from_hf(_strip(state, "vit."), model, _HF_VIT_LAYER)
-    if layout == "hf_dinov2":
-        return _from_hf(_strip(state, "dinov2."), model, _HF_DINOV2_LAYER)
-    raise ValueError(f"no key mapping for layout {layout!r}")
-
-
-ISIGHT_VISION = "patch_encoder.vision_model."  # CLAM_ViT.patch_encoder is a transformers CLIPModel
-ISIGHT_PROJECTION = "visual_token_projection."
-_HF_CLIP_LAYER = {"layer_norm1": "norm1", "self_attn.out_proj": "attn.proj", "layer_norm2": "norm2",
-                  "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-
-
-def from_isight_layout(state: dict) -> dict:
-    """iSight's ``model_state_dict`` -> `ISightEncoder` keys.
-
-    Read: the CLIP vision tower (``patch_encoder.vision_model.*``, transformers' CLIP
-    names, q/k/v fused here) and ``visual_token_projection.*``.  Not read, as the
-    published tile features never use them: ``post_layernorm``, the text tower,
-    CLIP's projections and logit scale, the CLAM pooler and the five task heads.
-    A state dict already in `ISightEncoder`'s keys passes unchanged.
-    """
-    import torch
-
-    if isinstance(state.get("model_state_dict"), dict):  # the released training checkpoint's wrapper
-        state = state["model_state_dict"]
-    if any(k.startswith("trunk.") for k in state):
-        return dict(state)
-    out: dict = {}
-    qkv: dict = {}
-    for key, value in state.items():
-        if key.startswith(ISIGHT_PROJECTION):
-            out[key] = value
-            continue
-        if not key.startswith(ISIGHT_VISION):
-            continue
-        rest = key[len(ISIGHT_VISION):]
-        if rest.startswith("post_layernorm.") or rest == "embeddings.position_ids":
-            continue
-        if rest == "embeddings.class_embedding":
-            out["trunk.cls_token"] = value.reshape(1, 1, -1)
-        elif rest == "embeddings.patch_embedding.weight":
-            out["trunk.patch_embed.proj.weight"] = value
-        elif rest == "embeddings.position_embedding.weight":
-            out["trunk.pos_embed"] = value.unsqueeze(0)
-        elif rest.startswith("pre_layrnorm."):  # sic: transformers' name
-            out["trunk.norm_pre." + rest.rsplit(".", 1)[1]] = value
-        elif rest.startswith("encoder.layers."):
-            idx, sub = rest[len("encoder.layers."):].split(".", 1)
-            name, kind = sub.rsplit(".", 1)
-            if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                qkv.setdefault((idx, kind), {})[name[len("self_attn."):-len("_proj")]] = value
-            elif name in _HF_CLIP_LAYER:
-                out[f"trunk.blocks.{idx}.{_HF_CLIP_LAYER[name]}.{kind}"] = value
-            else:
-                out[key] = value
-        else:
-            out[key] = value
-    for (idx, kind), parts in qkv.items():
-        if set(parts) == {"q", "k", "v"}:
-            out[f"trunk.blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
-        else:
-            out.update({f"{ISIGHT_VISION}encoder.layers.{idx}.self_attn.{n}_proj.{kind}": v for n, v in parts.items()})
-    return out
-
-
-# transformers (on-disk) names inside encoder.layer.N -> timm names inside blocks.N
-_HF_VIT_LAYER = {
-    "layernorm_before": "norm1",
-    "attention.output.dense": "attn.proj",
-    "layernorm_after": "norm2",
-    "intermediate.dense": "mlp.fc1",
-    "output.dense": "mlp.fc2",
-}
-_HF_DINOV2_LAYER = {
-    "norm1": "norm1",
-    "attention.output.dense": "attn.proj",
-    "layer_scale1.lambda1": "ls1.gamma",
-    "norm2": "norm2",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-    "mlp.weights_in": "mlp.fc1",       # SwiGLU: [x1; x2] packed as in timm's SwiGLUPacked
-    "mlp.weights_out": "mlp.fc2",
-    "layer_scale2.lambda1": "ls2.gamma",
-}
-_HF_DROP = ("embeddings.mask_token", "pooler.")
-
-
-def _from_hf(state: dict, model, layer_map: dict) -> dict:
-    import torch
-
-    out: dict = {}
-    qkv: dict = {}
-    for key, value in state.items():
-        if key.startswith(_HF_DROP):
-            continue  # the masked-image-modelling token and the unused pooler head
-        if key == "embeddings.cls_token":
-            out["cls_token"] = value
-        elif key == "embeddings.register_tokens":
-            out["reg_token"] = value
-        elif key == "embeddings.position_embeddings":
-            out["pos_embed"] = value
-        elif key.startswith("embeddings.patch_embeddings.projection."):
-            out["patch_embed.proj." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("layernorm."):
-            out["norm." + key.rsplit(".", 1)[1]] = value
-        elif key.startswith("encoder.layer."):
-            idx, rest = key[len("encoder.layer."):].split(".", 1)
-            if rest.startswith("attention.attention."):
-                name, kind = rest[len("attention.attention."):].split(".")
-                qkv.setdefault((idx, kind), {})[name] = value
-                continue
-            sub, kind = rest.rsplit(".", 1)
-            mapped = layer_map.get(rest) or layer_map.get(sub)
-            if mapped is None:
-                out[key] = value
-            elif mapped.endswith("gamma"):
-                out[f"blocks.{idx}.{mapped}"] = value
-            else:
-                out[f"blocks.{idx}.{mapped}.{kind}"] = value
-        else:
-            out[key] = value
-    for (idx, kind), parts in qkv.items():
-        if set(parts) == {"query", "key", "value"}:
-            out[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
-        else:
-            for name, value in parts.items():
-                out[f"encoder.layer.{idx}.attention.attention.{name}.{kind}"] = value
-    # transformers adds the position embedding to [CLS, patches]; timm models with
-    # registers (no_embed_class) add it to the patches only: fold CLS's into the token.
-    pos = out.get("pos_embed")
-    if getattr(model, "no_embed_class", False) and pos is not None and "cls_token" in out:
-        out["cls_token"] = out["cls_token"] + pos[:, :1]
-        out["pos_embed"] = pos[:, 1:]
-    return out
-
-
-def resample_pos_embed(state: dict, model, interp: str) -> dict:
-    """Resample ``state['pos_embed']`` to the model's patch grid (no-op when it already fits)."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    pos = state.get("pos_embed")
-    target = getattr(model, "pos_embed", None)
-    if pos is None or target is None or tuple(pos.shape) == tuple(target.shape):
-        return state
-    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-    grid = tuple(model.patch_embed.grid_size)
-    n_old = pos.shape[1] - prefix
-    side = math.isqrt(n_old)
-    if side * side != n_old or pos.shape[-1] != target.shape[-1]:
-        return state  # not a square grid of the same width: the fit check reports it
-    head, patches = pos[:, :prefix], pos[:, prefix:]
-    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()  # interpolate in float32
-    kwargs = dict(POS_EMBED_INTERP[interp])
-    offset = kwargs.pop("grid_offset", None)
-    if offset is None:
-        patches = F.interpolate(patches, size=grid, **kwargs)
-    else:  # the run-time algorithm of DINO-style ViTs: output size floor(grid + offset) == grid
-        patches = F.interpolate(patches, scale_factor=((grid[0] + offset) / side, (grid[1] + offset) / side), **kwargs)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
-    return {**state, "pos_embed": torch.cat([head, patches], dim=1)}
 
 
 # -- the table ----------------------------------------------------------------
@@ -720,8 +394,6 @@ _BY_NAME = {p.name: p for p in TILE_PRESETS}
 
 def get_tile_preset(name: str) -> TilePreset:
     """The `TilePreset` data of a registered tile preset."""
-    from slide2vec_dask.encoders.registry import get_preset
-
     get_preset(name)  # unknown names fail there, with close matches
     return _BY_NAME[name.lower()]
 
