@@ -244,11 +244,17 @@ class PreprocessingConfig:
 class ExecutionOptions:
     """How the work runs and what is written.
 
-    ``num_workers`` is the number of threads (local) that read and decode
-    blocks next to the encoder; ``prefetch_factor`` blocks per worker may be
-    queued ahead of the encoder, which bounds memory.  ``scheduler_address``
-    runs on an existing Dask cluster; an active ``distributed.Client`` is
-    used as well, as everywhere in Dask.
+    ``num_workers`` counts threads, not processes: the threads that read and
+    decode blocks (without a cluster, ``Model.embed_*`` run one more beside
+    them, so the encoder's device thread always has a block waiting; the
+    embedded local cluster gets ``num_workers`` threads per worker process;
+    on any cluster it fixes the window below instead of following the
+    cluster's threads).  At most threads x ``prefetch_factor`` blocks are in
+    flight, which bounds memory.  ``persistent_workers`` acts only without a
+    cluster: False frees the model after each ``Model.embed_*`` call (a
+    cluster's workers keep theirs for the cluster's life).
+    ``scheduler_address`` runs on an existing Dask cluster; an active
+    ``distributed.Client`` is used as well, as everywhere in Dask.
 
     ``save_tile_embeddings`` keeps the tile embeddings of a slide- or
     patient-level model's run (they are an intermediate otherwise);

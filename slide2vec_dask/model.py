@@ -21,6 +21,8 @@ from slide2vec_dask.inputs import SlideInput
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleBuilder, TimmBuilder
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
+from slide2vec_dask.encoders.registry import get_preset, preset_level
+from slide2vec_dask.pipeline import Pipeline
 from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, SlideArtifact, SlideOutcome
 from slide2vec_dask.store import EmbeddingStore
 
@@ -85,8 +87,6 @@ class Model:
         with the same feature dimension (e.g. a locally fine-tuned copy).
         """
         import dataclasses
-
-        from slide2vec_dask.encoders.registry import get_preset, preset_level
 
         level = preset_level(name)
         if level == "tile":
@@ -278,8 +278,6 @@ class Model:
         For slide/patient models this is their tile stage alone; hand the
         artifacts to `aggregate_tiles` later (or on other hardware).
         """
-        from slide2vec_dask.pipeline import Pipeline
-
         execution = self.resolve_execution(execution)
         if output_dir is not None:
             execution = execution.replace(output_dir=output_dir)

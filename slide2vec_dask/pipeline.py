@@ -14,6 +14,7 @@ rest.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import time
@@ -21,7 +22,23 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
+from slide2vec_dask._version import __version__
+from slide2vec_dask.clusters.client import resolve_client, resolve_num_gpus
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+from slide2vec_dask.dataflow.blocks import EmbedSettings
+from slide2vec_dask.dataflow.driver import Driver, Stages
+from slide2vec_dask.dataflow.executors import DaskExecutor
+from slide2vec_dask.dataflow.sinks import StoreSink
+from slide2vec_dask.dataflow.tasks import export_task, row_exports
+from slide2vec_dask.exporters import check_available, current_files, flat_first, sweep_temporaries
+from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
+from slide2vec_dask.progress import get_progress_reporter
+from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.store.output_dir import OutputDirError, RunLock, check_output_dir, describe_os_error, sweep
+from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
+from slide2vec_dask.tiling.peers import is_own_plan
+from slide2vec_dask.tiling.plan import resolve_request, selection_config
+from slide2vec_dask.tiling.tile_list import load_plan
 from slide2vec_dask.results import (PROCESS_LIST_COLUMNS, HierarchicalArtifact, PatientArtifact, RunResult,
                                     SlideArtifact, SlideOutcome, TileArtifact)
 
@@ -30,7 +47,6 @@ logger = logging.getLogger("slide2vec_dask")
 
 
 def _environment(what: str, exc: OSError):
-    from slide2vec_dask.store.output_dir import OutputDirError, describe_os_error
 
     return OutputDirError(f"{what}: {describe_os_error(exc)}")
 
@@ -60,7 +76,6 @@ class Pipeline:
         if ex.save_latents and model.slide_spec.latent_dim is None:
             raise ValueError(f"save_latents=True but {model.slide_spec.name!r} has no latents")
         if ex.output_format:
-            from slide2vec_dask.exporters import check_available
 
             check_available(ex.output_format)   # a missing extra fails here, not on the first finished slide
         self.client = client
@@ -88,10 +103,6 @@ class Pipeline:
     @staticmethod
     def _slides_from_plans(coordinates_dir: Path) -> list[dict]:
         """The slides saved plans (ours, or hs2p's ``.coordinates.npz`` + ``.meta.json``) were made for."""
-        import json
-
-        from slide2vec_dask.tiling.peers import is_own_plan
-        from slide2vec_dask.tiling.tile_list import load_plan
 
         slides = []
         for path in sorted(coordinates_dir.glob("*.npz")):
@@ -115,7 +126,6 @@ class Pipeline:
         return slides
 
     def _items(self, manifest_path, slides):
-        from slide2vec_dask.inputs import SlideInput, read_manifest, validate_slides
 
         if (manifest_path is None) == (slides is None):
             raise ValueError("give exactly one of manifest_path or slides")
@@ -135,21 +145,17 @@ class Pipeline:
         return [SlideInput.parse(r) for r in rows]
 
     def _run_attrs(self, config: PreprocessingConfig) -> dict[str, Any]:
-        from slide2vec_dask._version import __version__
-        from slide2vec_dask.tiling.plan import selection_config
 
         spec = self.model.tile_spec
+        spacing, tile = resolve_request(spec, config, strict=False)
         model = {} if self.model.level == "tile" else {
             "model": self.model.name, "model_level": self.model.level, "model_key": self.model.spec.key,
             "model_feature_dim": int(self.model.feature_dim)}
         return {**model, "encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
-                "requested_spacing_um": config.requested_spacing_um or spec.spacing_um,
-                "requested_tile_size_px": config.requested_tile_size_px or spec.tile_size_px,
+                "requested_spacing_um": spacing, "requested_tile_size_px": tile,
                 "tiling": selection_config(config), "slide2vec_dask_version": __version__}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
-        from slide2vec_dask.store import EmbeddingStore
-        from slide2vec_dask.store.output_dir import RunLock, check_output_dir
 
         out = Path(self.execution.output_dir)
         store = EmbeddingStore(out, run=uuid.uuid4().hex[:8])
@@ -183,12 +189,6 @@ class Pipeline:
                                            str(it.extra.get("patient_id", "") or "")) for it in items}
 
     def _stream(self, store, config, outcomes, todo, aggregate, resolved, patients, stale) -> RunResult:
-        from slide2vec_dask.clusters.client import resolve_client, resolve_num_gpus
-        from slide2vec_dask.dataflow.blocks import EmbedSettings
-        from slide2vec_dask.dataflow.driver import Driver
-        from slide2vec_dask.dataflow.executors import DaskExecutor
-        from slide2vec_dask.dataflow.sinks import StoreSink
-        from slide2vec_dask.progress import get_progress_reporter
 
         for sid, reason in stale.items():
             logger.warning("%s: %s; it is redone (its earlier embeddings stay until the new ones land)", sid, reason)
@@ -230,7 +230,6 @@ class Pipeline:
     def _exports_current(self, store, outcomes: dict) -> bool:
         """Whether every file ``output_format`` asks of the skipped slides is there and current
         (then the rerun only reads); their paths go on the outcomes for the artifacts."""
-        from slide2vec_dask.exporters import current_files, flat_first
 
         formats, ex, level = self.execution.output_format, self.execution, self.model.level
         if not formats:
@@ -257,11 +256,7 @@ class Pipeline:
         """Reruns make what is missing: the exports of slides complete in the store (a format newly
         asked for, a file deleted or made from an older group) are written from it, nothing embedded;
         and what writers killed in an earlier run left is swept."""
-        from slide2vec_dask.dataflow.tasks import export_task
-        from slide2vec_dask.exporters import sweep_temporaries
 
-        from slide2vec_dask.store.output_dir import sweep
-        from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
 
         archives = Path(store.output_dir) / ARCHIVE_FOLDER
         if archives.is_dir():   # the tile archives' writers (on_the_fly=False) too
@@ -293,7 +288,6 @@ class Pipeline:
         store.finish_run()
 
     def _stages(self):
-        from slide2vec_dask.dataflow.driver import Stages
 
         model, ex, level = self.model, self.execution, self.model.level
         stages = Stages(level, model.tile_spec)
@@ -303,18 +297,17 @@ class Pipeline:
         stages.slide_spec, stages.save_latents = spec, ex.save_latents
         stages.keep_tiles = ex.save_tile_embeddings
         stages.slide_attrs = {"model": spec.name, "model_key": spec.key, "tile_encoder": spec.tile_encoder.name,
-                              "slide2vec_dask_version": _version()}
+                              "slide2vec_dask_version": __version__}
         if level == "patient":
             stages.patient_spec, stages.keep_slide_rows = model.spec, ex.save_slide_embeddings
             stages.patient_attrs = {"model": model.spec.name, "model_key": model.spec.key,
-                                    "slide2vec_dask_version": _version()}
+                                    "slide2vec_dask_version": __version__}
         return stages
 
     def _archive_missing(self, sample_id: str) -> bool:
         config = self.preprocessing
         if config.on_the_fly or config.read_tiles_from is not None:
             return False
-        from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
 
         return not archive_path(Path(self.execution.output_dir) / ARCHIVE_FOLDER, sample_id).is_file()
 
@@ -327,7 +320,6 @@ class Pipeline:
         since (size or content fingerprint) is *stale*: redone from scratch.  A store
         problem about one slide (an unreadable attribute file) fails that slide only.
         """
-        from slide2vec_dask.inputs import current_fingerprints, why_stale
 
         level, ex = self.model.level, self.execution
         complete = store.finished_slides()
@@ -489,12 +481,5 @@ class _ProcessList:
 
 def _row_flat(store, level: str, key: str, formats) -> str | None:
     """A row of an earlier run: its exports (written when missing or stale); slide2vec's flat file first."""
-    from slide2vec_dask.dataflow.tasks import row_exports
-
     return row_exports(store, level, key, formats)["flat_path"] or None if formats else None
 
-
-def _version() -> str:
-    from slide2vec_dask._version import __version__
-
-    return __version__

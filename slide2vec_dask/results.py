@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from slide2vec_dask.store import schema
+
 
 @dataclass
 class EmbeddedSlide:
@@ -45,8 +47,6 @@ class EmbeddedSlide:
         """
         import xarray as xr
 
-        from slide2vec_dask.store import schema
-
         if self.hierarchical_embeddings is not None:
             return self._regions_xarray()
         emb = self.tile_embeddings
@@ -65,8 +65,6 @@ class EmbeddedSlide:
 
     def _regions_xarray(self):
         import xarray as xr
-
-        from slide2vec_dask.store import schema
 
         return xr.Dataset(
             {"embedding": (schema.REGION_DIMS, np.asarray(self.hierarchical_embeddings),

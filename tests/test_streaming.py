@@ -151,3 +151,76 @@ def test_the_first_slide_embedding_lands_before_the_last_tiles(titan, cohort, tm
     rows = Path(run.store_path) / "_slides"
     first_row = min((rows / s["sample_id"] / "embedding" / "zarr.json").stat().st_mtime for s in slides)
     assert first_row < Clock.last, "every tile was embedded before the first slide embedding was written"
+
+
+def _mean_rgb() -> Model:
+    import torch
+
+    return Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                             name="mean-rgb", feature_dim=3)
+
+
+class _Cohort:
+    """A reporter with the cohort line: what was planned when the first tile landed, and every tile."""
+
+    def __init__(self):
+        self.planned = self.total = 0
+        self.at_first_tile = None
+        self.tiles = 0
+
+    def start(self, total, description):
+        self.description = description
+
+    def cohort(self, *, slides_total, slides_planned, slides_done, slides_failed, tiles_total):
+        self.planned, self.total = slides_planned, slides_total
+
+    def advance(self, n):
+        if self.at_first_tile is None:
+            self.at_first_tile = self.planned
+        self.tiles += n
+
+    def close(self):
+        pass
+
+
+def test_embed_slides_streams_a_cohort_as_the_pipeline_does(cohort, tmp_path):
+    """The in-memory API plans just ahead of the blocks: the first tiles land while most of a
+    cohort is still unplanned, and the results are those of `Pipeline.run` on the same slides."""
+    from slide2vec_dask import activate_progress_reporter, open_embeddings
+
+    slides = [{**s, "sample_id": f"{s['sample_id']}-{i}"} for i in range(4) for s in cohort]   # 12 slides
+    model = _mean_rgb()
+    config = PreprocessingConfig(**EXACT)
+    reporter = _Cohort()
+    activate_progress_reporter(reporter)
+    try:
+        embedded = model.embed_slides(slides, preprocessing=config,
+                                      execution=ExecutionOptions(num_workers=1, prefetch_factor=1))
+    finally:
+        activate_progress_reporter(None)
+    assert reporter.description == "12 slides" and reporter.total == 12
+    # a window of 2 blocks (1 thread + the encoder's, prefetch 1): planning stays a few slides ahead
+    assert reporter.at_first_tile is not None and reporter.at_first_tile <= 4, \
+        f"{reporter.at_first_tile} of 12 slides were planned before the first tile landed"
+    assert reporter.tiles == sum(e.num_tiles for e in embedded) > 0
+    assert [e.sample_id for e in embedded] == [s["sample_id"] for s in slides]
+    run = Pipeline(model, config, ExecutionOptions(output_dir=tmp_path / "run")).run(slides=slides)
+    assert run.num_failed == 0
+    store = open_embeddings(tmp_path / "run")
+    for e in embedded:
+        stored = store["tiles"][e.sample_id].to_dataset()
+        np.testing.assert_array_equal(stored["x"].values, e.x)
+        np.testing.assert_allclose(stored["embedding"].values, e.tile_embeddings.numpy(), atol=1e-6)
+
+
+def test_a_failing_slide_stops_embed_slides_with_its_own_error(cohort, tmp_path):
+    """The memory sink raises the first failure, naming the slide; nothing is left running."""
+    import threading
+
+    model = _mean_rgb()
+    slides = [*cohort, {"sample_id": "gone", "image_path": tmp_path / "gone.svs"}, *cohort[:1]]
+    slides[-1] = {**slides[-1], "sample_id": "again"}
+    with pytest.raises(FileNotFoundError, match="gone.svs"):
+        model.embed_slides(slides, preprocessing=PreprocessingConfig(**EXACT))
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("slide2vec-block")]

@@ -1,4 +1,5 @@
-"""Ready-made Dask clusters for where the compute is: this machine, SLURM, Kubernetes.
+"""Clusters, in one home: which one runs a call (`client`), ready-made ones for where the compute
+is (this machine: `local`; SLURM: `slurm`; Kubernetes: `kubernetes`).
 
 Every helper returns a started cluster; hand it to ``distributed.Client``
 and run a `Pipeline` (or any ``Model.embed_*``) inside ``with client:``,
@@ -12,8 +13,8 @@ dask-jobqueue and dask-kubernetes are optional: ``pip install
 from __future__ import annotations
 
 from slide2vec_dask.config import ExecutionOptions
+from slide2vec_dask.clusters.kubernetes import kubernetes_cluster
 from slide2vec_dask.clusters.client import cluster_threads, default_threads, resolve_client, resolve_num_gpus
-from slide2vec_dask.clusters.slurm import lifetime_for, slurm_cluster
 
 KINDS = ("local", "slurm", "k8s")
 
@@ -26,26 +27,33 @@ def local_cluster(num_workers: int | None = None, num_gpus: int | None = None):
     return start_local_cluster(num_workers, resolve_num_gpus(num_gpus, None))
 
 
-def kubernetes_cluster(*args, **kwargs):
-    """The Dask Kubernetes operator's `KubeCluster` with a GPU worker group (see `.kubernetes`)."""
-    from slide2vec_dask.clusters.kubernetes import kubernetes_cluster as make
+def __getattr__(name: str):
+    # SLURM's helpers import dask (~0.5 s): loaded when first asked for, so that resolving a
+    # client (`clusters.client`, on every embedding call) costs nothing.
+    if name in ("slurm_cluster", "lifetime_for"):
+        from slide2vec_dask.clusters import slurm
 
-    return make(*args, **kwargs)
+        return getattr(slurm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_cluster(kind: str, **options):
     """A started cluster of ``kind`` (``"local"``, ``"slurm"`` or ``"k8s"``) built from ``options``."""
-    makers = {"local": local_cluster, "slurm": slurm_cluster, "k8s": kubernetes_cluster}
-    if kind not in makers:
+    if kind not in KINDS:
         raise ValueError(f"cluster kind must be one of {KINDS} (or a scheduler address 'tcp://host:port'), "
                          f"got {kind!r}")
     import inspect
 
+    if kind == "slurm":
+        from slide2vec_dask.clusters.slurm import slurm_cluster as maker   # (imports dask)
+    else:
+        maker = kubernetes_cluster if kind == "k8s" else local_cluster
     try:
-        inspect.signature(makers[kind]).bind(**options)
+        inspect.signature(maker).bind(**options)
     except TypeError as exc:
         raise ValueError(f"bad options for a {kind!r} cluster: {exc}") from exc
-    return makers[kind](**options)
+    return maker(**options)
 
 
-__all__ = ["KINDS", "resolve_client", "cluster_threads", "default_threads", "resolve_num_gpus", "make_cluster", "local_cluster", "slurm_cluster", "kubernetes_cluster", "lifetime_for"]
+__all__ = ["KINDS", "make_cluster", "local_cluster", "slurm_cluster", "kubernetes_cluster", "lifetime_for",
+           "resolve_client", "cluster_threads", "default_threads", "resolve_num_gpus"]

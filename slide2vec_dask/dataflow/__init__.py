@@ -1,11 +1,11 @@
-"""The Dask dataflow: who runs what, and when.
+"""The Dask dataflow: one driver for every entry point.
 
-* `stages` — the cohort driver behind `Pipeline.run`: one stream of plan,
-  block, finalize, slide and patient tasks (`tasks`) over all slides;
-* `driver` — the in-flight window both executors follow, and `run_blocks`,
-  the block executor of the in-memory API (`Model.embed_slide(s)`, `embed`);
-* `graph` — a slide's tile embeddings as `map_blocks` over its blocks;
-* `worker` — the per-process model cache and device threads;
-* `aggregate` — slide / patient encoders on in-memory features and on stored tiles;
-* `clusters` — which cluster runs the work, and the embedded local one.
+* `driver` — the one scheduler: what is in flight, and the order of the
+  stages (plan, blocks, finalize, slide, patient) for every slide;
+* `sinks` — where results land: the store (`Pipeline`) or memory (`Model.embed_*`);
+* `executors` — where tasks run: a Dask cluster, or threads in this process;
+* `tasks` — the worker-side functions of each stage;
+* `blocks` — a block's layout, tiles and embeddings;
+* `sources` — what a block reads from (a slide or a tile archive), named small;
+* `worker` — the per-process model cache and device threads.
 """

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slide2vec_dask.tiling.archive import read_archive_tiles
+
 
 @dataclass(frozen=True)
 class SlideRef:
@@ -36,8 +38,6 @@ class ArchiveRef:
     tile: int
 
     def read(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        from slide2vec_dask.tiling.archive import read_archive_tiles
-
         return read_archive_tiles(self.path, offsets, sizes, self.tile)
 
 

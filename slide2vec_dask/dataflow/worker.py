@@ -19,6 +19,7 @@ import threading
 import warnings
 
 from slide2vec_dask.encoders.base import EncoderSpec
+from slide2vec_dask.encoders.runtime import LoadedAggregator, LoadedEncoder, resolve_precision
 
 _LOCK = threading.Lock()
 _ENCODERS: dict[tuple, object] = {}
@@ -64,8 +65,6 @@ def run_on_device(num_gpus: int, fn):
 
 def get_encoder(spec: EncoderSpec, device: str, precision: str | None, channels_last: bool):
     """The encoder built on ``device``; built on first use in this process, then reused."""
-    from slide2vec_dask.encoders.runtime import LoadedEncoder, resolve_precision
-
     precision = resolve_precision(spec, precision, device.split(":")[0])
     key = (spec.key, device, precision, channels_last)
     with _LOCK:
@@ -93,8 +92,6 @@ def _build_once(key: tuple, build):
 
 def get_aggregator(spec, device: str, precision: str | None):
     """The slide/patient-level module built on ``device``, cached like the tile encoders."""
-    from slide2vec_dask.encoders.runtime import LoadedAggregator, resolve_precision
-
     precision = resolve_precision(spec, precision, device.split(":")[0])
     key = (spec.key, device, precision, False)
     with _LOCK:

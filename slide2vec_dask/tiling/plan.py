@@ -22,6 +22,7 @@ from slide2vec_dask.slide import Slide, open_slide
 from slide2vec_dask.tiling.grid import TileGrid, choose_level, tile_fractions
 from slide2vec_dask.tiling.masks import drop_small_components, read_mask_file, segment_tissue
 from slide2vec_dask.tiling.peers import archive_plan, coordinates_file, is_own_plan, peer_coordinates
+from slide2vec_dask.tiling.preview import save_mask_preview, save_tiling_preview
 from slide2vec_dask.tiling.tile_list import load_plan
 
 
@@ -34,10 +35,11 @@ class Plan:
     tiling_preview_path: Path | None = None
 
 
-def resolve_request(spec, config: PreprocessingConfig) -> tuple[float, int]:
-    """Spacing and tile size to tile at: the config's, else the model's own contract."""
+def resolve_request(spec, config: PreprocessingConfig, strict: bool = True) -> tuple[float | None, int]:
+    """Spacing and tile size to tile at: the config's, else the model's own contract (the one
+    place they are derived).  ``strict``: a spacing neither gives is an error, else None."""
     spacing = config.requested_spacing_um if config.requested_spacing_um is not None else spec.spacing_um
-    if spacing is None:
+    if spacing is None and strict:
         raise ValueError(f"model {spec.name!r} has no native spacing; set PreprocessingConfig(requested_spacing_um=...)")
     return spacing, config.requested_tile_size_px or spec.tile_size_px
 
@@ -181,8 +183,6 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
         if preview_dir is None:
             raise ValueError(f"{sample_id}: previews were requested but no output_dir is set; "
                              "pass ExecutionOptions(output_dir=...) to say where they go")
-        from slide2vec_dask.tiling.preview import save_mask_preview, save_tiling_preview
-
         image = slide.thumbnail(prev["downsample"])
         if prev["save_mask_preview"]:
             plan.mask_preview_path = save_mask_preview(image, mask, Path(preview_dir) / "mask" / f"{sample_id}.png")
