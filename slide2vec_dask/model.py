@@ -234,7 +234,8 @@ class Model:
     def _patients(self, groups, preprocessing, execution) -> list[EmbeddedPatient]:
         items = [it for _, members in groups for it in members]
         patients = {pid: [it.sample_id for it in members] for pid, members in groups}
-        return list(self._embed(items, "patient", patients, preprocessing, execution)[1].values())
+        made = self._embed(items, "patient", patients, preprocessing, execution)[1]
+        return [made[pid] for pid, _ in groups]   # (made in the order patients finished)
 
     def _embed(self, items: list[SlideInput], level: str, patients: dict[str, list[str]],
                preprocessing: PreprocessingConfig | None, execution: ExecutionOptions | None):
