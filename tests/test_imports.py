@@ -23,14 +23,18 @@ An edge goes from the importing module to the module whose code the statement *n
 * a dotted name that is not a module of its own (``import a.b.attr``) falls back to its
   longest prefix that is one.
 
-The parent packages that Python runs on the way to a submodule (``import a.b.c`` also runs
-``a/__init__.py`` and ``a/b/__init__.py``) are *not* edges.  A package's ``__init__`` is
-already running — or done — whenever one of its submodules is imported from inside it,
-so "``a.b.c`` needs ``a.b`` because ``a.b`` is its parent" would make every package that
-re-exports a submodule's names a circle, while Python itself handles that case fine.  What
-does break is a submodule that imports a *name* from its own package's ``__init__`` while
-that ``__init__`` imports the submodule: that is ``from a.b import name`` and so an edge to
-``a.b`` under the rules above, and shows up as a circle.
+Package ``__init__``s that Python runs on the way to a submodule (``import a.b.c`` first
+runs ``a/__init__.py`` and ``a/b/__init__.py``) are edges too — but only those that are not
+packages of the importer itself.  Python runs a module's own packages before the module, so
+their ``__init__`` is always done or already running when it imports a sibling: counting
+``a.b.x -> a.b`` for ``a.b.x``'s ``from a.b.c import f`` would make every package that
+re-exports its submodules' names a circle, while Python handles that case fine.  A module
+*outside* ``a.b`` that imports ``a.b.c`` does run ``a/b/__init__.py`` and everything that
+imports, so that is a real dependency (``slide2vec_dask`` itself is everyone's package and so
+never an implicit edge).  What does break inside a package — a submodule importing a *name*
+from its own package's ``__init__`` while that ``__init__`` imports the submodule — is
+``from a.b import name``, an explicit edge to ``a.b`` under the rules above, and shows up as
+a circle.
 
 Dynamic imports (``importlib.import_module(some_string)``, the package's lazy
 ``__getattr__``) are not statements and are not in the graph: they are lookups by name in
@@ -61,9 +65,12 @@ class Edge:
     path: str         # importing file, relative to the repository
     line: int
     local: bool       # inside a function body
+    via: str | None = None   # set when target is a package whose __init__ runs on the way to `via`
 
     def where(self) -> str:
-        return f"{self.path}:{self.line}{' (in a function)' if self.local else ''}"
+        notes = (["in a function"] if self.local else []) + (
+            [f"runs its __init__ on the way to {self.via}"] if self.via else [])
+        return f"{self.path}:{self.line}{' (' + '; '.join(notes) + ')' if notes else ''}"
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -110,6 +117,11 @@ def _imports(tree: ast.Module):
         stack.extend((child, inner) for child in ast.iter_child_nodes(node))
 
 
+def _ancestors(module: str) -> set[str]:
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
 def import_edges(root: Path = ROOT) -> list[Edge]:
     modules = package_modules(root)
     edges: list[Edge] = []
@@ -136,9 +148,14 @@ def import_edges(root: Path = ROOT) -> list[Edge]:
                         targets.append(sub)
                     else:
                         targets.append(_resolve(base, modules))
+            own = _ancestors(source) | ({source} if is_package else set())
             for target in targets:
-                if target is not None and target != source:
-                    edges.append(Edge(source, target, rel, node.lineno, local))
+                if target is None or target == source:
+                    continue
+                edges.append(Edge(source, target, rel, node.lineno, local))
+                for package in sorted(_ancestors(target) - own):
+                    if package in modules:
+                        edges.append(Edge(source, package, rel, node.lineno, local, via=target))
     return list(dict.fromkeys(edges))  # `from m import a, b` is one edge
 
 
@@ -257,6 +274,7 @@ def test_resolution_rules(tmp_path):
         "slide2vec_dask/a/y.py": "def f():\n    from slide2vec_dask.a import X\n",
         "slide2vec_dask/b/__init__.py": "from .. import a\n",
         "slide2vec_dask/b/z.py": "import os\n",
+        "slide2vec_dask/b/w.py": "from slide2vec_dask.b.z import os\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +287,8 @@ def test_resolution_rules(tmp_path):
         (f"{p}.a.x", f"{p}.a.y", 1, False),          # `from . import y`: y is a module
         (f"{p}.a.x", f"{p}.a.y", 2, False),          # `from .y import name`
         (f"{p}.a.x", f"{p}.b.z", 3, False),          # `import ...z.attr` -> longest module prefix
+        (f"{p}.a.x", f"{p}.b", 3, False),            # ... which runs b/__init__ (not a's package)
+        (f"{p}.b.w", f"{p}.b.z", 1, False),          # a sibling: b/__init__ is w's own, no edge
         (f"{p}.a.y", f"{p}.a", 2, True),             # a name from the package __init__, locally
         (f"{p}.b", f"{p}.a", 1, False),              # `from .. import a` in a package __init__
     }
