@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from slide2vec_dask.slide.base import reopen
 from slide2vec_dask.tiling.archive import read_archive_tiles
 
 
@@ -22,9 +23,7 @@ class SlideRef:
         return cls(*slide.__reduce__()[1])   # (path, backend, spacing override): how a slide pickles
 
     def open(self):
-        from slide2vec_dask.slide.open import _reopen
-
-        return _reopen(self.path, self.backend, self.spacing_at_level_0)
+        return reopen(self.path, self.backend, self.spacing_at_level_0)
 
     def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         return self.open().read_level(level, y, x, height, width)

@@ -17,6 +17,8 @@ import re
 import sys
 from pathlib import Path
 
+from slide2vec_dask.encoders.registry import get_preset, list_models, preset_about, preset_level
+
 START, END = "<!-- models-table:start -->", "<!-- models-table:end -->"
 DOCUMENTS = ("README.md", "docs/models.md")
 
@@ -25,8 +27,6 @@ DOCUMENTS = ("README.md", "docs/models.md")
 def count_parameters(name: str) -> int | None:
     """Parameters of the published architecture (shared tensors once), counted on the meta device."""
     import torch
-
-    from slide2vec_dask.encoders.registry import preset_about
 
     about = preset_about(name)
     if about.architecture_module is None:
@@ -41,8 +41,6 @@ def count_parameters(name: str) -> int | None:
 
 def describe(name: str) -> dict:
     """One row: what the registry knows about preset ``name``."""
-    from slide2vec_dask.encoders.registry import get_preset, preset_about, preset_level
-
     about = preset_about(name)
     spec = get_preset(name)()
     info = spec.info
@@ -64,8 +62,6 @@ def describe(name: str) -> dict:
 
 
 def describe_all(level: str | None = None) -> list[dict]:
-    from slide2vec_dask.encoders.registry import list_models
-
     return [describe(name) for name in list_models(level)]
 
 

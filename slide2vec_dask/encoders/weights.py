@@ -25,6 +25,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from slide2vec_dask.encoders.hub import fetch_hub_file
+
 UNKNOWN_LICENCE = "see the model card"
 
 
@@ -73,8 +75,6 @@ class Weights:
         local = checkpoint_path if checkpoint_path is not None else self.checkpoint_path
         if local is not None:
             return Path(local)
-        from slide2vec_dask.encoders.hub import fetch_hub_file
-
         return fetch_hub_file(preset, self.hub_id, self.files, gated=self.gated, revision=self.revision,
                               repo_type=self.repo_type)
 

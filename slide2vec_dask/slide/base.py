@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from slide2vec_dask.slide import registry
 
 
 class UnreadableSlideError(ValueError):
@@ -199,9 +202,50 @@ class Slide:
         self.close()
 
     def __reduce__(self):
-        from slide2vec_dask.slide.open import _reopen
+        return reopen, (str(self.path), self.backend, self._spacing_override)
 
-        return _reopen, (str(self.path), self.backend, self._spacing_override)
+
+def make_reader(path: Path, backend: str) -> Reader:
+    """The reader ``backend`` names for ``path``; ``"auto"``: the installed one that reads it best."""
+    if backend == "auto":
+        spec = registry.choose(path)
+        if spec is None:
+            raise UnreadableSlideError(
+                f"{path}: no installed reader opens this file (tried {', '.join(_installed())}). "
+                "Check that the file is complete and in a slide format (SVS, TIFF, NDPI, MRXS, DICOM, ...)."
+            )
+        return spec.open(path)
+    return registry.require(backend).open(path)
+
+
+def _installed() -> list[str]:
+    return [spec.name for spec in registry.readers() if spec.available()]
+
+
+_OPEN: "OrderedDict[tuple, Slide]" = OrderedDict()
+_OPEN_LOCK = threading.Lock()
+#: Open handles a process keeps (least recently used go): a worker of a cohort run meets
+#: thousands of slides, and open files are a limited resource (often 1024 per process).
+MAX_OPEN_SLIDES = 64
+
+
+def reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
+    """Unpickle a `Slide`: one open handle per process and file, shared by tasks."""
+    p = Path(path)
+    stat = p.stat()
+    key = (path, backend, spacing_at_level_0, stat.st_size, stat.st_mtime_ns)
+    with _OPEN_LOCK:
+        slide = _OPEN.get(key)
+        if slide is not None:
+            _OPEN.move_to_end(key)
+            return slide
+    slide = Slide(p, make_reader(p, backend), spacing_at_level_0)   # outside the lock: opening parses the file
+    with _OPEN_LOCK:
+        slide = _OPEN.setdefault(key, slide)
+        _OPEN.move_to_end(key)
+        while len(_OPEN) > MAX_OPEN_SLIDES:
+            _OPEN.popitem(last=False)   # tasks still reading it hold their own reference; it closes when freed
+        return slide
 
 
 class _LevelArray:

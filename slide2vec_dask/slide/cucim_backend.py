@@ -23,7 +23,9 @@ import math
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
+from slide2vec_dask.slide import tiff
 from slide2vec_dask.slide.base import UnreadableSlideError
 from slide2vec_dask.slide.registry import ReaderSpec
 
@@ -32,10 +34,7 @@ class CuCIMReader:
     backend = "cucim"
 
     def __init__(self, path: Path):
-        import tifffile
         from cucim import CuImage
-
-        from slide2vec_dask.slide import tiff
 
         self.path = Path(path)
         with tifffile.TiffFile(path) as tif:
@@ -78,10 +77,8 @@ class CuCIMReader:
 
 
 def _claims(probe) -> int:
-    from slide2vec_dask.slide.tiff import TiffReader
-
     tif = probe.tiff
-    return 10 if tif is not None and tif.pages.first.is_tiled and TiffReader.reads_natively(tif) else 0
+    return 10 if tif is not None and tif.pages.first.is_tiled and tiff.TiffReader.reads_natively(tif) else 0
 
 
 def _open(path: Path) -> CuCIMReader:

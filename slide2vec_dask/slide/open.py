@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 from slide2vec_dask.slide import registry
-from slide2vec_dask.slide.base import Slide, UnreadableSlideError
+from slide2vec_dask.slide.base import Slide, UnreadableSlideError, make_reader
 
 
 def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: float | None = None) -> Slide:
@@ -24,23 +22,7 @@ def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: floa
         raise FileNotFoundError(f"slide not found: {path}")
     if path.is_dir():
         path, backend = _folder_slide(path, backend)
-    return Slide(path, _make_reader(path, backend), spacing_at_level_0)
-
-
-def _make_reader(path: Path, backend: str):
-    if backend == "auto":
-        spec = registry.choose(path)
-        if spec is None:
-            raise UnreadableSlideError(
-                f"{path}: no installed reader opens this file (tried {', '.join(_installed())}). "
-                "Check that the file is complete and in a slide format (SVS, TIFF, NDPI, MRXS, DICOM, ...)."
-            )
-        return spec.open(path)
-    return registry.require(backend).open(path)
-
-
-def _installed() -> list[str]:
-    return [spec.name for spec in registry.readers() if spec.available()]
+    return Slide(path, make_reader(path, backend), spacing_at_level_0)
 
 
 def _folder_slide(folder: Path, backend: str) -> tuple[Path, str]:
@@ -73,29 +55,3 @@ def _is_dicom(path: Path) -> bool:
             return f.read(132)[128:] == b"DICM"
     except OSError:
         return False
-
-
-_OPEN: "OrderedDict[tuple, Slide]" = OrderedDict()
-_OPEN_LOCK = threading.Lock()
-#: Open handles a process keeps (least recently used go): a worker of a cohort run meets
-#: thousands of slides, and open files are a limited resource (often 1024 per process).
-MAX_OPEN_SLIDES = 64
-
-
-def _reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
-    """Unpickle a `Slide`: one open handle per process and file, shared by tasks."""
-    p = Path(path)
-    stat = p.stat()
-    key = (path, backend, spacing_at_level_0, stat.st_size, stat.st_mtime_ns)
-    with _OPEN_LOCK:
-        slide = _OPEN.get(key)
-        if slide is not None:
-            _OPEN.move_to_end(key)
-            return slide
-    slide = Slide(p, _make_reader(p, backend), spacing_at_level_0)   # outside the lock: opening parses the file
-    with _OPEN_LOCK:
-        slide = _OPEN.setdefault(key, slide)
-        _OPEN.move_to_end(key)
-        while len(_OPEN) > MAX_OPEN_SLIDES:
-            _OPEN.popitem(last=False)   # tasks still reading it hold their own reference; it closes when freed
-        return slide

@@ -26,7 +26,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
+from slide2vec_dask.slide import tiff
 from slide2vec_dask.slide.base import UnreadableSlideError, usable_spacing
 from slide2vec_dask.slide.registry import ReaderSpec
 
@@ -64,10 +66,8 @@ class OpenSlideReader:
         """The level pages of the same file through tifffile, when they are OpenSlide's levels exactly."""
         if self.vendor not in _TIFF_VENDORS:
             return None
-        from slide2vec_dask.slide.tiff import TiffReader
-
         try:
-            pages = TiffReader(self.path)
+            pages = tiff.TiffReader(self.path)
         except Exception:   # noqa: BLE001 - no such route; OpenSlide's reads stay
             return None
         if pages.level_shapes != self.level_shapes:
@@ -154,8 +154,6 @@ def _open(path: Path) -> OpenSlideReader:
 
 
 def _hint(path: Path) -> str:
-    import tifffile
-
     try:
         with tifffile.TiffFile(path) as tif:
             stripped = not tif.pages.first.is_tiled

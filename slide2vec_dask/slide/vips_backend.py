@@ -19,7 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
+from slide2vec_dask.slide import tiff
 from slide2vec_dask.slide.base import UnreadableSlideError
 from slide2vec_dask.slide.registry import ReaderSpec
 
@@ -32,9 +34,6 @@ class VipsReader:
 
     def __init__(self, path: Path):
         import pyvips
-        import tifffile
-
-        from slide2vec_dask.slide import tiff
 
         self.path = Path(path)
         with tifffile.TiffFile(path) as tif:
@@ -79,9 +78,7 @@ class VipsReader:
         if image.bands == 1:
             return np.repeat(pixels, 3, axis=-1)
         if self._ycbcr[level]:
-            from slide2vec_dask.slide.tiff import _ycbcr_to_rgb
-
-            return _ycbcr_to_rgb(pixels)
+            return tiff._ycbcr_to_rgb(pixels)
         return np.ascontiguousarray(pixels[..., :3])
 
     def close(self) -> None:
@@ -91,10 +88,8 @@ class VipsReader:
 def _claims(probe) -> int:
     import pyvips
 
-    from slide2vec_dask.slide.tiff import TiffReader
-
     tif = probe.tiff
-    if tif is None or not TiffReader.reads_natively(tif):
+    if tif is None or not tiff.TiffReader.reads_natively(tif):
         return 0
     if tif.pages.first.compression in _JPEG2000 and not pyvips.type_find("VipsForeign", "jp2kload"):
         return 0

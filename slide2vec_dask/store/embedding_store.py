@@ -49,7 +49,10 @@ from typing import Any
 import numpy as np
 
 from slide2vec_dask.store import flat, schema
-from slide2vec_dask.tiling.tile_list import bands, block_members
+from slide2vec_dask.store.output_dir import describe_os_error
+from slide2vec_dask.store.tile_archive import write_archive
+from slide2vec_dask.tiling.archive import archive_path, in_plan_order
+from slide2vec_dask.tiling.tile_list import bands, block_members, load_plan
 
 STORE_NAME = "embeddings.zarr"
 WORK_NAME = ".slide2vec-work"
@@ -323,9 +326,6 @@ class EmbeddingStore:
         With ``archive_dir`` (``on_the_fly=False``) the slide's tile archive is written
         there first, from its staged JPEGs.
         """
-        from slide2vec_dask.tiling.archive import archive_path
-        from slide2vec_dask.tiling.tile_list import load_plan
-
         grid = load_plan(plan_path)
         done = {"num_tiles": grid.num_tiles, "num_regions": grid.num_regions if grid.region_tile_multiple else 0}
         prints = {k: v for k, v in attrs.items() if k.endswith("_fingerprint")}
@@ -339,9 +339,6 @@ class EmbeddingStore:
         try:
             tiles, regions = self._build(self._staging(sample_id), sample_id, grid, k, attrs)
             if archive_dir is not None:
-                from slide2vec_dask.store.tile_archive import write_archive
-                from slide2vec_dask.tiling.archive import in_plan_order
-
                 blobs = in_plan_order(grid, k, lambda block: self._staged_tiles(sample_id, block))
                 write_archive(Path(archive_dir), sample_id, grid, blobs, attrs)
         except FileNotFoundError:
@@ -613,8 +610,6 @@ class EmbeddingStore:
 
 def write_error(folder: Path, exc: OSError) -> OSError:
     """A write failure said plainly: numpy and zarr report a full disk as '... requested and ... written'."""
-    from slide2vec_dask.store.output_dir import describe_os_error
-
     reason = describe_os_error(exc) if exc.errno else str(exc)
     try:
         if exc.errno is None and shutil.disk_usage(folder).free < (1 << 20):

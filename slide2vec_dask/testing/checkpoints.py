@@ -25,6 +25,11 @@ import math
 import shutil
 from pathlib import Path
 
+from slide2vec_dask.encoders.aggregators import moozy as M
+from slide2vec_dask.encoders.aggregators import prism as P
+from slide2vec_dask.encoders.aggregators.gigapath import create_architecture as gigapath_architecture
+from slide2vec_dask.encoders.presets import get_tile_preset
+
 __all__ = ["RANDOM_CHECKPOINTS", "conchv15_checkpoint", "fill_hf_cache", "gigapath_slide_checkpoint",
            "moozy_checkpoint", "prism_checkpoint", "random_state", "tile_checkpoint", "titan_checkpoint"]
 
@@ -109,8 +114,6 @@ def tile_checkpoint(preset, path: str | Path, seed: int = 0, **twin) -> tuple[Pa
     """
     import torch
 
-    from slide2vec_dask.encoders.presets import get_tile_preset
-
     if isinstance(preset, str):
         preset = get_tile_preset(preset)
     if preset.layout not in ("timm", "mettle", "timm_features", "ctranspath"):
@@ -123,7 +126,7 @@ def tile_checkpoint(preset, path: str | Path, seed: int = 0, **twin) -> tuple[Pa
     state = random_state(model, seed)
     stored = {**state, **_published_extras(preset, seed)}
     if preset.layout == "ctranspath":  # timm 0.5 keys, as CHIEF_CTransPath.pth has them, under "model"
-        from slide2vec_dask.encoders.ctranspath import to_official_layout
+        from slide2vec_dask.encoders.ctranspath import to_official_layout  # torch at its top level
 
         stored = {"model": to_official_layout(stored)}
     path = Path(path)
@@ -139,7 +142,7 @@ def tile_checkpoint(preset, path: str | Path, seed: int = 0, **twin) -> tuple[Pa
 
 # -- slide and patient presets -------------------------------------------------------------------
 def _titan_text_shapes() -> dict[str, tuple[int, ...]]:
-    from slide2vec_dask.encoders.aggregators import titan as T
+    from slide2vec_dask.encoders.aggregators import titan as T  # torch at its top level
 
     w, n = T.TEXT["width"], T.TEXT["layers"]
     hidden = int(w * T.TEXT["mlp_ratio"])
@@ -176,7 +179,7 @@ def titan_checkpoint(path: str | Path, seed: int = 0) -> Path:
     """
     from safetensors.torch import save_file
 
-    from slide2vec_dask.encoders.aggregators import titan as T
+    from slide2vec_dask.encoders.aggregators import titan as T  # torch at its top level
 
     path = Path(path)
     if path.is_dir():
@@ -197,8 +200,7 @@ def conchv15_checkpoint(path: str | Path, seed: int = 0, depth: int = 24) -> Pat
 
     ``depth`` < 24 writes a shallow twin for ``get_tile_preset('conchv15').with_kwargs(depth=...)``.
     """
-    from slide2vec_dask.encoders.aggregators import titan as T
-    from slide2vec_dask.encoders.presets import get_tile_preset
+    from slide2vec_dask.encoders.aggregators import titan as T  # torch at its top level
 
     import torch
 
@@ -223,8 +225,6 @@ def prism_checkpoint(path: str | Path, seed: int = 0, cfg=None) -> Path:
     """
     import torch
     from safetensors.torch import save_file
-
-    from slide2vec_dask.encoders.aggregators import prism as P
 
     cfg = P.PRISM_CONFIG if cfg is None else cfg
 
@@ -258,11 +258,9 @@ def gigapath_slide_checkpoint(path, seed: int = 0) -> Path:
     import torch
     from torch import nn
 
-    from slide2vec_dask.encoders.aggregators.gigapath import create_architecture
-
     path = Path(path)
     with torch.device("meta"):
-        model = create_architecture()
+        model = gigapath_architecture()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     norm_weights = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     gen = torch.Generator().manual_seed(seed)
@@ -291,19 +289,17 @@ def moozy_checkpoint(path: str | Path, seed: int = 0, *, slide_config: dict | No
     """
     import torch
 
-    from slide2vec_dask.encoders.aggregators.moozy import (
-        CASE_CONFIG, CASE_CONFIG_KEY, CASE_KEY, SLIDE_CONFIG, SLIDE_CONFIG_KEY, SLIDE_KEY, case_module, slide_module)
-
-    slide_cfg = {**SLIDE_CONFIG, **(slide_config or {})}
-    case_cfg = {**CASE_CONFIG, **(case_config or {})}
+    slide_cfg = {**M.SLIDE_CONFIG, **(slide_config or {})}
+    case_cfg = {**M.CASE_CONFIG, **(case_config or {})}
     gen = torch.Generator().manual_seed(seed)
-    from slide2vec_dask.encoders.aggregators._moozy_nn import alibi_slopes
+    from slide2vec_dask.encoders.aggregators._moozy_nn import alibi_slopes  # torch at its top level
 
     payload = {}
     slopes = -torch.tensor(alibi_slopes(int(slide_cfg["n_heads"])), dtype=torch.float32).unsqueeze(1)
     if slide_cfg["learnable_alibi"]:  # trained slopes drift from their initial values
         slopes = slopes * (1 + 0.1 * torch.randn(slopes.shape, generator=gen))
-    modules = {SLIDE_KEY: slide_module(slide_cfg, device="meta"), CASE_KEY: case_module(case_cfg, device="meta")}
+    modules = {M.SLIDE_KEY: M.slide_module(slide_cfg, device="meta"),
+               M.CASE_KEY: M.case_module(case_cfg, device="meta")}
     for key, module in modules.items():
         state = {}
         for name, t in module.state_dict().items():
@@ -319,7 +315,7 @@ def moozy_checkpoint(path: str | Path, seed: int = 0, *, slide_config: dict | No
                 value = 0.02 * torch.randn(t.shape, generator=gen)
             state[name] = value.to(torch.float32)
         payload[key] = state
-    payload[SLIDE_CONFIG_KEY], payload[CASE_CONFIG_KEY] = slide_cfg, case_cfg
+    payload[M.SLIDE_CONFIG_KEY], payload[M.CASE_CONFIG_KEY] = slide_cfg, case_cfg
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)

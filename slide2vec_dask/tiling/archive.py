@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slide2vec_dask.tiling.tile_list import bands, block_members
+
 JPEG_QUALITY = 90
 ARCHIVE_SUFFIX = ".tiles.tar"
 ARCHIVE_FOLDER = "tiles"   # where a run writes its archives: <output_dir>/tiles/ (hs2p's place for them)
@@ -70,8 +72,6 @@ def _decode(data: bytes) -> np.ndarray:
 def in_plan_order(plan, k: int, blobs_of):
     """Each tile's JPEG in the plan's row-major order, a band of blocks at a time; ``blobs_of(block)``
     gives a block's JPEGs in the order its tiles were cut."""
-    from slide2vec_dask.tiling.tile_list import bands, block_members
-
     for band in bands(*block_members(plan, k)):
         found = {}
         for block, index in band:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slide2vec_dask.tiling.grid import TileGeometry
+from slide2vec_dask.tiling.grid import TileGeometry, TileGrid
 
 
 @dataclass
@@ -182,8 +182,6 @@ def block_members(plan, k: int):
 
 def load_plan(path: str | Path):
     """A saved plan: a `TileGrid` (one grid) or a `TileList` (free positions)."""
-    from slide2vec_dask.tiling.grid import TileGrid
-
     with np.load(Path(path).with_suffix(".npz"), allow_pickle=False) as data:
         if "layout" in data and str(data["layout"]) == "list":
             return TileList.from_npz(data)

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
 from slide2vec_dask.encoders.base import EncoderSpec, load_into_meta, read_state_dict
-from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders.registry import get_preset, register_preset
 from slide2vec_dask.encoders.weights import Weights
 
 NAME = "gigapath-slide"
@@ -102,7 +102,7 @@ def create_architecture(output_variant: str | None = None, **overrides):
 
     ``overrides`` change architecture arguments (smaller twins for tests).
     """
-    from slide2vec_dask.encoders.aggregators.longnet import LongNetViT, Readout
+    from slide2vec_dask.encoders.aggregators.longnet import LongNetViT, Readout  # torch at its top level
 
     readout = Readout(*OUTPUT_VARIANTS[_check_variant(output_variant)])
     return LongNetViT(**{**ARCHITECTURE, **overrides}, readout=readout)
@@ -140,7 +140,7 @@ class CenterCropBuilder:
     crop_px: int
 
     def __call__(self):
-        from slide2vec_dask.encoders.aggregators.longnet import CenterCropped
+        from slide2vec_dask.encoders.aggregators.longnet import CenterCropped  # torch at its top level
 
         return CenterCropped(self.build_encoder(), self.crop_px)
 
@@ -167,8 +167,6 @@ def preset_gigapath_slide(checkpoint_path=None, output_variant=None, tile_checkp
 
     https://huggingface.co/prov-gigapath/prov-gigapath
     """
-    from slide2vec_dask.encoders.registry import get_preset
-
     variant = _check_variant(output_variant)
     weights = WEIGHTS.with_checkpoint(NAME, checkpoint_path)
     tile_spec = chained_tile_spec(get_preset(TILE_PRESET)(checkpoint_path=tile_checkpoint_path))

@@ -89,7 +89,7 @@ def slide_module(config: dict = SLIDE_CONFIG, max_tokens: int | None = None, dev
     """A `SlideTransformer` of ``config`` (random init; ``device='meta'`` for a free one)."""
     import torch
 
-    from slide2vec_dask.encoders.aggregators._moozy_nn import SlideTransformer
+    from slide2vec_dask.encoders.aggregators._moozy_nn import SlideTransformer  # torch at its top level
 
     with torch.device(device or "cpu"):
         return SlideTransformer(**slide_kwargs(config), max_tokens=max_tokens)
@@ -99,7 +99,7 @@ def case_module(config: dict = CASE_CONFIG, device=None):
     """A `CaseTransformer` of ``config`` (random init; ``device='meta'`` for a free one)."""
     import torch
 
-    from slide2vec_dask.encoders.aggregators._moozy_nn import CaseTransformer
+    from slide2vec_dask.encoders.aggregators._moozy_nn import CaseTransformer  # torch at its top level
 
     with torch.device(device or "cpu"):
         return CaseTransformer(**case_kwargs(config))
@@ -139,7 +139,7 @@ def load_slide_encoder(path: str | Path, max_tokens: int | None = None):
                          f"{copies[0]} and the other copies")
     kwargs = slide_kwargs(config, state)
     _check_dims(kwargs, f"MOOZY checkpoint {path}")
-    from slide2vec_dask.encoders.aggregators._moozy_nn import SlideTransformer
+    from slide2vec_dask.encoders.aggregators._moozy_nn import SlideTransformer  # torch at its top level
     import torch
 
     def factory(device):
@@ -154,7 +154,7 @@ def load_case_transformer(path: str | Path):
     payload = read_payload(path)
     kwargs = case_kwargs(payload[CASE_CONFIG_KEY])
     _check_dims(kwargs, f"MOOZY checkpoint {path}")
-    from slide2vec_dask.encoders.aggregators._moozy_nn import CaseTransformer
+    from slide2vec_dask.encoders.aggregators._moozy_nn import CaseTransformer  # torch at its top level
     import torch
 
     def factory(device):

@@ -37,7 +37,7 @@ from torch import nn
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
 from slide2vec_dask.encoders.base import load_into_meta, read_state_dict
-from slide2vec_dask.encoders.registry import register_preset
+from slide2vec_dask.encoders.registry import get_preset, register_preset
 from slide2vec_dask.encoders.weights import Weights
 
 HUB_ID = "MahmoodLab/TITAN"
@@ -275,8 +275,6 @@ class TitanBuilder:
                  outputs=OUTPUTS, architecture_module=lambda: TitanSlideEncoder())
 def titan(checkpoint_path=None, output_variant=None, tile_checkpoint_path=None) -> AggregatorSpec:
     """TITAN: 768-d slide embedding over CONCH v1.5 tiles (512 px at 20x, resized to 448)."""
-    from slide2vec_dask.encoders.registry import get_preset
-
     variant = "default" if output_variant is None else output_variant
     if variant not in OUTPUTS:
         raise ValueError(f"preset 'titan' has no output_variant {variant!r}; choose one of {list(OUTPUTS)} "
