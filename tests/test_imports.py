@@ -63,6 +63,9 @@ LOCAL_IMPORT_ALLOWED: dict[tuple[str, str], str] = {
     ("*", f"{PACKAGE}.encoders.aggregators.titan"): TORCH,
     ("*", f"{PACKAGE}.encoders.ctranspath"): TORCH,
     ("*", f"{PACKAGE}.encoders.pooling"): TORCH,
+    ("*", f"{PACKAGE}.clusters.local"): "imports distributed (~0.5 s), which only a run that starts a cluster needs",
+    ("*", f"{PACKAGE}.clusters.slurm"): ("imports dask and dask-jobqueue's helpers; `clusters` is imported on every "
+                                          "embedding call (client resolution) and must not pay for them"),
     (f"{PACKAGE}.cli", "*"): ("the console script answers --help, `models` and usage errors in ~20 ms with only "
                               "the standard library loaded (config alone costs ~0.3 s: numpy, the slide "
                               "package); each command imports what it runs (test_cli.test_import_is_light)"),

@@ -345,6 +345,8 @@ class EmbeddingStore:
             if published():   # another run of this task published it meanwhile
                 return done
             raise
+        except OSError as exc:   # (a full disk, said plainly, as staging says it)
+            raise write_error(self.path, exc) from exc
         stale = self.is_complete(sample_id)
         if regions is not None:
             self._publish(regions, self.path / "regions" / sample_id, replace=True)
