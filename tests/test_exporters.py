@@ -529,3 +529,51 @@ def test_temporaries_of_dead_writers_are_swept(run, tmp_path):
     export(run, "geojson", dest=tmp_path)
     assert not left.exists() and mine.exists() and other.exists()
     assert json.loads((folder / "a.geojson").read_text())["type"] == "FeatureCollection"
+
+
+KILLED_FLAT_EXPORT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import torch
+    import slide2vec_dask
+
+    out, dest, fmt, marker = sys.argv[1:5]
+
+    def stalled(save):
+        def write(*args, **kwargs):
+            save(*args, **kwargs)              # the bytes go to the temporary name...
+            open(marker, "w").close()          # ...and the writer stops there, before its rename
+            time.sleep(120)
+        return write
+
+    torch.save, np.savez = stalled(torch.save), stalled(np.savez)
+    slide2vec_dask.export(out, fmt, samples=["a"], dest=dest)
+""")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npz"])
+def test_a_killed_flat_export_leaves_no_temporary_after_the_next(run, tmp_path, fmt):
+    """pt / npz write through the shared atomic writer, so the sweep knows a dead writer's temporary."""
+    script, marker, dest = tmp_path / "export.py", tmp_path / "writing", tmp_path / "dest"
+    script.write_text(KILLED_FLAT_EXPORT)
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(dest), fmt, str(marker)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not marker.exists():
+        time.sleep(0.01)
+    assert proc.poll() is None and marker.exists(), "the export ended before it could be killed mid-write"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    folder = dest / "tile_embeddings"
+    assert [p for p in folder.iterdir() if p.name.endswith(".tmp")], "killed mid-write: a temporary is left"
+    assert not (folder / f"a.{fmt}").exists()
+
+    export(run, fmt, samples=["a"], dest=dest)
+    assert not [p.name for p in dest.rglob("*") if p.name.endswith(".tmp")]
+    emb = stored(run, "a").embedding.values
+    if fmt == "npz":
+        np.testing.assert_array_equal(np.load(folder / "a.npz")["embedding"], emb)
+    else:
+        import torch
+
+        np.testing.assert_array_equal(torch.load(folder / "a.pt", weights_only=True).numpy(), emb)
