@@ -577,3 +577,109 @@ def test_a_killed_flat_export_leaves_no_temporary_after_the_next(run, tmp_path, 
         import torch
 
         np.testing.assert_array_equal(torch.load(folder / "a.pt", weights_only=True).numpy(), emb)
+
+
+# -- a format is one module ------------------------------------------------------------------------
+TOY_FORMAT = textwrap.dedent('''
+    """A toy format: a slide's tile embeddings as text, one tile a line."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from slide2vec_dask.exporters._base import atomic
+    from slide2vec_dask.exporters.registry import ExportFormat
+
+    FORMAT = ExportFormat("toy", roots=("toy",))
+
+
+    def tile_files(src, dest):
+        return [Path(dest) / "toy" / f"{src.sample_id}.txt"]
+
+
+    def write_tiles(src, files):
+        atomic(files[0], lambda tmp: np.savetxt(tmp, src.features()))
+
+
+    def row_files(src, dest):
+        return []
+''')
+
+
+def add_format_module(monkeypatch, request, folder: Path, name: str, text: str) -> None:
+    """``text`` as module ``name`` of the exporters package: a folder of it on the package's path."""
+    import importlib
+
+    import slide2vec_dask.exporters as package
+
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(text)
+    importlib.invalidate_caches()
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    request.addfinalizer(lambda: sys.modules.pop(f"slide2vec_dask.exporters.{name}", None))
+
+
+def test_a_new_format_is_one_module(run, slides, cluster, tmp_path, monkeypatch, request):
+    import socket
+
+    from slide2vec_dask import config, exporters
+    from slide2vec_dask.cli import main
+
+    assert "toy" not in config.OUTPUT_FORMATS
+    with pytest.raises(ValueError, match="output_format must be one of"):
+        ExecutionOptions(output_format="toy")
+    add_format_module(monkeypatch, request, tmp_path / "plugins", "toy", TOY_FORMAT)
+    assert "toy" in config.OUTPUT_FORMATS and "toy" in exporters.FORMATS
+
+    def check(folder: Path, sid: str) -> None:
+        np.testing.assert_array_equal(np.loadtxt(folder / f"{sid}.txt", ndmin=2).astype(np.float32),
+                                      stored(run, sid).embedding.values)
+
+    # A run asked for it: every slide's file written as the slide finished, named in its outcome.
+    out = tmp_path / "run"
+    result = Pipeline(linear_model(), PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out,
+                      output_format=("toy",)), client=cluster).run(slides=slides)
+    assert [o.status for o in result.outcomes] == ["success"] * 3
+    for o in result.outcomes:
+        assert str(out / "toy" / f"{o.sample_id}.txt") in o.flat_paths
+        np.testing.assert_array_equal(np.loadtxt(out / "toy" / f"{o.sample_id}.txt", ndmin=2).astype(np.float32),
+                                      stored(out, o.sample_id).embedding.values)
+        assert json.loads((out / "toy" / f".{o.sample_id}.txt.source.json").read_text())["format"] == "toy"
+
+    # export() of a finished run, and the sweep walks the folder the format declared.
+    dest = tmp_path / "exported"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = dest / "toy" / f".a.txt.{socket.gethostname()}-{int(dead.stdout)}-0123abcd.tmp"
+    left.parent.mkdir(parents=True)
+    left.write_text("half")
+    assert sorted(p.name for p in export(run, "toy", dest=dest)) == ["a.txt", "b.txt", "c.txt"]
+    for slide in slides:
+        check(dest / "toy", slide["sample_id"])
+    assert not left.exists()
+    # The command line offers it too.
+    assert main(["export", str(run), "--format", "toy", "--dest", str(tmp_path / "cli")]) == 0
+    check(tmp_path / "cli" / "toy", "b")
+
+
+def test_a_format_declared_twice_is_refused(tmp_path, monkeypatch, request):
+    from slide2vec_dask.exporters import registry
+
+    twin = TOY_FORMAT.replace('ExportFormat("toy"', 'ExportFormat("pt"')
+    add_format_module(monkeypatch, request, tmp_path / "plugins", "twin", twin)
+    with pytest.raises(ValueError, match="'pt' is declared twice"):
+        registry.names()
+
+
+def test_every_format_writes_only_under_the_folders_it_declares(run, tmp_path):
+    from slide2vec_dask.exporters import registry
+
+    assert sorted(registry.names()) == sorted(ALL)
+    for fmt in registry.formats().values():
+        try:
+            for module in fmt.requires:
+                fmt.need(module)
+        except ImportError:
+            continue
+        dest = tmp_path / fmt.name
+        paths = export(run, fmt.name, dest=dest)
+        assert paths and all(p.relative_to(dest).parts[0] in fmt.roots for p in paths), (fmt.name, paths)
+        assert {p.relative_to(dest).parts[0] for p in dest.iterdir()} <= set(fmt.roots)
