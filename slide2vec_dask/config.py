@@ -21,8 +21,24 @@ from slide2vec_dask.slide.registry import backend_names
 BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
 PRECISIONS = ("fp16", "bf16", "fp32")
 SEGMENTATION_METHODS = ("hsv", "otsu", "threshold")
-# Per-slide files written next to the store (see slide2vec_dask.exporters, one module each).
-OUTPUT_FORMATS = ("pt", "npz", "trident-h5", "clam-h5", "stamp-h5", "anndata", "spatialdata", "geojson")
+
+
+def output_formats() -> tuple[str, ...]:
+    """The export formats (per-slide files next to the store): the exporter registry's list, the one list.
+
+    Imported here, not at the top: listing the formats imports every format module (and the
+    store), which a config that writes no export does not need; and the exporters never
+    import this module, so asking them cannot run into an import cycle.
+    """
+    from slide2vec_dask.exporters import registry
+
+    return registry.names()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OUTPUT_FORMATS":   # kept for callers of the old constant: computed, not a second list
+        return output_formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "method": "hsv",
@@ -290,11 +306,10 @@ class ExecutionOptions:
             check_bool(name, getattr(self, name))
         check_path("output_dir", self.output_dir)
         if self.output_format is not None:
-            given = self.output_format
+            given, known = self.output_format, output_formats()
             names = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()
-            if not names or any(n not in OUTPUT_FORMATS for n in names):
-                raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, a list of them, or None; "
-                                 f"got {given!r}")
+            if not names or any(n not in known for n in names):
+                raise ValueError(f"output_format must be one of {known}, a list of them, or None; got {given!r}")
             object.__setattr__(self, "output_format", tuple(dict.fromkeys(names)))
         if self.scheduler_address is not None and not isinstance(self.scheduler_address, str):
             raise ValueError(f"scheduler_address must be a string like 'tcp://host:port', "

@@ -529,3 +529,157 @@ def test_temporaries_of_dead_writers_are_swept(run, tmp_path):
     export(run, "geojson", dest=tmp_path)
     assert not left.exists() and mine.exists() and other.exists()
     assert json.loads((folder / "a.geojson").read_text())["type"] == "FeatureCollection"
+
+
+KILLED_FLAT_EXPORT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import torch
+    import slide2vec_dask
+
+    out, dest, fmt, marker = sys.argv[1:5]
+
+    def stalled(save):
+        def write(*args, **kwargs):
+            save(*args, **kwargs)              # the bytes go to the temporary name...
+            open(marker, "w").close()          # ...and the writer stops there, before its rename
+            time.sleep(120)
+        return write
+
+    torch.save, np.savez = stalled(torch.save), stalled(np.savez)
+    slide2vec_dask.export(out, fmt, samples=["a"], dest=dest)
+""")
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npz"])
+def test_a_killed_flat_export_leaves_no_temporary_after_the_next(run, tmp_path, fmt):
+    """pt / npz write through the shared atomic writer, so the sweep knows a dead writer's temporary."""
+    script, marker, dest = tmp_path / "export.py", tmp_path / "writing", tmp_path / "dest"
+    script.write_text(KILLED_FLAT_EXPORT)
+    proc = subprocess.Popen([sys.executable, str(script), str(run), str(dest), fmt, str(marker)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not marker.exists():
+        time.sleep(0.01)
+    assert proc.poll() is None and marker.exists(), "the export ended before it could be killed mid-write"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    folder = dest / "tile_embeddings"
+    assert [p for p in folder.iterdir() if p.name.endswith(".tmp")], "killed mid-write: a temporary is left"
+    assert not (folder / f"a.{fmt}").exists()
+
+    export(run, fmt, samples=["a"], dest=dest)
+    assert not [p.name for p in dest.rglob("*") if p.name.endswith(".tmp")]
+    emb = stored(run, "a").embedding.values
+    if fmt == "npz":
+        np.testing.assert_array_equal(np.load(folder / "a.npz")["embedding"], emb)
+    else:
+        import torch
+
+        np.testing.assert_array_equal(torch.load(folder / "a.pt", weights_only=True).numpy(), emb)
+
+
+# -- a format is one module ------------------------------------------------------------------------
+TOY_FORMAT = textwrap.dedent('''
+    """A toy format: a slide's tile embeddings as text, one tile a line."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from slide2vec_dask.exporters._base import atomic
+    from slide2vec_dask.exporters.registry import ExportFormat
+
+    FORMAT = ExportFormat("toy", roots=("toy",))
+
+
+    def tile_files(src, dest):
+        return [Path(dest) / "toy" / f"{src.sample_id}.txt"]
+
+
+    def write_tiles(src, files):
+        atomic(files[0], lambda tmp: np.savetxt(tmp, src.features()))
+
+
+    def row_files(src, dest):
+        return []
+''')
+
+
+def add_format_module(monkeypatch, request, folder: Path, name: str, text: str) -> None:
+    """``text`` as module ``name`` of the exporters package: a folder of it on the package's path."""
+    import importlib
+
+    import slide2vec_dask.exporters as package
+
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(text)
+    importlib.invalidate_caches()
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(folder)])
+    request.addfinalizer(lambda: sys.modules.pop(f"slide2vec_dask.exporters.{name}", None))
+
+
+def test_a_new_format_is_one_module(run, slides, cluster, tmp_path, monkeypatch, request):
+    import socket
+
+    from slide2vec_dask import config, exporters
+    from slide2vec_dask.cli import main
+
+    assert "toy" not in config.OUTPUT_FORMATS
+    with pytest.raises(ValueError, match="output_format must be one of"):
+        ExecutionOptions(output_format="toy")
+    add_format_module(monkeypatch, request, tmp_path / "plugins", "toy", TOY_FORMAT)
+    assert "toy" in config.OUTPUT_FORMATS and "toy" in exporters.FORMATS
+
+    def check(folder: Path, sid: str) -> None:
+        np.testing.assert_array_equal(np.loadtxt(folder / f"{sid}.txt", ndmin=2).astype(np.float32),
+                                      stored(run, sid).embedding.values)
+
+    # A run asked for it: every slide's file written as the slide finished, named in its outcome.
+    out = tmp_path / "run"
+    result = Pipeline(linear_model(), PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out,
+                      output_format=("toy",)), client=cluster).run(slides=slides)
+    assert [o.status for o in result.outcomes] == ["success"] * 3
+    for o in result.outcomes:
+        assert str(out / "toy" / f"{o.sample_id}.txt") in o.flat_paths
+        np.testing.assert_array_equal(np.loadtxt(out / "toy" / f"{o.sample_id}.txt", ndmin=2).astype(np.float32),
+                                      stored(out, o.sample_id).embedding.values)
+        assert json.loads((out / "toy" / f".{o.sample_id}.txt.source.json").read_text())["format"] == "toy"
+
+    # export() of a finished run, and the sweep walks the folder the format declared.
+    dest = tmp_path / "exported"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = dest / "toy" / f".a.txt.{socket.gethostname()}-{int(dead.stdout)}-0123abcd.tmp"
+    left.parent.mkdir(parents=True)
+    left.write_text("half")
+    assert sorted(p.name for p in export(run, "toy", dest=dest)) == ["a.txt", "b.txt", "c.txt"]
+    for slide in slides:
+        check(dest / "toy", slide["sample_id"])
+    assert not left.exists()
+    # The command line offers it too.
+    assert main(["export", str(run), "--format", "toy", "--dest", str(tmp_path / "cli")]) == 0
+    check(tmp_path / "cli" / "toy", "b")
+
+
+def test_a_format_declared_twice_is_refused(tmp_path, monkeypatch, request):
+    from slide2vec_dask.exporters import registry
+
+    twin = TOY_FORMAT.replace('ExportFormat("toy"', 'ExportFormat("pt"')
+    add_format_module(monkeypatch, request, tmp_path / "plugins", "twin", twin)
+    with pytest.raises(ValueError, match="'pt' is declared twice"):
+        registry.names()
+
+
+def test_every_format_writes_only_under_the_folders_it_declares(run, tmp_path):
+    from slide2vec_dask.exporters import registry
+
+    assert sorted(registry.names()) == sorted(ALL)
+    for fmt in registry.formats().values():
+        try:
+            for module in fmt.requires:
+                fmt.need(module)
+        except ImportError:
+            continue
+        dest = tmp_path / fmt.name
+        paths = export(run, fmt.name, dest=dest)
+        assert paths and all(p.relative_to(dest).parts[0] in fmt.roots for p in paths), (fmt.name, paths)
+        assert {p.relative_to(dest).parts[0] for p in dest.iterdir()} <= set(fmt.roots)

@@ -3,7 +3,7 @@
 (The package is ``exporters`` so that ``slide2vec_dask.export`` stays the function.)
 
 ========================  ===========================================================
-format                    module (its docstring gives the layout)
+format                    module (its docstring gives the layout; its ``FORMAT`` the rest)
 ========================  ===========================================================
 ``trident-h5``            `trident_h5`   TRIDENT / Patho-Bench patch features
 ``clam-h5``               `clam_h5`      CLAM ``h5_files`` + ``pt_files``
@@ -19,23 +19,30 @@ target and renames it into place, and is skipped when already current (see
 `_base`: a sidecar records which published group it was made from).  The worker
 that finishes a slide calls `export_slide`; `export` does the same for a
 finished run, from the driver or the command line.
+
+Each module declares its format (`registry.ExportFormat`: name, extra, folders,
+layout version); `registry` finds them, so a new format is one new module.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from slide2vec_dask.config import OUTPUT_FORMATS
+from slide2vec_dask.exporters import registry
 from slide2vec_dask.exporters._base import RowSource, TileSource, forget, is_current, record
+from slide2vec_dask.exporters.flat import is_flat
+from slide2vec_dask.exporters.registry import ExportFormat
+from slide2vec_dask.store.output_dir import sweep
 
-FORMATS = OUTPUT_FORMATS
-_MODULES = {"trident-h5": "trident_h5", "clam-h5": "clam_h5", "stamp-h5": "stamp_h5", "anndata": "anndata_",
-            "spatialdata": "spatialdata_", "geojson": "geojson"}
+__all__ = ["ExportFormat", "FORMATS", "check_available", "current_files", "export", "export_slide", "export_row",
+           "flat_first", "formats_of", "sweep_temporaries"]
 
-__all__ = ["FORMATS", "check_available", "current_files", "export", "export_slide", "export_row", "flat_first",
-           "formats_of", "sweep_temporaries"]
+
+def __getattr__(name: str):
+    if name == "FORMATS":   # the registry's names, found when first asked (after this package is imported)
+        return registry.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def formats_of(value: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -43,44 +50,24 @@ def formats_of(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if value is None:
         return ()
     names = (value,) if isinstance(value, str) else tuple(value)
-    unknown = [n for n in names if n not in FORMATS]
+    known = registry.names()
+    unknown = [n for n in names if n not in known]
     if unknown or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"unknown output format(s) {unknown or list(names)}; known: {', '.join(FORMATS)}")
+        raise ValueError(f"unknown output format(s) {unknown or list(names)}; known: {', '.join(known)}")
     return tuple(dict.fromkeys(names))
-
-
-def _exporter(fmt: str):
-    if fmt in ("pt", "npz"):
-        from slide2vec_dask.exporters.flat import Flat
-
-        return Flat(fmt)
-    return importlib.import_module(f"slide2vec_dask.exporters.{_MODULES[fmt]}")
-
-
-_NEEDS = {"h5": ("h5py",), "anndata": ("anndata",), "spatialdata": ("anndata", "zarr")}
 
 
 def check_available(formats: Iterable[str]) -> None:
     """Import what the formats need now: a missing extra is an ImportError naming it, before any work."""
-    from slide2vec_dask.exporters._base import need
-
-    for fmt in formats_of(tuple(formats)):
-        extra = _exporter(fmt).EXTRA
-        for module in _NEEDS.get(extra, ()):
-            need(module, fmt, extra)
-
-
-_ROOTS = {"trident-h5": ("trident",), "clam-h5": ("clam",), "stamp-h5": ("stamp",), "anndata": ("anndata",),
-          "spatialdata": ("spatialdata",), "geojson": ("geojson",),
-          **{f: ("tile_embeddings", "hierarchical_embeddings", "slide_embeddings", "patient_embeddings")
-             for f in ("pt", "npz")}}
+    for name in formats_of(tuple(formats)):
+        fmt = registry.get(name)
+        for module in fmt.requires:
+            fmt.need(module)
 
 
 def sweep_temporaries(dest: str | Path, formats: Iterable[str]) -> int:
     """Remove what writers killed mid-export left (hidden temporaries of dead processes on this host)."""
-    from slide2vec_dask.store.output_dir import sweep
-
-    roots = {r for fmt in formats_of(tuple(formats)) for r in _ROOTS[fmt]}
+    roots = {r for name in formats_of(tuple(formats)) for r in registry.get(name).roots}
     return sum(sweep(Path(dest) / r) for r in sorted(roots) if (Path(dest) / r).is_dir())
 
 
@@ -95,7 +82,7 @@ def export_slide(store, sample_id: str, formats: Iterable[str], dest: str | Path
     if not formats:
         return []
     src = TileSource.open(store, sample_id)
-    return [p for fmt in formats for p in _one(_exporter(fmt), fmt, src, _dest(store, dest), force, tiles=True)]
+    return [p for fmt in formats for p in _one(registry.get(fmt), src, _dest(store, dest), force, tiles=True)]
 
 
 def export_row(store, level: str, key: str, formats: Iterable[str], dest: str | Path | None = None,
@@ -105,23 +92,24 @@ def export_row(store, level: str, key: str, formats: Iterable[str], dest: str | 
     if not formats:
         return []
     src = RowSource.open(store, level, key)
-    return [p for fmt in formats for p in _one(_exporter(fmt), fmt, src, _dest(store, dest), force, tiles=False)]
+    return [p for fmt in formats for p in _one(registry.get(fmt), src, _dest(store, dest), force, tiles=False)]
 
 
-def _one(exporter, fmt: str, src, dest: Path, force: bool, tiles: bool) -> list[Path]:
-    files = exporter.tile_files(src, dest) if tiles else exporter.row_files(src, dest)
+def _one(fmt: ExportFormat, src, dest: Path, force: bool, tiles: bool) -> list[Path]:
+    writer = fmt.writer
+    files = writer.tile_files(src, dest) if tiles else writer.row_files(src, dest)
     if not files:
         return []
-    if force or not is_current(files, src.source_id, fmt, exporter.LAYOUT):
+    if force or not is_current(files, src.source_id, fmt.name, fmt.layout):
         try:
             forget(files)
-            (exporter.write_tiles if tiles else exporter.write_row)(src, files)
-            record(files, src.source_id, fmt, exporter.LAYOUT)
+            (writer.write_tiles if tiles else writer.write_row)(src, files)
+            record(files, src.source_id, fmt.name, fmt.layout)
         except ImportError:
             raise
         except Exception as exc:
             name = src.sample_id if tiles else src.key
-            raise RuntimeError(f"{name}: writing its {fmt} export {files[0]} failed: "
+            raise RuntimeError(f"{name}: writing its {fmt.name} export {files[0]} failed: "
                                f"{type(exc).__name__}: {exc}") from exc
     return files
 
@@ -132,19 +120,21 @@ def current_files(store, level: str, key: str, formats: Iterable[str], dest=None
     formats = formats_of(tuple(formats))
     src = TileSource.open(store, key) if level == "tile" else RowSource.open(store, level, key)
     out: list[Path] = []
-    for fmt in formats:
-        ex = _exporter(fmt)
-        files = ex.tile_files(src, _dest(store, dest)) if level == "tile" else ex.row_files(src, _dest(store, dest))
-        if files and not is_current(files, src.source_id, fmt, ex.LAYOUT):
+    for name in formats:
+        fmt = registry.get(name)
+        w = fmt.writer
+        files = w.tile_files(src, _dest(store, dest)) if level == "tile" else w.row_files(src, _dest(store, dest))
+        if files and not is_current(files, src.source_id, fmt.name, fmt.layout):
             return None
         out += files
     return out
 
 
 def flat_first(paths: Iterable[Path | str], level: str) -> str:
-    """Of a row's export files, the one its artifact names: slide2vec's flat file when there, else the first."""
+    """Of a row's export files, the one its artifact names: slide2vec's flat file when there
+    (`flat.is_flat`), else the first; ``""`` when there are none.  The one rule for every caller."""
     paths = [str(p) for p in paths]
-    flat = [p for p in paths if Path(p).parent.name == f"{level}_embeddings" and p.endswith((".pt", ".npz"))]
+    flat = [p for p in paths if is_flat(p, level)]
     return (flat or paths or [""])[0]
 
 
@@ -161,7 +151,7 @@ def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequ
 
     formats = formats_of(format)
     if not formats:
-        raise ValueError(f"no export format given; known: {', '.join(FORMATS)}")
+        raise ValueError(f"no export format given; known: {', '.join(registry.names())}")
     store = EmbeddingStore(output_dir)
     if not store.path.exists():
         raise FileNotFoundError(f"no embeddings store at {store.path}: run the pipeline with "

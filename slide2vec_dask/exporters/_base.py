@@ -25,19 +25,6 @@ import numpy as np
 from slide2vec_dask.store.output_dir import atomic
 
 
-
-# -- optional libraries ---------------------------------------------------------------------
-def need(module: str, fmt: str, extra: str):
-    """Import ``module`` or say which extra to install for ``fmt``."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ImportError(f"the {fmt!r} export needs {module}, which is not installed: "
-                          f"pip install 'slide2vec-dask[{extra}]'") from exc
-
-
 # -- names ------------------------------------------------------------------------------------
 def safe_name(name: str) -> str:
     """A model name as a folder name (``hf-hub:org/model`` -> ``hf-hub_org_model``)."""

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from slide2vec_dask.exporters._base import TileSource, atomic, need, safe_name
+from slide2vec_dask.exporters._base import TileSource, atomic, safe_name
+from slide2vec_dask.exporters.registry import ExportFormat
 
-NAME = "anndata"
-EXTRA = "anndata"
-LAYOUT = 1
+FORMAT = ExportFormat("anndata", roots=("anndata",), extra="anndata", requires=("anndata",), layout=1)
 TILES_KEY = "tiles"
 
 
@@ -42,9 +41,9 @@ def tile_spec(src: TileSource) -> dict:
             "base_level": 0, "base_downsample": src.tile_size_lv0 / px, "tissue_name": None}
 
 
-def table(src: TileSource, fmt: str = NAME):
+def table(src: TileSource, fmt: ExportFormat = FORMAT):
     """The features table as an `AnnData` (what this format and the SpatialData one both write)."""
-    ad = need("anndata", fmt, EXTRA)
+    ad = fmt.need("anndata")
     import pandas as pd
 
     xy = src.xy()

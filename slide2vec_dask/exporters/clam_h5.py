@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from slide2vec_dask.exporters._base import TileSource, atomic, safe_name
+from slide2vec_dask.exporters.registry import ExportFormat
 from slide2vec_dask.exporters.trident_h5 import write_patch_h5
 
-NAME = "clam-h5"
-EXTRA = "h5"
-LAYOUT = 1
+FORMAT = ExportFormat("clam-h5", roots=("clam",), extra="h5", requires=("h5py",), layout=1)
 
 
 def tile_files(src: TileSource, dest: Path) -> list[Path]:
@@ -29,10 +28,10 @@ def tile_files(src: TileSource, dest: Path) -> list[Path]:
 
 
 def write_tiles(src: TileSource, files: list[Path]) -> None:
-    import torch
+    import torch   # heavy: imported when a CLAM export is written, not when formats are listed
 
     level = int(src.attrs.get("read_level", 0))
-    write_patch_h5(src, files[0], NAME, {"patch_level": level,
+    write_patch_h5(src, files[0], FORMAT, {"patch_level": level,
                                          "downsample": src.tile_size_lv0 / src.tile_size_px})
     features = torch.from_numpy(src.features())
     atomic(files[1], lambda tmp: torch.save(features, tmp))

@@ -20,10 +20,9 @@ from pathlib import Path
 
 from slide2vec_dask.exporters._base import TileSource, atomic
 from slide2vec_dask.exporters._outline import outline
+from slide2vec_dask.exporters.registry import ExportFormat
 
-NAME = "geojson"
-EXTRA = None
-LAYOUT = 1
+FORMAT = ExportFormat("geojson", roots=("geojson",), layout=1)
 TISSUE_COLOR = [80, 160, 80]
 TILE_COLOR = [64, 128, 224]
 logger = logging.getLogger(__name__)

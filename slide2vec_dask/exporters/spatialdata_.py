@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from slide2vec_dask.exporters import anndata_
-from slide2vec_dask.exporters._base import TileSource, atomic, need, safe_name
+from slide2vec_dask.exporters._base import TileSource, atomic, safe_name
 from slide2vec_dask.exporters.geojson import tissue_polygons
+from slide2vec_dask.exporters.registry import ExportFormat
 
-NAME = "spatialdata"
-EXTRA = "spatialdata"
-LAYOUT = 1
+FORMAT = ExportFormat("spatialdata", roots=("spatialdata",), extra="spatialdata", requires=("anndata", "zarr"),
+                      layout=1)
 POLYGON = {"name": "POLYGON", "type": 3}     # shapely's GeometryType.POLYGON
 _AXES = [{"name": "x", "type": "space", "unit": "unit"}, {"name": "y", "type": "space", "unit": "unit"}]
 IDENTITY = [{"type": "identity", "input": {"name": "xy", "axes": _AXES}, "output": {"name": "global", "axes": _AXES}}]
@@ -67,10 +67,10 @@ def _shapes(group, name: str, polygons: list) -> None:
 
 
 def write_tiles(src: TileSource, files: list[Path]) -> None:
-    ad = need("anndata", NAME, EXTRA)
+    ad = FORMAT.need("anndata")
     import zarr
 
-    adata = anndata_.table(src, NAME)
+    adata = anndata_.table(src, FORMAT)
     tissues, _ = tissue_polygons(src)
     name = table_name(src)
     meta = {k: v for k, v in src.attrs.items() if k != "complete"}

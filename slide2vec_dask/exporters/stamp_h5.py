@@ -20,11 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from slide2vec_dask.exporters._base import RowSource, TileSource, atomic, need, safe_name
+from slide2vec_dask.exporters._base import RowSource, TileSource, atomic, safe_name
+from slide2vec_dask.exporters.registry import ExportFormat
 
-NAME = "stamp-h5"
-EXTRA = "h5"
-LAYOUT = 1
+FORMAT = ExportFormat("stamp-h5", roots=("stamp",), extra="h5", requires=("h5py",), layout=1)
 
 
 def tile_files(src: TileSource, dest: Path) -> list[Path]:
@@ -32,7 +31,7 @@ def tile_files(src: TileSource, dest: Path) -> list[Path]:
 
 
 def write_tiles(src: TileSource, files: list[Path]) -> None:
-    h5py = need("h5py", NAME, EXTRA)
+    h5py = FORMAT.need("h5py")
     spacing = src.slide_spacing_um
 
     def write(tmp: Path) -> None:
@@ -52,7 +51,7 @@ def row_files(src: RowSource, dest: Path) -> list[Path]:
 
 
 def write_row(src: RowSource, files: list[Path]) -> None:
-    h5py = need("h5py", NAME, EXTRA)
+    h5py = FORMAT.need("h5py")
     embedding = src.embedding()
 
     def write(tmp: Path) -> None:

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from slide2vec_dask.exporters._base import RowSource, TileSource, atomic, mag_label, magnification, need, safe_name
+from slide2vec_dask.exporters._base import RowSource, TileSource, atomic, mag_label, magnification, safe_name
+from slide2vec_dask.exporters.registry import ExportFormat
 
-NAME = "trident-h5"
-EXTRA = "h5"
-LAYOUT = 1
+FORMAT = ExportFormat("trident-h5", roots=("trident",), extra="h5", requires=("h5py",), layout=1)
 
 
 def job_folder(dest: Path, spacing_um: float, tile_size_px: int) -> Path:
@@ -36,7 +35,7 @@ def tile_files(src: TileSource, dest: Path) -> list[Path]:
 
 
 def write_tiles(src: TileSource, files: list[Path]) -> None:
-    write_patch_h5(src, files[0], NAME)
+    write_patch_h5(src, files[0], FORMAT)
 
 
 def coords_attrs(src: TileSource) -> dict:
@@ -50,9 +49,9 @@ def coords_attrs(src: TileSource) -> dict:
     return attrs
 
 
-def write_patch_h5(src: TileSource, target: Path, fmt: str, extra_coords_attrs: dict | None = None) -> Path:
+def write_patch_h5(src: TileSource, target: Path, fmt: ExportFormat, extra_coords_attrs: dict | None = None) -> Path:
     """``features`` + ``coords`` (TRIDENT's and CLAM's shared layout), features streamed chunk by chunk."""
-    h5py = need("h5py", fmt, EXTRA)
+    h5py = fmt.need("h5py")
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
@@ -73,7 +72,7 @@ def row_files(src: RowSource, dest: Path) -> list[Path]:
 
 
 def write_row(src: RowSource, files: list[Path]) -> None:
-    h5py = need("h5py", NAME, EXTRA)
+    h5py = FORMAT.need("h5py")
     embedding = src.embedding()
 
     def write(tmp: Path) -> None:
