@@ -31,6 +31,7 @@ from slide2vec_dask.dataflow.executors import DaskExecutor
 from slide2vec_dask.dataflow.sinks import StoreSink
 from slide2vec_dask.dataflow.tasks import export_task, row_exports
 from slide2vec_dask.exporters import check_available, current_files, flat_first, sweep_temporaries
+from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.store import EmbeddingStore
@@ -402,15 +403,15 @@ class Pipeline:
         tiles_kept = level == "tile" or ex.save_tile_embeddings
         complete = store.finished_slides() if tiles_kept else set()
 
-        def flat(o, folder):
-            return next((Path(p) for p in o.flat_paths if folder in Path(p).parts), None)
+        def flat(o, level):   # the slide's flat file of that level (the one rule: `exporters.flat.is_flat`)
+            return next((Path(p) for p in o.flat_paths if is_flat(p, level)), None)
 
         artifacts = [TileArtifact(o.sample_id, o.num_tiles, store.path, store.tiles_group(o.sample_id),
                                   Path(o.coordinates_path) if o.coordinates_path else None,
-                                  flat(o, "tile_embeddings"))
+                                  flat(o, "tile"))
                      for o in done if o.sample_id in complete]
         hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, store.regions_group(o.sample_id),
-                                             flat(o, "hierarchical_embeddings"))
+                                             flat(o, "hierarchical"))
                         for o in done if o.sample_id in complete and o.num_regions]
         slide_artifacts, patient_artifacts = [], []
         if slides_kept:

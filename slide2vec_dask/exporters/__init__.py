@@ -33,6 +33,7 @@ from slide2vec_dask.exporters import registry
 from slide2vec_dask.exporters._base import RowSource, TileSource, forget, is_current, record
 from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.exporters.registry import ExportFormat
+from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.store.output_dir import sweep
 
 __all__ = ["ExportFormat", "FORMATS", "check_available", "current_files", "export", "export_slide", "export_row",
@@ -147,8 +148,6 @@ def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequ
     them.  ``dest``: where the files go (default ``output_dir``).  Files already current
     are skipped unless ``force``.  Returns the paths, written or already there.
     """
-    from slide2vec_dask.store import EmbeddingStore
-
     formats = formats_of(format)
     if not formats:
         raise ValueError(f"no export format given; known: {', '.join(registry.names())}")

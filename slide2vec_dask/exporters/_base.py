@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from slide2vec_dask.store.output_dir import atomic
+from slide2vec_dask.tiling.tile_list import load_plan
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -131,8 +132,6 @@ class TileSource:
 
     def plan(self):
         """The slide's saved plan (`TileGrid`, or `TileList` for free positions), where the pipeline puts it."""
-        from slide2vec_dask.tiling.tile_list import load_plan
-
         path = Path(self.store.output_dir) / "coordinates" / f"{self.sample_id}.npz"
         if not path.is_file():
             raise FileNotFoundError(f"{self.sample_id}: the store's tile attrs lack the slide geometry and the "

@@ -21,6 +21,8 @@ from pathlib import Path
 from slide2vec_dask.exporters._base import TileSource, atomic
 from slide2vec_dask.exporters._outline import outline
 from slide2vec_dask.exporters.registry import ExportFormat
+from slide2vec_dask.slide.open import open_slide
+from slide2vec_dask.tiling.plan import tissue_mask
 
 FORMAT = ExportFormat("geojson", roots=("geojson",), layout=1)
 TISSUE_COLOR = [80, 160, 80]
@@ -64,9 +66,6 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
 
 def _plan_mask(grid, sample_id: str):
     """The plan's tissue mask (segmentation resolution) and the slide's level-0 (height, width)."""
-    from slide2vec_dask.slide.open import open_slide
-    from slide2vec_dask.tiling.plan import tissue_mask
-
     config = grid.meta["config"]
     slide = open_slide(grid.meta["image_path"], backend=config.get("backend", "auto"),
                        spacing_at_level_0=grid.slide_spacing_um)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from slide2vec_dask.config import PreprocessingConfig
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, fingerprint, slide_fingerprints, why_stale
 from slide2vec_dask.slide import Slide, open_slide
 from slide2vec_dask.tiling.grid import TileGrid, choose_level, tile_fractions
@@ -24,6 +23,10 @@ from slide2vec_dask.tiling.masks import drop_small_components, read_mask_file, s
 from slide2vec_dask.tiling.peers import archive_plan, coordinates_file, is_own_plan, peer_coordinates
 from slide2vec_dask.tiling.preview import save_mask_preview, save_tiling_preview
 from slide2vec_dask.tiling.tile_list import load_plan
+
+if TYPE_CHECKING:   # tiling reads a config's fields and never builds one; `config` sits above the
+    # store and the exporters (it checks output formats against them), which sit above tiling.
+    from slide2vec_dask.config import PreprocessingConfig
 
 
 @dataclass
