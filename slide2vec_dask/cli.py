@@ -112,7 +112,9 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
             nested = _nested(section, key)
             if nested is not None and sub is not None:
                 if not isinstance(sub, dict):
-                    raise UsageError(f"{where}: {section}.{key} must be a mapping, got {sub!r}")
+                    from slide2vec_dask.config import shown
+
+                    raise UsageError(f"{where}: {section}.{key} must be a mapping, got {shown(sub)}")
                 for name in sub:
                     if name not in nested:
                         raise _unknown(f"{section}.{key}.{name}", nested)
@@ -138,11 +140,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
     """The YAML run configuration, checked, with its relative paths resolved."""
     import yaml
 
+    from slide2vec_dask import config_yaml
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cfg = config_yaml.load(path.read_text(encoding="utf-8"))
+    except config_yaml.ConfigYAMLError as exc:
+        raise UsageError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML: {exc}") from None
     cfg = {} if cfg is None else cfg
@@ -154,12 +160,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """An override's value as a YAML scalar: ``64`` → int, ``true`` → bool, ``null`` → None."""
+    """An override's value as a YAML scalar, read as the config file is: ``64`` → int,
+    ``true`` → bool (``yes``/``no`` stay strings), ``null`` → None."""
     import yaml
 
+    from slide2vec_dask import config_yaml
+
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = config_yaml.load(text)
+    except (yaml.YAMLError, config_yaml.ConfigYAMLError):
         return text
     if isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" as a string; a number is meant
@@ -218,6 +227,8 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
 
 def _model_options(section: Any) -> dict[str, Any]:
     """The ``model`` section checked: exactly one of ``preset`` / ``timm``, and only its keys."""
+    from slide2vec_dask.config import shown
+
     if not isinstance(section, dict):
         raise UsageError("config needs a 'model' section: {preset: NAME} or {timm: NAME}")
     opts = {k: v for k, v in section.items() if v is not None}
@@ -234,12 +245,12 @@ def _model_options(section: Any) -> dict[str, Any]:
             raise UsageError(f"model.{key} does not apply to a {kind} model{hint}; "
                              f"valid keys are: {', '.join(valid)}")
     if not isinstance(opts[kind], str) or not opts[kind]:
-        raise UsageError(f"model.{kind} must be a name, got {opts[kind]!r}")
+        raise UsageError(f"model.{kind} must be a name, got {shown(opts[kind])}")
     for key, integer in (("spacing_um", False), ("tile_size_px", True)):
         value = opts.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
                                   or value <= 0):
-            raise UsageError(f"model.{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+            raise UsageError(f"model.{key} must be a positive {'integer' if integer else 'number'}, got {shown(value)}")
     return opts
 
 
@@ -258,11 +269,12 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 # -- running -----------------------------------------------------------------
-def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, Any],
-            execution: dict[str, Any], cluster: dict[str, Any] | None = None) -> int:
-    """Check everything cheap first, then start the cluster, build the model and run the pipeline."""
-    from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
-    from slide2vec_dask.inputs import read_manifest
+def check_run(manifest: Any, preprocessing: dict[str, Any], execution: dict[str, Any],
+              cluster: dict[str, Any] | None = None):
+    """The checks of a run that read no file and start nothing (``run --print-config`` makes them
+    too): the cluster kind, and the preprocessing / execution options built.  Returns the kind,
+    the cluster options left, and the two option objects."""
+    from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig, shown
 
     if manifest in (None, ""):
         raise UsageError("no manifest given: set 'manifest: PATH' in the config (or manifest=PATH)")
@@ -270,19 +282,29 @@ def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, 
         raise UsageError("execution.output_dir is required: the folder that receives embeddings.zarr "
                          "and process_list.csv")
     cluster = dict(cluster or {})
-    kind = str(cluster.pop("kind", None) or "local")
+    kind = cluster.pop("kind", None) or "local"
+    if not isinstance(kind, str):
+        raise UsageError(f"cluster.kind must be local, slurm, k8s or a scheduler address, got {shown(kind)}")
     if "://" in kind:
         if execution.get("scheduler_address") not in (None, kind):
             raise UsageError(f"two schedulers given: cluster {kind!r} and execution.scheduler_address "
-                             f"{execution['scheduler_address']!r}")
+                             f"{shown(execution['scheduler_address'])}")
         execution = {**execution, "scheduler_address": kind}
         kind = "address"
     elif kind not in ("local", "slurm", "k8s"):
-        raise UsageError(f"cluster must be local, slurm, k8s or a scheduler address (tcp://HOST:PORT), got {kind!r}")
+        raise UsageError(f"cluster must be local, slurm, k8s or a scheduler address (tcp://HOST:PORT), "
+                         f"got {shown(kind)}")
     elif kind != "local" and execution.get("scheduler_address"):
         raise UsageError(f"cluster {kind!r} starts its own scheduler; drop execution.scheduler_address")
-    prep = PreprocessingConfig(**preprocessing)
-    ex = ExecutionOptions(**execution)
+    return kind, cluster, PreprocessingConfig(**preprocessing), ExecutionOptions(**execution)
+
+
+def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, Any],
+            execution: dict[str, Any], cluster: dict[str, Any] | None = None) -> int:
+    """Check everything cheap first, then start the cluster, build the model and run the pipeline."""
+    from slide2vec_dask.inputs import read_manifest
+
+    kind, cluster, prep, ex = check_run(manifest, preprocessing, execution, cluster)
     slides = read_manifest(manifest)
     if not slides:
         raise UsageError(f"manifest {manifest} lists no slides")
@@ -345,17 +367,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for override in args.overrides:
         apply_override(cfg, override)
+    if args.cluster is not None:
+        cfg["cluster"] = {**_section(cfg, "cluster"), "kind": args.cluster}
+    model_opts = _model_options(cfg.get("model"))
+    sections = (cfg.get("manifest"), _section(cfg, "preprocessing"), _section(cfg, "execution"),
+                _section(cfg, "cluster"))
     if args.print_config:
         import yaml
 
+        check_run(*sections)  # what is printed is what `run` would accept
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return EXIT_OK
-    model_opts = _model_options(cfg.get("model"))
-    cluster = _section(cfg, "cluster")
-    if args.cluster is not None:
-        cluster["kind"] = args.cluster
-    return execute(cfg.get("manifest"), model_opts, _section(cfg, "preprocessing"), _section(cfg, "execution"),
-                   cluster)
+    manifest, preprocessing, execution, cluster = sections
+    return execute(manifest, model_opts, preprocessing, execution, cluster)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -408,6 +432,12 @@ def cmd_export(args) -> int:
         paths = export(args.output_dir, args.formats, samples=samples, dest=args.dest, force=args.force)
     except ImportError as exc:
         raise UsageError(str(exc)) from exc
+    except RuntimeError as exc:
+        if isinstance(exc.__cause__, OSError):  # the destination failed mid-way (full, removed): exit 3
+            from slide2vec_dask.store.output_dir import OutputDirError
+
+            raise OutputDirError(str(exc)) from exc
+        raise
     print(f"{len(paths)} file(s) in {', '.join(args.formats)} under {args.dest or args.output_dir}")
     return EXIT_OK
 
@@ -484,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "files other tools read. Files already up to date are skipped.",
         epilog="formats: trident-h5 (TRIDENT/Patho-Bench), clam-h5 (CLAM), stamp-h5 (STAMP), anndata, "
                "spatialdata (LazySlide/wsidata), geojson (QuPath), pt/npz (slide2vec). "
-               "exit codes: 0 done, 2 usage error or missing optional library")
+               "exit codes: 0 done, 2 usage error or missing optional library, 3 destination unusable "
+               "(a file, read-only, full)")
     exp.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's output folder (holds embeddings.zarr)")
     exp.add_argument("--format", required=True, action="append", choices=OUTPUT_FORMATS, metavar="FORMAT",
                      dest="formats", help="repeatable: " + ", ".join(OUTPUT_FORMATS))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -76,13 +77,30 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = 6
+
+
+def shown(value: Any, limit: int = 160) -> str:
+    """``repr(value)`` bounded, for every message that quotes a config value: a full repr of a
+    nested, shared value (a YAML alias bomb, 10**9 items) would never finish."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+YAML_1_1_BOOLEANS = ("yes", "no", "on", "off", "y", "n")
+
+
 def check_bool(name: str, value: Any) -> bool:
     """A real boolean: ``"flase"``, ``"no"`` or ``1`` are refused, never taken as true."""
     import numpy as np
 
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    raise ValueError(f"{name} must be true or false, got {value!r} ({_type_name(value)})")
+    hint = ("; YAML's yes/no/on/off are not booleans here, write true or false"
+            if isinstance(value, str) and value.strip().lower() in YAML_1_1_BOOLEANS else "")
+    raise ValueError(f"{name} must be true or false, got {shown(value)} ({_type_name(value)}){hint}")
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None,
@@ -92,9 +110,9 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     if value is None and optional:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer{_range(low, high)}, got {value!r} ({_type_name(value)})")
+        raise ValueError(f"{name} must be an integer{_range(low, high)}, got {shown(value)} ({_type_name(value)})")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be an integer{_range(low, high)}, got {value!r}")
+        raise ValueError(f"{name} must be an integer{_range(low, high)}, got {shown(value)}")
     return int(value)
 
 
@@ -112,7 +130,7 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         ok = value < high if high_open else value <= high
     if not ok:
         span = _range(low, high, low_open, high_open)
-        raise ValueError(f"{name} must be a number{span}, got {value!r} ({_type_name(value)})")
+        raise ValueError(f"{name} must be a number{span}, got {shown(value)} ({_type_name(value)})")
     return value
 
 
@@ -120,7 +138,7 @@ def check_choice(name: str, value: Any, choices: tuple, optional: bool = False) 
     if (value is None and optional) or (isinstance(value, str) and value in choices):
         return value
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}" + (" or None" if optional else "")
-                     + f", got {value!r}")
+                     + f", got {shown(value)}")
 
 
 def check_path(name: str, value: Any, optional: bool = True) -> Path | None:
@@ -129,7 +147,7 @@ def check_path(name: str, value: Any, optional: bool = True) -> Path | None:
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)) or str(value) == "":
-        raise ValueError(f"{name} must be a path, got {value!r} ({_type_name(value)})")
+        raise ValueError(f"{name} must be a path, got {shown(value)} ({_type_name(value)})")
     return value
 
 
@@ -175,11 +193,11 @@ _PREVIEW_CHECKS = {
 def _merged(name: str, given: Mapping[str, Any] | None, defaults: dict[str, Any],
             checks: dict[str, Any]) -> dict[str, Any]:
     if given is not None and not isinstance(given, Mapping):
-        raise ValueError(f"{name} must be a mapping of keys to values, got {given!r} ({_type_name(given)})")
+        raise ValueError(f"{name} must be a mapping of keys to values, got {shown(given)} ({_type_name(given)})")
     given = dict(given or {})
     unknown = sorted(set(given) - set(defaults), key=str)
     if unknown:
-        raise ValueError(f"{name}: unknown key(s) {unknown}; known keys are {sorted(defaults)}")
+        raise ValueError(f"{name}: unknown key(s) {shown(unknown)}; known keys are {sorted(defaults)}")
     merged = {**defaults, **given}
     return {key: checks[key](f"{name}.{key}", value) for key, value in merged.items()}
 
@@ -309,13 +327,13 @@ class ExecutionOptions:
             given, known = self.output_format, output_formats()
             names = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()
             if not names or any(n not in known for n in names):
-                raise ValueError(f"output_format must be one of {known}, a list of them, or None; got {given!r}")
+                raise ValueError(f"output_format must be one of {known}, a list of them, or None; got {shown(given)}")
             object.__setattr__(self, "output_format", tuple(dict.fromkeys(names)))
         if self.scheduler_address is not None and not isinstance(self.scheduler_address, str):
             raise ValueError(f"scheduler_address must be a string like 'tcp://host:port', "
-                             f"got {self.scheduler_address!r}")
+                             f"got {shown(self.scheduler_address)}")
         if self.scheduler_address is not None and not str(self.scheduler_address).startswith(("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")):
-            raise ValueError(f"scheduler_address must look like 'tcp://host:port', got {self.scheduler_address!r}")
+            raise ValueError(f"scheduler_address must look like 'tcp://host:port', got {shown(self.scheduler_address)}")
 
     def replace(self, **changes: Any) -> "ExecutionOptions":
         return dataclasses.replace(self, **changes)

@@ -7,6 +7,7 @@ so tasks never carry weights.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,17 +81,17 @@ def read_state_dict(path: str | Path, what: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{what}: checkpoint not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as exc:
+            raise ValueError(_not_safetensors(path, what, exc)) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        # torch's own message advises weights_only=False, i.e. running the file's code: never ours to give.
-        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
-        raise ValueError(f"{what}: {path} is not a weights-only torch checkpoint ({detail}), so it was not "
-                         "loaded: it holds objects whose loading could run code. Re-save the weights as a "
-                         "plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors") from None
+        raise ValueError(_refused(path, what, exc)) from None
     for nested in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and nested in state and isinstance(state[nested], dict):
             state = state[nested]
@@ -98,6 +99,38 @@ def read_state_dict(path: str | Path, what: str) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{what}: {path} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _refused(path: Path, what: str, exc: Exception) -> str:
+    """Why torch's weights-only loader refused ``path``, in our words: torch's own message advises
+    ``weights_only=False`` (running the file's code), which is never ours to give."""
+    text = str(exc)
+    found = re.search(r"GLOBAL (\S+)", text)
+    if found:
+        return (f"{what}: {path} is not a weights-only torch checkpoint: its pickle names {found.group(1)}, "
+                "a Python object rather than a tensor, and loading it could run code, so it was refused (not "
+                "loaded). Re-save only its weights, as a state dict, in a Python session you trust: "
+                "torch.save(model.state_dict(), 'weights.pt'), or as .safetensors "
+                "(safetensors.torch.save_file(state_dict, 'weights.safetensors')).")
+    text = text.split("WeightsUnpickler error:")[-1] if "Weights only load failed" in text else text
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    detail = f"{type(exc).__name__}: {line[:120]}" if line else type(exc).__name__
+    return (f"{what}: {path} could not be read as a weights-only torch checkpoint ({detail}): it is damaged, "
+            "or not a file written by torch.save. Give a .safetensors file, or a state dict saved with "
+            "torch.save(model.state_dict(), 'weights.pt').")
+
+
+def _not_safetensors(path: Path, what: str, exc: Exception) -> str:
+    """A ``.safetensors`` file safetensors cannot read: often a torch checkpoint given the wrong name."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    kind = "zip" if head.startswith(b"PK\x03\x04") else "pickle" if head[:1] == b"\x80" else None
+    if kind:
+        return (f"{what}: {path} is not a safetensors file (it looks like a pickle/{kind} torch checkpoint). "
+                "Name it .pt to load it as a weights-only torch checkpoint, or convert its weights with "
+                "safetensors.torch.save_file(state_dict, 'weights.safetensors').")
+    return (f"{what}: {path} is not a readable safetensors file ({str(exc)[:120]}): it is damaged or "
+            "truncated; download or write it again.")
 
 
 def state_dict_mismatch(own: dict, state: dict) -> str:

@@ -34,7 +34,7 @@ from slide2vec_dask.exporters._base import RowSource, TileSource, forget, is_cur
 from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.exporters.registry import ExportFormat
 from slide2vec_dask.store import EmbeddingStore
-from slide2vec_dask.store.output_dir import sweep
+from slide2vec_dask.store.output_dir import check_output_dir, sweep
 
 __all__ = ["ExportFormat", "FORMATS", "check_available", "current_files", "export", "export_slide", "export_row",
            "flat_first", "formats_of", "sweep_temporaries"]
@@ -146,7 +146,8 @@ def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequ
     ``samples``: the sample ids to export (default: every finished slide); their slide
     rows and their patients' rows are exported too where the format has a place for
     them.  ``dest``: where the files go (default ``output_dir``).  Files already current
-    are skipped unless ``force``.  Returns the paths, written or already there.
+    are skipped unless ``force``.  Returns the paths, written or already there.  A destination
+    that is a file, read-only or cannot be made raises `OutputDirError` before anything is written.
     """
     formats = formats_of(format)
     if not formats:
@@ -155,6 +156,7 @@ def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequ
     if not store.path.exists():
         raise FileNotFoundError(f"no embeddings store at {store.path}: run the pipeline with "
                                 f"ExecutionOptions(output_dir={str(output_dir)!r}) first")
+    check_output_dir(_dest(store, dest), "export destination" if dest is not None else "output_dir")
     finished, rows, patients = store.finished_slides(), store.slide_rows(), store.patient_rows()
     if samples is None:
         wanted = sorted(finished | rows)

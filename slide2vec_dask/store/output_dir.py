@@ -51,18 +51,19 @@ def describe_os_error(exc: OSError) -> str:
     return reasons.get(exc.errno, exc.strerror or str(exc))
 
 
-def check_output_dir(output_dir: Path) -> None:
-    """Create ``output_dir`` if needed, or say clearly why it cannot hold a run."""
+def check_output_dir(output_dir: Path, what: str = "output_dir") -> None:
+    """Create ``output_dir`` if needed, or say clearly why it cannot hold a run (or, ``what`` says,
+    another folder written to: an export's destination)."""
     if output_dir.exists() and not output_dir.is_dir():
-        raise OutputDirError(f"output_dir {output_dir} is a file, not a folder; choose another output_dir")
+        raise OutputDirError(f"{what} {output_dir} is a file, not a folder; choose another {what}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputDirError(f"cannot create output_dir {output_dir}: {describe_os_error(exc)}") from exc
+        raise OutputDirError(f"cannot create {what} {output_dir}: {describe_os_error(exc)}") from exc
     if not os.access(output_dir, os.W_OK | os.X_OK):
         read_only = bool(os.statvfs(output_dir).f_flag & os.ST_RDONLY)
         why = "is on a read-only file system" if read_only else "is not writable (permission denied)"
-        raise OutputDirError(f"output_dir {output_dir} {why}; choose another output_dir"
+        raise OutputDirError(f"{what} {output_dir} {why}; choose another {what}"
                              + ("" if read_only else " or fix its permissions"))
 
 
