@@ -296,7 +296,16 @@ def check_run(manifest: Any, preprocessing: dict[str, Any], execution: dict[str,
                          f"got {shown(kind)}")
     elif kind != "local" and execution.get("scheduler_address"):
         raise UsageError(f"cluster {kind!r} starts its own scheduler; drop execution.scheduler_address")
-    return kind, cluster, PreprocessingConfig(**preprocessing), ExecutionOptions(**execution)
+    return (kind, cluster, _built("preprocessing", PreprocessingConfig, preprocessing),
+            _built("execution", ExecutionOptions, execution))
+
+
+def _built(section: str, cls, values: dict[str, Any]):
+    """``cls(**values)``, its refusal naming the config section the field sits in."""
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise UsageError(f"{section}: {exc}") from None
 
 
 def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, Any],
