@@ -17,10 +17,14 @@ from typing import Any, Mapping, Sequence
 
 REQUIRED = ("sample_id", "image_path")
 OPTIONAL = ("mask_path", "spacing_at_level_0", "patient_id")
-# Letters, digits and . _ - (not leading with a dot): safe as a Zarr key and a file name everywhere.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]*$")
-# The longest file name written for an id is a temporary ``.<id>.meta.json.<32 hex>``
-# (44 characters more than the id), and file systems stop at 255 bytes.
+# Letters, digits and . _ - (not leading with a dot, nor a dash: see check_sample_id): safe as a
+# Zarr key and a file name everywhere.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+# File systems stop at 255 bytes a name.  The longest names written for an id are
+# ``<id>.coordinates.meta.json`` (a tile archive's) and ``.<id>.geojson.source.json`` (an
+# export's sidecar): the id + 22 and + 21 characters.  Temporaries are cut to 255 whatever
+# the id and host (`store.output_dir.tmp_name`); the plan's ``.<id>.<pid>.tmp.npz`` is the
+# id + 17.  So an id may have 255 - 22 = 233 characters; 200 keeps 33 for names to come.
 MAX_ID_LENGTH = 200
 # Names the store gives a meaning (a group's metadata file) or that file systems refuse.
 _WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
@@ -31,6 +35,10 @@ def check_sample_id(sample_id: str, where: str, what: str = "sample_id") -> None
     """Ids name store groups and files: safe characters, a length that fits, no reserved name."""
     if not sample_id:
         raise ValueError(f"{where}: empty {what}")
+    if sample_id.startswith("-"):
+        raise ValueError(f"{where}: {what} {sample_id!r} starts with '-', which a spreadsheet opening "
+                         "process_list.csv reads as a formula and a command line as an option; "
+                         "rename it to start with a letter, a digit or '_'")
     if not _SAFE_ID.match(sample_id) or sample_id in (".", ".."):
         raise ValueError(
             f"{where}: {what} {sample_id!r} is not safe as a store key or file name; "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -35,7 +34,7 @@ from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.store import EmbeddingStore
-from slide2vec_dask.store.output_dir import OutputDirError, RunLock, check_output_dir, describe_os_error, sweep
+from slide2vec_dask.store.output_dir import OutputDirError, RunLock, atomic, check_output_dir, describe_os_error, sweep
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
 from slide2vec_dask.tiling.peers import is_own_plan
 from slide2vec_dask.tiling.plan import resolve_request, selection_config
@@ -465,19 +464,16 @@ class _ProcessList:
     def write(self) -> None:
         """Replace the file atomically; an error leaves the old file and no temporary behind."""
         start = time.monotonic()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with tmp.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
-                writer.writeheader()
-                for outcome in self.outcomes.values():
-                    writer.writerow(outcome.csv_row())
-            tmp.replace(self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic(self.path, self._write_rows)
         self.last = time.monotonic()
         self.cost = self.last - start
+
+    def _write_rows(self, tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
+            writer.writeheader()
+            for outcome in self.outcomes.values():
+                writer.writerow(outcome.csv_row())
 
 
 def _row_flat(store, level: str, key: str, formats) -> str | None:

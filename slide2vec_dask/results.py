@@ -158,6 +158,18 @@ class RunResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
+# A cell a spreadsheet would evaluate (OWASP's CSV injection rule) gets a leading "'".
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as a CSV cell that Excel or LibreOffice shows and never runs: ids and paths come from
+    users' manifests (``=cmd|' /C calc'!A0``); numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
                         "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
                         "flat_path", "note"]
@@ -198,6 +210,8 @@ class SlideOutcome:
         self.status, self.error_type, self.error = "failed", type(exc).__name__, str(exc).replace("\n", " ")
 
     def csv_row(self) -> dict[str, Any]:
+        """The outcome as a row of ``process_list.csv``, each cell safe to open in a spreadsheet."""
         paths = [p for p in (*self.flat_paths, self.slide_flat_path, self.patient_flat_path) if p]
         row = {c: getattr(self, c) for c in PROCESS_LIST_COLUMNS if c != "flat_path"}
-        return {**row, "flat_path": ";".join(str(p) for p in paths)}
+        row["flat_path"] = ";".join(str(p) for p in paths)
+        return {c: csv_cell(v) for c, v in row.items()}

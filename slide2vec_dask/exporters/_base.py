@@ -8,8 +8,9 @@ published, so a slide re-embedded under ``overwrite=True`` makes its exports sta
 even when its metadata is byte for byte the same.  The sidecar is written *after*
 every file of the export is renamed into place, so a crash in between leaves an
 export that the next run redoes, never one that claims to be current.  Temporary
-files are hidden (``.<name>.<host>-<pid>-<token>.tmp``, `store.output_dir.atomic`); those
-of dead processes on this host are swept once per run (`store.output_dir.sweep`).
+files are hidden (``.<name>.<host tag>-<pid>-<token>.tmp``, `store.output_dir.tmp_name`: at most
+255 bytes whatever the id and host name); those of dead processes on this host are swept
+once per run (`store.output_dir.sweep`).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ Why it is laid out so:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -611,14 +612,17 @@ class EmbeddingStore:
 
 
 def write_error(folder: Path, exc: OSError) -> OSError:
-    """A write failure said plainly: numpy and zarr report a full disk as '... requested and ... written'."""
-    reason = describe_os_error(exc) if exc.errno else str(exc)
+    """A write failure said plainly, with its folder and no ``[Errno N]``: numpy and zarr report a
+    full disk as '... requested and ... written', with no errno at all."""
+    code = exc.errno
+    reason = describe_os_error(exc) if code else str(exc)
     try:
-        if exc.errno is None and shutil.disk_usage(folder).free < (1 << 20):
-            reason = "no space left on the device"
+        if code is None and shutil.disk_usage(folder).free < (1 << 20):
+            code, reason = errno.ENOSPC, describe_os_error(OSError(errno.ENOSPC, ""))
     except OSError:
         pass
-    error = OSError(exc.errno, f"cannot write in {folder}: {reason}")
+    error = OSError(f"cannot write in {folder}: {reason}")   # one argument: str() is the message alone
+    error.errno = code
     return error
 
 

@@ -7,14 +7,19 @@ The lock is a file created with ``O_CREAT | O_EXCL`` (atomic on local disks
 and on NFSv3+, where ``flock`` often is not), holding the owner's host, pid
 and start time, and its mtime is refreshed every ``heartbeat`` seconds while
 the run lives.  A lock is *stale* — and taken over, with a warning — when
-its process is gone (same host) or it has not been refreshed for
-``stale_after`` seconds (another host, whose processes cannot be checked).
+its process is gone or its pid now belongs to a process that started later
+(same host: pids are reused, above all after a container restart), or it has
+not been refreshed for ``stale_after`` seconds (another host, whose processes
+cannot be checked).  Runs restarted together take a stale lock over one at a
+time (`RunLock._take_over`); a lock file that is not a run's lock (empty,
+not JSON, a folder, an impossible pid) is reported, never waited on.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -86,21 +91,23 @@ class RunLock:
 
     def acquire(self) -> None:
         me = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "token": self.token}
-        for _ in range(5):
+              "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "process_start": process_start_ticks(os.getpid()), "token": self.token}
+        for _ in range(50):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder, age = self._holder()
-                if holder is None:   # vanished between the two calls, or being written right now
+                seen = self._look()
+                if seen is None:   # vanished between the two calls, or being written right now
                     time.sleep(0.1)
                     continue
-                if not self._stale(holder, age):
+                if not self._stale(seen.holder, seen.age):
+                    holder = seen.holder
                     raise OutputDirLocked(
-                        f"{self.path.parent} is in use by another run: pid {holder.get('pid')} on "
-                        f"{holder.get('host')}, started {holder.get('started')}. Wait for it to finish or use "
+                        f"{self.path.parent} is in use by another run: pid {holder['pid']} on "
+                        f"{holder['host']}, started {holder.get('started')}. Wait for it to finish or use "
                         f"another output_dir; if that run is gone, delete {self.path}") from None
-                self._take_over(holder)
+                self._take_over(seen)
                 continue
             except OSError as exc:
                 raise OutputDirError(f"cannot create the run's lock file in {self.path.parent}: "
@@ -122,8 +129,11 @@ class RunLock:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        holder, _ = self._holder()
-        if holder is not None and holder.get("token") == self.token:
+        try:
+            holder = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(holder, dict) and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
 
     # -- internals ------------------------------------------------------------------------------
@@ -134,32 +144,114 @@ class RunLock:
             except OSError:
                 pass
 
-    def _holder(self) -> tuple[dict | None, float]:
+    def _look(self) -> _Seen | None:
+        """The lock as it is now; None when gone or still being written; unreadable: said, not waited on."""
         try:
             age = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text() or "null")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
-            return None, 0.0
-        except (OSError, ValueError):
-            holder = {}
-        if not holder and age < 10:   # created a moment ago and not written yet
-            return None, age
-        return (holder if isinstance(holder, dict) else {}), age
+            return None
+        except IsADirectoryError:
+            raise self._unreadable("it is a folder, not a file") from None
+        except OSError as exc:
+            raise self._unreadable(f"it cannot be read: {describe_os_error(exc)}") from None
+        holder, why = parse_lock(raw)
+        if holder is not None:
+            return _Seen(holder, age, raw)
+        if age < _BEING_WRITTEN and why in ("it is empty", "it is not JSON"):   # created a moment ago
+            return None
+        raise self._unreadable(why)
+
+    def _unreadable(self, why: str) -> OutputDirLocked:
+        return OutputDirLocked(f"{self.path} cannot be read as a run's lock ({why}). If no run is using "
+                               f"{self.path.parent}, remove it and run again")
 
     def _stale(self, holder: dict, age: float) -> bool:
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            return not process_alive(holder["pid"])
+        if holder["host"] == socket.gethostname():
+            return not process_alive(holder["pid"]) or not same_process(holder)
         return age > self.stale_after
 
-    def _take_over(self, holder: dict) -> None:
-        aside = self.path.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex}")
+    def _take_over(self, seen: _Seen) -> None:
+        """Remove the lock judged stale — only if it is still that one, and by one run only.
+
+        Runs restarted together after a crash all judge the same lock stale; each must then
+        claim it (a file named after its token, created exclusively) and check, holding the
+        claim, that the lock is still the one judged: otherwise the first would take it over
+        and the second rename away the first's fresh lock.  A claim lives milliseconds; one
+        older than `_CLAIM_ABANDONED` seconds was left by a crash and is removed.
+        """
+        claim = self.path.with_name(f"{LOCK_NAME}.takeover.{_digest(seen.holder['token'])}")
         try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            _remove_if_older(claim, _CLAIM_ABANDONED)
+            time.sleep(0.05)
             return
-        aside.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputDirError(f"cannot take over the stale lock {self.path}: {describe_os_error(exc)}") from exc
+        try:
+            if _read_or_none(self.path) != seen.raw:   # another run took it over first
+                return
+            aside = self.path.with_name(f"{LOCK_NAME}.stale.{uuid.uuid4().hex[:8]}")
+            os.rename(self.path, aside)
+            aside.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputDirError(f"cannot take over the stale lock {self.path}: {describe_os_error(exc)}") from exc
+        finally:
+            claim.unlink(missing_ok=True)
+        holder = seen.holder
         logger.warning("%s: took over a stale lock left by pid %s on %s (started %s), whose run is gone",
-                       self.path.parent, holder.get("pid"), holder.get("host"), holder.get("started"))
+                       self.path.parent, holder["pid"], holder["host"], holder.get("started"))
+
+
+_BEING_WRITTEN = 2.0       # seconds an empty or partial lock may be one a run is writing this instant
+_CLAIM_ABANDONED = 30.0
+_PID_MAX = 1 << 22         # Linux's ceiling for pid_max
+_START_SLACK = 5.0         # seconds: "started" is rounded to the second, the boot time too
+
+
+class _Seen:
+    """A lock as read: its holder, its age (since the last heartbeat) and its bytes (to compare)."""
+
+    def __init__(self, holder: dict, age: float, raw: bytes):
+        self.holder, self.age, self.raw = holder, age, raw
+
+
+def parse_lock(raw: bytes) -> tuple[dict | None, str]:
+    """A lock's holder, or None and why it is not a run's lock."""
+    if not raw.strip():
+        return None, "it is empty"
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        return None, "it is not JSON"
+    if not isinstance(holder, dict):
+        return None, f"it is not a run's lock: a JSON {type(holder).__name__}, not an object"
+    pid = holder.get("pid")
+    if not isinstance(holder.get("host"), str) or not isinstance(holder.get("token"), str):
+        return None, "it is not a run's lock: no host or token"
+    if type(pid) is not int or not 0 < pid < _PID_MAX:
+        return None, f"it is not a run's lock: pid {str(pid)[:30]!r} is not a process id"
+    return holder, ""
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _remove_if_older(path: Path, seconds: float) -> None:
+    try:
+        if time.time() - path.stat().st_mtime > seconds:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _digest(text: str, size: int = 8) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
 
 
 def process_alive(pid: int) -> bool:
@@ -173,12 +265,61 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-# -- atomic writes of files that sit beside the store (exports, tile archives) ---------------------------
-_HOST = socket.gethostname()
+def process_start_ticks(pid: int) -> int | None:
+    """When a process started, in clock ticks since boot (``/proc/<pid>/stat``); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])   # field 22; the name before ")" may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
 
 
-def _tmp_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+def same_process(holder: dict) -> bool:
+    """Whether the live process with the lock's pid is the run that wrote it, not a later one.
+
+    Pids are reused, most of all after a container restart (pid 1, 7, 12 again): the lock
+    records its process's start (ticks since boot; older locks: the wall time it was
+    taken), and a process that started after it cannot be its writer.  Unknown: the same.
+    """
+    now = process_start_ticks(holder["pid"])
+    if now is None:
+        return True
+    if isinstance(holder.get("process_start"), int):
+        return holder["process_start"] == now
+    try:
+        started = _dt.datetime.fromisoformat(str(holder.get("started"))).timestamp()
+        return _boot_time() + now / os.sysconf("SC_CLK_TCK") <= started + _START_SLACK
+    except (OSError, ValueError, TypeError):
+        return True
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+# -- atomic writes of files that sit beside the store (exports, tile archives, the process list) -------
+# A temporary is ``.<name>.<host tag>-<pid>-<token>.tmp``: the host as 8 hex characters (host
+# names run to 253: FQDNs, Kubernetes pod names), a pid of at most 7 digits (Linux's pid_max
+# is 2**22), 8 of a token; a name too long for that is cut, with 8 hex of its hash, so that no
+# temporary passes a file system's 255 bytes, whatever the id.
+NAME_MAX = 255
+_TMP_EXTRA = len(".") + len(".") + 8 + len("-") + 7 + len("-") + 8 + len(".tmp")   # 31
+
+
+def _host_tag() -> str:
+    return _digest(socket.gethostname(), 4)
+
+
+def tmp_name(target: Path) -> Path:
+    """A hidden temporary beside ``target``, at most `NAME_MAX` bytes, that `sweep` knows by host and pid."""
+    name = target.name
+    if len(name.encode()) > NAME_MAX - _TMP_EXTRA:
+        cut = name.encode()[: NAME_MAX - _TMP_EXTRA - 9].decode(errors="ignore")
+        name = f"{cut}~{_digest(name, 4)}"
+    return target.with_name(f".{name}.{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def sweep(root: Path) -> int:
@@ -187,22 +328,31 @@ def sweep(root: Path) -> int:
     Run once per folder tree (at the end of a run, by `export`), never per file: a folder of
     a cohort's exports holds one entry per slide, and a scan per write would be quadratic.
     """
-    marker = f".{_HOST}-"
+    # This host's tag; and its whole name, as earlier versions wrote it (temporaries left before an upgrade)
+    markers = (f".{_host_tag()}-", f".{socket.gethostname()}-")
     removed = 0
     for folder, dirs, files in os.walk(root):
         for name in list(dirs) + files:
-            if not (name.startswith(".") and name.endswith(".tmp") and marker in name):
-                continue
-            try:
-                pid = int(name.rsplit(marker, 1)[1].split("-")[0])
-            except (IndexError, ValueError):
-                continue
-            if pid != os.getpid() and not process_alive(pid):
+            pid = _writer(name, markers)
+            if pid is not None and pid != os.getpid() and not process_alive(pid):
                 _remove(Path(folder) / name)
                 removed += 1
         # never into a store (a .zarr folder) or a temporary: neither holds other exports
         dirs[:] = [d for d in dirs if not d.endswith((".zarr", ".tmp"))]
     return removed
+
+
+def _writer(name: str, markers: tuple[str, ...]) -> int | None:
+    """The pid of this host's process that wrote temporary ``name`` (None: not one of ours)."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    for marker in markers:
+        if marker in name:
+            try:
+                return int(name.rsplit(marker, 1)[1].split("-")[0])
+            except (IndexError, ValueError):
+                continue
+    return None
 
 
 def _remove(path: Path) -> None:
@@ -215,14 +365,14 @@ def _remove(path: Path) -> None:
 def atomic(target: Path, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` a file or a folder next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(target)
+    tmp = tmp_name(target)
     try:
         write(tmp)
         if tmp.is_dir():
             # A folder cannot be renamed over another: the old one goes aside first (one rename),
             # so the target is, at every instant, absent, the old export or the new one.
             if target.exists():
-                old = _tmp_name(target)
+                old = tmp_name(target)
                 os.rename(target, old)
                 _remove(old)
             os.rename(tmp, target)
