@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from slide2vec_dask.atomic import atomic, process_alive, sweep  # (re-exported: exports and archives use them)
+from slide2vec_dask.atomic import atomic as atomic, process_alive, sweep as sweep  # (re-exported: their old home)
 
 logger = logging.getLogger("slide2vec_dask")
 
