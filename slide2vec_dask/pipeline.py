@@ -258,9 +258,9 @@ class Pipeline:
         and what writers killed in an earlier run left is swept."""
 
 
-        archives = Path(store.output_dir) / ARCHIVE_FOLDER
-        if archives.is_dir():   # the tile archives' writers (on_the_fly=False) too
-            sweep(archives)
+        for folder in (ARCHIVE_FOLDER, "coordinates"):   # the tile archives' writers and the plans' too
+            if (Path(store.output_dir) / folder).is_dir():
+                sweep(Path(store.output_dir) / folder)
         formats, ex = self.execution.output_format, self.execution
         if not formats:
             return

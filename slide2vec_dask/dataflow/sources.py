@@ -36,8 +36,8 @@ class ArchiveRef:
     path: str
     tile: int
 
-    def read(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        return read_archive_tiles(self.path, offsets, sizes, self.tile)
+    def read(self, offsets: np.ndarray, sizes: np.ndarray, xy: np.ndarray) -> np.ndarray:
+        return read_archive_tiles(self.path, offsets, sizes, xy, self.tile)
 
 
 def source_of(slide, plan) -> SlideRef | ArchiveRef:

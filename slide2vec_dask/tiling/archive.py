@@ -25,21 +25,28 @@ def archive_path(folder, sample_id: str) -> Path:
     return Path(folder) / f"{sample_id}{ARCHIVE_SUFFIX}"
 
 
-def read_archive_tiles(path: str, offsets: np.ndarray, sizes: np.ndarray, tile: int) -> np.ndarray:
-    """The JPEG members at ``offsets`` / ``sizes`` of the tar, decoded: ``(n, tile, tile, 3)`` uint8."""
+def max_member_bytes(tile: int) -> int:
+    """The most bytes a ``tile`` px JPEG tile may take: twice its raw pixels, plus 64 KiB of headers
+    (a JPEG at quality 100 of pure noise stays under its raw size); a larger member is refused unread."""
+    return 2 * 3 * tile * tile + 65536
+
+
+def read_archive_tiles(path: str, offsets: np.ndarray, sizes: np.ndarray, xy: np.ndarray, tile: int) -> np.ndarray:
+    """The JPEG members at ``offsets`` / ``sizes`` of the tar, decoded: ``(n, tile, tile, 3)`` uint8.
+
+    ``xy`` (each tile's level-0 position) names a tile that is refused: one larger than a tile's
+    JPEG can be is not read, one of other dimensions not decoded.
+    """
     out = np.empty((len(offsets), tile, tile, 3), dtype=np.uint8)
     order = np.argsort(offsets)   # one forward pass through the file
+    limit = max_member_bytes(tile)
     with open(path, "rb") as f:
         for i in order:
+            where = f"{path}: the tile at ({int(xy[i][0])}, {int(xy[i][1])}) (byte {int(offsets[i])})"
+            if sizes[i] > limit:
+                raise ValueError(f"{where} takes {int(sizes[i])} bytes; a {tile} px JPEG tile takes at most {limit}")
             f.seek(int(offsets[i]))
-            try:
-                pixels = _decode(f.read(int(sizes[i])))
-            except (OSError, ValueError) as exc:
-                raise OSError(f"{path}: the tile at byte {int(offsets[i])} is not a readable JPEG ({exc})") from None
-            if pixels.shape[:2] != (tile, tile):
-                raise ValueError(f"{path}: a tile is {pixels.shape[1]}x{pixels.shape[0]} px, the plan expects "
-                                 f"{tile}x{tile} (an archive made for another tile size)")
-            out[i] = pixels
+            out[i] = _decode(f.read(int(sizes[i])), tile, where)
     return out
 
 
@@ -62,11 +69,18 @@ def decode_jpeg_tiles(blobs: list[bytes]) -> np.ndarray:
     return np.stack([_decode(b) for b in blobs])
 
 
-def _decode(data: bytes) -> np.ndarray:
+def _decode(data: bytes, tile: int | None = None, where: str = "a tile") -> np.ndarray:
+    """One JPEG's pixels; with ``tile``, its dimensions are checked from its header, before decoding."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if tile is not None and im.size != (tile, tile):
+                raise ValueError(f"{where} is {im.size[0]}x{im.size[1]} px, the plan expects {tile}x{tile} (an "
+                                 "archive made for another tile size, or a damaged one); not decoded")
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise OSError(f"{where} is not a readable JPEG ({exc})") from None
 
 
 def in_plan_order(plan, k: int, blobs_of):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slide2vec_dask.atomic import atomic
+
 
 @dataclass(frozen=True)
 class LevelChoice:
@@ -182,21 +184,9 @@ class TileGrid(TileGeometry):
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as ``.npz`` (arrays, plus x/y for other tools) and a readable ``.json``."""
-        import os
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        target = path.with_suffix(".npz")
-        # Written aside and renamed: a run killed mid-save never leaves a plan that resume would trust.
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npz")
-        np.savez_compressed(tmp, tissue_fraction=self.tissue_fraction, keep=self.keep,
-                            x=self.x, y=self.y, params=json.dumps(self._params()))
-        os.replace(tmp, target)
-        readable = path.with_suffix(".json")
-        tmp = readable.with_name(f".{readable.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**self._params(), "num_tiles": self.num_tiles}, indent=2))
-        os.replace(tmp, readable)
-        return target
+        return save_plan(path, {"tissue_fraction": self.tissue_fraction, "keep": self.keep, "x": self.x, "y": self.y,
+                                "params": json.dumps(self._params())},
+                         {**self._params(), "num_tiles": self.num_tiles})
 
     @classmethod
     def load(cls, path: str | Path) -> "TileGrid":
@@ -208,6 +198,20 @@ class TileGrid(TileGeometry):
         """Same geometry and selection parameters (used to decide whether a saved plan is reusable)."""
         a, b = self._params(), other._params()
         return all(a[k] == b[k] for k in a if k != "meta") and a["meta"].get("config") == b["meta"].get("config")
+
+
+def save_plan(path: str | Path, arrays: dict, readable: dict) -> Path:
+    """A plan's ``.npz`` and ``.json``, each written aside and renamed (`atomic`): a run killed or
+    a disk filled mid-save never leaves a plan resume would trust, and `sweep` finds what it left."""
+    path = Path(path)
+    target = atomic(path.with_suffix(".npz"), lambda tmp: _savez(tmp, arrays))
+    atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(readable, indent=2)))
+    return target
+
+
+def _savez(tmp: Path, arrays: dict) -> None:
+    with open(tmp, "wb") as f:   # (a file object: numpy would add ".npz" to the temporary's name)
+        np.savez_compressed(f, **arrays)
 
 
 def tile_fractions(mask: np.ndarray, level0_shape: tuple[int, int], grid_shape: tuple[int, int],

@@ -22,7 +22,7 @@ from slide2vec_dask.tiling.grid import TileGrid, choose_level, tile_fractions
 from slide2vec_dask.tiling.masks import drop_small_components, read_mask_file, segment_tissue
 from slide2vec_dask.tiling.peers import archive_plan, coordinates_file, is_own_plan, peer_coordinates
 from slide2vec_dask.tiling.preview import save_mask_preview, save_tiling_preview
-from slide2vec_dask.tiling.tile_list import load_plan
+from slide2vec_dask.tiling.tile_list import check_inside, load_plan
 
 if TYPE_CHECKING:   # tiling reads a config's fields and never builds one; `config` sits above the
     # store and the exporters (it checks output formats against them), which sit above tiling.
@@ -138,6 +138,9 @@ def _check_plan(grid, slide, spacing: float, tile: int, item: SlideInput, config
         lh, lw = slide.level_shapes[grid.level]
         if grid.shape[0] * grid.read_tile_size_px > lh or grid.shape[1] * grid.read_tile_size_px > lw:
             problems.append("its grid does not fit this slide's dimensions")
+    else:   # a saved list of free positions: none wholly outside this slide
+        height, width = slide.level_shapes[0]
+        check_inside(grid.xy, grid.tile_size_lv0, int(width), int(height), f"{item.sample_id}: saved coordinates")
     if problems:
         raise ValueError(f"{item.sample_id}: saved coordinates do not fit: " + "; ".join(problems))
 

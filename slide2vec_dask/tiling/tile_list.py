@@ -16,13 +16,81 @@ in the tar (byte offset and size): its blocks read those bytes, not the slide.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from slide2vec_dask.tiling.grid import TileGeometry, TileGrid
+from slide2vec_dask.tiling.grid import TileGeometry, TileGrid, save_plan
+
+
+MAX_COORDINATE = 2**31        # level-0 px: beyond any slide, and far from int64's limits in block arithmetic
+MAX_TILES = 2**24             # per slide: 256 MB of positions; a 200k px square slide holds 800k 224 px tiles
+MAX_TILES_PER_BLOCK = 16      # per block of k x k tile cells: a tiling overlapping by 3/4 has 16
+
+
+def checked_positions(raw, where: str) -> np.ndarray:
+    """``raw`` as (N, 2) int64 level-0 (x, y), or a ValueError naming ``where`` and what is wrong.
+
+    The one check of positions read from a file (peers' coordinates, archive manifests, saved
+    lists): the shape is (N, 2), the values are finite whole numbers (a fraction is refused,
+    never truncated), none is beyond any slide, and no position is listed twice.
+    """
+    xy = np.asarray(raw)
+    check_shape(xy.shape, where)
+    if xy.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: the coordinates are {xy.dtype}, not numbers")
+    if xy.dtype.kind == "f":
+        _refuse(where, ~np.isfinite(xy).all(axis=1), xy, "are not finite (NaN or infinite)")
+        _refuse(where, (xy != np.round(xy)).any(axis=1), xy, "are not whole numbers of level-0 pixels")
+    _refuse(where, (np.abs(xy.astype(np.float64)) > MAX_COORDINATE).any(axis=1), xy,
+            f"lie outside the slide (beyond {MAX_COORDINATE} px, larger than any slide)")
+    xy = xy.astype(np.int64)
+    _refuse_repeats(xy, where)
+    return xy
+
+
+def check_shape(shape: tuple, where: str) -> None:
+    """Positions are (N, 2), N at most `MAX_TILES` (checked from a file's header, before reading it)."""
+    if len(shape) != 2 or shape[1] != 2:
+        raise ValueError(f"{where}: the coordinates have shape {tuple(shape)}; expected (N, 2), one (x, y) row "
+                         "per tile (a file of another layout, or transposed)")
+    if shape[0] > MAX_TILES:
+        raise ValueError(f"{where}: {shape[0]} tile positions; at most {MAX_TILES} are read (more than any slide "
+                         "holds at any tile size a model takes)")
+
+
+def check_inside(xy: np.ndarray, tile_lv0: int, width: int, height: int, where: str) -> None:
+    """Refuse tiles wholly outside level 0 (``width`` x ``height``); a tile may overhang an edge, as hs2p's do."""
+    x, y = xy[:, 0], xy[:, 1]
+    outside = (x + tile_lv0 <= 0) | (y + tile_lv0 <= 0) | (x >= width) | (y >= height)
+    _refuse(where, outside, xy, f"lie outside the slide ({width} x {height} px at level 0; "
+                                f"{tile_lv0} px tiles)")
+
+
+def _refuse(where: str, bad: np.ndarray, xy: np.ndarray, what: str) -> None:
+    if bad.any():
+        a, b = xy[np.argmax(bad)]
+        raise ValueError(f"{where}: {int(bad.sum())} of {len(xy)} tile positions {what}, e.g. "
+                         f"({_number(a)}, {_number(b)}); fix or regenerate the coordinates")
+
+
+def _number(value) -> str:
+    return str(int(value)) if np.isfinite(value) and value == np.round(value) and abs(value) < 2**63 else f"{value:g}"
+
+
+def _refuse_repeats(xy: np.ndarray, where: str) -> None:
+    """Positions listed twice: a peer lists each once, so the file was joined or damaged (which row is
+    right is unknowable: an archive's would be two different tiles), and it is refused, not deduplicated."""
+    if not len(xy):
+        return
+    positions, counts = np.unique(xy, axis=0, return_counts=True)
+    repeated = counts > 1
+    if repeated.any():
+        shown = ", ".join(f"({a}, {b}) x{c}" for (a, b), c in zip(positions[repeated][:5], counts[repeated][:5]))
+        n = int(repeated.sum())
+        raise ValueError(f"{where}: {int(counts[repeated].sum())} rows repeat {n} position{'s' * (n > 1)}: "
+                         f"{shown}; each tile position must be listed once (write the file again)")
 
 
 @dataclass
@@ -41,10 +109,11 @@ class TileList(TileGeometry):
     layout = "free"                       # (a `TileGrid`'s is "grid")
 
     def __post_init__(self) -> None:
-        xy = np.asarray(self.xy, dtype=np.int64).reshape(-1, 2)
+        xy = np.asarray(self.xy)
+        if xy.shape != (len(xy), 2) or xy.dtype.kind not in "iu":   # (its sources check with their names)
+            raise ValueError(f"a TileList needs (N, 2) integer positions, not {xy.dtype} {xy.shape}")
+        xy = xy.astype(np.int64)
         order = np.lexsort((xy[:, 0], xy[:, 1]))   # row-major: y, then x
-        _, first = np.unique(xy[order], axis=0, return_index=True)
-        order = order[np.sort(first)]             # one tile per position
         self.xy = xy[order]
         self.fraction = np.asarray(self.fraction, dtype=np.float32).reshape(-1)[order]
         if self.member_offset is not None:
@@ -54,6 +123,12 @@ class TileList(TileGeometry):
     @property
     def num_tiles(self) -> int:
         return len(self.xy)
+
+    @property
+    def source(self) -> str:
+        """The slide and the file its positions came from, as messages name them."""
+        where = self.meta.get("tiles_from") or self.meta.get("coordinates_from")
+        return ": ".join(str(p) for p in (self.meta.get("sample_id"), where) if p)
 
     @property
     def x(self) -> np.ndarray:
@@ -88,9 +163,14 @@ class TileList(TileGeometry):
         cell = self.read_origin() // span
         if not len(cell):
             return [], []
-        keys = cell[:, 0] * (int(cell[:, 1].max()) + 1) + cell[:, 1]
+        shifted = cell - cell.min(axis=0)   # (tiles overhanging the top or left edge sit in cells below 0)
+        keys = shifted[:, 0] * (int(shifted[:, 1].max()) + 1) + shifted[:, 1]
         order = np.argsort(keys, kind="stable")
-        _, starts = np.unique(keys[order], return_index=True)
+        _, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
+        if counts.max() > MAX_TILES_PER_BLOCK * k * k:
+            raise ValueError(f"{self.source}: {int(counts.max())} tiles lie in one block ({span} px square at read "
+                             f"level {self.level}); at most {MAX_TILES_PER_BLOCK * k * k} may (tiles "
+                             f"overlapping by more than 3/4 are not a tiling): check the coordinates")
         groups = np.split(order, starts[1:])
         ids = [(int(cell[g[0], 0]), int(cell[g[0], 1])) for g in groups]
         return ids, groups
@@ -106,10 +186,10 @@ class TileList(TileGeometry):
         """What a block of ``tiles`` reads, and its tiles' places in what it reads.
 
         From the slide: ``(level, y, x, height, width)`` and their (row, col) in that window;
-        from an archive: the members' ``(offsets, sizes)``, and None (the tiles come whole).
+        from an archive: the members' ``(offsets, sizes, positions)``, and None (the tiles come whole).
         """
         if self.archive is not None:
-            return (self.member_offset[tiles], self.member_size[tiles]), None
+            return (self.member_offset[tiles], self.member_size[tiles], self.xy[tiles]), None
         (y, x, h, w), cuts = self.window(tiles)
         return (self.level, y, x, h, w), cuts
 
@@ -120,27 +200,19 @@ class TileList(TileGeometry):
 
     def save(self, path: str | Path) -> Path:
         """``.npz`` (x, y and tissue fraction for other tools, plus the parameters) and a readable ``.json``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        target = path.with_suffix(".npz")
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.npz")
-        arrays = {"x": self.x, "y": self.y, "tissue_fraction": self.fraction}
+        arrays = {"x": self.x, "y": self.y, "tissue_fraction": self.fraction, "layout": "list",
+                  "params": json.dumps(self._params())}
         if self.member_offset is not None:
             arrays.update(member_offset=self.member_offset, member_size=self.member_size)
-        np.savez_compressed(tmp, layout="list", params=json.dumps(self._params()), **arrays)
-        os.replace(tmp, target)
-        readable = path.with_suffix(".json")
-        tmp = readable.with_name(f".{readable.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**self._params(), "layout": "list", "num_tiles": self.num_tiles}, indent=2))
-        os.replace(tmp, readable)
-        return target
+        return save_plan(path, arrays, {**self._params(), "layout": "list", "num_tiles": self.num_tiles})
 
     @classmethod
-    def from_npz(cls, data) -> "TileList":
+    def from_npz(cls, data, where: str) -> "TileList":
         params = json.loads(str(data["params"]))
         members = {k: data[k] for k in ("member_offset", "member_size") if k in data}
-        return cls(xy=np.stack([data["x"], data["y"]], axis=1), fraction=data["tissue_fraction"],
-                   **members, **params)
+        x, y, *_ = columns(data, ("x", "y", "tissue_fraction", *members), where)
+        xy = checked_positions(np.stack([x, y], axis=1), where)
+        return cls(xy=xy, fraction=data["tissue_fraction"], **members, **params)
 
     def matches(self, other) -> bool:
         return isinstance(other, TileList) and self._params() == other._params() and \
@@ -180,9 +252,23 @@ def block_members(plan, k: int):
     return blocks, members
 
 
+def columns(data, keys, where: str) -> list[np.ndarray]:
+    """``data``'s arrays ``keys``, checked to be 1-D numbers of one length (one value per tile);
+    a ValueError naming ``where`` and the array otherwise."""
+    arrays = [np.asarray(data[k]) for k in keys]
+    for key, a in zip(keys, arrays):
+        if a.ndim != 1 or a.dtype.kind not in "iuf":
+            raise ValueError(f"{where}: {key} is {a.dtype} of shape {a.shape}; expected one value per tile "
+                             "(1-D numbers)")
+    if len({len(a) for a in arrays}) > 1:
+        raise ValueError(f"{where}: the arrays differ in length: " + ", ".join(
+            f"{len(a)} {k}" for k, a in zip(keys, arrays)) + "; expected one value per tile in each")
+    return arrays
+
+
 def load_plan(path: str | Path):
     """A saved plan: a `TileGrid` (one grid) or a `TileList` (free positions)."""
     with np.load(Path(path).with_suffix(".npz"), allow_pickle=False) as data:
         if "layout" in data and str(data["layout"]) == "list":
-            return TileList.from_npz(data)
+            return TileList.from_npz(data, str(Path(path).with_suffix(".npz")))
     return TileGrid.load(path)
