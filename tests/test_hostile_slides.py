@@ -148,3 +148,15 @@ def test_the_reduced_decode_stays_within_the_budget(small_svs, monkeypatch):
     monkeypatch.setattr(type(slide._reader), "read_reduced", lambda self, *a: calls.append(a) or real(self, *a))
     thumb = slide.thumbnail(64)
     assert calls == [] and thumb.shape == (21, 21, 3)
+
+
+def test_a_wide_level_is_reduced_in_blocks_to_the_same_thumbnail(small_svs, monkeypatch):
+    """A level too wide for full-width strips is read in column blocks: the same pixels."""
+    whole = open_slide(small_svs)._reduce_by_blocks(0, 16)
+    monkeypatch.setattr(base, "_BLOCK_PIXELS", 48 * 48)   # 1344 px x 16 rows > 48^2: columns of 48 px
+    calls = []
+    slide = open_slide(small_svs)
+    real = slide.read_level
+    monkeypatch.setattr(slide, "read_level", lambda *a: calls.append(a) or real(*a))
+    np.testing.assert_array_equal(slide._reduce_by_blocks(0, 16), whole)
+    assert max(width for *_, width in calls) == 48 and whole.shape == (84, 84, 3)

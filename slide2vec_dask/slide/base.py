@@ -26,6 +26,8 @@ from slide2vec_dask.slide import registry
 #: glass at 0.12 µm/px is 32 MP at 64x: both fit.  A header claiming 10^6 x 10^6 px does not (244 MP
 #: at 64x, 15.6 GP, 43.7 GiB, as libjpeg's 1/8 decode).  Bounded, the slide fails alone instead of the worker.
 THUMBNAIL_MAX_PIXELS = 1 << 26
+#: Pixels of level decoded at a time for a thumbnail (~48 MiB of RGB).
+_BLOCK_PIXELS = 1 << 24
 
 
 class UnreadableSlideError(ValueError):
@@ -212,10 +214,12 @@ class Slide:
 
     def _reduce_by_blocks(self, level: int, factor: int) -> np.ndarray:
         """The level area-averaged by ``factor``, read in blocks of ~16 MP (whole multiples of
-        ``factor``, so only the last row and column of blocks are ragged), however wide the level."""
+        ``factor``, so only the last row and column of blocks are ragged): full-width strips,
+        split into columns only when ``factor`` rows of the level are over 16 MP already."""
         h, w = self.level_shapes[level]
-        cols = min(w, factor * max(1, 4096 // factor))
-        rows = factor * max(1, (1 << 24) // (cols * factor))
+        side = math.isqrt(_BLOCK_PIXELS)
+        cols = w if w * factor <= _BLOCK_PIXELS else min(w, factor * max(1, side // factor))
+        rows = factor * max(1, _BLOCK_PIXELS // (cols * factor))
         out = np.empty((-(-h // factor), -(-w // factor), 3), dtype=np.uint8)
         for y in range(0, h, rows):
             for x in range(0, w, cols):

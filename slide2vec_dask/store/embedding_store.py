@@ -28,7 +28,8 @@ Why it is laid out so:
   Finalisation streams them band by band into the flat row-major arrays.
 * Every finished group is built aside and *renamed* into the store: a group
   under ``tiles/``, ``regions/``, ``_slides/`` or ``_patients/`` is complete
-  by being there with what its writer writes (`schema.COMPLETE_ATTRS`).  A crash, a user opening the store mid-run, or a task run
+  by being there with what its writer writes (`schema.COMPLETE_ATTRS`).  A
+  crash, a user opening the store mid-run, or a task run
   twice after a lost worker never sees half a group; a second finalisation
   of a slide finds it published and does nothing.
 * Metadata is consolidated per finished group, never for the whole store:
