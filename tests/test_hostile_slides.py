@@ -49,9 +49,9 @@ def sources(small: Path) -> list[Path]:
 # -- 2. a truncated slide is UnreadableSlideError naming the file, whatever the cut --------------
 @pytest.mark.parametrize("fraction", FRACTIONS)
 def test_a_truncated_slide_is_unreadable_at_any_cut(small_svs, tmp_path, fraction):
-    """Before: a real SVS cut at 30-65 % raised ``IndexError: 0`` from the reader registry's
-    unguarded probe (tifffile parsed no page; the claim asked for the first); the
-    synthetic one cut at 5 % too.  Cut at 90 %, the real one opened as if whole."""
+    """Before: the real SVS (CMU-1-Small-Region) cut at 5-65 % raised ``IndexError: 0`` from the
+    reader registry's unguarded probe (tifffile parsed no page; the claim asked for the first);
+    cut at 90 or 99 % (past its last level, before its last image directories) it opened as whole."""
     for source in sources(small_svs):
         path = truncated(source, tmp_path, fraction)
         with pytest.raises(UnreadableSlideError, match=path.name) as info:
@@ -60,7 +60,8 @@ def test_a_truncated_slide_is_unreadable_at_any_cut(small_svs, tmp_path, fractio
 
 
 def test_a_truncated_slide_fails_alone_in_a_run(tiny, small_svs, tmp_path):
-    """Before: the truncated slide's row said ``IndexError`` / ``0``: nothing a user can act on."""
+    """Before: the truncated real slide's row said ``IndexError`` / ``0``: nothing a user can act on
+    (the synthetic one cut at 50 % was already UnreadableSlideError)."""
     slides = [{"sample_id": "good", "image_path": small_svs}]
     for source in sources(small_svs):
         slides.append({"sample_id": f"cut-{source.stem}", "image_path": truncated(source, tmp_path, 0.5)})
@@ -76,7 +77,7 @@ def test_a_truncated_slide_fails_alone_in_a_run(tiny, small_svs, tmp_path):
 
 def test_a_reader_that_fails_on_open_says_unreadable_naming_the_file(small_svs, monkeypatch):
     """Any reader's failure on open (here a library's own exception type) becomes
-    UnreadableSlideError naming the file and the reader."""
+    UnreadableSlideError naming the file and the reader.  Before: the ``KeyError`` went through as it was."""
     spec = registry.get("tifffile")
 
     def broken(path):
@@ -99,7 +100,7 @@ def hostile_tiff(path: Path, declared: int = 10**6) -> Path:
 
 
 def test_a_level_whose_tiles_disagree_with_its_size_is_refused(tmp_path):
-    """Before: the 10^6 x 10^6 level opened; its thumbnail allocated 43.7 GiB (libjpeg's 1/8 of level 0)."""
+    """Before: the 10^6 x 10^6 level opened as if real (its thumbnail then asked for 43.7 GiB)."""
     path = hostile_tiff(tmp_path / "hostile.tif")
     with pytest.raises(UnreadableSlideError, match=r"hostile\.tif.*level 0.*4 tiles") as info:
         open_slide(path)
@@ -107,7 +108,8 @@ def test_a_level_whose_tiles_disagree_with_its_size_is_refused(tmp_path):
 
 
 def test_a_hostile_header_fails_alone_in_a_run(tiny, small_svs, tmp_path):
-    """Before: planning the hostile slide tried to allocate a 43.7 GiB thumbnail."""
+    """Before: the row said ``MemoryError``: planning asked for a 43.7 GiB array (libjpeg's 1/8
+    decode of the declared level 0, for the thumbnail)."""
     slides = [{"sample_id": "good", "image_path": small_svs},
               {"sample_id": "hostile", "image_path": hostile_tiff(tmp_path / "hostile.tif")}]
     result = Pipeline(tiny, PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5),
