@@ -23,6 +23,7 @@ _EXPORTS = {
     "PatientArtifact": "slide2vec_dask.results",
     "Pipeline": "slide2vec_dask.pipeline",
     "open_embeddings": "slide2vec_dask.store",
+    "StoreLayoutError": "slide2vec_dask.store",
     "export": "slide2vec_dask.exporters",
     "OutputDirError": "slide2vec_dask.store.output_dir",
     "OutputDirLocked": "slide2vec_dask.store.output_dir",
@@ -62,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from slide2vec_dask.pipeline import Pipeline
     from slide2vec_dask.results import (EmbeddedPatient, EmbeddedSlide, PatientArtifact, RunResult,
                                         SlideArtifact, TileArtifact)
-    from slide2vec_dask.store import open_embeddings
+    from slide2vec_dask.store import StoreLayoutError, open_embeddings
     from slide2vec_dask.store.output_dir import OutputDirError, OutputDirLocked
     from slide2vec_dask.slide import MissingSpacingError, Slide, UnreadableSlideError, open_slide
     from slide2vec_dask.tiling import TileGrid

@@ -302,7 +302,11 @@ class Model:
         spec, execution, artifacts = self.slide_spec, self.resolve_execution(execution), list(tile_artifacts)
         stores: dict[Path, EmbeddingStore] = {}
         for a in artifacts:
-            store = stores.setdefault(Path(a.store_path).parent, EmbeddingStore(Path(a.store_path).parent))
+            folder = Path(a.store_path).parent
+            if folder not in stores:   # a store of another layout is refused before anything is read
+                stores[folder] = EmbeddingStore(folder)
+                stores[folder].check_layout()
+            store = stores[folder]
             stored = store.tile_encoder(a.sample_id)
             if stored != spec.tile_encoder.name:
                 raise ValueError(f"{a.sample_id}: its tile embeddings were made by {stored!r}, but {spec.name!r} "

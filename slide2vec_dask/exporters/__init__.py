@@ -156,6 +156,7 @@ def export(output_dir: str | Path, format: str | Sequence[str], *, samples: Sequ
     if not store.path.exists():
         raise FileNotFoundError(f"no embeddings store at {store.path}: run the pipeline with "
                                 f"ExecutionOptions(output_dir={str(output_dir)!r}) first")
+    store.check_layout()
     check_output_dir(_dest(store, dest), "export destination" if dest is not None else "output_dir")
     finished, rows, patients = store.finished_slides(), store.slide_rows(), store.patient_rows()
     if samples is None:

@@ -20,6 +20,16 @@ import numpy as np
 from slide2vec_dask.slide import registry
 
 
+#: The most pixels a thumbnail (the tissue mask's image, a preview) may have, and so the most a
+#: thumbnail's intermediate (a level decoded at 1/8 by libjpeg) may hold: 2^26 px, 192 MiB of RGB.
+#: A large real slide (200k x 100k px at 0.25 µm/px) is 4.9 MP at the default 64x; a whole 75 x 25 mm
+#: glass at 0.12 µm/px is 32 MP at 64x: both fit.  A header claiming 10^6 x 10^6 px does not (244 MP
+#: at 64x, 15.6 GP, 43.7 GiB, as libjpeg's 1/8 decode).  Bounded, the slide fails alone instead of the worker.
+THUMBNAIL_MAX_PIXELS = 1 << 26
+#: Pixels of level decoded at a time for a thumbnail (~48 MiB of RGB).
+_BLOCK_PIXELS = 1 << 24
+
+
 class UnreadableSlideError(ValueError):
     """The file exists but is not a slide any backend can read."""
 
@@ -166,12 +176,25 @@ class Slide:
 
         level = self.best_level_for_downsample(downsample)
         factor = int(max(1, math.floor(downsample / self.level_downsamples[level] + 1e-6)))
-        pixels = self._reduced_level(level, factor)
         h0, w0 = self.level_shapes[0]
         out_h, out_w = max(1, round(h0 / downsample)), max(1, round(w0 / downsample))
+        self._check_budget(downsample, out_h, out_w, _reduced_size(self.level_shapes[level], factor))
+        pixels = self._reduced_level(level, factor)
         if pixels.shape[:2] != (out_h, out_w):
             pixels = np.asarray(Image.fromarray(pixels).resize((out_w, out_h), Image.BILINEAR))
         return pixels
+
+    def _check_budget(self, downsample: float, out_h: int, out_w: int, reduced: int) -> None:
+        """Refuse a thumbnail over `THUMBNAIL_MAX_PIXELS` (it, or the level reduced to make it) before
+        allocating it: the size comes from the file's header, which may be wrong or hostile."""
+        if max(out_h * out_w, reduced) <= THUMBNAIL_MAX_PIXELS:
+            return
+        h0, w0 = self.level_shapes[0]
+        raise UnreadableSlideError(
+            f"{self.path}: a thumbnail at downsample {downsample:g} would be {out_w} x {out_h} px, over the "
+            f"budget of {THUMBNAIL_MAX_PIXELS} px; the file declares level 0 as {w0} x {h0} px and "
+            f"{self.level_count} level(s). If that size is real, raise segmentation['downsample'] "
+            "(or preview['downsample']); if not, the file's header is damaged")
 
     def _reduced_level(self, level: int, factor: int) -> np.ndarray:
         with self._thumb_lock:
@@ -179,18 +202,30 @@ class Slide:
                 return self._thumb_cache[1]
             scale = next((s for s in (8, 4, 2) if factor % s == 0), 1)
             reduced = getattr(self._reader, "read_reduced", None)
-            pixels = reduced(level, scale) if reduced is not None and scale > 1 else None
+            # libjpeg's 1/scale decode holds the whole level at 1/scale: only when that fits the budget too
+            fits = _reduced_size(self.level_shapes[level], scale) <= THUMBNAIL_MAX_PIXELS
+            pixels = reduced(level, scale) if reduced is not None and scale > 1 and fits else None
             if pixels is not None:   # JPEG tiles decoded at 1/scale by libjpeg, then the rest by area
                 pixels = _block_mean(pixels, factor // scale)
-                self._thumb_cache = ((level, factor), pixels)
-                return pixels
-            h, w = self.level_shapes[level]
-            rows = factor * max(1, (1 << 24) // (w * factor))  # ~16 MP per strip
-            strips = [_block_mean(self.read_level(level, y, 0, min(rows, h - y), w), factor)
-                      for y in range(0, h, rows)]
-            pixels = np.concatenate(strips, axis=0)
+            else:
+                pixels = self._reduce_by_blocks(level, factor)
             self._thumb_cache = ((level, factor), pixels)
             return pixels
+
+    def _reduce_by_blocks(self, level: int, factor: int) -> np.ndarray:
+        """The level area-averaged by ``factor``, read in blocks of ~16 MP (whole multiples of
+        ``factor``, so only the last row and column of blocks are ragged): full-width strips,
+        split into columns only when ``factor`` rows of the level are over 16 MP already."""
+        h, w = self.level_shapes[level]
+        side = math.isqrt(_BLOCK_PIXELS)
+        cols = w if w * factor <= _BLOCK_PIXELS else min(w, factor * max(1, side // factor))
+        rows = factor * max(1, _BLOCK_PIXELS // (cols * factor))
+        out = np.empty((-(-h // factor), -(-w // factor), 3), dtype=np.uint8)
+        for y in range(0, h, rows):
+            for x in range(0, w, cols):
+                block = _block_mean(self.read_level(level, y, x, min(rows, h - y), min(cols, w - x)), factor)
+                out[y // factor : y // factor + block.shape[0], x // factor : x // factor + block.shape[1]] = block
+        return out
 
     def close(self) -> None:
         self._reader.close()
@@ -208,18 +243,38 @@ class Slide:
 def make_reader(path: Path, backend: str) -> Reader:
     """The reader ``backend`` names for ``path``; ``"auto"``: the installed one that reads it best."""
     if backend == "auto":
-        spec = registry.choose(path)
+        spec, damage = registry.choose(path)
         if spec is None:
             raise UnreadableSlideError(
-                f"{path}: no installed reader opens this file (tried {', '.join(_installed())}). "
-                "Check that the file is complete and in a slide format (SVS, TIFF, NDPI, MRXS, DICOM, ...)."
+                f"{path}: no installed reader opens this file (tried {', '.join(_installed())})"
+                + (f"; {damage}" if damage else "")
+                + ". Check that the file is complete and in a slide format (SVS, TIFF, NDPI, MRXS, DICOM, ...)."
             )
+    else:
+        spec = registry.require(backend)
+    return _open_with(spec, path)
+
+
+def _open_with(spec: registry.ReaderSpec, path: Path) -> Reader:
+    """``spec.open(path)``; whatever a reader's library raises on a bad file is an `UnreadableSlideError`
+    naming the file and the reader (a missing file or permission, a missing library, memory, and a
+    reader that refuses the backend itself stay what they are)."""
+    try:
         return spec.open(path)
-    return registry.require(backend).open(path)
+    except (UnreadableSlideError, FileNotFoundError, PermissionError, ImportError, MemoryError, NotImplementedError):
+        raise
+    except Exception as exc:   # noqa: BLE001 - each library has its own exception types
+        raise UnreadableSlideError(f"{path}: the {spec.name} reader cannot open it ({type(exc).__name__}: {exc}); "
+                                   "is the file complete and a slide?") from exc
 
 
 def _installed() -> list[str]:
     return [spec.name for spec in registry.readers() if spec.available()]
+
+
+def _reduced_size(shape: tuple[int, int], factor: int) -> int:
+    """Pixels of a level of ``shape`` area-averaged by ``factor`` (ragged edges kept)."""
+    return -(-shape[0] // factor) * -(-shape[1] // factor)
 
 
 _OPEN: "OrderedDict[tuple, Slide]" = OrderedDict()

@@ -51,20 +51,33 @@ class ReaderSpec:
 
 
 class Probe:
-    """What a file is, found out once and shared by every reader's claim."""
+    """What a file is, found out once and shared by every reader's claim.
+
+    ``damage`` says what is wrong with a file that starts as a format but breaks
+    off (a truncated TIFF): no reader claims it, and the error says this.
+    """
 
     def __init__(self, path: Path):
         self.path = path
+        self.damage = ""
 
     @cached_property
     def tiff(self):
-        """The parsed TIFF header (tifffile), or None when the file is not a TIFF."""
+        """The parsed TIFF header (tifffile), or None when the file is not a TIFF or has no readable page."""
         import tifffile
 
         try:
-            return tifffile.TiffFile(self.path)
-        except Exception:   # noqa: BLE001 - not a TIFF (or too damaged to be one)
+            tif = tifffile.TiffFile(self.path)
+        except Exception as exc:   # noqa: BLE001 - not a TIFF (or too damaged to be one)
+            if _starts_as_tiff(self.path):
+                self.damage = f"it starts as a TIFF but its header cannot be read ({type(exc).__name__}: {exc})"
             return None
+        if len(tif.pages) == 0:   # the first image directory lies past the end: a cut-off file
+            tif.close()
+            self.damage = (f"it starts as a TIFF but holds no readable image directory within its "
+                           f"{self.path.stat().st_size} bytes: the file is truncated")
+            return None
+        return tif
 
     @cached_property
     def openslide_format(self) -> str | None:
@@ -118,19 +131,35 @@ def require(name: str) -> ReaderSpec:
     return spec
 
 
-def choose(path: Path) -> ReaderSpec | None:
-    """The installed reader that reads ``path`` best (auto), or None when none claims it."""
+def choose(path: Path) -> tuple[ReaderSpec | None, str]:
+    """The installed reader that reads ``path`` best (auto), or None when none claims it; and
+    what the probe found wrong with the file (``""`` when nothing).
+
+    A claim that fails counts as no claim: a reader that cannot even look at the file cannot read it.
+    """
     probe = Probe(path)
     try:
         best, best_score = None, 0
         for spec in readers():
             if not spec.available():
                 continue
-            score = spec.claims(probe)
+            try:
+                score = spec.claims(probe)
+            except Exception as exc:   # noqa: BLE001 - a damaged file breaks a probe; say so, try the others
+                probe.damage = probe.damage or f"the {spec.name} reader's probe failed ({type(exc).__name__}: {exc})"
+                continue
             if score >= CERTAIN:   # no later reader can do better: skip their probes (and imports)
-                return spec
+                return spec, probe.damage
             if score > best_score:
                 best, best_score = spec, score
-        return best
+        return best, probe.damage
     finally:
         probe.close()
+
+
+def _starts_as_tiff(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+    except OSError:
+        return False

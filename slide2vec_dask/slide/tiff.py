@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import struct
 import weakref
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -56,11 +57,7 @@ class TiffReader:
                     f"{page0.dtype}, {page0.samplesperpixel} samples, planar config {page0.planarconfig}"
                 )
             self._levels = [self._level(page) for page in _level_pages(self._tif, series)]
-            size = os.path.getsize(path)
-            for i, lv in enumerate(self._levels):
-                end = max((o + c for o, c in zip(lv.offsets, lv.counts)), default=0)
-                if end > size:
-                    raise ValueError(f"level {i} needs {end} bytes but the file has {size}: it is truncated")
+            _check_geometry(self._tif, self._levels, os.path.getsize(path))
             self.vendor, self.spacing_um = tiff_vendor(page0), _spacing(self._tif, page0)
         except Exception:
             self._tif.close()
@@ -171,6 +168,44 @@ class TiffReader:
 def _close_both(fd: int, tif: tifffile.TiffFile) -> None:
     os.close(fd)
     tif.close()
+
+
+def _check_geometry(tif: tifffile.TiffFile, levels: list[_Level], size: int) -> None:
+    """Refuse a file whose header does not fit its contents, before any size it declares is used.
+
+    A level's declared width and height must need exactly the tiles (strips) the file lists:
+    a header claiming 10^6 x 10^6 px over 4 real tiles would otherwise size a 43.7 GiB
+    thumbnail.  Every tile must lie within the file, and so must the next image directory
+    (a file cut after its last level still parses, with its later pages silently gone).
+    """
+    for i, lv in enumerate(levels):
+        page, listed = lv.page, len(lv.offsets)
+        needed = int(np.prod(page.chunked, dtype=np.int64))
+        if listed != needed or len(lv.counts) != listed:
+            h, w = page.shape[:2]
+            raise ValueError(f"level {i} (page {page.index}) declares {w} x {h} px, which takes {needed} "
+                             f"tiles of {lv.seg_w} x {lv.seg_h}, but the file lists {listed} tiles: "
+                             "its header is corrupt")
+        end = max((o + c for o, c in zip(lv.offsets, lv.counts)), default=0)
+        if end > size:
+            raise ValueError(f"level {i} needs {end} bytes but the file has {size}: it is truncated")
+    following = _next_ifd(tif)
+    if following >= size:
+        raise ValueError(f"its last image directory points to byte {following}, past its end ({size} bytes): "
+                         "it is truncated")
+
+
+def _next_ifd(tif: tifffile.TiffFile) -> int:
+    """Where the last page says the next image directory is (0: nowhere, the chain ends)."""
+    where = tif.pages.next_page_offset
+    if where is None:
+        return 0
+    fh = tif.filehandle
+    fh.seek(where)
+    data = fh.read(tif.tiff.offsetsize)
+    if len(data) < tif.tiff.offsetsize:   # the pointer itself is cut off
+        return fh.size + 1
+    return int(struct.unpack(tif.tiff.offsetformat, data)[0])
 
 
 def tiff_vendor(page: tifffile.TiffPage) -> str:

@@ -2,7 +2,8 @@
 
 Layout (Zarr v3, readable with plain xarray)::
 
-    <output_dir>/embeddings.zarr          what users open: only finished things
+    <output_dir>/embeddings.zarr          what users open: only finished things;
+                            attrs: run (the settings), layout (`schema.LAYOUT_VERSION`)
       tiles/<sample_id>     embedding (tile, feature); coords x, y (tile), level-0 px;
                             tissue_fraction (tile); attrs: provenance
       regions/<sample_id>   hierarchical mode: embedding (region, tile_in_region, feature),
@@ -27,7 +28,8 @@ Why it is laid out so:
   Finalisation streams them band by band into the flat row-major arrays.
 * Every finished group is built aside and *renamed* into the store: a group
   under ``tiles/``, ``regions/``, ``_slides/`` or ``_patients/`` is complete
-  by being there.  A crash, a user opening the store mid-run, or a task run
+  by being there with what its writer writes (`schema.COMPLETE_ATTRS`).  A
+  crash, a user opening the store mid-run, or a task run
   twice after a lost worker never sees half a group; a second finalisation
   of a slide finds it published and does nothing.
 * Metadata is consolidated per finished group, never for the whole store:
@@ -63,6 +65,12 @@ _FLAT_CHUNK_BYTES = 8 << 20
 logger = logging.getLogger("slide2vec_dask")
 _ROWS = {"slide": (SLIDE_ROWS, "slides", "slide", "sample_id"),
          "patient": (PATIENT_ROWS, "patients", "patient", "patient_id")}
+#: The folder in which stores of layout 1 staged their blocks, inside the store.
+_OLD_STAGING = "_staging"
+
+
+class StoreLayoutError(ValueError):
+    """The store was written in a layout this release does not read (older or newer)."""
 
 
 def store_path(output_dir: str | Path) -> Path:
@@ -113,10 +121,46 @@ class EmbeddingStore:
     def exists(self) -> bool:
         return (self.path / "zarr.json").is_file()
 
-    def check_run(self, run_attrs: dict[str, Any]) -> None:
-        """Refuse to add to a store made with other settings (reads only)."""
+    def check_layout(self) -> None:
+        """Refuse a store of another layout (reads only); every reader entry asks this first.
+
+        A store that records none is of today's layout when nothing of the older one is in it
+        (no ``_staging/``, every group complete by today's rule): it was written by a release
+        from before layouts were recorded, and the next run records it.
+        """
         if not self.exists():
             return
+        found = _attrs(self.path).get(schema.LAYOUT_ATTR)
+        if found == schema.LAYOUT_VERSION:
+            return
+        todo = (f"rerun with ExecutionOptions(overwrite=True) (CLI: execution.overwrite=true) to replace it, "
+                "or use a new output_dir")
+        if found is not None:
+            raise StoreLayoutError(
+                f"{self.path} has store layout {found!r}; this release of slide2vec-dask reads layout "
+                f"{schema.LAYOUT_VERSION} only (a newer layout needs a newer release): {todo}")
+        old = self._older_layout()
+        if old:
+            raise StoreLayoutError(
+                f"{self.path} was written in an older store layout (before layout {schema.LAYOUT_VERSION}): "
+                f"{old}; its embeddings cannot be trusted as complete: {todo}")
+
+    def _older_layout(self) -> str:
+        """What in an unrecorded store belongs to the older layout ("" when nothing does)."""
+        if (self.path / _OLD_STAGING).exists():
+            return f"it holds {_OLD_STAGING}/ (blocks staged inside the store)"
+        for where, kind in (("tiles", "tiles"), ("regions", "regions"), (SLIDE_ROWS, "rows"), (PATIENT_ROWS, "rows")):
+            for name in _groups(self.path / where):
+                missing = _missing(_attrs(self.path / where / name), kind)
+                if missing:
+                    return f"{where}/{name} lacks {', '.join(missing)}"
+        return ""
+
+    def check_run(self, run_attrs: dict[str, Any]) -> None:
+        """Refuse to add to a store of another layout, or made with other settings (reads only)."""
+        if not self.exists():
+            return
+        self.check_layout()
         existing = _attrs(self.path).get("run")
         if existing is not None and existing != run_attrs:
             changed = sorted(k for k in set(existing) | set(run_attrs) if existing.get(k) != run_attrs.get(k))
@@ -146,6 +190,8 @@ class EmbeddingStore:
                                use_consolidated=False)
         if dict(root.attrs).get("run") != run_attrs:
             root.attrs["run"] = run_attrs
+        if dict(root.attrs).get(schema.LAYOUT_ATTR) != schema.LAYOUT_VERSION:   # new, or checked above
+            root.attrs[schema.LAYOUT_ATTR] = schema.LAYOUT_VERSION
         if "tiles" not in root:
             root.create_group("tiles")
         self._drop_consolidated()
@@ -201,22 +247,22 @@ class EmbeddingStore:
         if doc.pop("consolidated_metadata", None) is not None:
             _write_json(meta, doc)
 
-    # -- what is done (client side; listings, not one open per slide) ------------------------
+    # -- what is done (client side: a listing and one small JSON read per group, never a zarr open) --
     def finished_slides(self) -> set[str]:
-        """Sample ids whose tile embeddings are published under ``tiles/``."""
-        return _published(self.path / "tiles")
+        """Sample ids whose tile embeddings are published, complete, under ``tiles/``."""
+        return _published(self.path / "tiles", "tiles")
 
     def slide_rows(self) -> set[str]:
-        return _published(self.path / SLIDE_ROWS)
+        return _published(self.path / SLIDE_ROWS, "rows")
 
     def patient_rows(self) -> set[str]:
-        return _published(self.path / PATIENT_ROWS)
+        return _published(self.path / PATIENT_ROWS, "rows")
 
     def is_complete(self, sample_id: str) -> bool:
-        return (self.path / "tiles" / sample_id / "zarr.json").is_file()
+        return not _missing(self.tile_attrs(sample_id), "tiles")
 
     def has_row(self, level: str, key: str) -> bool:
-        return (self.path / _ROWS[level][0] / key / "zarr.json").is_file()
+        return not _missing(self.row_attrs(level, key), "rows")
 
     def row_has_latents(self, level: str, key: str) -> bool:
         return (self.path / _ROWS[level][0] / key / "latents" / "zarr.json").is_file()
@@ -247,7 +293,7 @@ class EmbeddingStore:
         return int(self.tile_attrs(sample_id).get("num_tiles", 0))
 
     def has_regions(self, sample_id: str) -> bool:
-        return (self.path / "regions" / sample_id / "zarr.json").is_file()
+        return not _missing(_attrs(self.path / "regions" / sample_id), "regions")
 
     def num_regions(self, sample_id: str) -> int:
         return int(_attrs(self.path / "regions" / sample_id).get("num_regions", 0))
@@ -348,7 +394,7 @@ class EmbeddingStore:
             raise
         except OSError as exc:   # (a full disk, said plainly, as staging says it)
             raise write_error(self.path, exc) from exc
-        stale = self.is_complete(sample_id)
+        stale = (self.path / "tiles" / sample_id).exists()   # complete, or not: replaced either way
         if regions is not None:
             self._publish(regions, self.path / "regions" / sample_id, replace=True)
         elif stale:
@@ -480,7 +526,7 @@ class EmbeddingStore:
     # -- tables (client side, at the end of a run) -------------------------------------------
     def finished_rows(self, level: str, first: list[str] = ()) -> list[str]:
         """Keys of the finished slide (patient) rows: those of ``first`` in its order, then the rest sorted."""
-        done = _published(self.path / _ROWS[level][0])
+        done = _published(self.path / _ROWS[level][0], "rows")
         return [k for k in first if k in done] + sorted(done - set(first))
 
     def assemble(self, level: str, keys: list[str], with_latents: bool = False,
@@ -566,6 +612,7 @@ class EmbeddingStore:
 
         if not self.path.exists():
             raise FileNotFoundError(f"no embeddings store at {self.path}")
+        self.check_layout()
         # Consolidated once a run ended; mid-run or after a crash, group by group.
         return xr.open_datatree(str(self.path), engine="zarr", consolidated=self.is_consolidated(), chunks=chunks)
 
@@ -695,11 +742,21 @@ def _nodes(root: Path):
                 stack.append((key + "/", Path(entry.path)))
 
 
-def _published(folder: Path) -> set[str]:
+def _published(folder: Path, kind: str) -> set[str]:
+    """The groups under ``folder`` complete by the rule for ``kind`` (one small JSON read each)."""
+    return {name for name in _groups(folder) if not _missing(_attrs(folder / name), kind)}
+
+
+def _groups(folder: Path) -> list[str]:
     try:
-        return {e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, "zarr.json"))}
+        return [e.name for e in os.scandir(folder) if e.is_dir() and os.path.isfile(os.path.join(e.path, "zarr.json"))]
     except FileNotFoundError:
-        return set()
+        return []
+
+
+def _missing(attrs: dict[str, Any], kind: str) -> list[str]:
+    """What of its writer's attributes a group of ``kind`` lacks (``complete`` must be true): [] when complete."""
+    return [k for k in schema.COMPLETE_ATTRS[kind] if k not in attrs or (k == "complete" and attrs[k] is not True)]
 
 
 def _attrs(group_dir: Path) -> dict[str, Any]:

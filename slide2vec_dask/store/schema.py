@@ -9,6 +9,22 @@ from __future__ import annotations
 
 LEVEL0_PX = "pixels (level 0)"
 
+#: The store's layout, recorded in its root attributes by the run that makes it and checked by
+#: every reader (a rerun, `open_embeddings`, `export`): a store of another layout is refused, never
+#: half-read.  1 (never recorded): groups built in place, blocks staged inside the store under
+#: ``_staging/``, ``complete`` written last, so a crash left groups that looked finished.
+#: 2: work outside the store (``.slide2vec-work/``), every group built aside and renamed in.
+LAYOUT_ATTR = "layout"
+LAYOUT_VERSION = 2
+
+#: What the writer of each kind of group always writes (``complete`` last): a group without all
+#: of them (damaged, hand-edited, or of another layout) is not complete, and is made again.
+COMPLETE_ATTRS = {
+    "tiles": ("complete", "num_tiles", "feature_dim", "tile_size_lv0", "build_id"),
+    "regions": ("complete", "num_regions", "region_tile_multiple", "tile_size_lv0"),
+    "rows": ("complete", "build_id"),
+}
+
 TILE_DIMS = ("tile", "feature")
 REGION_DIMS = ("region", "tile_in_region", "feature")
 REGION_MASK_DIMS = ("region", "tile_in_region")
