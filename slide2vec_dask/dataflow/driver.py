@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from slide2vec_dask.dataflow import tasks, worker
-from slide2vec_dask.dataflow.sources import read_block
 from slide2vec_dask.results import SlideOutcome
 
 
@@ -210,7 +209,7 @@ class Driver:
         plan, tag = state.plan, f"{state.plan.sample_id}-{block[0]}-{block[1]}"
         pixels = plan.read_request(block)
         if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
-            pixels = self.executor.submit_input(read_block, *pixels, key=f"read-{tag}-{self.run_token}")
+            pixels = self.executor.submit_input(tasks.read_task, *pixels, key=f"read-{tag}-{self.run_token}")
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         self._submit("block", plan.sample_id, Task(tasks.embed_block, (pixels, plan.cuts(block),
                                                                       plan.kept_in_block(block)), dict(
