@@ -149,6 +149,34 @@ def test_cpu_cluster_runs_in_this_process_on_loopback():
         cluster.close()
 
 
+def test_embedded_cluster_keeps_no_per_slide_records(tmp_path):
+    """Client memory flat in the cohort size (bench_scale.py measures it): the worker's statistical
+    profiler (a profile tree a second, in this process) is off, and tasks are grouped by stage,
+    whatever the sample ids (string keys like ``embed-case-a-...`` made a Dask prefix per slide)."""
+    import torch
+    from distributed import Client
+
+    from slide2vec_dask import ExecutionOptions, Model, Pipeline
+
+    image = testing.tissue_image(512, 512, [(0, 0, 512, 512)])
+    slide = testing.write_svs(tmp_path / "s.svs", image, downsamples=(1, 4), tile_size=256)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("sample_id,image_path\n" + "".join(f"case-{c}-slide,{slide}\n" for c in "abcd"))
+    model = Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                              name="mean-rgb", feature_dim=3)
+    cluster = start_local_cluster(2, 0)
+    try:
+        (worker,) = cluster.workers.values()
+        assert not any("profile" in name for name in worker.periodic_callbacks)
+        with Client(cluster, set_as_default=False) as client:
+            result = Pipeline(model, execution=ExecutionOptions(output_dir=tmp_path / "out"), client=client).run(
+                manifest_path=manifest)
+            assert result.num_failed == 0
+            assert set(cluster.scheduler.task_prefixes) <= {"plan", "embed", "finalize", "encoder"}
+    finally:
+        cluster.close()
+
+
 def test_gpu_cluster_is_one_pinned_worker_process_per_gpu():
     from distributed import Client
 

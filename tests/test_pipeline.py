@@ -118,6 +118,57 @@ def test_run_writes_one_store_and_isolates_the_corrupt_slide(tiny, slides, clust
     np.testing.assert_array_equal(lazy.values, tree["tiles/syn"]["embedding"].values)
 
 
+
+BAD_SLIDES_RUN = """
+import sys, torch
+from slide2vec_dask import ExecutionOptions, Model, Pipeline
+model = Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()),
+                          name="mean-rgb", feature_dim=3)
+result = Pipeline(model, execution=ExecutionOptions(output_dir=sys.argv[2], num_workers=2)).run(
+    manifest_path=sys.argv[1])
+print("failed", result.num_failed)
+"""
+
+
+def _damaged_copy(src: Path, dest: Path) -> Path:
+    """``src`` with the level-0 tiles' JPEG data overwritten: it opens and plans, its blocks cannot be decoded."""
+    import tifffile
+
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        rng = np.random.default_rng(0)
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            data[offset + count // 4 : offset + count] = rng.integers(0, 256, count - count // 4, np.uint8).tobytes()
+    dest.write_bytes(bytes(data))
+    return dest
+
+
+def test_expected_slide_failures_print_no_worker_tracebacks(tmp_path):
+    """Missing, corrupt, no spacing, damaged tiles: four failed rows, and no distributed
+    "Compute Failed" block per failed task on stderr (the tasks return these failures)."""
+    image = testing.tissue_image(512, 512, [(0, 0, 512, 512)])
+    good = testing.write_svs(tmp_path / "good.svs", image, downsamples=(1, 4), tile_size=256)
+    (tmp_path / "corrupt.svs").write_bytes(os.urandom(5000))
+    testing.write_tiff(tmp_path / "nospacing.tif", image)
+    _damaged_copy(good, tmp_path / "damaged.svs")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("sample_id,image_path\ngood,good.svs\nmissing,missing.svs\ncorrupt,corrupt.svs\n"
+                        "nospacing,nospacing.tif\ndamaged,damaged.svs\n")
+    script = tmp_path / "run.py"
+    script.write_text(BAD_SLIDES_RUN)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), str(manifest), str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed 4" in proc.stdout
+    rows = read_rows(out / "process_list.csv")
+    assert {s: r["error_type"] for s, r in rows.items() if r["status"] == "failed"} == {
+        "missing": "FileNotFoundError", "corrupt": "UnreadableSlideError", "nospacing": "MissingSpacingError",
+        "damaged": "UnreadableSlideError"}
+    assert rows["good"]["status"] == "success"
+    assert "Compute Failed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
 def test_rerun_of_a_finished_run_does_no_work(tiny, slides, tmp_path):
     from distributed import Client, LocalCluster
 

@@ -19,8 +19,9 @@ boundary.  What is in flight is decided here and nowhere else:
   masks and counters); a finished slide leaves its outcome row (and, for
   the memory sink, its result) behind and nothing else.
 
-Tasks have deterministic keys (``plan-``, ``read-``, ``embed-``,
-``finalize-``, ``slide-``, ``patient-`` + sample id + run token) and are
+Tasks have deterministic keys, ``("<stage>-<run token>", sample id[, block
+row, block col])`` with stage ``plan``, ``read``, ``embed``, ``finalize``,
+``slide``, ``patient`` (a patient's key names the patient), and are
 idempotent (see `tasks`): when a worker is lost, Dask recomputes what it
 held and the store ends the same.  A slide's own failure (its exception)
 becomes its outcome; the others go on -- unless the sink says ``fail_fast``
@@ -41,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from slide2vec_dask.dataflow import tasks, worker
-from slide2vec_dask.dataflow.sources import read_block
 from slide2vec_dask.results import SlideOutcome
 
 
@@ -148,13 +148,20 @@ class Driver:
         """Blocks in flight: the executor's threads x ``prefetch_factor`` (the one rule)."""
         return self.executor.threads() * self.ex.prefetch_factor
 
-    def _submit(self, kind: str, sid: str, task: Task, *, key: str, block=None):
+    def _key(self, stage: str, *parts) -> tuple:
+        """A task's key.  Dask names a string key's group and prefix by its leading words
+        (``key_split``): ``embed-TCGA-BH-A0BZ-...`` -> ``embed-TCGA-BH``, ``plan-case-slide-...`` ->
+        ``plan-case-slide``, one per slide or site, and the scheduler and workers keep per-prefix
+        state (durations, metrics) for the cluster's life.  A tuple key's group is its first
+        element and its prefix that element's words: one per stage (and run), whatever the ids."""
+        return (f"{stage}-{self.run_token}", *parts)
+
+    def _submit(self, kind: str, sid: str, task: Task, *, key: tuple, block=None):
         resources = self.gpu if task.gpu else None
-        key = f"{key}-{self.run_token}"
         self.tags[key] = (kind, sid, block)
         self.executor.submit(task.fn, *task.args, key=key, resources=resources, **task.kwargs)
 
-    def _step(self, kind: str, sid: str, step, key: str) -> None:
+    def _step(self, kind: str, sid: str, step, key: tuple) -> None:
         """A sink's answer for a stage: a `Task` to run, or its result, ready (made on the client)."""
         if isinstance(step, Task):
             self._submit(kind, sid, step, key=key)
@@ -181,7 +188,7 @@ class Driver:
             self.outcomes[item.sample_id].status = "planning"
             self._submit("plan", item.sample_id, Task(tasks.plan_task, (
                 item, self.tile_spec, self.config, self.ex.output_dir, self.sink.store, self.config.use_supertiles,
-                self.sink.keeps_plans)), key=f"plan-{item.sample_id}")
+                self.sink.keeps_plans)), key=self._key("plan", item.sample_id))
 
     # -- tile stage ------------------------------------------------------------------------------
     def _on_plan(self, sid: str, _, result) -> None:
@@ -207,15 +214,16 @@ class Driver:
             self.queue.extend((state, block) for block in plan.blocks)
 
     def _submit_block(self, state: _InFlight, block: tuple[int, int]) -> None:
-        plan, tag = state.plan, f"{state.plan.sample_id}-{block[0]}-{block[1]}"
+        plan, tag = state.plan, (state.plan.sample_id, int(block[0]), int(block[1]))
         pixels = plan.read_request(block)
         if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
-            pixels = self.executor.submit_input(read_block, *pixels, key=f"read-{tag}-{self.run_token}")
+            pixels = self.executor.submit_input(tasks.read_task, *pixels, key=self._key("read", *tag))
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         self._submit("block", plan.sample_id, Task(tasks.embed_block, (pixels, plan.cuts(block),
                                                                       plan.kept_in_block(block)), dict(
             spec=self.tile_spec, read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
-            store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True), key=f"embed-{tag}", block=block)
+            store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True),
+            key=self._key("embed", *tag), block=block)
         state.running += 1
         self.blocks_running += 1
 
@@ -244,7 +252,7 @@ class Driver:
     def _finalize(self, state: _InFlight) -> None:
         keep = self.stages.level == "tile" or self.stages.keep_tiles
         self._step("finalize", state.plan.sample_id, self.sink.finalize(state.plan, keep),
-                   key=f"finalize-{state.plan.sample_id}")
+                   key=self._key("finalize", state.plan.sample_id))
 
     def _on_finalize(self, sid: str, _, result) -> None:
         state = self.in_flight.pop(sid)
@@ -265,7 +273,7 @@ class Driver:
     def _submit_slide(self, sid: str) -> None:
         self.outcomes[sid].status = "aggregating"
         self.slide_tasks_running += 1
-        self._step("slide", sid, self.sink.slide(sid, self.stages), key=f"slide-{sid}")
+        self._step("slide", sid, self.sink.slide(sid, self.stages), key=self._key("slide", sid))
 
     def _on_slide(self, sid: str, _, result) -> None:
         self.slide_tasks_running -= 1
@@ -300,7 +308,7 @@ class Driver:
                 if s not in bad:
                     self._fail(s, error, patient=False)
             return
-        self._step("patient", pid, self.sink.patient(pid, list(members), self.stages), key=f"patient-{pid}")
+        self._step("patient", pid, self.sink.patient(pid, list(members), self.stages), key=self._key("patient", pid))
 
     def _on_patient(self, pid: str, _, result) -> None:
         members = self.patients[pid]

@@ -4,9 +4,11 @@ Each is a plain function of small, picklable arguments (paths, specs, the
 `EmbeddingStore`), and each is safe to run twice or on another worker after
 a loss: its outputs are either chunks that a rerun rewrites with the same
 values, or groups published by rename that a rerun finds already there.
-Expected per-slide failures (missing, corrupt, no spacing, no tissue for a
-slide model) are *returned* as exceptions, so they become that slide's row
-without a worker traceback in the logs; anything else raises as usual.
+Expected per-slide failures (missing, corrupt, no spacing, a damaged tile, no
+tissue for a slide model, a store or export that cannot be written) are
+*returned* as exceptions, so they become that slide's row without a worker
+traceback ("Compute Failed") in the logs; anything else (a bug, an encoder
+that fails) raises as usual.
 Tasks given no store (the in-memory API) return what they made instead.
 """
 
@@ -28,6 +30,8 @@ from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
+# Writing the store: also its own integrity errors (rows of a block that never landed, an export that failed).
+WRITE_EXPECTED = (*EXPECTED, RuntimeError)
 
 
 @dataclass
@@ -128,22 +132,42 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
     With a ``store`` the result goes into the block's own staging files and the task
     returns its tile count; without, it returns the `BlockResult`.
     """
+    if isinstance(pixels, BaseException):   # its read task's returned failure
+        return pixels
     if isinstance(pixels, tuple):
-        pixels = read_block(*pixels)
+        try:
+            pixels = read_block(*pixels)
+        except EXPECTED as exc:   # a damaged tile, a file gone
+            return exc
     result = embed_pixels(pixels, cuts, kept, spec=spec, read_tile=read_tile, settings=settings,
                           archive_tile=archive_tile)
     if store is None:
         return result
-    if result.jpegs is not None:
-        store.write_block_tiles(sample_id, block, result.jpegs)
-    return store.write_block(sample_id, block, result.tiles, result.region)
+    try:
+        if result.jpegs is not None:
+            store.write_block_tiles(sample_id, block, result.jpegs)
+        return store.write_block(sample_id, block, result.tiles, result.region)
+    except WRITE_EXPECTED as exc:   # a full disk
+        return exc
+
+
+def read_task(source, *args):
+    """A block's pixels, as a task of its own (GPU clusters: the read runs on any worker);
+    an expected read failure is returned, and the block's `embed_block` hands it on."""
+    try:
+        return read_block(source, *args)
+    except EXPECTED as exc:
+        return exc
 
 
 def finalize_task(store: EmbeddingStore, sample_id: str, plan_path: str, k: int, attrs: dict[str, Any],
                   output_format: tuple[str, ...] | None, archive_dir: str | None = None) -> dict[str, Any]:
     """Publish the slide's tile embeddings (and tile archive), then its exports in each asked format."""
-    done = store.finalize_slide(sample_id, plan_path, k, attrs, archive_dir)
-    flat = export_slide(store, sample_id, output_format or ())
+    try:
+        done = store.finalize_slide(sample_id, plan_path, k, attrs, archive_dir)
+        flat = export_slide(store, sample_id, output_format or ())
+    except WRITE_EXPECTED as exc:
+        return exc
     return {**done, "flat_paths": [str(p) for p in flat]}
 
 
@@ -172,6 +196,26 @@ def encode_patient(spec, slide_embeddings: np.ndarray, settings: EmbedSettings) 
 def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSettings, save_latents: bool,
                attrs: dict[str, Any], keep_tiles: bool, output_format: tuple[str, ...] | None) -> dict[str, Any]:
     """``tiles/<id>`` -> ``_slides/<id>``, on the device's own thread; drops the tiles when not kept."""
+    try:
+        return _slide_task(store, sample_id, spec, settings, save_latents, attrs, keep_tiles, output_format)
+    except _WriteFailed as exc:   # the store or an export could not be written
+        return exc.__cause__
+    except OSError as exc:        # a file of the store gone or unreadable
+        return exc
+
+
+class _WriteFailed(Exception):
+    """A store write or export of a slide/patient task failed (its cause is the slide's error)."""
+
+
+def _writing(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except WRITE_EXPECTED as exc:
+        raise _WriteFailed() from exc
+
+
+def _slide_task(store, sample_id, spec, settings, save_latents, attrs, keep_tiles, output_format):
     tile_prints = store.fingerprints("tiles", sample_id) if store.is_complete(sample_id) else None
     same_files = tile_prints is None or store.fingerprints("slide", sample_id) == tile_prints
     if store.has_row("slide", sample_id) and same_files and \
@@ -193,11 +237,11 @@ def slide_task(store: EmbeddingStore, sample_id: str, spec, settings: EmbedSetti
             return (*encoded, len(coords))
 
         embedding, latents, num = worker.run_on_device(settings.num_gpus, run)
-        store.write_row("slide", sample_id, embedding, latents if save_latents else None,
-                        {**attrs, **tile_prints, "num_tiles": int(num)})
+        _writing(store.write_row, "slide", sample_id, embedding, latents if save_latents else None,
+                 {**attrs, **tile_prints, "num_tiles": int(num)})
     if not keep_tiles:
-        store.drop_tiles(sample_id)
-    return {"num_tiles": int(num), **row_exports(store, "slide", sample_id, output_format)}
+        _writing(store.drop_tiles, sample_id)
+    return {"num_tiles": int(num), **_writing(row_exports, store, "slide", sample_id, output_format)}
 
 
 def row_exports(store: EmbeddingStore, level: str, key: str, output_format, dest=None) -> dict[str, Any]:
@@ -209,6 +253,15 @@ def row_exports(store: EmbeddingStore, level: str, key: str, output_format, dest
 def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], spec, settings: EmbedSettings,
                  attrs: dict[str, Any], keep_slide_rows: bool, output_format: tuple[str, ...] | None) -> dict[str, Any]:
     """The slides' rows in ``_slides`` -> ``_patients/<patient_id>``; drops the slide rows when not kept."""
+    try:
+        return _patient_task(store, patient_id, sample_ids, spec, settings, attrs, keep_slide_rows, output_format)
+    except _WriteFailed as exc:
+        return exc.__cause__
+    except OSError as exc:
+        return exc
+
+
+def _patient_task(store, patient_id, sample_ids, spec, settings, attrs, keep_slide_rows, output_format):
     made = store.row_attrs("patient", patient_id)    # {} when there is no row yet
     done = made.get("sample_ids") == list(sample_ids) and \
         all(made.get("slide_fingerprints", {}).get(s) == store.fingerprints("slide", s)
@@ -216,11 +269,11 @@ def patient_task(store: EmbeddingStore, patient_id: str, sample_ids: list[str], 
     if not done:   # (a rerun after a lost worker may find it done, its slide rows already dropped)
         slides = np.stack([store.read_row("slide", s)[0] for s in sample_ids])
         embedding = encode_patient(spec, slides, settings)
-        store.write_row("patient", patient_id, embedding, None, {
+        _writing(store.write_row, "patient", patient_id, embedding, None, {
             **attrs, "sample_ids": list(sample_ids),
             # Its slide rows may be dropped next: the patient row remembers which files it was made from.
             "slide_fingerprints": {s: store.fingerprints("slide", s) for s in sample_ids}})
     if not keep_slide_rows:
         for s in sample_ids:
-            store.drop_row("slide", s)
-    return row_exports(store, "patient", patient_id, output_format)
+            _writing(store.drop_row, "slide", s)
+    return _writing(row_exports, store, "patient", patient_id, output_format)
