@@ -21,7 +21,8 @@ output_dir=fresh)).run(manifest_path=...)`` on the local default (CPU: scheduler
 and worker in the client's process).  The child samples the summed VmRSS of its
 process tree every 0.5 s together with the slides finished so far (the driver's
 ``cohort`` progress hook); the parent samples the same tree every 50 ms for the
-peak.  Per N: peak RSS, seconds, slides/s and the *slope*: least-squares RSS vs
+peak.  Per N: peak RSS (the larger of the tree's sampled peak and the client's VmHWM; both
+are printed), seconds, slides/s and the *slope*: least-squares RSS vs
 slides finished over the rows with 20 %..100 % of the slides done (after the
 start-up), in KB per slide.
 
@@ -217,7 +218,8 @@ def main(argv=None) -> int:
         slope = res["slope_kb_per_slide"]
         log(f"N={n}: package {res['package']}")
         log(f"N={n}: {res['seconds']:.0f} s, {n / res['seconds']:.1f} slides/s, ok {res['slides_ok']}, "
-            f"failed {res['failed']}, peak RSS {res['peak_kb'] / 1024:.0f} MB, "
+            f"failed {res['failed']}, peak RSS {res['peak_kb'] / 1024:.0f} MB (client VmHWM "
+            f"{res['vmhwm_kb'] / 1024:.0f} MB, last sample {res['timeline'][-1][2] / 1024:.0f} MB), "
             f"slope {'?' if slope is None else f'{slope:.1f}'} KB/slide")
         tl = res["timeline"]
         for i in range(0, len(tl), max(1, len(tl) // 8)):
