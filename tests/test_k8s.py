@@ -542,8 +542,9 @@ def test_pod_command_lines_send_embedding_tasks_to_the_gpu_worker(tmp_path, vit_
                                   ExecutionOptions(output_dir=tmp_path / "out", num_gpus=1, batch_size=8),
                                   client=client).run(slides=[slide])
         assert result.num_failed == 0 and result.tile_artifacts[0].num_tiles == 8
-        # Embedding tasks are keyed "embed-<sample>-<block>-<run>" (one here: the slide is one block).
-        embedded_on = {t["worker"] for t in stream.data if str(t["key"]).startswith("embed-")}
+        # Embedding tasks are keyed ("embed-<run>", sample, block row, block col) (one here: the slide is one block).
+        embedded_on = {t["worker"] for t in stream.data
+                       if isinstance(t["key"], tuple) and str(t["key"][0]).startswith("embed-")}
         assert embedded_on == {workers["gpu-0"][0]}
     finally:
         for proc in procs:
