@@ -90,7 +90,7 @@ class Driver:
         self.outcomes, self.reporter, self.on_change = outcomes, reporter, on_change
         self.label = label
         self.gpu = {"GPU": 1} if settings.num_gpus > 0 and executor.splits_reads else None
-        self.run_token = getattr(sink, "run", "") or uuid.uuid4().hex[:8]   # task keys name the run
+        self.run_token = sink.run or uuid.uuid4().hex[:8]   # task keys name the run (the store's, when it has one)
         # patient -> its slides, and how many of them are still unresolved / failed
         self.patients = patients
         self.patient_of = {s: p for p, members in patients.items() for s in members}
@@ -101,7 +101,7 @@ class Driver:
         self.blocks_running = 0
         self.plans_running = 0
         self.slide_tasks_running = 0
-        self.tags: dict[str, tuple] = {}
+        self.tags: dict[tuple, tuple] = {}   # task key -> (stage, sample or patient id, block)
         self.counts = {"planned": 0, "done": 0, "failed": 0, "tiles": 0}
         self.failure: BaseException | None = None
         self._cohort_display = callable(getattr(reporter, "cohort", None))
