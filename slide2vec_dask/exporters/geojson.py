@@ -70,7 +70,9 @@ def _plan_mask(grid, sample_id: str):
     slide = open_slide(grid.meta["image_path"], backend=config.get("backend", "auto"),
                        spacing_at_level_0=grid.slide_spacing_um)
     _, mask = tissue_mask(slide, config["segmentation"], config["filtering"], spacing_um=grid.requested_spacing_um,
-                          mask_path=grid.meta.get("mask_path"), sample_id=sample_id)
+                          mask_path=grid.meta.get("mask_path"), sample_id=sample_id,
+                          tile_size_px=grid.requested_tile_size_px,
+                          spacing_tolerance=config.get("spacing_tolerance", 0.05))
     return mask, slide.level_shapes[0]
 
 
