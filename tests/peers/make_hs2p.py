@@ -11,8 +11,9 @@
         Tiles SLIDE with hs2p.tile_slides under slide2vec 7.1.4's defaults (hsv, a_t 4,
         ref_tile_size = the tile size, tissue coverage >= 0.01), each replaced by what
         SETTINGS_JSON gives: {"spacing", "tile_size", "overlap", "tolerance", "min_coverage",
-        "backend", "segmentation": {...}, "filtering": {...}} (hs2p's own key names), and
-        prints the coordinates it wrote: x, y, tissue_fractions, num_tiles and the meta.
+        "backend", "segmentation": {...}, "filtering": {...}} (hs2p's own key names), or a
+        list of such objects (one run each, into OUTPUT_DIR/<i>), and prints the coordinates
+        it wrote: x, y, tissue_fractions, num_tiles and the meta (a list for a list).
 
     python make_hs2p.py load NPZ META
         Reads a ``<sample_id>.coordinates.npz`` + ``.coordinates.meta.json`` pair (ours or
@@ -60,7 +61,15 @@ def make(args) -> dict:
             "tile_size_lv0": meta["tiling"]["tile_size_lv0"], "base_spacing_um": meta["slide"]["base_spacing_um"]}
 
 
-def tile(args) -> dict:
+def tile(args):
+    settings = json.loads(args.settings)
+    if isinstance(settings, list):
+        return [tile_one(args.slide, args.sample_id, Path(args.output_dir) / str(i), one)
+                for i, one in enumerate(settings)]
+    return tile_one(args.slide, args.sample_id, Path(args.output_dir), settings)
+
+
+def tile_one(slide: str, sample_id: str, output_dir: Path, settings: dict) -> dict:
     import numpy as np
 
     import hs2p
@@ -68,7 +77,6 @@ def tile(args) -> dict:
     from hs2p.configs.models import DEFAULT_MASK_SAMPLING
     from dataclasses import replace
 
-    settings = json.loads(args.settings)
     tile_size = int(settings.get("tile_size", 224))
     tiling = TilingConfig(requested_spacing_um=float(settings.get("spacing", 0.5)), requested_tile_size_px=tile_size,
                           tolerance=float(settings.get("tolerance", 0.05)), overlap=float(settings.get("overlap", 0.0)),
@@ -77,9 +85,9 @@ def tile(args) -> dict:
     filtering = FilterConfig(**{"ref_tile_size": tile_size, **settings.get("filtering", {})})
     masks = replace(DEFAULT_MASK_SAMPLING, min_coverage={"tissue": float(settings.get("min_coverage", 0.01))})
     start = time.perf_counter()
-    (art,) = hs2p.tile_slides([SlideSpec(sample_id=args.sample_id, image_path=Path(args.slide))], tiling=tiling,
+    (art,) = hs2p.tile_slides([SlideSpec(sample_id=sample_id, image_path=Path(slide))], tiling=tiling,
                               segmentation=segmentation, filtering=filtering, masks=masks,
-                              output_dir=Path(args.output_dir), num_workers=1)
+                              output_dir=output_dir, num_workers=1)
     seconds = time.perf_counter() - start
     meta = json.loads(Path(art.coordinates_meta_path).read_text())
     x = y = fractions = []
