@@ -48,7 +48,7 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "downsample": 64,      # segment the pyramid level whose downsample is nearest this
     "sthresh": 8,          # threshold: saturation (0-255) above which a pixel is tissue
     "sthresh_up": 255,     # the value tissue takes in the mask
-    "mthresh": 7,          # otsu / threshold: median blur size (odd)
+    "mthresh": 7,          # otsu / threshold: median blur size (odd; 0 or 1: none)
     "close": 4,            # morphological closing size in mask pixels, 0 = off
 }
 FILTERING_DEFAULTS: dict[str, Any] = {
@@ -177,9 +177,10 @@ def _grey(name: str, value: Any) -> Any:
 
 # key -> check, for the dict-valued options: every key typed and ranged.
 def _odd(name: str, value: Any) -> int:
-    value = check_int(name, value, 3, 255)
-    if value % 2 == 0:
-        raise ValueError(f"{name} must be an odd integer in [3, 255] (a median blur's size), got {value}")
+    value = check_int(name, value, 0, 255)
+    if value > 1 and value % 2 == 0:
+        raise ValueError(f"{name} must be an odd integer in [3, 255] (a median blur's size; 0 or 1: none), "
+                         f"got {value}")
     return value
 
 

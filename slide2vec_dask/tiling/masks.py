@@ -7,7 +7,7 @@ it is hs2p's:
 
 * ``hsv``: OpenCV's HSV gate ``90 <= H <= 180``, ``8 <= S``, ``103 <= V``
   (H in OpenCV's 0..180 units; hs2p's bounds, which ``sthresh`` does not move);
-* ``otsu``: saturation, median-blurred by ``mthresh``, above Otsu's threshold;
+* ``otsu``: saturation, median-blurred by ``mthresh`` (0 or 1: not blurred), above Otsu's threshold;
 * ``threshold``: saturation, median-blurred by ``mthresh``, above ``sthresh``;
 
 each then closed with a ``close`` x ``close`` square (OpenCV's ``MORPH_CLOSE``).
@@ -46,7 +46,9 @@ def gate(image: np.ndarray, segmentation: Mapping[str, Any]) -> np.ndarray:
         mask = cv2.inRange(hsv, HSV_LOWER, HSV_UPPER)
         up = int(segmentation["sthresh_up"])
         return mask if up == 255 else np.where(mask > 0, up, 0).astype(np.uint8)
-    return cv2.medianBlur(np.ascontiguousarray(hsv[:, :, 1]), int(segmentation["mthresh"]))
+    saturation = np.ascontiguousarray(hsv[:, :, 1])
+    size = int(segmentation["mthresh"])
+    return cv2.medianBlur(saturation, size) if size > 1 else saturation
 
 
 def threshold(values: np.ndarray, segmentation: Mapping[str, Any]) -> np.ndarray:
@@ -74,7 +76,7 @@ def segment_level(slide, level: int, segmentation: Mapping[str, Any], sample: st
     margin, so the blur sees what it would on the whole level)."""
     height, width = slide.level_shapes[level]
     check_budget(slide, level, sample)
-    margin = int(segmentation["mthresh"]) // 2 if segmentation["method"] != "hsv" else 0
+    margin = max(0, int(segmentation["mthresh"]) // 2) if segmentation["method"] != "hsv" else 0
     rows = max(1, STRIP_PIXELS // max(width, 1))
     out = np.empty((height, width), np.uint8)
     for y in range(0, height, rows):
