@@ -87,9 +87,9 @@ def writes_archive(config: PreprocessingConfig, plan) -> bool:
 
 def why_no_tiles(plan) -> str:
     """A plan with no tiles: why, in the words its slide's outcome row gives."""
-    if plan.layout == "free":
+    if plan.layout == "free" and (plan.meta.get("coordinates_from") or plan.meta.get("tiles_from")):
         return "no tiles: the coordinates given list none"
-    if 0 in plan.shape:
+    if plan.layout == "grid" and 0 in plan.shape:
         return f"no tiles: the slide is smaller than one tile ({plan.read_tile_size_px} px at read level {plan.level})"
     return "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
 
