@@ -68,6 +68,7 @@ FILTERING_DEFAULTS: dict[str, Any] = {
     "qc_spacing_um": 2.0,   # the spacing the white / black / grayspace / blur filters look at
 }
 GRIDS = ("contours", "slide")
+MAX_OVERLAP = 0.75    # neighbouring tiles share at most 3/4 of a tile (a block holds at most 16 tiles a cell)
 PREVIEW_DEFAULTS: dict[str, Any] = {
     "save_mask_preview": False,
     "save_tiling_preview": False,
@@ -232,7 +233,10 @@ class PreprocessingConfig:
     """How a slide becomes tiles.
 
     ``requested_spacing_um`` / ``requested_tile_size_px`` left as ``None`` take
-    the model's own contract (its spacing and tile size).
+    the model's own contract (its spacing and tile size).  Tiles are laid as
+    hs2p lays them (``grid="contours"``: a grid per tissue contour, the default)
+    or on one grid over the slide (``grid="slide"``, hierarchical mode's);
+    ``overlap`` is the share of a tile its neighbours overlap.
     """
 
     backend: str = "auto"
@@ -259,7 +263,7 @@ class PreprocessingConfig:
         check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
         check_number("tissue_threshold", self.tissue_threshold, 0, 1)
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
-        check_number("overlap", self.overlap, 0, 1, high_open=True)
+        check_number("overlap", self.overlap, 0, MAX_OVERLAP)   # (beyond: over 16 tiles start in one tile's square)
         check_choice("grid", self.grid, GRIDS, optional=True)
         for name in ("use_supertiles", "resume", "on_the_fly"):
             check_bool(name, getattr(self, name))

@@ -188,13 +188,14 @@ def coverage(candidates: np.ndarray, crop: np.ndarray, tile_size_lv0: int, slide
     crop_h, crop_w = crop.shape[:2]
     mask_w, mask_h = mask_dimensions
     scale_x, scale_y = mask_w / slide_dimensions[0], mask_h / slide_dimensions[1]
-    integral = np.zeros((crop_h + 1, crop_w + 1), np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(crop > 0, axis=0, dtype=np.int64), axis=1)
+    dtype = np.int32 if crop.size < 2**31 else np.int64   # exact counts, half hs2p's float64 memory
+    integral = np.zeros((crop_h + 1, crop_w + 1), dtype)
+    integral[1:, 1:] = np.cumsum(np.cumsum(crop > 0, axis=0, dtype=dtype), axis=1)
     tile_w = max(1, round(tile_size_lv0 * scale_x))
     tile_h = max(1, round(tile_size_lv0 * scale_y))
     ox = np.floor(candidates[:, 0].astype(np.float64) * scale_x).astype(np.int64) - origin[0]
     oy = np.floor(candidates[:, 1].astype(np.float64) * scale_y).astype(np.int64) - origin[1]
     x1, y1 = np.clip(ox, 0, crop_w), np.clip(oy, 0, crop_h)
     x2, y2 = np.clip(ox + tile_w, 0, crop_w), np.clip(oy + tile_h, 0, crop_h)
-    total = (integral[y2, x2] - integral[y1, x2] - integral[y2, x1] + integral[y1, x1]).astype(np.float64)
+    total = (integral[y2, x2].astype(np.int64) - integral[y1, x2] - integral[y2, x1] + integral[y1, x1]).astype(np.float64)
     return np.clip((total / (tile_w * tile_h)).astype(np.float32), 0.0, 1.0)
