@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,39 @@ def test_grid_round_trips(tmp_path, syn_tif):
     assert again.tile_size_lv0 == grid.tile_size_lv0 and again.matches(grid)
     with np.load(path) as data:  # other tools can read plain x/y arrays
         np.testing.assert_array_equal(data["x"], grid.x)
+
+
+# -- settings: hs2p's keys, slide2vec's defaults ------------------------------------------------
+SLIDE2VEC_DEFAULTS = Path("/tmp/s2v/slide2vec-7.1.4/slide2vec/configs/default.yaml")
+
+
+def test_segmentation_and_filtering_keys_and_defaults_are_slide2vecs():
+    """The keys are hs2p's (so slide2vec's YAML maps onto them one to one) and the defaults slide2vec's
+    (SAM2's keys aside: no SAM2 here); ``ref_tile_size`` None is slide2vec's ``${requested_tile_size_px}``."""
+    if not SLIDE2VEC_DEFAULTS.is_file():
+        pytest.skip(f"slide2vec 7.1.4's sdist is not unpacked at {SLIDE2VEC_DEFAULTS}")
+    import yaml
+
+    tiling = yaml.safe_load(SLIDE2VEC_DEFAULTS.read_text())["tiling"]
+    config = PreprocessingConfig()
+    seg = {k: v for k, v in tiling["seg_params"].items() if not k.startswith("sam2_")}
+    assert config.segmentation == seg
+    filt = dict(tiling["filter_params"], ref_tile_size=None)
+    assert config.filtering == filt
+    assert config.tissue_threshold == tiling["masks"]["min_coverage"]["tissue"]
+    assert config.overlap == tiling["params"]["overlap"] and config.spacing_tolerance == tiling["params"]["tolerance"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("segmentation", {"mthresh": 4}, "odd"),
+    ("segmentation", {"threshold": 220}, "unknown key"),
+    ("segmentation", {"method": "sam2"}, "hsv"),
+    ("filtering", {"max_n_holes": 8}, "unknown key"),
+    ("filtering", {"qc_spacing_um": 0}, "qc_spacing_um"),
+    ("filtering", {"filter_blur": "yes"}, "true or false"),
+    ("overlap", 0.8, "overlap"),
+    ("grid", "per_slide", "contours"),
+])
+def test_tiling_settings_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessingConfig(**{field: value})
