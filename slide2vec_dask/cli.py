@@ -309,8 +309,9 @@ def _built(section: str, cls, values: dict[str, Any]):
 
 
 def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, Any],
-            execution: dict[str, Any], cluster: dict[str, Any] | None = None) -> int:
-    """Check everything cheap first, then start the cluster, build the model and run the pipeline."""
+            execution: dict[str, Any], cluster: dict[str, Any] | None = None, tiling_only: bool = False) -> int:
+    """Check everything cheap first, then start the cluster, build the model and run the pipeline
+    (``tiling_only``: only tile; the model gives the tile size and spacing, its weights are not loaded)."""
     from slide2vec_dask.inputs import read_manifest
 
     kind, cluster, prep, ex = check_run(manifest, preprocessing, execution, cluster)
@@ -321,7 +322,7 @@ def execute(manifest: Any, model_opts: dict[str, Any], preprocessing: dict[str, 
     from slide2vec_dask.pipeline import Pipeline
 
     with _cluster_client(kind, cluster, ex) as client:
-        result = Pipeline(model, prep, ex, client=client).run(manifest_path=manifest)
+        result = Pipeline(model, prep, ex, client=client).run(manifest_path=manifest, tiling_only=tiling_only)
     return report(result)
 
 
@@ -371,6 +372,10 @@ def report(result) -> int:
     return EXIT_FAILED
 
 
+TILING_ONLY_HELP = ("only tile the slides: plans (coordinates/), previews when asked, and hs2p's coordinate files "
+                    "(tiles/<id>.coordinates.npz + .meta.json); no model weights loaded, nothing embedded")
+
+
 # -- commands ----------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
@@ -388,7 +393,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return EXIT_OK
     manifest, preprocessing, execution, cluster = sections
-    return execute(manifest, model_opts, preprocessing, execution, cluster)
+    return execute(manifest, model_opts, preprocessing, execution, cluster, tiling_only=args.tiling_only)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -408,7 +413,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
                  "output_format": args.output_format, "overwrite": args.overwrite}
     return execute(args.manifest, model_opts, {k: v for k, v in preprocessing.items() if v is not None},
                    {k: v for k, v in execution.items() if v is not None},
-                   {} if args.cluster is None else {"kind": args.cluster})
+                   {} if args.cluster is None else {"kind": args.cluster}, tiling_only=args.tiling_only)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -482,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="settings that replace the file's")
     run.add_argument("--cluster", metavar="KIND", help="local (default), slurm, k8s, or a scheduler address "
                      "tcp://HOST:PORT; replaces cluster.kind (options in the config's cluster section)")
+    run.add_argument("--tiling-only", action="store_true", help=TILING_ONLY_HELP)
     run.add_argument("--print-config", action="store_true",
                      help="print the effective configuration (overrides applied, paths resolved) and exit")
     run.set_defaults(func=cmd_run)
@@ -514,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--output-format", choices=OUTPUT_FORMATS, action="append", metavar="FORMAT",
                        help="also write each slide's file in this format as it finishes (repeatable): "
                             + ", ".join(OUTPUT_FORMATS))
+    embed.add_argument("--tiling-only", action="store_true", help=TILING_ONLY_HELP)
     embed.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming")
     embed.set_defaults(func=cmd_embed)
 

@@ -41,23 +41,34 @@ def __getattr__(name: str) -> Any:
         return output_formats()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+# Segmentation and filtering: hs2p 6.1.0's keys and slide2vec 7.1.4's defaults (tiling/masks.py,
+# tiling/contours.py and tiling/tile_qc.py do what hs2p does with each).
 SEGMENTATION_DEFAULTS: dict[str, Any] = {
-    "method": "hsv",
-    "downsample": 64,
-    "sthresh": 8,          # hsv: minimum saturation (0-255) of tissue
-    "mthresh": 7,          # median filter size on the mask source, 0 = off
+    "method": "hsv",       # hsv: hs2p's HSV gate; otsu / threshold: blurred saturation over Otsu's cut / sthresh
+    "downsample": 64,      # segment the pyramid level whose downsample is nearest this
+    "sthresh": 8,          # threshold: saturation (0-255) above which a pixel is tissue
+    "sthresh_up": 255,     # the value tissue takes in the mask
+    "mthresh": 7,          # otsu / threshold: median blur size (odd; 0 or 1: none)
     "close": 4,            # morphological closing size in mask pixels, 0 = off
-    "threshold": 220,      # threshold: grey level below which a pixel is tissue
 }
 FILTERING_DEFAULTS: dict[str, Any] = {
-    "ref_tile_size": 224,  # tile size (px at the requested spacing) of the area unit
-    "a_t": 0,              # drop tissue components smaller than a_t ref tiles; 0 = keep all
+    "ref_tile_size": None,  # side (px at the requested spacing) of the area unit; None: the tile size
+    "a_t": 4,              # drop tissue contours of at most a_t reference tiles (less their holes)
+    "a_h": 2,              # holes: recorded, and, as in hs2p 6.1.0, no hole is dropped by size
     "filter_white": False,
     "filter_black": False,
     "white_threshold": 220,
     "black_threshold": 25,
     "fraction_threshold": 0.9,
+    "filter_grayspace": False,
+    "grayspace_saturation_threshold": 0.05,
+    "grayspace_fraction_threshold": 0.6,
+    "filter_blur": False,
+    "blur_threshold": 50.0,
+    "qc_spacing_um": 2.0,   # the spacing the white / black / grayspace / blur filters look at
 }
+GRIDS = ("contours", "slide")
+MAX_OVERLAP = 0.75    # neighbouring tiles share at most 3/4 of a tile (a block holds at most 16 tiles a cell)
 PREVIEW_DEFAULTS: dict[str, Any] = {
     "save_mask_preview": False,
     "save_tiling_preview": False,
@@ -166,22 +177,37 @@ def _grey(name: str, value: Any) -> Any:
 
 
 # key -> check, for the dict-valued options: every key typed and ranged.
+def _odd(name: str, value: Any) -> int:
+    value = check_int(name, value, 0, 255)
+    if value > 1 and value % 2 == 0:
+        raise ValueError(f"{name} must be an odd integer in [3, 255] (a median blur's size; 0 or 1: none), "
+                         f"got {value}")
+    return value
+
+
 _SEGMENTATION_CHECKS = {
     "method": lambda n, v: check_choice(n, v, SEGMENTATION_METHODS),
     "downsample": lambda n, v: check_number(n, v, 1, 4096),
     "sthresh": lambda n, v: check_int(n, v, 0, 255),
-    "mthresh": lambda n, v: check_int(n, v, 0, 255),
+    "sthresh_up": lambda n, v: check_int(n, v, 1, 255),
+    "mthresh": _odd,
     "close": lambda n, v: check_int(n, v, 0, 255),
-    "threshold": lambda n, v: check_number(n, v, 0, 256),   # 256: every pixel is tissue
 }
 _FILTERING_CHECKS = {
-    "ref_tile_size": lambda n, v: check_int(n, v, 1, TILE_SIZE_RANGE_PX[1]),
+    "ref_tile_size": lambda n, v: check_int(n, v, 1, TILE_SIZE_RANGE_PX[1], optional=True),
     "a_t": lambda n, v: check_number(n, v, 0),
+    "a_h": lambda n, v: check_number(n, v, 0),
     "filter_white": check_bool,
     "filter_black": check_bool,
     "white_threshold": _grey,
     "black_threshold": _grey,
     "fraction_threshold": lambda n, v: check_number(n, v, 0, 1),
+    "filter_grayspace": check_bool,
+    "grayspace_saturation_threshold": lambda n, v: check_number(n, v, 0, 1),
+    "grayspace_fraction_threshold": lambda n, v: check_number(n, v, 0, 1),
+    "filter_blur": check_bool,
+    "blur_threshold": lambda n, v: check_number(n, v, 0),
+    "qc_spacing_um": lambda n, v: check_number(n, v, *SPACING_RANGE_UM),
 }
 _PREVIEW_CHECKS = {
     "save_mask_preview": check_bool,
@@ -207,13 +233,16 @@ class PreprocessingConfig:
     """How a slide becomes tiles.
 
     ``requested_spacing_um`` / ``requested_tile_size_px`` left as ``None`` take
-    the model's own contract (its spacing and tile size).
+    the model's own contract (its spacing and tile size).  Tiles are laid as
+    hs2p lays them (``grid="contours"``: a grid per tissue contour, the default)
+    or on one grid over the slide (``grid="slide"``, hierarchical mode's);
+    ``overlap`` is the share of a tile its neighbours overlap.
     """
 
     backend: str = "auto"
     requested_spacing_um: float | None = None
     requested_tile_size_px: int | None = None
-    tissue_threshold: float = 0.1
+    tissue_threshold: float = 0.01
     segmentation: Mapping[str, Any] = field(default_factory=dict)
     filtering: Mapping[str, Any] = field(default_factory=dict)
     preview: Mapping[str, Any] = field(default_factory=dict)
@@ -225,6 +254,8 @@ class PreprocessingConfig:
     region_tile_multiple: int | None = None
     requested_region_size_px: int | None = None
     spacing_tolerance: float = 0.05
+    overlap: float = 0.0
+    grid: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -232,6 +263,8 @@ class PreprocessingConfig:
         check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
         check_number("tissue_threshold", self.tissue_threshold, 0, 1)
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
+        check_number("overlap", self.overlap, 0, MAX_OVERLAP)   # (beyond: over 16 tiles start in one tile's square)
+        check_choice("grid", self.grid, GRIDS, optional=True)
         for name in ("use_supertiles", "resume", "on_the_fly"):
             check_bool(name, getattr(self, name))
         for name in ("read_coordinates_from", "read_tiles_from"):
@@ -252,10 +285,23 @@ class PreprocessingConfig:
         if self.requested_region_size_px is not None and self.requested_tile_size_px is not None:
             self.region_multiple(self.requested_tile_size_px)
         hierarchical = self.region_tile_multiple is not None or self.requested_region_size_px is not None
+        if hierarchical and self.grid == "contours":
+            raise ValueError("hierarchical mode (region_tile_multiple / requested_region_size_px) needs one grid "
+                             "over the slide: use grid='slide' (or leave grid unset)")
+        if self.overlap and (hierarchical or self.grid == "slide"):
+            raise ValueError(f"overlap={self.overlap} needs the per-contour grid: the slide-wide grid (grid='slide', "
+                             "and hierarchical mode) lays tiles edge to edge; drop overlap or use grid='contours'")
         if hierarchical and not self.on_the_fly:
             raise ValueError("on_the_fly=False (tile archives) has no hierarchical mode: a region's padding "
                              "tiles have no place in an archive; drop region_tile_multiple / "
                              "requested_region_size_px, or keep on_the_fly=True")
+
+    def grid_for(self, tile_size_px: int) -> str:
+        """The tile layout: ``grid``, else hs2p's grid per tissue contour, or one slide-wide grid
+        in hierarchical mode (regions need one)."""
+        if self.grid is not None:
+            return self.grid
+        return "slide" if self.region_multiple(tile_size_px) is not None else "contours"
 
     def region_multiple(self, tile_size_px: int) -> int | None:
         """Tiles per region side (None: flat mode), checked against the tile size in use."""

@@ -23,12 +23,12 @@ from typing import Any, Sequence
 
 from slide2vec_dask._version import __version__
 from slide2vec_dask.clusters.client import resolve_client, resolve_num_gpus
-from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig, check_bool
 from slide2vec_dask.dataflow.blocks import EmbedSettings
 from slide2vec_dask.dataflow.driver import Driver, Stages
-from slide2vec_dask.dataflow.executors import DaskExecutor
+from slide2vec_dask.dataflow.executors import DaskExecutor, executor_for
 from slide2vec_dask.dataflow.sinks import StoreSink
-from slide2vec_dask.dataflow.tasks import export_task, row_exports
+from slide2vec_dask.dataflow.tasks import export_task, row_exports, tiling_task
 from slide2vec_dask.exporters import check_available, current_files, flat_first, sweep_temporaries
 from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
@@ -81,8 +81,17 @@ class Pipeline:
         self.client = client
 
     # -- entry points ------------------------------------------------------
-    def run(self, manifest_path: str | Path | None = None, slides: Sequence | None = None) -> RunResult:
-        """Embed every slide of the manifest (or of ``slides``: paths or dicts)."""
+    def run(self, manifest_path: str | Path | None = None, slides: Sequence | None = None, *,
+            tiling_only: bool = False) -> RunResult:
+        """Embed every slide of the manifest (or of ``slides``: paths or dicts).
+
+        ``tiling_only``: only tile them: each slide's plan (``coordinates/``), its previews when
+        asked, and hs2p's coordinate files (``tiles/<id>.coordinates.npz`` + ``.meta.json``); no
+        model is loaded and nothing is embedded (the result lists no artifacts, its outcomes the
+        tile counts)."""
+        check_bool("tiling_only", tiling_only)
+        if tiling_only:
+            return self._tile_only(self._items(manifest_path, slides), self.preprocessing)
         return self._run(self._items(manifest_path, slides), self.preprocessing)
 
     def run_with_coordinates(self, coordinates_dir: str | Path, slides: Sequence | None = None,
@@ -183,6 +192,36 @@ class Pipeline:
                 raise _environment(f"cannot prepare the store {store.path}", exc) from exc
             outcomes = self._outcomes(items)
             return self._stream(store, config, outcomes, *self._what_is_left(store, items, outcomes))
+
+    def _tile_only(self, items, config: PreprocessingConfig) -> RunResult:
+        out = Path(self.execution.output_dir)
+        check_output_dir(out)
+        outcomes = self._outcomes(items)
+        process_list = out / "process_list.csv"
+        writer = _ProcessList(process_list, outcomes)
+        ex = self.execution
+        executor = executor_for(ex.scheduler_address, ex.num_preprocessing_workers or ex.num_workers)
+        run = uuid.uuid4().hex[:8]
+        with RunLock(out):
+            try:
+                for item in items:
+                    outcomes[item.sample_id].status = "planning"
+                    executor.submit(tiling_task, item, self.model.tile_spec, config, str(out),
+                                    key=(f"tiling-{run}", item.sample_id))
+                for key, result in executor.completed():
+                    row = outcomes[key[1]]
+                    if isinstance(result, BaseException):
+                        row.fail(result)
+                    else:
+                        row.status, row.num_tiles, row.note = "success", result["num_tiles"], result["note"]
+                        row.plan_seconds, row.coordinates_path = round(result["seconds"], 3), result["plan_path"]
+                    writer.maybe_write()
+            finally:
+                executor.close()
+                writer.write()
+        rows = list(outcomes.values())
+        return RunResult(tile_artifacts=[], process_list_path=process_list, store_path=EmbeddingStore(out).path,
+                         num_failed=sum(o.status == "failed" for o in rows), outcomes=rows)
 
     def _outcomes(self, items) -> dict[str, SlideOutcome]:
         return {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path), str(it.mask_path or ""),

@@ -93,13 +93,18 @@ def reference_embeddings(checkpoint: Path, tiles: np.ndarray, mean, std, size: i
 
 
 def openslide_tiles(path: Path, xs, ys, size_lv0: int, level: int = 0, read_size: int | None = None) -> np.ndarray:
-    """Tiles read with OpenSlide itself at level-0 coordinates."""
+    """Tiles read with OpenSlide itself at level-0 coordinates, composited over white: a tile overhanging
+    the slide (as hs2p's per-contour grids plan them) is glass out there, as hs2p and our readers pad it."""
     import openslide
 
     with openslide.OpenSlide(str(path)) as osr:
         size = read_size or size_lv0
-        return np.stack([np.asarray(osr.read_region((int(x), int(y)), level, (size, size)))[..., :3]
-                         for x, y in zip(xs, ys)])
+        out = []
+        for x, y in zip(xs, ys):
+            rgba = np.asarray(osr.read_region((int(x), int(y)), level, (size, size))).astype(np.uint32)
+            rgb, alpha = rgba[..., :3], rgba[..., 3:]
+            out.append(((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
+        return np.stack(out)
 
 
 @pytest.fixture

@@ -9,7 +9,9 @@ from conftest import SYN_TILES, openslide_tiles, reference_embeddings
 
 from slide2vec_dask import ExecutionOptions, Model, PreprocessingConfig, activate_progress_reporter
 
-EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
+# The tiles of the synthetic slide's rectangles exactly: one grid from the slide's corner, on which
+# the rectangles lie (hs2p's grids per contour start where each rectangle's mask starts).
+EXACT = {"tissue_threshold": 0.5, "grid": "slide"}
 
 
 def test_embeddings_equal_bare_model_on_openslide_tiles(tiny, syn_svs, vit_tiny_checkpoint):
@@ -32,8 +34,9 @@ def test_between_levels_reads_finer_and_resizes(tiny, syn_svs, vit_tiny_checkpoi
 
 
 def test_coarser_level_reads_that_level(tiny, syn_svs, vit_tiny_checkpoint):
+    # (a_t 0: at 2 µm/px the rectangles are under a_t = 4 reference tiles of 224 px, and hs2p drops them)
     emb = tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(requested_spacing_um=2.0,
-                                                                      tissue_threshold=0.01))
+                                                                      tissue_threshold=0.01, filtering={"a_t": 0}))
     assert emb.attrs["read_level"] == 1 and emb.tile_size_lv0 == 896
     tiles = openslide_tiles(syn_svs, emb.x, emb.y, 896, level=1, read_size=224)
     expected = reference_embeddings(vit_tiny_checkpoint, tiles, tiny.spec.mean, tiny.spec.std)

@@ -23,7 +23,7 @@ import xarray as xr
 
 from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig, export, testing
 
-EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
+EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5, "grid": "slide"}   # (the tile-grid fallback below needs one grid)
 MPP = 0.25
 SHAPES = {"a": (1792, 2240, [(448, 448, 1344, 1792)]), "b": (1344, 1792, [(0, 0, 896, 896), (896, 896, 1344, 1792)]),
           "c": (1792, 1792, [(448, 0, 1792, 1344)])}

@@ -14,7 +14,8 @@ EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
 
 @pytest.fixture(scope="module")
 def flat(tiny, syn_svs):
-    return tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(**EXACT))
+    """Flat mode on the slide-wide grid, the one hierarchical mode lays its regions on."""
+    return tiny.embed_slide(syn_svs, preprocessing=PreprocessingConfig(grid="slide", **EXACT))
 
 
 def expected_regions(r: int) -> set[tuple[int, int]]:

@@ -18,6 +18,7 @@ from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig, test
 from slide2vec_dask.slide import base, registry
 from slide2vec_dask.slide.base import UnreadableSlideError
 from slide2vec_dask.slide.open import open_slide
+from slide2vec_dask.tiling import masks
 from slide2vec_dask.tiling.plan import tissue_mask
 
 from conftest import CMU_SVS
@@ -134,8 +135,18 @@ def test_a_thumbnail_over_the_pixel_budget_is_refused_before_allocating(tmp_path
     monkeypatch.setattr(base, "THUMBNAIL_MAX_PIXELS", 1 << 11)
     slide = open_slide(sparse_tiff(tmp_path / "sparse.tif", 4096))
     with pytest.raises(UnreadableSlideError, match=r"sparse\.tif.*thumbnail.*64 x 64"):
-        tissue_mask(slide, SEGMENTATION, {"a_t": 0}, spacing_um=0.5)
+        slide.thumbnail(64)
     assert slide.thumbnail(256).shape == (16, 16, 3)   # a coarser one fits
+
+
+def test_a_segmentation_level_over_the_pixel_budget_is_refused_before_allocating(tmp_path, monkeypatch):
+    """The tissue mask is made on a whole pyramid level, as hs2p makes it: a level (its size from the
+    header) over the budget is refused before its mask is allocated (budget capped low here)."""
+    monkeypatch.setattr(masks, "SEG_MAX_PIXELS", 1 << 20)
+    slide = open_slide(sparse_tiff(tmp_path / "sparse.tif", 4096))
+    config = PreprocessingConfig()
+    with pytest.raises(ValueError, match=r"sparse\.tif.*level 0 whole \(4096 x 4096 px\), over the budget"):
+        tissue_mask(slide, config.segmentation, config.filtering, spacing_um=0.5, tile_size_px=224)
 
 
 def test_the_reduced_decode_stays_within_the_budget(small_svs, monkeypatch):

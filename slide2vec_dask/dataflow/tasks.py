@@ -27,6 +27,8 @@ from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings, block_lay
 from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.exporters import export_row, export_slide, flat_first
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
+from slide2vec_dask.tiling.coordinate_files import write_coordinates
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -122,6 +124,27 @@ def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore 
                         grid.num_tiles, plan_path, attrs, time.perf_counter() - start, free,
                         grid.requested_tile_size_px if writes_archive(config, grid) else None,
                         "" if grid.num_tiles else why_no_tiles(grid), kept, plan if keep_plan else None)
+
+
+def tiling_task(item, spec, config, output_dir: str) -> dict[str, Any] | BaseException:
+    """``tiling_only``: plan one slide (its plan and previews saved as in any run) and write hs2p's
+    coordinate files for it under ``<output_dir>/tiles/``; no pixels embedded, no model loaded."""
+    start = time.perf_counter()
+    try:
+        slide, plan = plan_for(item, spec, config, output_dir)
+        try:
+            attrs = {"image_path": str(item.image_path), "mask_path": None if item.mask_path is None
+                     else str(item.mask_path), **(slide_attrs(slide) if slide is not None else {})}
+            meta = write_coordinates(Path(output_dir) / ARCHIVE_FOLDER, item.sample_id, plan.grid, attrs)
+        finally:
+            if slide is not None:
+                slide.close()
+    except EXPECTED as exc:
+        return exc
+    grid = plan.grid
+    return {"num_tiles": grid.num_tiles, "seconds": time.perf_counter() - start, "coordinates_meta": str(meta),
+            "plan_path": str(Path(output_dir) / "coordinates" / f"{item.sample_id}.npz"),
+            "note": "" if grid.num_tiles else why_no_tiles(grid)}
 
 
 def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spec, read_tile: int,

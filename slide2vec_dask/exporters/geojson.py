@@ -49,13 +49,16 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
         grid = src.plan()
     except FileNotFoundError:
         return [], "none"
-    if grid.layout == "free":   # free positions (peer coordinates): no tissue mask of ours to draw
+    if grid.layout == "free" and "config" not in grid.meta:   # peer coordinates: no tissue mask of ours to draw
         return [], "none"
     try:
         mask, (height, width) = _plan_mask(grid, src.sample_id)
         sy, sx = height / mask.shape[0], width / mask.shape[1]
         drawn = "tissue mask"
     except (OSError, ValueError, KeyError) as exc:
+        if grid.layout == "free":   # (our per-contour plan keeps no grid of fractions to fall back on)
+            logger.warning("%s: no tissue drawn (the slide's mask could not be redrawn: %s)", src.sample_id, exc)
+            return [], "none"
         logger.warning("%s: tissue drawn at tile resolution (the slide's mask could not be redrawn: %s)",
                        src.sample_id, exc)
         mask = grid.tissue_fraction > 0
@@ -70,7 +73,9 @@ def _plan_mask(grid, sample_id: str):
     slide = open_slide(grid.meta["image_path"], backend=config.get("backend", "auto"),
                        spacing_at_level_0=grid.slide_spacing_um)
     _, mask = tissue_mask(slide, config["segmentation"], config["filtering"], spacing_um=grid.requested_spacing_um,
-                          mask_path=grid.meta.get("mask_path"), sample_id=sample_id)
+                          mask_path=grid.meta.get("mask_path"), sample_id=sample_id,
+                          tile_size_px=grid.requested_tile_size_px,
+                          spacing_tolerance=config.get("spacing_tolerance", 0.05))
     return mask, slide.level_shapes[0]
 
 

@@ -31,24 +31,36 @@ class LevelChoice:
     tile_size_lv0: int
 
 
+def select_level(spacings: list[float], requested_spacing_um: float, tolerance: float) -> tuple[int, float, bool]:
+    """(level, its spacing, within tolerance): the level nearest the request, else the next finer one.
+
+    hs2p's `select_level`, expression for expression, so both read the same level and
+    derive the same tile footprint.
+    """
+    level = int(np.argmin([abs(s - requested_spacing_um) for s in spacings]))
+    best = spacings[level]
+    within = abs(best - requested_spacing_um) / requested_spacing_um <= tolerance
+    if not within:
+        while level > 0 and best > requested_spacing_um:
+            level -= 1
+            best = spacings[level]
+            within = abs(best - requested_spacing_um) / requested_spacing_um <= tolerance
+    return level, best, within
+
+
 def choose_level(spacings: list[float], downsamples: list[float], requested_spacing_um: float,
                  tile_size_px: int, tolerance: float, sample: str = "") -> LevelChoice:
-    """Pick the pyramid level and the tile size to read there."""
-    within = [i for i, s in enumerate(spacings) if abs(s - requested_spacing_um) <= tolerance * requested_spacing_um]
-    if within:
-        level = min(within, key=lambda i: abs(spacings[i] - requested_spacing_um))
-        read_tile = tile_size_px
-    else:
-        finer = [i for i, s in enumerate(spacings) if s < requested_spacing_um]
-        if not finer:
-            raise ValueError(
-                f"{sample or 'slide'}: requested spacing {requested_spacing_um} µm/px is finer than the slide's "
-                f"level 0 ({spacings[0]:.4g} µm/px); choose requested_spacing_um >= {spacings[0]:.4g} or check "
-                "spacing_at_level_0."
-            )
-        level = max(finer, key=lambda i: spacings[i])
-        read_tile = max(1, round(tile_size_px * requested_spacing_um / spacings[level]))
-    return LevelChoice(level, spacings[level], read_tile, round(read_tile * downsamples[level]))
+    """Pick the pyramid level and the tile size to read there (hs2p's `plan_spacing_read`)."""
+    level, read_spacing, within = select_level(spacings, requested_spacing_um, tolerance)
+    if not within and read_spacing > requested_spacing_um:
+        raise ValueError(
+            f"{sample or 'slide'}: requested spacing {requested_spacing_um} µm/px is finer than the slide's "
+            f"level 0 ({spacings[0]:.4g} µm/px); choose requested_spacing_um >= {spacings[0]:.4g} or check "
+            "spacing_at_level_0."
+        )
+    read_tile = tile_size_px if within else max(1, round(tile_size_px * requested_spacing_um / read_spacing))
+    base = spacings[0] / downsamples[0]
+    return LevelChoice(level, read_spacing, read_tile, round(read_tile * read_spacing / base))
 
 
 @dataclass
@@ -212,24 +224,3 @@ def save_plan(path: str | Path, arrays: dict, readable: dict) -> Path:
 def _savez(tmp: Path, arrays: dict) -> None:
     with open(tmp, "wb") as f:   # (a file object: numpy would add ".npz" to the temporary's name)
         np.savez_compressed(f, **arrays)
-
-
-def tile_fractions(mask: np.ndarray, level0_shape: tuple[int, int], grid_shape: tuple[int, int],
-                   read_tile_size_px: int, downsample: float) -> np.ndarray:
-    """Fraction of each grid tile covered by ``mask`` (any resolution of the whole slide)."""
-    mh, mw = mask.shape
-    h0, w0 = level0_shape
-    integral = np.zeros((mh + 1, mw + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
-
-    def bounds(count: int, full: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-        start_lv0 = np.arange(count) * read_tile_size_px * downsample
-        lo = np.clip(np.round(start_lv0 * size / full).astype(np.int64), 0, size - 1)
-        hi = np.round((start_lv0 + read_tile_size_px * downsample) * size / full).astype(np.int64)
-        return lo, np.clip(np.maximum(hi, lo + 1), 1, size)
-
-    r0, r1 = bounds(grid_shape[0], h0, mh)
-    c0, c1 = bounds(grid_shape[1], w0, mw)
-    total = (integral[np.ix_(r1, c1)] - integral[np.ix_(r0, c1)] - integral[np.ix_(r1, c0)] + integral[np.ix_(r0, c0)])
-    area = np.outer(r1 - r0, c1 - c0)
-    return (total / area).astype(np.float32)

@@ -18,11 +18,14 @@ import numpy as np
 
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, fingerprint, slide_fingerprints, why_stale
 from slide2vec_dask.slide import Slide, open_slide
-from slide2vec_dask.tiling.grid import TileGrid, choose_level, tile_fractions
-from slide2vec_dask.tiling.masks import drop_small_components, read_mask_file, segment_tissue
+from slide2vec_dask.tiling.contours import Contours, contour_tiles, coverage, detect_contours, kept_tissue, \
+    min_contour_area, tile_stride
+from slide2vec_dask.tiling.grid import TileGrid, choose_level
+from slide2vec_dask.tiling.masks import check_budget, read_mask_file, seg_level, segment_level
 from slide2vec_dask.tiling.peers import archive_plan, coordinates_file, is_own_plan, peer_coordinates
 from slide2vec_dask.tiling.preview import save_mask_preview, save_tiling_preview
-from slide2vec_dask.tiling.tile_list import check_inside, load_plan
+from slide2vec_dask.tiling.tile_list import TileList, check_inside, load_plan
+from slide2vec_dask.tiling.tile_qc import filter_tiles
 
 if TYPE_CHECKING:   # tiling reads a config's fields and never builds one; `config` sits above the
     # store and the exporters (it checks output formats against them), which sit above tiling.
@@ -84,9 +87,9 @@ def writes_archive(config: PreprocessingConfig, plan) -> bool:
 
 def why_no_tiles(plan) -> str:
     """A plan with no tiles: why, in the words its slide's outcome row gives."""
-    if plan.layout == "free":
+    if plan.layout == "free" and (plan.meta.get("coordinates_from") or plan.meta.get("tiles_from")):
         return "no tiles: the coordinates given list none"
-    if 0 in plan.shape:
+    if plan.layout == "grid" and 0 in plan.shape:
         return f"no tiles: the slide is smaller than one tile ({plan.read_tile_size_px} px at read level {plan.level})"
     return "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
 
@@ -148,41 +151,52 @@ def _check_plan(grid, slide, spacing: float, tile: int, item: SlideInput, config
 def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, tile_size_px: int,
                sample_id: str, mask_path: str | Path | None = None,
                preview_dir: str | Path | None = None) -> Plan:
-    """Segment tissue on a thumbnail and lay the tile grid over it.
+    """Find the tissue contours (as hs2p does) and lay the tiles over them.
 
-    ``spacing_um`` / ``tile_size_px`` are the resolved request (config or model).
+    ``config.grid_for(tile)`` says how: ``"contours"``, hs2p's grid per tissue contour (a
+    `TileList`); ``"slide"``, one grid over the whole slide from its corner (a `TileGrid`,
+    what hierarchical regions need).  ``spacing_um`` / ``tile_size_px`` are the resolved
+    request (config or model).
     """
     choice = choose_level(slide.level_spacings, slide.level_downsamples, spacing_um, tile_size_px,
                           config.spacing_tolerance, sample=sample_id)
-    seg, filt = config.segmentation, config.filtering
-    thumb, mask = tissue_mask(slide, seg, filt, spacing_um=spacing_um, mask_path=mask_path, sample_id=sample_id)
+    filt = config.filtering
+    tissue = find_tissue(slide, config.segmentation, filt, spacing_um=spacing_um, tile_size_px=tile_size_px,
+                         tolerance=config.spacing_tolerance, mask_path=mask_path, sample_id=sample_id)
+    geometry = dict(level=choice.level, level_downsample=float(slide.level_downsamples[choice.level]),
+                    slide_spacing_um=float(slide.spacing), read_spacing_um=float(choice.read_spacing_um),
+                    requested_spacing_um=float(spacing_um), requested_tile_size_px=int(tile_size_px),
+                    read_tile_size_px=int(choice.read_tile_size_px), tile_size_lv0=int(choice.tile_size_lv0))
+    meta = {"sample_id": sample_id, "image_path": str(slide.path),
+            "mask_path": None if mask_path is None else str(mask_path), "config": selection_config(config),
+            "seg_level": tissue.level, "num_contours": len(tissue.contours)}
 
-    lh, lw = slide.level_shapes[choice.level]
-    ds = slide.level_downsamples[choice.level]
-    grid_shape = (lh // choice.read_tile_size_px, lw // choice.read_tile_size_px)
+    def pixel_qc(xy: np.ndarray) -> np.ndarray:
+        return filter_tiles(slide, xy, filt, requested_tile_size_px=tile_size_px, requested_spacing_um=spacing_um,
+                            tolerance=config.spacing_tolerance)
 
-    def fractions(m: np.ndarray) -> np.ndarray:
-        return tile_fractions(m, slide.level_shapes[0], grid_shape, choice.read_tile_size_px, ds)
-
-    tissue = fractions(mask)
-    # A threshold of 0 still asks for *some* tissue: a tile on bare glass is never kept.
-    keep = (tissue >= config.tissue_threshold) & (tissue > 0)
-    if filt["filter_white"]:
-        keep &= fractions(np.all(thumb > filt["white_threshold"], axis=-1)) <= filt["fraction_threshold"]
-    if filt["filter_black"]:
-        keep &= fractions(np.all(thumb < filt["black_threshold"], axis=-1)) <= filt["fraction_threshold"]
-
-    grid = TileGrid(
-        level=choice.level, level_downsample=ds, slide_spacing_um=slide.spacing,
-        read_spacing_um=choice.read_spacing_um, requested_spacing_um=spacing_um,
-        requested_tile_size_px=tile_size_px, read_tile_size_px=choice.read_tile_size_px,
-        tile_size_lv0=choice.tile_size_lv0, tissue_threshold=config.tissue_threshold,
-        tissue_fraction=tissue, keep=keep,
-        meta={"sample_id": sample_id, "image_path": str(slide.path),
-              "mask_path": None if mask_path is None else str(mask_path),
-              "config": selection_config(config)},
-        region_tile_multiple=config.region_multiple(tile_size_px),
-    )
+    if config.grid_for(tile_size_px) == "contours":
+        step = tile_stride(choice.read_tile_size_px, choice.tile_size_lv0, config.overlap)
+        xy, fraction = contour_tiles(tissue.contours, tile_size_lv0=choice.tile_size_lv0, step_lv0=step,
+                                     tissue_threshold=config.tissue_threshold)
+        passed = pixel_qc(xy)
+        grid = TileList(**geometry, xy=xy[passed], fraction=fraction[passed],
+                        meta={**meta, "step_px_lv0": step, "overlap": config.overlap},
+                        tissue_threshold=config.tissue_threshold)
+    else:
+        lh, lw = slide.level_shapes[choice.level]
+        rows, cols = lh // choice.read_tile_size_px, lw // choice.read_tile_size_px
+        ry, rx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        lattice = np.round(np.stack([rx.ravel(), ry.ravel()], axis=1).astype(np.float64)
+                           * choice.read_tile_size_px * geometry["level_downsample"]).astype(np.int64)
+        kept_tissue_mask = kept_tissue(tissue.contours)
+        fraction = coverage(lattice, kept_tissue_mask, choice.tile_size_lv0, slide.dimensions,
+                            (kept_tissue_mask.shape[1], kept_tissue_mask.shape[0]), (0, 0))
+        keep = fraction >= config.tissue_threshold
+        keep[keep] = pixel_qc(lattice[keep])
+        grid = TileGrid(**geometry, tissue_threshold=config.tissue_threshold,
+                        tissue_fraction=fraction.reshape(rows, cols), keep=keep.reshape(rows, cols), meta=meta,
+                        region_tile_multiple=config.region_multiple(tile_size_px))
     plan = Plan(grid)
     prev = config.preview
     if prev["save_mask_preview"] or prev["save_tiling_preview"]:
@@ -191,29 +205,51 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
                              "pass ExecutionOptions(output_dir=...) to say where they go")
         image = slide.thumbnail(prev["downsample"])
         if prev["save_mask_preview"]:
-            plan.mask_preview_path = save_mask_preview(image, mask, Path(preview_dir) / "mask" / f"{sample_id}.png")
+            plan.mask_preview_path = save_mask_preview(image, kept_tissue(tissue.contours) > 0,
+                                                       Path(preview_dir) / "mask" / f"{sample_id}.png")
         if prev["save_tiling_preview"]:
             plan.tiling_preview_path = save_tiling_preview(
                 image, grid, slide.level_shapes[0], Path(preview_dir) / "tiling" / f"{sample_id}.png")
     return plan
 
 
-def tissue_mask(slide: Slide, segmentation: dict, filtering: dict, *, spacing_um: float,
-                mask_path: str | Path | None = None, sample_id: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """(thumbnail, tissue mask) at the segmentation downsample: what a plan is laid over.
+@dataclass
+class Tissue:
+    """A slide's segmentation: the mask (at pyramid ``level``) and the contours kept on it."""
 
-    One function, so an export can redraw the very mask a saved plan was made from.
-    """
-    thumb = slide.thumbnail(segmentation["downsample"])
+    level: int
+    contours: Contours
+
+
+def find_tissue(slide: Slide, seg: dict, filt: dict, *, spacing_um: float, tile_size_px: int, tolerance: float,
+                mask_path: str | Path | None = None, sample_id: str = "") -> Tissue:
+    """The tissue mask on the level nearest the segmentation downsample (segmented, or read from
+    ``mask_path``) and its contours above ``a_t`` reference tiles, as hs2p finds them."""
+    level = seg_level(slide.level_downsamples, seg["downsample"])
     if mask_path is not None:
-        mask = read_mask_file(mask_path, thumb.shape[:2], sample=sample_id)
+        check_budget(slide, level, sample_id)
+        mask = read_mask_file(mask_path, slide.level_shapes[level], sample=sample_id)
     else:
-        mask = segment_tissue(thumb, segmentation)
-    if filtering["a_t"] > 0:
-        ref_lv0 = filtering["ref_tile_size"] * spacing_um / slide.spacing   # ref tile side in level-0 px
-        px_area_lv0 = (slide.level_shapes[0][0] / mask.shape[0]) * (slide.level_shapes[0][1] / mask.shape[1])
-        mask = drop_small_components(mask, filtering["a_t"] * ref_lv0**2 / px_area_lv0)
-    return thumb, mask
+        mask = segment_level(slide, level, seg, sample=sample_id)
+    ref = filt["ref_tile_size"] if filt["ref_tile_size"] is not None else tile_size_px
+    min_area = min_contour_area(mask.shape, slide.dimensions, a_t=filt["a_t"], ref_tile_size_px=ref,
+                                requested_spacing_um=spacing_um, spacings=slide.level_spacings,
+                                tolerance=tolerance)
+    return Tissue(level, detect_contours(mask, slide.dimensions, min_area))
+
+
+def tissue_mask(slide: Slide, segmentation: dict, filtering: dict, *, spacing_um: float,
+                mask_path: str | Path | None = None, sample_id: str = "",
+                tile_size_px: int | None = None, spacing_tolerance: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(level image, bool tissue mask) at the segmentation level: the tissue a plan was laid over
+    (inside kept contours, less their holes).  One function, so an export can redraw the very
+    mask a saved plan was made from."""
+    if tile_size_px is None and filtering.get("ref_tile_size") is None:
+        raise ValueError(f"{sample_id or slide.path}: the tile size is needed to know the area filter's "
+                         "reference tile (filtering['ref_tile_size'] follows it)")
+    tissue = find_tissue(slide, segmentation, filtering, spacing_um=spacing_um, tile_size_px=tile_size_px,
+                         tolerance=spacing_tolerance, mask_path=mask_path, sample_id=sample_id)
+    return tissue.contours.mask, kept_tissue(tissue.contours) > 0
 
 
 def selection_config(config: PreprocessingConfig) -> dict:
@@ -224,6 +260,8 @@ def selection_config(config: PreprocessingConfig) -> dict:
         "segmentation": dict(config.segmentation),
         "filtering": dict(config.filtering),
         "spacing_tolerance": config.spacing_tolerance,
+        "overlap": config.overlap,
+        "grid": config.grid,
         "region_tile_multiple": config.region_tile_multiple,
         "requested_region_size_px": config.requested_region_size_px,
     }

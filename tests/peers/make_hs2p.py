@@ -7,6 +7,14 @@
         num_tiles, hs2p's version, read_level / tile_size_lv0 from its meta, and the seconds
         it took.
 
+    python make_hs2p.py tile SLIDE SAMPLE_ID OUTPUT_DIR SETTINGS_JSON
+        Tiles SLIDE with hs2p.tile_slides under slide2vec 7.1.4's defaults (hsv, a_t 4,
+        ref_tile_size = the tile size, tissue coverage >= 0.01), each replaced by what
+        SETTINGS_JSON gives: {"spacing", "tile_size", "overlap", "tolerance", "min_coverage",
+        "backend", "segmentation": {...}, "filtering": {...}} (hs2p's own key names), or a
+        list of such objects (one run each, into OUTPUT_DIR/<i>), and prints the coordinates
+        it wrote: x, y, tissue_fractions, num_tiles and the meta (a list for a list).
+
     python make_hs2p.py load NPZ META
         Reads a ``<sample_id>.coordinates.npz`` + ``.coordinates.meta.json`` pair (ours or
         hs2p's) with hs2p's public loader ``hs2p.load_tiling_result`` (which validates the
@@ -53,6 +61,45 @@ def make(args) -> dict:
             "tile_size_lv0": meta["tiling"]["tile_size_lv0"], "base_spacing_um": meta["slide"]["base_spacing_um"]}
 
 
+def tile(args):
+    settings = json.loads(args.settings)
+    if isinstance(settings, list):
+        return [tile_one(args.slide, args.sample_id, Path(args.output_dir) / str(i), one)
+                for i, one in enumerate(settings)]
+    return tile_one(args.slide, args.sample_id, Path(args.output_dir), settings)
+
+
+def tile_one(slide: str, sample_id: str, output_dir: Path, settings: dict) -> dict:
+    import numpy as np
+
+    import hs2p
+    from hs2p import FilterConfig, SegmentationConfig, SlideSpec, TilingConfig
+    from hs2p.configs.models import DEFAULT_MASK_SAMPLING
+    from dataclasses import replace
+
+    tile_size = int(settings.get("tile_size", 224))
+    tiling = TilingConfig(requested_spacing_um=float(settings.get("spacing", 0.5)), requested_tile_size_px=tile_size,
+                          tolerance=float(settings.get("tolerance", 0.05)), overlap=float(settings.get("overlap", 0.0)),
+                          backend=settings.get("backend", "openslide"))
+    segmentation = SegmentationConfig(**{"method": "hsv", **settings.get("segmentation", {})})
+    filtering = FilterConfig(**{"ref_tile_size": tile_size, **settings.get("filtering", {})})
+    masks = replace(DEFAULT_MASK_SAMPLING, min_coverage={"tissue": float(settings.get("min_coverage", 0.01))})
+    start = time.perf_counter()
+    (art,) = hs2p.tile_slides([SlideSpec(sample_id=sample_id, image_path=Path(slide))], tiling=tiling,
+                              segmentation=segmentation, filtering=filtering, masks=masks,
+                              output_dir=output_dir, num_workers=1)
+    seconds = time.perf_counter() - start
+    meta = json.loads(Path(art.coordinates_meta_path).read_text())
+    x = y = fractions = []
+    if art.coordinates_npz_path is not None and Path(art.coordinates_npz_path).exists():
+        with np.load(art.coordinates_npz_path) as data:
+            x, y = data["x"].tolist(), data["y"].tolist()
+            fractions = data["tissue_fractions"].tolist()
+    return {"num_tiles": int(art.num_tiles), "x": x, "y": y, "tissue_fractions": fractions, "meta": meta,
+            "npz": None if art.coordinates_npz_path is None else str(art.coordinates_npz_path),
+            "meta_path": str(art.coordinates_meta_path), "seconds": round(seconds, 3)}
+
+
 def load(args) -> dict:
     import hs2p
 
@@ -77,11 +124,16 @@ def main(argv=None) -> int:
     m.add_argument("--tile-size", type=int, default=224)
     m.add_argument("--save-tiles", action="store_true")
     m.add_argument("--backend", default="openslide")
+    t = sub.add_parser("tile")
+    t.add_argument("slide")
+    t.add_argument("sample_id")
+    t.add_argument("output_dir")
+    t.add_argument("settings")
     ld = sub.add_parser("load")
     ld.add_argument("npz")
     ld.add_argument("meta")
     args = parser.parse_args(argv)
-    out = make(args) if args.command == "make" else load(args)
+    out = {"make": make, "tile": tile, "load": load}[args.command](args)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0

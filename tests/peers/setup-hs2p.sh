@@ -13,10 +13,11 @@ HS2P_VERSION=6.1.0
 PYTHON=${HS2P_BASE_PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3   # hs2p needs Python >= 3.10
 
-if [ -x "$ENV/bin/python" ] && "$ENV/bin/python" -c 'import hs2p' >/dev/null 2>&1; then
+if [ -x "$ENV/bin/python" ] && "$ENV/bin/python" -c 'import hs2p, tifffile' >/dev/null 2>&1; then
     echo "hs2p already in $ENV ($("$ENV/bin/python" -c 'from importlib.metadata import version; print(version("hs2p"))'))"
     exit 0
 fi
-"$PYTHON" -m venv "$ENV"
-"$ENV/bin/python" -m pip install -q "hs2p[openslide]==$HS2P_VERSION"
+[ -x "$ENV/bin/python" ] || "$PYTHON" -m venv "$ENV"
+# tifffile: hs2p's tifffile backend reads the SubIFD pyramids tifffile writes (OpenSlide sees level 0 only)
+"$ENV/bin/python" -m pip install -q "hs2p[openslide,tifffile]==$HS2P_VERSION"
 "$ENV/bin/python" -c 'import hs2p, openslide; from importlib.metadata import version; print("hs2p", version("hs2p"), "installed in", __import__("sys").prefix)'
