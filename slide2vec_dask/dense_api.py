@@ -9,6 +9,7 @@ one artifact per input item, in input order.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
@@ -50,8 +51,8 @@ def embed_images_dense(spec: EncoderSpec, images: Sequence, *, dense: DenseImage
                        execution: ExecutionOptions) -> list:
     if not isinstance(dense, DenseImageOptions):
         raise TypeError(f"embed_images_dense(dense=...) takes DenseImageOptions, got {type(dense).__name__}")
-    spacing = dense.spacing_um if dense.spacing_um is not None else spec.spacing_um
-    request = _request(spec, "dense_images", dense, dense.size, spacing, execution)
+    request = _request(spec, "dense_images", dense, dense.size, dense.spacing_um, execution)
+    request = dataclasses.replace(request, default_spacing_um=spec.spacing_um)
     return _images(spec, images, request, execution)
 
 

@@ -50,6 +50,7 @@ class DenseRequest:
     output_dir: str | None
     compatibility: dict             # encoder and request: what a resumed item must match
     batch_size: int
+    default_spacing_um: float | None = None   # images without a spacing asked: the encoder's, if they have one
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,8 @@ class ImageRead:
     size: tuple[int, int]
     level: int = 0
     backend: str = "auto"
-    spacing: float | None = None
+    spacing: float | None = None      # the ImageSpec's spacing_at_level_0 (opening a slide)
+    spacing_um: float | None = None   # what it is read at (None: as it is)
 
 
 @dataclass(frozen=True)
@@ -293,14 +295,17 @@ def _resolve_read(image: ImageSpec, request: DenseRequest) -> ImageRead:
                          f"({MAX_IMAGE_PIXELS} px); use Model.embed_regions_dense with SlideRegions instead")
     how = "pixels" if image.in_memory else ("slide" if slide is not None else "pil")
     backend = "auto" if slide is None else slide.backend
-    if request.plan is None or request.spacing_um is None:
+    wanted = request.spacing_um
+    if wanted is None and spacing is not None and request.plan is not None:
+        wanted = request.default_spacing_um   # the encoder's, when the image knows its own
+    if request.plan is None or wanted is None:
         size, level = (h, w), 0
     else:
-        wanted = request.spacing_um
         if spacing is None:
             raise ValueError(
                 f"{image.sample_id}: the image records no pixel spacing, and its grid is asked at {wanted} µm/px "
-                "(DenseImageOptions.spacing_um, else the encoder's): give ImageSpec(spacing_at_level_0=...)")
+                "(DenseImageOptions.spacing_um): give ImageSpec(spacing_at_level_0=...), or leave spacing_um "
+                "unset to take the image as it is")
         level, level_spacing = 0, spacing
         if slide is not None:   # the coarsest level no coarser than asked (within tolerance)
             fits = [i for i, s in enumerate(slide.level_spacings) if s <= wanted * (1 + request.tolerance)]
@@ -316,10 +321,10 @@ def _resolve_read(image: ImageSpec, request: DenseRequest) -> ImageRead:
             size = (max(1, round(h * level_spacing / wanted)), max(1, round(w * level_spacing / wanted)))
     if request.plan is not None and size != request.plan.geometry.target_size:
         raise ValueError(f"{image.sample_id}: the image is {size[1]} x {size[0]} px (width x height) once read at "
-                         f"{request.spacing_um} µm/px, but DenseImageOptions.target_size is "
+                         f"{wanted if wanted is not None else 'its own'} µm/px, but DenseImageOptions.target_size is "
                          f"{request.plan.geometry.target_size} (height, width): target_size is a check, not a "
                          "resize; crop the image or change target_size")
-    return ImageRead(how, size, level, backend, image.spacing_at_level_0)
+    return ImageRead(how, size, level, backend, image.spacing_at_level_0, wanted)
 
 
 def plan_images(unit: ImageUnit, spec, request: DenseRequest):
@@ -340,7 +345,7 @@ def plan_images(unit: ImageUnit, spec, request: DenseRequest):
                       "compatibility": compatibility}
             if dense:
                 record.update({"feature_dim": request.plan.channels, **request.plan.record(),
-                               "spacing_um": request.spacing_um, "read_level": read.level})
+                               "spacing_um": read.spacing_um, "read_level": read.level})
             else:
                 record.update({"feature_dim": int(spec.feature_dim), "encoder": spec.name})
             records[i] = record
