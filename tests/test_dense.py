@@ -332,3 +332,68 @@ def test_attention_block_out_of_range_is_named(vits):
     with pytest.raises(ValueError, match="block 12 is out of range.*12 blocks"):
         model.embed_images_dense([_pixels(1, 224, 224)[0]], dense=DenseImageOptions(
             target_size=224, spacing_um=None, feature_kind="cls_attention", attention_blocks=(12,)))
+
+
+# -- the whole slide: every tissue tile's grid in the Pipeline store ---------------------------------------
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_pipeline_keeps_every_tiles_grid_in_the_store(tiny, syn_svs, vit_tiny_checkpoint, tmp_path, dtype):
+    from conftest import openslide_tiles, reference_embeddings
+    from slide2vec_dask import Pipeline, open_embeddings
+
+    result = Pipeline(tiny, PreprocessingConfig(**EXACT), ExecutionOptions(
+        output_dir=tmp_path, save_dense=True, dense_dtype=dtype)).run(slides=[syn_svs])
+    assert result.num_failed == 0
+    tree = open_embeddings(tmp_path)
+    tiles, dense = tree["tiles/synthetic"].to_dataset(), tree["dense/synthetic"].to_dataset()
+    assert dense.embedding.dims == ("tile", "token_y", "token_x", "feature")
+    assert dense.embedding.shape == (tiles.sizes["tile"], 14, 14, 192)
+    assert dense.embedding.encoding["chunks"] == (1, 14, 14, 192)   # a tile's grid is one read
+    assert str(dense.embedding.dtype) == ("float16" if dtype == "fp16" else "float32")
+    np.testing.assert_array_equal(dense.x.values, tiles.x.values)
+    np.testing.assert_array_equal(dense.y.values, tiles.y.values)
+    picks = [0, 5, tiles.sizes["tile"] - 1]
+    pixels = openslide_tiles(syn_svs, tiles.x.values[picks], tiles.y.values[picks], 224)
+    import timm
+    from safetensors.torch import load_file
+
+    bare = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    bare.load_state_dict(load_file(str(vit_tiny_checkpoint)))
+    with torch.no_grad():
+        tokens = bare.eval().forward_features(_normalized(pixels, tiny.spec.mean, tiny.spec.std))
+    want = tokens[:, 1:].reshape(3, 14, 14, 192)
+    got = torch.from_numpy(dense.embedding.values[picks].astype(np.float32))
+    torch.testing.assert_close(got, want, atol=1e-5 if dtype == "fp32" else 2e-2, rtol=0 if dtype == "fp32" else 1e-2)
+    # the pooled rows of the same forward are the bare model's CLS (unchanged by keeping the grids)
+    torch.testing.assert_close(torch.from_numpy(tiles.embedding.values[picks]),
+                               reference_embeddings(vit_tiny_checkpoint, pixels, tiny.spec.mean, tiny.spec.std),
+                               atol=1e-5, rtol=0)
+
+
+def test_save_dense_is_refused_where_it_cannot_act(tiny, syn_svs, tmp_path):
+    from slide2vec_dask import Pipeline
+
+    with pytest.raises(ValueError, match="save_dense=True.*Pipeline.run"):
+        tiny.embed_slide(syn_svs, execution=ExecutionOptions(save_dense=True))
+    cnn = Model.from_preset("resnet50", checkpoint_path=__file__)
+    with pytest.raises(ValueError, match="'resnet50' .*has no patch-token grid"):
+        Pipeline(cnn, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=tmp_path, save_dense=True)).run(
+            slides=[syn_svs])
+    Pipeline(tiny, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=tmp_path / "a")).run(slides=[syn_svs])
+    with pytest.raises(ValueError, match="other settings.*dense"):   # a store made without grids is not topped up
+        Pipeline(tiny, PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=tmp_path / "a", save_dense=True)).run(
+            slides=[syn_svs])
+
+
+def test_regions_on_a_dask_cluster_are_the_local_ones(vits, syn_svs, tmp_path):
+    from distributed import LocalCluster
+
+    model, _ = vits
+    regions = [SlideRegions(sample_id="syn", image_path=syn_svs, coordinates=[(448, 448), (2240, 2240), (896, 672)])]
+    dense = DenseOptions(spacing_um=0.5, target_size=224, feature_kind="cls_attention")
+    local = model.embed_regions_dense(regions, dense=dense)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+        remote = model.embed_regions_dense(regions, dense=dense, execution=ExecutionOptions(
+            scheduler_address=cluster.scheduler_address, output_dir=tmp_path, batch_size=2))
+    assert [a.path.name for a in remote] == ["448_448.pt", "2240_2240.pt", "896_672.pt"]
+    for a, b in zip(local, remote):
+        torch.testing.assert_close(b.load(), a.load(), atol=1e-6, rtol=0)

@@ -28,7 +28,7 @@ SAME = ("feature_dim", "grid_shape", "target_size", "patch_size", "encoded_size"
         "pad_mode", "window_size", "overlap", "attention_blocks", "attention_include_registers", "x", "y",
         "sample_id", "annotation", "dtype", "artifact_type")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]   # two runs of nine calls, each its own process
 
 
 @pytest.fixture(scope="module")

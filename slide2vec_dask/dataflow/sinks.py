@@ -124,6 +124,9 @@ class MemorySink:
     run = ""
 
     def __init__(self, items: list[SlideInput], stages: Stages, settings: EmbedSettings, output_dir):
+        if settings.dense_dtype is not None:
+            raise ValueError("ExecutionOptions(save_dense=True) keeps token grids in Pipeline.run's store "
+                             "(dense/<sample_id>); in memory, take grids with Model.embed_regions_dense")
         self.items = {it.sample_id: it for it in items}
         self.stages, self.settings, self.output_dir = stages, settings, output_dir
         self.feature_dim = int(stages.tile_spec.feature_dim)

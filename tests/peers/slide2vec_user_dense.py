@@ -57,7 +57,7 @@ out = Path(OUT)
 execution = ExecutionOptions(output_dir=out / "images", precision="fp32")
 model.embed_images([ImageSpec(sample_id=p.stem, image_path=p) for p in images], execution=execution)
 
-coordinates = [(448, 448), (896, 672), (2240, 2240)]
+coordinates = [(448, 448), (2240, 2240)]
 regions = [SlideRegions(sample_id="syn", image_path=SLIDE, coordinates=coordinates),
            SlideRegions(sample_id="syn", image_path=SLIDE, coordinates=coordinates[:1], annotation="tumor")]
 runs = {
