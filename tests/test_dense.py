@@ -397,3 +397,20 @@ def test_regions_on_a_dask_cluster_are_the_local_ones(vits, syn_svs, tmp_path):
     assert [a.path.name for a in remote] == ["448_448.pt", "2240_2240.pt", "896_672.pt"]
     for a, b in zip(local, remote):
         torch.testing.assert_close(b.load(), a.load(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dense_quickstart_example_runs_as_written(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "dense_quickstart.py"
+    done = subprocess.run([sys.executable, str(example), "--output-dir", str(tmp_path)], capture_output=True,
+                          text=True, timeout=850)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "embed_regions_dense: [('out/dense_embeddings/slide/224_224.pt', (384, 28, 28))" in done.stdout
+    assert "embed_images_dense: out/dense_image_embeddings/a.pt (6, 14, 14)" in done.stdout
+    assert "save_dense: {'tile':" in done.stdout and "float16" in done.stdout
+    assert (tmp_path / "out" / "image_embeddings" / "a.pt").exists()
