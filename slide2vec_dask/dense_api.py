@@ -69,11 +69,17 @@ def prepare_dense_encoder(spec: EncoderSpec, *, dense, execution: ExecutionOptio
         raise TypeError(f"prepare_dense_encoder(dense=...) takes DenseImageOptions or DenseOptions, "
                         f"got {type(dense).__name__}")
     size = dense.size if isinstance(dense, DenseImageOptions) else dense.target_size
-    if device is None:
-        device = "cuda" if (execution.num_gpus or 0) > 0 else "cpu"
+    if device is None:   # num_gpus None: a GPU when this process sees one, as everywhere else
+        device = "cuda" if execution.num_gpus or (execution.num_gpus is None and _cuda_available()) else "cpu"
     precision = resolve_precision(spec, execution.precision, device.split(":")[0])
     plan = DensePlan.resolve(spec, dense, size, _output_dtype(execution, precision))
     return DenseEncodeKit(spec, plan, device, precision)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # -- shared ----------------------------------------------------------------------------------------

@@ -162,6 +162,24 @@ def test_padding_is_bottom_right_in_the_chosen_mode(vits, pad_mode, value):
     torch.testing.assert_close(grid.load(), tokens[0, 1:].T.reshape(384, 13, 14), atol=1e-5, rtol=1e-5)
 
 
+def test_a_trunk_built_for_one_size_takes_another(tmp_path):
+    """A ViT built without dynamic_img_size (lunit's ViT-S/8): grids at 160 px are timm's dynamic-size
+    forward of the same weights, and its pooled output at 224 px is left as it was."""
+    import timm
+
+    model = Model.from_timm("vit_small_patch8_224")
+    pixels = _pixels(1, 160, 160, seed=10)
+    before = model.embed_images(list(_pixels(1, 224, 224, seed=11)))[0].load()
+    grid = model.embed_images_dense(list(pixels), dense=DenseImageOptions(target_size=160))[0].load()
+    ref = timm.create_model("vit_small_patch8_224", num_classes=0, dynamic_img_size=True)
+    ref.load_state_dict(model.spec.build().state_dict())
+    with torch.no_grad():
+        tokens = ref.eval().forward_features(_normalized(pixels, model.tile_spec.mean, model.tile_spec.std))
+    torch.testing.assert_close(grid, tokens[0, 1:].T.reshape(384, 20, 20), atol=1e-5, rtol=1e-5)
+    after = model.embed_images(list(_pixels(1, 224, 224, seed=11)))[0].load()
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
 def test_windows_without_overlap_are_each_windows_own_forward(vits):
     """A 448 px image in 224 px windows, overlap 0: each quarter of the grid is that window's forward."""
     model, bare = vits
