@@ -295,6 +295,21 @@ def test_image_files_png_and_resume(vits, tmp_path):
     assert json.loads(dense[0].metadata_path.read_text())["grid_shape"] == [14, 14]
 
 
+def test_numpy_pil_and_torch_pixels_are_the_same_image(vits):
+    from PIL import Image
+
+    model, _ = vits
+    pixels = _pixels(1, 224, 224, seed=12)[0]
+    given = [pixels, Image.fromarray(pixels), torch.from_numpy(pixels).permute(2, 0, 1),
+             torch.from_numpy(pixels).float() / 255.0]
+    out = model.embed_images(given)
+    assert [a.sample_id for a in out] == [f"image_{k:06d}" for k in range(4)]
+    for a in out[1:]:
+        torch.testing.assert_close(a.load(), out[0].load(), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="image_000000: an image must be"):
+        model.embed_images([np.zeros((224, 224, 5), np.uint8)])
+
+
 def test_prepare_dense_encoder_matches_embed_images_dense(vits):
     model, _ = vits
     options = DenseImageOptions(target_size=200, spacing_um=None, window_size=112, overlap=0.25)
