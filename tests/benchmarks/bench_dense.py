@@ -20,6 +20,10 @@ machine noise hits each alike; medians (min..max) printed:
                  ``ExecutionOptions(save_dense=True)`` (fp16 grids in ``dense/<id>``):
                  tiles/s of both, and the dense group's bytes over the dense run's time
                  (the store's write rate), with what keeping the grids costs in time.
+4. ``shallow``   phases 2 and 3 again with a one-block ViT-S/16 (same width, same grids,
+                 ~1/12 of the compute) and every tile kept (``tissue_threshold=0``): on a
+                 2-core CPU the full model bounds every rate above, this shows what the read
+                 and write path itself does.
 """
 
 from __future__ import annotations
@@ -78,12 +82,13 @@ def regions(model, slide: Path, coords, out: Path, batch: int) -> dict:
             "mb": written / 1e6}
 
 
-def pipeline(model, slide: Path, out: Path, dense: bool, batch: int) -> dict:
+def pipeline(model, slide: Path, out: Path, dense: bool, batch: int, every_tile: bool = False) -> dict:
     from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    result = Pipeline(model, PreprocessingConfig(), ExecutionOptions(output_dir=out, save_dense=dense,
+    config = PreprocessingConfig(tissue_threshold=0.0) if every_tile else PreprocessingConfig()
+    result = Pipeline(model, config, ExecutionOptions(output_dir=out, save_dense=dense,
                                                                     batch_size=batch)).run(slides=[slide])
     seconds = time.perf_counter() - start
     assert result.num_failed == 0
@@ -123,13 +128,19 @@ def main() -> int:
     ys = np.linspace(0, h - lv0, side).astype(int)
     coords = [(int(x), int(y)) for y in ys for x in xs][: args.regions]
     work = Path(tempfile.mkdtemp(prefix="bench_dense_"))
-    runs: dict[str, list[dict]] = {"bare": [], "regions": [], "pipeline": [], "pipeline_dense": []}
+    shallow = Model.from_timm("vit_small_patch16_224", dynamic_img_size=True, depth=1)
+    runs: dict[str, list[dict]] = {"bare": [], "regions": [], "pipeline": [], "pipeline_dense": [],
+                                   "shallow_regions": [], "shallow_pipeline": [], "shallow_pipeline_dense": []}
     try:
         for r in range(args.repeats):
             runs["bare"].append({"regions_per_s": bare(len(coords), args.batch_size)})
             runs["regions"].append(regions(model, args.slide, coords, work / "regions", args.batch_size))
             runs["pipeline"].append(pipeline(model, args.slide, work / "pipe", False, args.batch_size))
             runs["pipeline_dense"].append(pipeline(model, args.slide, work / "pipe_dense", True, args.batch_size))
+            runs["shallow_regions"].append(regions(shallow, args.slide, coords, work / "regions", args.batch_size))
+            runs["shallow_pipeline"].append(pipeline(shallow, args.slide, work / "pipe", False, args.batch_size, True))
+            runs["shallow_pipeline_dense"].append(pipeline(shallow, args.slide, work / "pipe_dense", True,
+                                                           args.batch_size, True))
             print(f"repeat {r + 1}/{args.repeats} done, load average {os.getloadavg()}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -146,6 +157,16 @@ def main() -> int:
           f"   dense store MB/s {summary(col('pipeline_dense', 'dense_mb_per_s'))}"
           f"   ({runs['pipeline_dense'][0]['dense_mb']:.1f} MB)")
     cost = [d / p for d, p in zip(col("pipeline_dense", "seconds"), col("pipeline", "seconds"))]
+    print(f"  time with save_dense / without           {summary(cost)}")
+    print("one-block ViT-S/16 (the read and write path), every tile kept:")
+    print(f"embed_regions_dense              regions/s {summary(col('shallow_regions', 'regions_per_s'))}"
+          f"   MB/s written {summary(col('shallow_regions', 'mb_per_s'))}")
+    print(f"Pipeline.run ({runs['shallow_pipeline'][0]['tiles']} tiles)     tiles/s   "
+          f"{summary(col('shallow_pipeline', 'tiles_per_s'))}")
+    print(f"Pipeline.run save_dense (fp16)   tiles/s   {summary(col('shallow_pipeline_dense', 'tiles_per_s'))}"
+          f"   dense store MB/s {summary(col('shallow_pipeline_dense', 'dense_mb_per_s'))}"
+          f"   ({runs['shallow_pipeline_dense'][0]['dense_mb']:.1f} MB)")
+    cost = [d / p for d, p in zip(col("shallow_pipeline_dense", "seconds"), col("shallow_pipeline", "seconds"))]
     print(f"  time with save_dense / without           {summary(cost)}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
