@@ -30,7 +30,10 @@ embed where it is decoded) unless the cluster has GPUs: then its read runs
 on any worker and only the ``embed-`` task asks for ``resources={"GPU": 1}``.
 Blocks are submitted directly as tasks, not as culled graphs: a graph per
 slide costs the client per-slide work that a cohort of small slides cannot
-afford.
+afford.  Units other than slides (a slide's regions of interest, a run of
+images: `dense_tasks`) go through the same stream: their sink says how to plan
+them (``sink.plan_task``) and their plan how to encode a block
+(``plan.embed_task``).
 """
 
 from __future__ import annotations
