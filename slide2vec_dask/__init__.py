@@ -35,6 +35,13 @@ _EXPORTS = {
     "TileGrid": "slide2vec_dask.tiling",
     "list_models": "slide2vec_dask.encoders.registry",
     "activate_progress_reporter": "slide2vec_dask.progress",
+    "ImageSpec": "slide2vec_dask.dense_options",
+    "SlideRegions": "slide2vec_dask.dense_options",
+    "DenseOptions": "slide2vec_dask.dense_options",
+    "DenseImageOptions": "slide2vec_dask.dense_options",
+    "DenseRegionArtifact": "slide2vec_dask.store.dense_files",
+    "DenseImageArtifact": "slide2vec_dask.store.dense_files",
+    "ImageEmbeddingArtifact": "slide2vec_dask.store.dense_files",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -55,6 +62,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
+    from slide2vec_dask.dense_options import DenseImageOptions, DenseOptions, ImageSpec, SlideRegions
+    from slide2vec_dask.store.dense_files import DenseImageArtifact, DenseRegionArtifact, ImageEmbeddingArtifact
     from slide2vec_dask.encoders.registry import list_models
     from slide2vec_dask.exporters import export
     from slide2vec_dask.model import Model

@@ -340,6 +340,9 @@ class ExecutionOptions:
     patient-level model's run (they are an intermediate otherwise);
     ``save_slide_embeddings`` keeps a patient-level run's slide embeddings;
     ``save_latents`` stores the model's latents next to its embeddings.
+    ``save_dense`` (`Pipeline.run`, ViT encoders) also keeps every tissue tile's patch-token
+    grid, from the same forward, in the store's ``dense/<sample_id>`` group
+    (``embedding (tile, token_y, token_x, feature)``, one chunk per tile) in ``dense_dtype``.
     """
 
     batch_size: int = 32
@@ -357,9 +360,13 @@ class ExecutionOptions:
     scheduler_address: str | None = None
     channels_last: bool = True
     overwrite: bool = False
+    save_dense: bool = False        # Pipeline.run: every tissue tile's token grid in dense/<sample_id>
+    dense_dtype: str = "fp16"       # ... stored as "fp16" or "fp32"
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, 1, 1 << 16)
+        check_bool("save_dense", self.save_dense)
+        check_choice("dense_dtype", self.dense_dtype, ("fp16", "fp32"))
         check_int("num_workers", self.num_workers, 1, optional=True)
         check_int("num_preprocessing_workers", self.num_preprocessing_workers, 1, optional=True)
         check_int("prefetch_factor", self.prefetch_factor, 1, 1024)

@@ -17,6 +17,7 @@ from slide2vec_dask.dataflow.executors import executor_for
 from slide2vec_dask.dataflow.sinks import MemorySink, StoreSink
 from slide2vec_dask.dataflow.tasks import row_exports
 from slide2vec_dask.dataflow.worker import release_encoders
+from slide2vec_dask import dense_api
 from slide2vec_dask.inputs import SlideInput
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, ModuleBuilder, TimmBuilder
@@ -342,6 +343,36 @@ class Model:
                                      EmbeddingStore.table_group("slide"), None if flat is None else Path(flat),
                                      has_latents=execution.save_latents))
         return out
+
+    # -- images and dense grids (slide2vec 7.1.4's names) ----------------------------------------------
+    def embed_images(self, images: Sequence, *, execution: ExecutionOptions | None = None) -> list:
+        """One embedding per image (`ImageSpec`, a path, or pixels), through the encoder as tiles go:
+        resized to its tile size and normalised.  With ``execution.output_dir``: written to
+        ``image_embeddings/<sample_id>.pt`` (skipped when already there for this encoder);
+        one `ImageEmbeddingArtifact` per image, in order (``.load()`` gives the ``(D,)`` tensor)."""
+        return dense_api.embed_images(self.tile_spec, images, execution=self.resolve_execution(execution))
+
+    def embed_images_dense(self, images: Sequence, *, dense, execution: ExecutionOptions | None = None) -> list:
+        """The ``(K, gh, gw)`` grid of each image (`DenseImageOptions`: what ``K`` holds, geometry,
+        windows); ``dense_image_embeddings/<sample_id>.pt`` with an output directory.  One
+        `DenseImageArtifact` per image, in order."""
+        return dense_api.embed_images_dense(self.tile_spec, images, dense=dense,
+                                            execution=self.resolve_execution(execution))
+
+    def embed_regions_dense(self, regions: Sequence, *, dense, execution: ExecutionOptions | None = None) -> list:
+        """The ``(K, gh, gw)`` grid of each region of interest (`SlideRegions`: level-0 ``(x, y)``),
+        read at ``dense.spacing_um`` as ``dense.target_size`` pixels; written to
+        ``dense_embeddings/[<annotation>/]<sample_id>/<x>_<y>.pt`` with an output directory.
+        One `DenseRegionArtifact` per region, in order."""
+        return dense_api.embed_regions_dense(self.tile_spec, regions, dense=dense,
+                                             execution=self.resolve_execution(execution))
+
+    def prepare_dense_encoder(self, *, dense, execution: ExecutionOptions | None = None):
+        """A live `DenseEncodeKit` for augmented tensors (training): ``kit.preprocessor()`` per item,
+        ``kit.encode(batch)`` -> ``(B, K, gh, gw)`` on the device.  Reading fields (spacing,
+        tolerance, backend) do not apply."""
+        return dense_api.prepare_dense_encoder(self.tile_spec, dense=dense,
+                                               execution=self.resolve_execution(execution), device=self.device)
 
     def _inputs(self, slides: Sequence) -> list:
         if isinstance(slides, (str, Path)) or isinstance(slides, dict):

@@ -25,6 +25,7 @@ from slide2vec_dask._version import __version__
 from slide2vec_dask.clusters.client import resolve_client, resolve_num_gpus
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig, check_bool
 from slide2vec_dask.dataflow.blocks import EmbedSettings
+from slide2vec_dask.encoders.dense import token_layout
 from slide2vec_dask.dataflow.driver import Driver, Stages
 from slide2vec_dask.dataflow.executors import DaskExecutor, executor_for
 from slide2vec_dask.dataflow.sinks import StoreSink
@@ -160,9 +161,13 @@ class Pipeline:
         model = {} if self.model.level == "tile" else {
             "model": self.model.name, "model_level": self.model.level, "model_key": self.model.spec.key,
             "model_feature_dim": int(self.model.feature_dim)}
+        dense = {}
+        if self.execution.save_dense:   # (recorded only when asked: stores made without it resume as before)
+            layout = token_layout(spec)   # an encoder without a token grid is refused here, by name
+            dense = {"dense": {"dtype": self.execution.dense_dtype, "patch_size": list(layout.patch_size)}}
         return {**model, "encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
                 "requested_spacing_um": spacing, "requested_tile_size_px": tile,
-                "tiling": selection_config(config), "slide2vec_dask_version": __version__}
+                "tiling": selection_config(config), "slide2vec_dask_version": __version__, **dense}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
 

@@ -18,6 +18,7 @@ import numpy as np
 from slide2vec_dask.clusters.client import resolve_num_gpus
 from slide2vec_dask.dataflow import worker
 from slide2vec_dask.encoders.base import EncoderSpec
+from slide2vec_dask.encoders.dense import embed_with_grids
 from slide2vec_dask.tiling.archive import decode_jpeg_tiles, encode_jpeg_tiles
 
 DEFAULT_BLOCK_PX = 2048
@@ -31,12 +32,13 @@ class EmbedSettings:
     num_gpus: int = 0
     precision: str | None = None
     channels_last: bool = True
+    dense_dtype: str | None = None   # save_dense: the tiles' token grids too, kept in this dtype
 
     @classmethod
     def of(cls, execution, client) -> "EmbedSettings":
         """What every embedding task of a call needs from its options (the one place they are read)."""
         return cls(execution.batch_size, resolve_num_gpus(execution.num_gpus, client), execution.precision,
-                   execution.channels_last)
+                   execution.channels_last, execution.dense_dtype if execution.save_dense else None)
 
 
 @dataclass
@@ -46,6 +48,7 @@ class BlockResult:
     tiles: np.ndarray                  # (n, feature): the block's tiles, in plan order
     region: np.ndarray | None = None   # (k * k, feature): every tile of the region, row-major
     jpegs: list[bytes] | None = None   # on_the_fly=False: the tiles as written to the archive
+    grids: np.ndarray | None = None    # save_dense: (n, token_y, token_x, feature), the block's tiles' token grids
 
 
 def block_tiles(plan, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX) -> int:
@@ -105,6 +108,16 @@ def encode_tiles(tiles: np.ndarray, spec: EncoderSpec, settings: EmbedSettings) 
     return np.asarray(worker.run_on_device(settings.num_gpus, encode), dtype=np.float32)
 
 
+def encode_tiles_with_grids(tiles: np.ndarray, spec: EncoderSpec, settings: EmbedSettings):
+    """`encode_tiles` plus each tile's patch-token grid from the same forward (``save_dense``)."""
+    def encode(device: str):
+        encoder = worker.get_encoder(spec, device, settings.precision, settings.channels_last)
+        return embed_with_grids(encoder, tiles, settings.batch_size)
+
+    pooled, grids = worker.run_on_device(settings.num_gpus, encode)
+    return pooled, grids.astype(np.float16 if settings.dense_dtype == "fp16" else np.float32)
+
+
 def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray | None, *, spec: EncoderSpec,
                  read_tile: int, settings: EmbedSettings, archive_tile: int | None = None) -> BlockResult:
     """A block's pixels cut, embedded and sorted into a `BlockResult`.
@@ -121,7 +134,11 @@ def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray |
         tiles = decode_jpeg_tiles(jpegs) if jpegs else tiles[:0]
         if kept is not None:   # (the archive holds the tissue tiles only)
             jpegs = [j for j, keep in zip(jpegs, kept) if keep]
-    embedded = encode_tiles(tiles, spec, settings)
+    grids = None
+    if settings.dense_dtype is not None:
+        embedded, grids = encode_tiles_with_grids(tiles, spec, settings)
+    else:
+        embedded = encode_tiles(tiles, spec, settings)
     if kept is None:
-        return BlockResult(embedded, None, jpegs)
-    return BlockResult(embedded[kept], embedded, jpegs)
+        return BlockResult(embedded, None, jpegs, grids)
+    return BlockResult(embedded[kept], embedded, jpegs, None if grids is None else grids[kept])

@@ -30,7 +30,10 @@ embed where it is decoded) unless the cluster has GPUs: then its read runs
 on any worker and only the ``embed-`` task asks for ``resources={"GPU": 1}``.
 Blocks are submitted directly as tasks, not as culled graphs: a graph per
 slide costs the client per-slide work that a cohort of small slides cannot
-afford.
+afford.  Units other than slides (a slide's regions of interest, a run of
+images: `dense_tasks`) go through the same stream: their sink says how to plan
+them (``sink.plan_task``) and their plan how to encode a block
+(``plan.embed_task``).
 """
 
 from __future__ import annotations
@@ -186,9 +189,11 @@ class Driver:
             self.plans_running += 1
             self.todo_left -= 1
             self.outcomes[item.sample_id].status = "planning"
-            self._submit("plan", item.sample_id, Task(tasks.plan_task, (
+            planner = getattr(self.sink, "plan_task", None)   # units other than slides: the sink plans them
+            task = planner(item, self.tile_spec) if planner is not None else Task(tasks.plan_task, (
                 item, self.tile_spec, self.config, self.ex.output_dir, self.sink.store, self.config.use_supertiles,
-                self.sink.keeps_plans)), key=self._key("plan", item.sample_id))
+                self.sink.keeps_plans))
+            self._submit("plan", item.sample_id, task, key=self._key("plan", item.sample_id))
 
     # -- tile stage ------------------------------------------------------------------------------
     def _on_plan(self, sid: str, _, result) -> None:
@@ -219,11 +224,13 @@ class Driver:
         if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
             pixels = self.executor.submit_input(tasks.read_task, *pixels, key=self._key("read", *tag))
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
-        self._submit("block", plan.sample_id, Task(tasks.embed_block, (pixels, plan.cuts(block),
-                                                                      plan.kept_in_block(block)), dict(
-            spec=self.tile_spec, read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
-            store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True),
-            key=self._key("embed", *tag), block=block)
+        if hasattr(plan, "embed_task"):   # regions, images: their plan says how a block is encoded
+            task = plan.embed_task(pixels, block, self.tile_spec, self.settings)
+        else:
+            task = Task(tasks.embed_block, (pixels, plan.cuts(block), plan.kept_in_block(block)), dict(
+                spec=self.tile_spec, read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
+                store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True)
+        self._submit("block", plan.sample_id, task, key=self._key("embed", *tag), block=block)
         state.running += 1
         self.blocks_running += 1
 

@@ -14,6 +14,9 @@ landed; nothing else collects rows.  A stage's answer is a `driver.Task`
   slide and patient models run as tasks on those arrays.  The first failure
   raises (``fail_fast``): a user calling ``embed_slides`` gets an exception,
   not a status row.
+* `DenseSink`: regions and images (`dense_tasks`): their blocks write each item's
+  ``.pt`` file and sidecar (slide2vec's layout) or hand back its array; the sink
+  keeps one artifact per item.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from slide2vec_dask.dataflow import tasks
+from slide2vec_dask.dataflow import dense_tasks, tasks
 from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings
 from slide2vec_dask.dataflow.driver import Stages, Task
 from slide2vec_dask.inputs import SlideInput
@@ -121,6 +124,9 @@ class MemorySink:
     run = ""
 
     def __init__(self, items: list[SlideInput], stages: Stages, settings: EmbedSettings, output_dir):
+        if settings.dense_dtype is not None:
+            raise ValueError("ExecutionOptions(save_dense=True) keeps token grids in Pipeline.run's store "
+                             "(dense/<sample_id>); in memory, take grids with Model.embed_regions_dense")
         self.items = {it.sample_id: it for it in items}
         self.stages, self.settings, self.output_dir = stages, settings, output_dir
         self.feature_dim = int(stages.tile_spec.feature_dim)
@@ -211,3 +217,39 @@ class MemorySink:
                 "precision": self.settings.precision or "auto",
             },
         )
+
+
+class DenseSink:
+    """Regions and images (`dense_tasks`): each item's artifact, written by its block when there is an
+    output directory (slide2vec's ``.pt`` layout), else holding its array; the first failure raises."""
+
+    store = None
+    keeps_plans = False
+    fail_fast = True
+    run = ""
+
+    def __init__(self, request: dense_tasks.DenseRequest):
+        self.request = request
+        self.results: dict[tuple[str, int], Any] = {}   # (unit, item index) -> artifact
+
+    def plan_task(self, unit, spec) -> Task:
+        plan = dense_tasks.plan_regions if self.request.kind == "regions" else dense_tasks.plan_images
+        return Task(plan, (unit, spec, self.request))
+
+    def planned(self, plan) -> None:
+        for index, record in plan.done:   # written by an earlier run for this same request
+            self.results[(plan.sample_id, index)] = dense_tasks.artifact(self.request, record)
+
+    def block_landed(self, sid: str, block, result) -> int:
+        for index, record, data in result:
+            self.results[(sid, index)] = dense_tasks.artifact(self.request, record, data)
+        return len(result)
+
+    def discard(self, sid: str) -> None:
+        pass
+
+    def finalize(self, plan, keep_tiles: bool) -> dict[str, int]:
+        return {"num_tiles": plan.num_tiles, "num_regions": 0}
+
+    def finalized(self, sid: str, result: dict, row: SlideOutcome) -> None:
+        pass

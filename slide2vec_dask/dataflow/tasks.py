@@ -169,6 +169,8 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
     try:
         if result.jpegs is not None:
             store.write_block_tiles(sample_id, block, result.jpegs)
+        if result.grids is not None:
+            store.write_block_dense(sample_id, block, result.grids)
         return store.write_block(sample_id, block, result.tiles, result.region)
     except WRITE_EXPECTED as exc:   # a full disk
         return exc

@@ -340,6 +340,18 @@ class EmbeddingStore:
             tmp.unlink(missing_ok=True)
             raise write_error(tmp.parent, exc) from exc
 
+    def write_block_dense(self, sample_id: str, block: tuple[int, int], grids: np.ndarray) -> None:
+        """One block's token grids ``(n, token_y, token_x, feature)`` (``save_dense``), in their own dtype."""
+        target = self._staging(sample_id) / f"{block[0]}-{block[1]}.dense.npy"
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(grids))
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise write_error(tmp.parent, exc) from exc
+
     def write_block_tiles(self, sample_id: str, block: tuple[int, int], blobs: list[bytes]) -> None:
         """One block's tiles as JPEG bytes (``on_the_fly=False``), staged for the slide's archive."""
         target = self._staging(sample_id) / f"{block[0]}-{block[1]}.jpegs.npz"
@@ -395,6 +407,11 @@ class EmbeddingStore:
         except OSError as exc:   # (a full disk, said plainly, as staging says it)
             raise write_error(self.path, exc) from exc
         stale = (self.path / "tiles" / sample_id).exists()   # complete, or not: replaced either way
+        dense = self._build_dense(self._staging(sample_id), sample_id, grid, k, attrs)
+        if dense is not None:   # before the tiles: a published tiles group means the slide is whole
+            self._publish(dense, self.path / "dense" / sample_id, replace=True)
+        elif stale:
+            self._retire(self.path / "dense" / sample_id)
         if regions is not None:
             self._publish(regions, self.path / "regions" / sample_id, replace=True)
         elif stale:
@@ -450,6 +467,44 @@ class EmbeddingStore:
         if regions is not None:
             _consolidate(regions)
         return tmp, regions
+
+    def _build_dense(self, staging: Path, sample_id: str, grid, k: int, attrs: dict[str, Any]) -> Path | None:
+        """``dense/<id>`` built aside from the blocks' staged token grids (None when none were staged).
+
+        ``embedding (tile, token_y, token_x, feature)``, one chunk per tile (a tile's grid is
+        one read), rows in the tiles group's order; ``x``/``y`` as there.
+        """
+        import zarr
+
+        members = list(zip(*block_members(grid, k)))
+        staged = [staging / f"{b[0]}-{b[1]}.dense.npy" for b, _ in members]
+        if not any(p.exists() for p in staged):
+            return None
+        first = np.load(next(p for p in staged if p.exists()), mmap_mode="r")
+        _, gh, gw, dim = first.shape
+        n = grid.num_tiles
+        tmp = self._scratch()
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        emb = group.create_array(
+            "embedding", shape=(n, gh, gw, dim), chunks=(1, gh, gw, dim), dtype=first.dtype, fill_value=np.nan,
+            dimension_names=list(schema.DENSE_DIMS), attributes={"coordinates": "x y", **schema.DENSE_EMBEDDING_ATTRS})
+        for path, (block, index) in zip(staged, members):
+            if not path.exists():
+                raise RuntimeError(f"{sample_id}: the token grids of block {block} never landed")
+            values = np.load(path)
+            if len(values) != len(index):
+                raise RuntimeError(f"{sample_id}: block {block} staged {len(values)} grids for {len(index)} tiles")
+            if len(index):
+                emb.oindex[np.asarray(index)] = values
+        _vector(group, "x", grid.x, schema.TILE_COORDS["x"])
+        _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
+        token = grid.tile_size_lv0 / gw
+        group.update_attributes({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
+                                 "token_grid": [int(gh), int(gw)], "token_size_lv0": token,
+                                 "feature_kind": "patch_features", "dtype": str(first.dtype),
+                                 "build_id": uuid.uuid4().hex, "complete": True})
+        _consolidate(tmp)
+        return tmp
 
     def _regions_group(self, grid, k: int, feature_dim: int, attrs: dict[str, Any]):
         import zarr
@@ -517,7 +572,7 @@ class EmbeddingStore:
 
     def drop_tiles(self, sample_id: str) -> None:
         """A slide/patient-level run's tile embeddings, once they were not asked to be kept."""
-        for where in ("tiles", "regions"):
+        for where in ("tiles", "regions", "dense"):
             self._retire(self.path / where / sample_id)
 
     def drop_row(self, level: str, key: str) -> None:

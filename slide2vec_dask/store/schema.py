@@ -26,6 +26,7 @@ COMPLETE_ATTRS = {
 }
 
 TILE_DIMS = ("tile", "feature")
+DENSE_DIMS = ("tile", "token_y", "token_x", "feature")   # dense/<id>: token (i, j) covers tile pixels [i*p, (i+1)*p)
 REGION_DIMS = ("region", "tile_in_region", "feature")
 REGION_MASK_DIMS = ("region", "tile_in_region")
 SUB_TILE_ORDER = "row-major: t -> (row t // R, column t % R)"
@@ -39,6 +40,7 @@ REGION_COORDS = {
     "region_y": {"units": LEVEL0_PX, "long_name": "region top edge"},
 }
 TILE_EMBEDDING_ATTRS = {"long_name": "tile embedding"}
+DENSE_EMBEDDING_ATTRS = {"long_name": "patch-token embedding (after the final norm)"}
 REGION_EMBEDDING_ATTRS = {"long_name": "sub-tile embedding"}
 TILE_MASK_ATTRS = {"long_name": "sub-tile is a kept tissue tile"}
 TISSUE_FRACTION_ATTRS = {"units": "1", "long_name": "tissue fraction of the tile"}
