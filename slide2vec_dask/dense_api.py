@@ -109,6 +109,12 @@ def as_image_spec(image: Any, index: int) -> ImageSpec:
 
 
 def _output_dir(execution: ExecutionOptions) -> str | None:
+    if execution.output_format not in (None, ("pt",)):
+        raise ValueError(f"output_format={execution.output_format!r}: images and dense grids are written as "
+                         "slide2vec's .pt files (and .meta.json sidecars); leave output_format unset or 'pt'")
+    if execution.save_dense:
+        raise ValueError("save_dense keeps tiles' grids in Pipeline.run's store; the dense entry points write "
+                         "their grids anyway: leave save_dense unset here")
     return None if execution.output_dir is None else str(execution.output_dir)
 
 

@@ -360,6 +360,15 @@ def test_unknown_feature_kind_and_bad_options_are_named():
         ImageSpec(sample_id="a/b", image_path="x.png")
 
 
+def test_options_that_cannot_act_here_are_refused(vits):
+    model, _ = vits
+    with pytest.raises(ValueError, match="output_format=.*'npz'.*\\.pt files"):
+        model.embed_images([_pixels(1, 224, 224)[0]], execution=ExecutionOptions(output_format="npz"))
+    with pytest.raises(ValueError, match="save_dense"):
+        model.embed_images_dense([_pixels(1, 224, 224)[0]], dense=DenseImageOptions(target_size=224),
+                                 execution=ExecutionOptions(save_dense=True))
+
+
 def test_attention_block_out_of_range_is_named(vits):
     model, _ = vits
     with pytest.raises(ValueError, match="block 12 is out of range.*12 blocks"):
