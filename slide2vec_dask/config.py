@@ -294,6 +294,14 @@ class ExecutionOptions:
     patient-level model's run (they are an intermediate otherwise);
     ``save_slide_embeddings`` keeps a patient-level run's slide embeddings;
     ``save_latents`` stores the model's latents next to its embeddings.
+
+    ``gpu_decode`` decodes the slide's JPEG tiles on the GPU (nvJPEG, through
+    ``torchvision.io.decode_jpeg``) instead of on the CPU threads, for runs
+    where decoding is what starves the GPU; where there is no CUDA device or
+    the file's tiles are not plain JPEG it falls back to the CPU decoder with
+    a warning.  ``save_telemetry`` also writes every block's timings and every
+    GPU sample to ``<output_dir>/telemetry.jsonl`` (the run report is always
+    written).
     """
 
     batch_size: int = 32
@@ -311,6 +319,8 @@ class ExecutionOptions:
     scheduler_address: str | None = None
     channels_last: bool = True
     overwrite: bool = False
+    gpu_decode: bool = False
+    save_telemetry: bool = False
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, 1, 1 << 16)
@@ -320,7 +330,7 @@ class ExecutionOptions:
         check_int("num_gpus", self.num_gpus, 0, optional=True)
         check_choice("precision", self.precision, PRECISIONS, optional=True)
         for name in ("persistent_workers", "save_tile_embeddings", "save_slide_embeddings", "save_latents",
-                     "channels_last", "overwrite"):
+                     "channels_last", "overwrite", "gpu_decode", "save_telemetry"):
             check_bool(name, getattr(self, name))
         check_path("output_dir", self.output_dir)
         if self.output_format is not None:

@@ -18,6 +18,7 @@ import numpy as np
 from slide2vec_dask.clusters.client import resolve_num_gpus
 from slide2vec_dask.dataflow import worker
 from slide2vec_dask.encoders.base import EncoderSpec
+from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.archive import decode_jpeg_tiles, encode_jpeg_tiles
 
 DEFAULT_BLOCK_PX = 2048
@@ -114,7 +115,8 @@ def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray |
     (``on_the_fly=False``) the tiles are JPEG-encoded at that size, and what is embedded
     is those JPEGs decoded: a later run from the archive gets the same embeddings.
     """
-    tiles = cut_tiles(pixels, cuts, read_tile)
+    with clock.stage("cut"):
+        tiles = cut_tiles(pixels, cuts, read_tile)
     jpegs = None
     if archive_tile is not None:
         jpegs = encode_jpeg_tiles(tiles, archive_tile)

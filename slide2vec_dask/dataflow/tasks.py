@@ -27,6 +27,7 @@ from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings, block_lay
 from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.exporters import export_row, export_slide, flat_first
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -136,7 +137,8 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
         return pixels
     if isinstance(pixels, tuple):
         try:
-            pixels = read_block(*pixels)
+            with clock.stage("read"):
+                pixels = read_block(*pixels)
         except EXPECTED as exc:   # a damaged tile, a file gone
             return exc
     result = embed_pixels(pixels, cuts, kept, spec=spec, read_tile=read_tile, settings=settings,
@@ -144,9 +146,10 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
     if store is None:
         return result
     try:
-        if result.jpegs is not None:
-            store.write_block_tiles(sample_id, block, result.jpegs)
-        return store.write_block(sample_id, block, result.tiles, result.region)
+        with clock.stage("write"):
+            if result.jpegs is not None:
+                store.write_block_tiles(sample_id, block, result.jpegs)
+            return store.write_block(sample_id, block, result.tiles, result.region)
     except WRITE_EXPECTED as exc:   # a full disk
         return exc
 
@@ -155,7 +158,8 @@ def read_task(source, *args):
     """A block's pixels, as a task of its own (GPU clusters: the read runs on any worker);
     an expected read failure is returned, and the block's `embed_block` hands it on."""
     try:
-        return read_block(source, *args)
+        with clock.stage("read"):
+            return read_block(source, *args)
     except EXPECTED as exc:
         return exc
 
