@@ -16,11 +16,15 @@ How GPU figures are made:
   in ``gpu.source``.
 * **idle GPU seconds**: each sample's idle share (100 % - utilisation) times
   its interval, split by when it was taken: before the GPU's first block
-  (cluster start, model load, planning), between its first and last block
-  (the data path did not keep up: *starved*), after its last (the tail).
-* **starved**: between-block idle over 10 % of the time the GPU had work.  The
-  starving stage is the host stage (planning, read, decode, cut, write) with
-  the most seconds, and the report says what to change.
+  (cluster start, model load, planning), between its first and last block,
+  after its last (the tail).  Of the between-block idle, ``starved`` is the
+  part when the encoder was not even running -- its device thread had no block
+  to work on, so the data path did not keep up (the rest is idle inside the
+  encoder's own run: kernel launches, small batches, the copy back).
+* **starved** (the verdict): starved seconds over 10 % of the time from the
+  GPU's first block to its last.  The starving stage is the host stage
+  (planning, read, decode, cut, write) with the most seconds, and the report
+  says what to change.
 """
 
 from __future__ import annotations
@@ -90,8 +94,9 @@ class RunTelemetry:
         self.per_slide: dict[str, list] = {}          # sid -> [blocks, tiles, *STAGES seconds]
         self.devices: dict[str, list] = {}            # device key -> [tiles, first start, last end, busy s]
         self.windows: dict[str, list] = {}            # host or gpu uuid -> [first device start, last device end]
-        self.busy_bins: dict[str, dict[int, float]] = defaultdict(dict)   # device key -> bin -> busy s (fallback)
-        self.cuda_devices: set[str] = set()
+        # host or gpu uuid -> seconds the encoder's device thread ran in each `interval` bin since the start
+        self.busy_bins: dict[str, array.array] = defaultdict(lambda: array.array("d"))
+        self.cuda_windows: set[str] = set()           # the windows' keys that saw CUDA blocks (the fallback)
         self._jsonl = None
 
     def open_jsonl(self, output_dir: str | Path) -> None:
@@ -157,13 +162,12 @@ class RunTelemetry:
             dev[0] += timing.tiles
             dev[1], dev[2] = min(dev[1], timing.device_start), max(dev[2], timing.device_end)
             dev[3] += timing.device_end - timing.device_start
-            for where in (timing.host, timing.gpu_uuid):
-                if where:
-                    w = self.windows.setdefault(where, [timing.device_start, timing.device_end])
-                    w[0], w[1] = min(w[0], timing.device_start), max(w[1], timing.device_end)
+            for where in (timing.gpu_uuid or timing.host,) + ((timing.host,) if timing.gpu_uuid else ()):
+                w = self.windows.setdefault(where, [timing.device_start, timing.device_end])
+                w[0], w[1] = min(w[0], timing.device_start), max(w[1], timing.device_end)
+                self._bin(where, timing.device_start, timing.device_end)
             if timing.device.startswith("cuda"):
-                self.cuda_devices.add(dkey)
-                self._bin(dkey, timing.device_start, timing.device_end)
+                self.cuda_windows.add(timing.gpu_uuid or timing.host)
         self.samples(timing.samples)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps({"kind": "block", "sample_id": sid, "queue_s": round(queue, 6),
@@ -188,15 +192,26 @@ class RunTelemetry:
                 self._jsonl.write(json.dumps({"kind": "gpu", "t": t, "gpu": key, "util": util,
                                               "mem_util": _mem_util, "mem_used_mb": used, "power_w": power}) + "\n")
 
-    def _bin(self, dkey: str, start: float, end: float) -> None:
-        """Fallback busy time: the device thread's run spread over 0.5 s bins since the start."""
-        bins, step = self.busy_bins[dkey], self.interval
-        t = start
+    def _bin(self, where: str, start: float, end: float) -> None:
+        """The device thread's run spread over `interval` bins since the start (a compact array)."""
+        bins, step = self.busy_bins[where], self.interval
+        t = max(start, self.started)
         while t < end:
             b = int((t - self.started) // step)
+            if b >= len(bins):
+                bins.extend([0.0] * (b + 1 - len(bins)))
             edge = self.started + (b + 1) * step
-            bins[b] = bins.get(b, 0.0) + min(end, edge) - t
+            bins[b] += min(end, edge) - t
             t = edge
+
+    def _encoder_share(self, where: str | None, t: np.ndarray) -> np.ndarray:
+        """For each time in ``t``: the share of its bin the encoder's device thread ran (0 to 1)."""
+        bins = np.frombuffer(self.busy_bins[where], dtype=float) if where in self.busy_bins else np.zeros(0)
+        index = ((t - self.started) // self.interval).astype(int)
+        inside = (index >= 0) & (index < len(bins))
+        share = np.zeros(len(t))
+        share[inside] = np.minimum(bins[index[inside]] / self.interval, 1.0)
+        return share
 
     def gpu_busy_now(self, seconds: float = 5.0) -> float | None:
         """Mean GPU utilisation of the last ``seconds`` of samples (the progress line), None without samples."""
@@ -242,24 +257,25 @@ class RunTelemetry:
                         "per_s": round(tiles / span, 2), "encoder_seconds": round(busy, 3)})
         return out
 
-    def _window(self, key: str) -> tuple[float, float] | None:
+    def _where(self, key: str) -> str | None:
+        """Which blocks ran on this GPU: those naming its uuid, else (no uuid known) its host's."""
         info = self.gpu_info.get(key, {})
-        for where in (info.get("uuid", ""), info.get("host", key.split("/")[0])):
+        for where in (info.get("uuid") or key.split("/", 1)[-1], info.get("host") or key.split("/")[0]):
             if where and where in self.windows:
-                return tuple(self.windows[where])
+                return where
         return None
 
     def _gpu_section(self, finished: float) -> dict | None:
         sampled = {k: g for k, g in self.gpus.items() if len(g.t)}
         if sampled:
             return self._nvml_section(sampled, finished)
-        if self.cuda_devices:
+        if self.cuda_windows:
             return self._fallback_section(finished)
         return None
 
     def _nvml_section(self, sampled: dict, finished: float) -> dict:
-        idle = dict.fromkeys(("before_first_block", "between_blocks", "tail"), 0.0)
-        window_utils, per_gpu, had_work = [], [], 0.0
+        idle = dict.fromkeys(("before_first_block", "between_blocks", "starved", "tail"), 0.0)
+        window_utils, per_gpu, had_work, steps = [], [], 0.0, []
         for key, g in sorted(sampled.items()):
             t, u = np.frombuffer(g.t, dtype=float), np.frombuffer(g.util, dtype=float)
             order = np.argsort(t, kind="stable")
@@ -268,51 +284,57 @@ class RunTelemetry:
             t, u = t[keep], u[keep]
             if not len(t):
                 continue
-            dt = np.diff(t, prepend=t[0] - self.interval).clip(0, 4 * self.interval)
+            step = float(np.median(np.diff(t))) if len(t) > 2 else self.interval   # the sampler's own interval
+            steps.append(step)
+            dt = np.diff(t, prepend=t[0] - step).clip(0, 4 * step)
             idle_s = (1 - u / 100.0) * dt
-            window = self._window(key)
-            if window is None:   # no block ever ran here: idle all along
+            where = self._where(key)
+            if where is None:   # no block ever ran here: idle all along
                 before = idle_s.sum()
-                between = tail = 0.0
+                between = tail = starved = 0.0
                 inside = np.zeros(len(t), bool)
             else:
-                first, last = window
+                first, last = self.windows[where]
                 inside = (t >= first) & (t <= last)
                 before, tail = idle_s[t < first].sum(), idle_s[t > last].sum()
                 between = idle_s[inside].sum()
+                # of which the encoder was not even running: no block to work on (the data path)
+                starved = (idle_s[inside] * (1 - self._encoder_share(where, t[inside]))).sum()
                 had_work += last - first
             idle["before_first_block"] += before
             idle["between_blocks"] += between
+            idle["starved"] += starved
             idle["tail"] += tail
             window_utils.append(u[inside] if inside.any() else u)
             info = self.gpu_info.get(key, {})
             per_gpu.append({"gpu": key, "name": info.get("name", ""), "samples": int(len(t)),
                             "busy_pct": _stats(u[inside] if inside.any() else u),
                             "idle_s": {"before_first_block": round(before, 2), "between_blocks": round(between, 2),
-                                       "tail": round(tail, 2)},
+                                       "starved": round(starved, 2), "tail": round(tail, 2)},
                             "memory_used_max_mb": round(g.mem_used_max, 1),
                             "power_mean_w": round(g.power[0] / g.power[1], 1) if g.power[1] else None})
         utils = np.concatenate(window_utils) if window_utils else np.zeros(0)
-        return {"source": "nvml", "interval_s": self.interval, "gpus": per_gpu, "count": len(per_gpu),
+        return {"source": "nvml", "interval_s": round(max(steps, default=self.interval), 3), "gpus": per_gpu, "count": len(per_gpu),
                 "busy_pct": _stats(utils), "idle_s": {k: round(v, 2) for k, v in idle.items()},
                 "had_work_s": round(had_work, 2)}
 
     def _fallback_section(self, finished: float) -> dict:
         """No NVML: the share of each bin the device thread ran (host time, not measured utilisation)."""
-        idle = dict.fromkeys(("before_first_block", "between_blocks", "tail"), 0.0)
+        idle = dict.fromkeys(("before_first_block", "between_blocks", "starved", "tail"), 0.0)
         fractions, per_gpu, had_work = [], [], 0.0
-        for dkey in sorted(self.cuda_devices):
-            _, first, last, busy, _ = self.devices[dkey]
-            bins = self.busy_bins[dkey]
+        for where in sorted(self.cuda_windows):
+            first, last = self.windows[where]
             b0, b1 = int((first - self.started) // self.interval), int((last - self.started) // self.interval)
-            f = np.array([min(bins.get(b, 0.0) / self.interval, 1.0) for b in range(b0, b1 + 1)])
-            fractions.append(f * 100)
+            bins = np.frombuffer(self.busy_bins[where], dtype=float)[b0 : b1 + 1]
+            f = np.minimum(bins / self.interval, 1.0) * 100
+            fractions.append(f)
             had_work += last - first
-            between = max(last - first - busy, 0.0)
+            between = float(((100 - f) / 100).sum() * self.interval)
             idle["before_first_block"] += max(first - self.started, 0.0)
             idle["between_blocks"] += between
+            idle["starved"] += between
             idle["tail"] += max(finished - last, 0.0)
-            per_gpu.append({"gpu": dkey, "busy_pct": _stats(f * 100)})
+            per_gpu.append({"gpu": where, "busy_pct": _stats(f)})
         return {"source": f"device thread (NVML {nvml.STATUS['nvml']}): the share of time the encoder ran, "
                           "host time, not measured utilisation",
                 "interval_s": self.interval, "gpus": per_gpu, "count": len(per_gpu),
@@ -368,21 +390,21 @@ def _why(o, seconds: dict, total: float) -> str:
 def _starved(gpu: dict | None, where: dict, blocks: int) -> dict:
     if gpu is None:
         return {"starved": False, "message": "no GPU in this run"}
-    had_work, between = gpu["had_work_s"], gpu["idle_s"]["between_blocks"]
+    had_work, between = gpu["had_work_s"], gpu["idle_s"]["starved"]
     share = between / had_work if had_work > 0 else 0.0
     host = {k: where.get(f"{k}_s", 0.0) for k in HOST_STAGES}
     stage = max(host, key=host.get) if any(host.values()) else None
     starved = share >= STARVED_SHARE and between >= 2 * gpu["interval_s"]
-    out = {"starved": bool(starved), "between_blocks_pct": round(100 * share, 1), "stage": stage}
+    out = {"starved": bool(starved), "starved_pct": round(100 * share, 1), "stage": stage}
     device = where.get("forward_s", 0.0) + where.get("transfer_s", 0.0)
     if starved:
         per = (lambda s: 1000 * s / max(blocks, 1))
         out["message"] = (
-            f"the GPU was idle {between:.1f} s between blocks ({100 * share:.0f}% of the {had_work:.1f} s it had "
-            f"work): the data path could not keep up. Per block the host spent {per(host[stage]):.0f} ms in "
+            f"the GPU was idle {between:.1f} s between blocks with no block to work on ({100 * share:.0f}% of the "
+            f"{had_work:.1f} s from its first block to its last): the data path could not keep up. Per block the host spent {per(host[stage]):.0f} ms in "
             f"{stage} against {per(device):.0f} ms of transfer and forward on the GPU. To change: {ADVICE[stage]}")
     else:
-        out["message"] = f"the GPU was fed: {100 * share:.0f}% idle between blocks"
+        out["message"] = f"the GPU was fed: idle for want of blocks {100 * share:.0f}% of the time it had work"
     return out
 
 
@@ -426,7 +448,8 @@ def summary_lines(report: dict, path: str | Path | None = None) -> list[str]:
         busy = "n/a" if b["mean"] is None else f"{b['mean']:.0f}% mean (p10 {b['p10']:.0f}%, p50 {b['p50']:.0f}%)"
         src = "" if g["source"] == "nvml" else " [device-thread estimate: NVML unavailable]"
         lines.append(f"GPU busy {busy}{src}; idle {i['before_first_block']:.1f} s before the first block, "
-                     f"{i['between_blocks']:.1f} s between blocks, {i['tail']:.1f} s tail")
+                     f"{i['between_blocks']:.1f} s between blocks ({i['starved']:.1f} s of it with no block to "
+                     f"work on), {i['tail']:.1f} s tail")
     tm = report["time"]
     parts = [f"{k[:-2]} {tm[k]:.1f} s" for k in ("plan_s", "read_s", "decode_s", "transfer_s", "forward_s", "write_s")
              if tm.get(k)]

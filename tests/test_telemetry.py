@@ -1,0 +1,201 @@
+"""Telemetry and the run report (issue 25), on CPU with a fake NVML module (``tests/fake_nvml``).
+
+The fake GPU is scripted: a constant utilisation, or "busy exactly while the
+encoder's forward pass runs" (``follow``), so the report's figures can be
+checked against what the script said.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig, testing
+from slide2vec_dask.dataflow import tasks
+from slide2vec_dask.progress import TextReporter
+from slide2vec_dask.results import SlideOutcome
+from slide2vec_dask.telemetry import nvml
+from slide2vec_dask.telemetry.clock import BlockTiming
+from slide2vec_dask.telemetry.report import RunTelemetry, summary_lines
+
+from conftest import REPO, SYN_RECTS, SYN_SHAPE
+
+FAKE = REPO / "tests" / "fake_nvml"
+ONE_TILE_BLOCKS = dict(use_supertiles=False)   # one tile per block: many blocks from a small slide
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """The fake ``pynvml`` importable in this process (and, through PYTHONPATH, in worker processes)."""
+    monkeypatch.syspath_prepend(str(FAKE))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])))
+    sys.modules.pop("pynvml", None)
+    import pynvml
+
+    nvml.stop_sampler()
+    yield pynvml
+    pynvml.SCRIPT = None
+    nvml.stop_sampler()
+    sys.modules.pop("pynvml", None)
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("telemetry-slides")
+    image = testing.tissue_image(*SYN_SHAPE, SYN_RECTS, seed=1)
+    path = testing.write_svs(folder / "s.svs", image[:1792, :2240], mpp=0.5, downsamples=(1, 4), quality=90)
+    return [{"image_path": str(path), "sample_id": f"s{i}"} for i in range(3)]
+
+
+class Encoder(torch.nn.Module):
+    """Mean RGB; raises the fake GPU's busy flag for ``seconds`` per batch (a GPU doing work)."""
+
+    def __init__(self, seconds: float = 0.0):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        busy = sys.modules.get("pynvml")
+        flag = getattr(busy, "BUSY", [0])
+        flag[0] += 1
+        try:
+            if self.seconds:
+                time.sleep(self.seconds)
+            return x.mean(dim=(2, 3))
+        finally:
+            flag[0] -= 1
+
+
+def model(seconds: float = 0.0) -> Model:
+    return Model.from_module(Encoder(seconds), name=f"mean-rgb-{seconds}", feature_dim=3, spacing_um=0.5,
+                             tile_size_px=224)
+
+
+def outcome(sid: str, tiles: int = 10, plan: float = 0.1, embed: float = 1.0, status: str = "success"):
+    o = SlideOutcome(sid, f"/x/{sid}.svs", num_tiles=tiles, plan_seconds=plan, embed_seconds=embed)
+    o.status = status
+    return o
+
+
+def timing(start: float, end: float, *, tiles: int = 10, host: str = "h", device: str = "cuda:0",
+           uuid: str = "GPU-a", read: float = 0.0, forward: float = 0.0) -> BlockTiming:
+    return BlockTiming(host=host, pid=1, start=start, end=end, device=device, gpu_uuid=uuid, device_start=start,
+                       device_end=end, tiles=tiles, seconds={"read": read, "forward": forward})
+
+
+# -- the aggregator, exactly ---------------------------------------------------------------------
+def test_the_report_aggregates_samples_and_blocks_exactly():
+    tel = RunTelemetry(run_id="r1", entry="test", settings={"batch_size": 32})
+    t0 = tel.started
+    tel.gpu_info["h/GPU-a"] = {"key": "h/GPU-a", "host": "h", "index": 0, "uuid": "GPU-a", "name": "Fake"}
+    # blocks on the GPU from t0+2 to t0+8; samples every 0.5 s from t0+0.5 to t0+10
+    tel.block("s0", timing(t0 + 2, t0 + 5, read=1.0, forward=2.0), submitted=t0 + 1.5)
+    tel.block("s1", timing(t0 + 5, t0 + 8, read=3.0, forward=2.5))
+    times = t0 + 0.25 + 0.5 * np.arange(20)   # mid-bin: t0 + 0.25 ... t0 + 9.75
+    utils = np.where(times < t0 + 2, 0, np.where(times <= t0 + 8, 80, 10))
+    tel.samples([(t, "h/GPU-a", float(u), 10.0, 2048.0, 250.0) for t, u in zip(times, utils)])
+    tel.finished = t0 + 10
+    r = tel.report([outcome("s0", 10), outcome("s1", 10, plan=0.2, embed=3.0)])
+    g = r["gpu"]
+    assert g["source"] == "nvml" and g["count"] == 1
+    assert g["busy_pct"] == {"mean": 80.0, "p10": 80.0, "p50": 80.0}   # between the first and last block
+    # idle: 4 samples x 0.5 s x 100 % before t0+2; 12 x 0.5 x 20 % inside; 4 x 0.5 x 90 % after
+    # ... and the encoder ran all along between them: none of that idle is for want of blocks
+    assert g["idle_s"] == {"before_first_block": 2.0, "between_blocks": 1.2, "starved": 0.0, "tail": 1.8}
+    assert g["gpus"][0]["memory_used_max_mb"] == 2048.0 and g["gpus"][0]["power_mean_w"] == 250.0
+    assert r["tiles"]["embedded_this_run"] == 20 and r["tiles"]["blocks"] == 2
+    assert r["time"]["read_s"] == 4.0 and r["time"]["forward_s"] == 4.5 and r["time"]["queue_s"] == 0.5
+    assert r["slides"] == {"total": 2, "succeeded": 2, "failed": 0, "skipped": 0, "unfinished": 0}
+    assert r["slowest_slides"][0]["sample_id"] == "s1" and "reading" in r["slowest_slides"][0]["why"]
+    assert not r["starved"]["starved"] and r["starved"]["starved_pct"] == 0.0
+    assert r["per_slide"][1]["read_s"] == 3.0 and r["per_slide"][1]["blocks"] == 1
+    lines = summary_lines(r)
+    assert lines[0].startswith("run r1 on h, ") and "(1 GPU)" in lines[0] and "GPU busy 80% mean (p10 80%, p50 80%)" in lines[1]
+
+
+def test_a_gap_between_blocks_is_starved_time_and_names_the_stage():
+    tel = RunTelemetry(run_id="r2", entry="test")
+    t0 = tel.started
+    tel.gpu_info["h/GPU-a"] = {"key": "h/GPU-a", "host": "h", "index": 0, "uuid": "GPU-a", "name": "Fake"}
+    tel.block("s0", timing(t0 + 1, t0 + 2, read=4.0, forward=1.0))
+    tel.block("s0", timing(t0 + 5, t0 + 6, read=4.0, forward=1.0))   # 3 s with no block between them
+    times = t0 + 0.25 + 0.5 * np.arange(13)
+    busy = ((times > t0 + 1) & (times <= t0 + 2)) | ((times > t0 + 5) & (times <= t0 + 6))
+    tel.samples([(t, "h/GPU-a", 100.0 if b else 0.0, 0.0, None, None) for t, b in zip(times, busy)])
+    tel.finished = t0 + 6.5
+    r = tel.report([outcome("s0", 20)])
+    idle = r["gpu"]["idle_s"]
+    assert idle["starved"] == pytest.approx(3.0, abs=0.01) and idle["between_blocks"] == pytest.approx(3.0, abs=0.01)
+    s = r["starved"]
+    assert s["starved"] and s["stage"] == "read" and s["starved_pct"] == pytest.approx(60.0, abs=0.5)
+    assert "gpu_decode" in s["message"] and "num_workers" in s["message"]
+    assert any(line.startswith("GPU STARVED") for line in summary_lines(r))
+
+
+def test_without_nvml_cuda_blocks_give_a_device_thread_estimate():
+    tel = RunTelemetry(run_id="r3", entry="test")
+    t0 = tel.started
+    tel.block("s0", timing(t0 + 1, t0 + 2, uuid=""))
+    tel.block("s0", timing(t0 + 3, t0 + 4, uuid=""))
+    tel.finished = t0 + 5
+    g = tel.report([outcome("s0")])["gpu"]
+    assert g["source"].startswith("device thread") and g["count"] == 1
+    assert g["busy_pct"]["mean"] == pytest.approx(2 / 3 * 100, abs=12)   # 2 s of 3 (0.5 s bins)
+    assert g["idle_s"]["before_first_block"] == pytest.approx(1.0, abs=0.01)
+    assert g["idle_s"]["tail"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_a_cpu_only_run_has_no_gpu_section():
+    tel = RunTelemetry(run_id="r4", entry="test")
+    tel.block("s0", timing(tel.started, tel.started + 1, device="cpu", uuid=""))
+    r = tel.report([outcome("s0")])
+    assert r["gpu"] is None and r["starved"] == {"starved": False, "message": "no GPU in this run"}
+    assert "no GPU" in summary_lines(r)[0]
+
+
+def test_the_report_does_not_grow_with_the_cohort_beyond_its_per_slide_table():
+    def report(n: int) -> dict:
+        tel = RunTelemetry(run_id="r5", entry="test")
+        t0 = tel.started
+        tel.gpu_info["h/GPU-a"] = {"key": "h/GPU-a", "host": "h", "index": 0, "uuid": "GPU-a", "name": "Fake"}
+        for i in range(n):
+            tel.block(f"s{i}", timing(t0 + i * 0.01, t0 + i * 0.01 + 0.005, read=0.01, forward=0.005))
+        tel.samples([(t0 + 0.5 * k, "h/GPU-a", 50.0, 1.0, 100.0, 100.0) for k in range(1, 2 * int(n * 0.01) + 2)])
+        tel.finished = t0 + n * 0.01
+        return tel.report([outcome(f"s{i}", 10, embed=0.005 + (i % 7) * 0.001) for i in range(n)])
+
+    small, big = report(100), report(10_000)
+    assert len(big["per_slide"]) == 10_000 and len(big["slowest_slides"]) == 5
+
+    def without_table(r):
+        return len(json.dumps({k: v for k, v in r.items() if k != "per_slide"}))
+
+    # everything but the per-slide table: the same size, give or take digits and the verdict's words
+    # (100x the slides, under 1 KB more: not a byte per slide)
+    assert abs(without_table(big) - without_table(small)) < 1000
+    per_row = len(json.dumps(big["per_slide"])) / 10_000
+    assert per_row < 300
+
+
+def test_the_progress_line_shows_gpu_utilisation():
+    import io
+
+    stream = io.StringIO()
+    rep = TextReporter(stream, min_interval=0)
+    rep.start(100, "2 slides")
+    rep.advance(10)
+    assert "GPU" not in stream.getvalue()
+    rep.gpu(87.4)
+    rep.advance(10)
+    assert stream.getvalue().rstrip().endswith("| GPU 87%")
+    rep.close()
