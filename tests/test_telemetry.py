@@ -38,12 +38,18 @@ ONE_TILE_BLOCKS = dict(use_supertiles=False)   # one tile per block: many blocks
 def fake_nvml(monkeypatch):
     """The fake ``pynvml`` importable in this process (and, through PYTHONPATH, in worker processes)."""
     monkeypatch.syspath_prepend(str(FAKE))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE), os.environ.get("PYTHONPATH")])))
+    # worker processes import the fake, and this module (its encoder travels by reference)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(FAKE), str(REPO / "tests"), str(REPO),
+                                                                   os.environ.get("PYTHONPATH")])))
+    # distributed has NVML diagnostics of its own (the dashboard's GPU page): kept off the fake
+    monkeypatch.setenv("DASK_DISTRIBUTED__DIAGNOSTICS__NVML", "False")
     sys.modules.pop("pynvml", None)
+    import dask
     import pynvml
 
     nvml.stop_sampler()
-    yield pynvml
+    with dask.config.set({"distributed.diagnostics.nvml": False}):
+        yield pynvml
     pynvml.SCRIPT = None
     nvml.stop_sampler()
     sys.modules.pop("pynvml", None)
@@ -199,3 +205,108 @@ def test_the_progress_line_shows_gpu_utilisation():
     rep.advance(10)
     assert stream.getvalue().rstrip().endswith("| GPU 87%")
     rep.close()
+
+
+class Recorder:
+    """A progress reporter that keeps what the driver told it about the GPU."""
+
+    def __init__(self):
+        self.gpu_values = []
+
+    def start(self, total, description):
+        pass
+
+    def advance(self, n):
+        pass
+
+    def gpu(self, busy):
+        self.gpu_values.append(busy)
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def recorder():
+    from slide2vec_dask import activate_progress_reporter
+
+    rec = Recorder()
+    activate_progress_reporter(rec)
+    yield rec
+    activate_progress_reporter(None)
+
+
+def _cluster(processes: bool):
+    from distributed import Client, LocalCluster
+
+    where = {"host": "127.0.0.1"} if processes else {}   # (in-process: the inproc transport, no socket)
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=processes, dashboard_address="127.0.0.1:0",
+                           **where)
+    return cluster, Client(cluster, set_as_default=False)
+
+
+def test_a_cluster_with_a_scripted_gpu_reports_its_utilisation(fake_nvml, slides, tmp_path, monkeypatch, recorder):
+    """Worker processes (the plugin starts their samplers) of a real LocalCluster, a GPU at a constant 40 %."""
+    monkeypatch.setenv("FAKE_NVML_SCRIPT", json.dumps({"devices": 1, "util": 40, "mem_mb": 3000, "power_w": 200}))
+    cluster, client = _cluster(processes=True)
+    try:
+        result = Pipeline(model(0.01), PreprocessingConfig(**ONE_TILE_BLOCKS), ExecutionOptions(output_dir=tmp_path),
+                          client=client).run(slides=slides)
+    finally:
+        client.close()
+        cluster.close()
+    r = result.report
+    assert r == json.loads((tmp_path / "run_report.json").read_text()) and result.report_path == tmp_path / "run_report.json"
+    assert r["status"] == "complete" and r["run_id"] and r["settings_hash"]
+    assert r["slides"] == {"total": 3, "succeeded": 3, "failed": 0, "skipped": 0, "unfinished": 0}
+    tiles = sum(o.num_tiles for o in result.outcomes)
+    assert tiles > 0 and r["tiles"]["total"] == r["tiles"]["embedded_this_run"] == tiles == r["tiles"]["blocks"]
+    g = r["gpu"]
+    assert g["source"] == "nvml" and g["count"] == 1 and g["gpus"][0]["name"] == "Fake H200"
+    assert g["busy_pct"] == {"mean": 40.0, "p10": 40.0, "p50": 40.0}
+    assert g["gpus"][0]["memory_used_max_mb"] == 3000.0 and g["gpus"][0]["power_mean_w"] == 200.0
+    idle = sum(g["idle_s"][k] for k in ("before_first_block", "between_blocks", "tail"))
+    assert idle == pytest.approx(0.6 * g["gpus"][0]["samples"] * g["interval_s"], rel=0.2)   # 60 % idle all along
+    assert r["time"]["read_s"] > 0 and r["time"]["forward_s"] > 0 and r["time"]["write_s"] > 0
+    assert recorder.gpu_values and set(v for v in recorder.gpu_values if v is not None) == {40.0}
+    md = (tmp_path / "run_report.md").read_text()
+    assert "GPU busy 40% mean (p10 40%, p50 40%)" in md and r["run_id"] in md
+
+
+def _starving_run(fake_nvml, slides, tmp_path, monkeypatch, read_s: float, forward_s: float) -> dict:
+    """One-tile blocks on an in-process LocalCluster of 2 threads; the fake GPU busy while the encoder runs."""
+    fake_nvml.SCRIPT = {"devices": 1, "follow": True}
+    nvml.start_sampler(0.05)   # (in-process worker: this process's sampler, sampling fast for a short run)
+    original = tasks.read_block
+
+    def slow_read(*args):
+        time.sleep(read_s)
+        return original(*args)
+
+    monkeypatch.setattr(tasks, "read_block", slow_read)
+    cluster, client = _cluster(processes=False)
+    try:
+        return Pipeline(model(forward_s), PreprocessingConfig(**ONE_TILE_BLOCKS),
+                        ExecutionOptions(output_dir=tmp_path), client=client).run(slides=slides).report
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_a_slow_reader_shows_up_as_starved_time_between_blocks(fake_nvml, slides, tmp_path, monkeypatch):
+    # 2 threads each reading a block in 0.4 s feed the encoder one block per 0.2 s; it needs 0.01 s
+    # (plus its host overhead: tens of ms on a loaded 2-core machine)
+    r = _starving_run(fake_nvml, slides[:1], tmp_path, monkeypatch, read_s=0.4, forward_s=0.01)
+    g, s = r["gpu"], r["starved"]
+    assert g["idle_s"]["starved"] > 0.4 * g["had_work_s"], g
+    assert g["idle_s"]["between_blocks"] >= g["idle_s"]["starved"] > g["idle_s"]["tail"]
+    assert s["starved"] and s["stage"] == "read" and s["starved_pct"] > 40, s
+    assert "read" in s["message"] and "gpu_decode" in s["message"]
+    assert any(line.startswith("GPU STARVED") for line in summary_lines(r))
+
+
+def test_a_fed_gpu_is_not_called_starved(fake_nvml, slides, tmp_path, monkeypatch):
+    r = _starving_run(fake_nvml, slides[:2], tmp_path, monkeypatch, read_s=0.0, forward_s=0.08)
+    g, s = r["gpu"], r["starved"]
+    assert g["busy_pct"]["p50"] == 100.0, g
+    assert not s["starved"] and s["starved_pct"] < 10, (s, g)

@@ -34,6 +34,18 @@ class NVMLError_LibraryNotFound(NVMLError):
     pass
 
 
+class NVMLError_DriverNotLoaded(NVMLError):
+    pass
+
+
+class NVMLError_Unknown(NVMLError):
+    pass
+
+
+class NVMLError_NotSupported(NVMLError):
+    pass
+
+
 def _script() -> dict:
     if SCRIPT is not None:
         return SCRIPT
