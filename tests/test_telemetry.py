@@ -310,3 +310,66 @@ def test_a_fed_gpu_is_not_called_starved(fake_nvml, slides, tmp_path, monkeypatc
     g, s = r["gpu"], r["starved"]
     assert g["busy_pct"]["p50"] == 100.0, g
     assert not s["starved"] and s["starved_pct"] < 10, (s, g)
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(float(sys.argv[3]))
+            return x.mean(dim=(2, 3))
+
+    model = Model.from_module(Slow(), name="slow-mean", feature_dim=3, spacing_um=0.5, tile_size_px=224)
+    slides = json.loads(sys.argv[2])
+    result = Pipeline(model, PreprocessingConfig(), ExecutionOptions(output_dir=sys.argv[1], num_workers=1)).run(
+        slides=slides)
+    print(result.report["run_id"])
+""")
+
+
+def test_a_killed_run_rerun_reports_the_rerun(slides, tmp_path):
+    """A run killed mid-way leaves a report saying it was running; the rerun's report is its own."""
+    import csv
+
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    out = tmp_path / "out"
+    cohort = [{"image_path": s["image_path"], "sample_id": f"k{i}"} for i, s in enumerate(slides * 2)]   # 6 slides
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), str(out), json.dumps(cohort), "0.25"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with (out / "process_list.csv").open() as f:
+                    done = [r["sample_id"] for r in csv.DictReader(f) if r["status"] == "success"]
+            except (OSError, KeyError):
+                done = []
+            if len(done) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and len(done) >= 2, "the first run finished or stalled before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed = json.loads((out / "run_report.json").read_text())
+    assert killed["status"] == "running" and killed["slides"]["total"] == 6
+
+    rerun = subprocess.run([sys.executable, str(script), str(out), json.dumps(cohort), "0"], env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["status"] == "complete" and report["run_id"] == rerun.stdout.split()[-1] != killed["run_id"]
+    s = report["slides"]
+    assert s["total"] == 6 and s["failed"] == 0 and s["skipped"] >= len(done)
+    assert s["succeeded"] + s["skipped"] == 6 and s["succeeded"] >= 1
+    ran = {r["sample_id"] for r in report["per_slide"] if r["status"] == "success"}
+    assert report["tiles"]["embedded_this_run"] == sum(r["tiles"] for r in report["per_slide"] if r["sample_id"] in ran)
+    assert f"# Run {report['run_id']} (complete)" in (out / "run_report.md").read_text()
