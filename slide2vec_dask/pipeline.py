@@ -35,6 +35,7 @@ from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.qc import QcGallery
 from slide2vec_dask.telemetry import RunTelemetry, summary_lines, write_report
 from slide2vec_dask.store.output_dir import OutputDirError, RunLock, atomic, check_output_dir, describe_os_error, sweep
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
@@ -201,6 +202,7 @@ class Pipeline:
         process_list = store.output_dir / "process_list.csv"
         writer = _ProcessList(process_list, outcomes)
         execution, cluster, telemetry = self.execution, None, self._telemetry
+        gallery = QcGallery(store.output_dir, outcomes, store.run)
         if execution.save_telemetry:
             telemetry.open_jsonl(store.output_dir)
         _write_report_quietly(store.output_dir, telemetry.report(outcomes.values(), status="running"))
@@ -221,8 +223,8 @@ class Pipeline:
                 driver = Driver(executor=DaskExecutor(client, execution.num_workers),
                                 sink=StoreSink(store, stages, settings, execution.output_format), stages=stages,
                                 config=config, execution=execution, settings=settings, outcomes=outcomes,
-                                patients=patients, reporter=get_progress_reporter(), on_change=writer.maybe_write,
-                                telemetry=telemetry)
+                                patients=patients, reporter=get_progress_reporter(),
+                                on_change=lambda: (writer.maybe_write(), gallery.maybe_write()), telemetry=telemetry)
                 driver.run(todo, aggregate, resolved)
             self._refresh_exports(store, outcomes)
         finally:
@@ -230,6 +232,10 @@ class Pipeline:
                 client.close()
                 cluster.close()
             telemetry.close()
+            try:
+                gallery.write()
+            except OSError as exc:   # (a diagnostic: the run's results stand)
+                logger.warning("could not write the QC gallery %s (%s)", gallery.path, exc)
             try:
                 writer.write()
             except OSError as exc:

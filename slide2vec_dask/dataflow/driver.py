@@ -196,7 +196,7 @@ class Driver:
             self.outcomes[item.sample_id].status = "planning"
             self._submit("plan", item.sample_id, Task(tasks.plan_task, (
                 item, self.tile_spec, self.config, self.ex.output_dir, self.sink.store, self.config.use_supertiles,
-                self.sink.keeps_plans)), key=self._key("plan", item.sample_id))
+                self.sink.keeps_plans, self.sink.qc_dir)), key=self._key("plan", item.sample_id))
 
     # -- tile stage ------------------------------------------------------------------------------
     def _on_plan(self, sid: str, _, result) -> None:

@@ -26,6 +26,7 @@ from slide2vec_dask.dataflow import worker
 from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings, block_layout, embed_pixels
 from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.exporters import export_row, export_slide, flat_first
+from slide2vec_dask.qc import write_slide_image
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
@@ -87,11 +88,11 @@ class PlannedSlide:
 
 
 def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore | None = None,
-              use_supertiles: bool = True, keep_plan: bool = False):
+              use_supertiles: bool = True, keep_plan: bool = False, qc_dir: str | None = None):
     """Open and plan one slide and save its plan; with a ``store``, give it an empty staging folder.
 
     ``keep_plan``: the `PlannedSlide` carries the whole plan (for a sink that builds its
-    results where the driver runs).
+    results where the driver runs).  ``qc_dir``: also draw the slide's QC picture there.
     """
     start = time.perf_counter()
     try:
@@ -99,6 +100,8 @@ def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore 
     except EXPECTED as exc:
         return exc
     grid = plan.grid
+    if qc_dir is not None and slide is not None:
+        write_slide_image(qc_dir, item.sample_id, slide, grid, config.segmentation.get("downsample", 64))
     if store is not None:
         store.prepare_slide(item.sample_id)
     attrs = {"sample_id": item.sample_id, "image_path": str(item.image_path),
