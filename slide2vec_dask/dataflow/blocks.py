@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from slide2vec_dask.clusters.client import resolve_num_gpus
-from slide2vec_dask.dataflow import worker
+from slide2vec_dask.dataflow import gpu_decode, worker
 from slide2vec_dask.encoders.base import EncoderSpec
 from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.archive import decode_jpeg_tiles, encode_jpeg_tiles
@@ -32,12 +32,14 @@ class EmbedSettings:
     num_gpus: int = 0
     precision: str | None = None
     channels_last: bool = True
+    gpu_decode: bool = False
 
     @classmethod
     def of(cls, execution, client) -> "EmbedSettings":
         """What every embedding task of a call needs from its options (the one place they are read)."""
-        return cls(execution.batch_size, resolve_num_gpus(execution.num_gpus, client), execution.precision,
-                   execution.channels_last)
+        num_gpus = resolve_num_gpus(execution.num_gpus, client)
+        return cls(execution.batch_size, num_gpus, execution.precision, execution.channels_last,
+                   bool(execution.gpu_decode) and gpu_decode.refuse_without_cuda(num_gpus))
 
 
 @dataclass
@@ -106,6 +108,23 @@ def encode_tiles(tiles: np.ndarray, spec: EncoderSpec, settings: EmbedSettings) 
     return np.asarray(worker.run_on_device(settings.num_gpus, encode), dtype=np.float32)
 
 
+def _encode_jpeg_block(block, cuts, spec: EncoderSpec, read_tile: int, settings: EmbedSettings):
+    """A `gpu_decode.JpegBlock` decoded, cut and embedded on this process's GPU; None to decode on the CPU."""
+    def encode(device: str):
+        if not device.startswith("cuda"):
+            return None
+        with clock.stage("decode"):
+            pixels = gpu_decode.decode_block(block, device)
+        if pixels is None:
+            return None
+        tiles = gpu_decode.cut_tiles(pixels, cuts, read_tile)
+        encoder = worker.get_encoder(spec, device, settings.precision, settings.channels_last)
+        return encoder.embed(tiles, settings.batch_size)
+
+    embedded = worker.run_on_device(settings.num_gpus, encode)
+    return None if embedded is None else np.asarray(embedded, dtype=np.float32)
+
+
 def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray | None, *, spec: EncoderSpec,
                  read_tile: int, settings: EmbedSettings, archive_tile: int | None = None) -> BlockResult:
     """A block's pixels cut, embedded and sorted into a `BlockResult`.
@@ -115,6 +134,13 @@ def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray |
     (``on_the_fly=False``) the tiles are JPEG-encoded at that size, and what is embedded
     is those JPEGs decoded: a later run from the archive gets the same embeddings.
     """
+    if isinstance(pixels, gpu_decode.JpegBlock):   # gpu_decode: decoded, cut and embedded on the device
+        embedded = _encode_jpeg_block(pixels, cuts, spec, read_tile, settings)
+        if embedded is not None:
+            return BlockResult(embedded, None, None) if kept is None else BlockResult(embedded[kept], embedded, None)
+        y, x = pixels.origin   # (no CUDA device here, or the GPU decoder disagreed: the CPU decodes)
+        with clock.stage("read"):
+            pixels = pixels.ref.read(pixels.level, y, x, pixels.height, pixels.width)
     with clock.stage("cut"):
         tiles = cut_tiles(pixels, cuts, read_tile)
     jpegs = None

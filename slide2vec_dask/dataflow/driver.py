@@ -225,7 +225,8 @@ class Driver:
         plan, tag = state.plan, (state.plan.sample_id, int(block[0]), int(block[1]))
         pixels = plan.read_request(block)
         if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
-            pixels = self.executor.submit_input(timed_read, tasks.read_task, *pixels, key=self._key("read", *tag))
+            read = tasks.read_jpeg_task if self.settings.gpu_decode and plan.archive_tile is None else tasks.read_task
+            pixels = self.executor.submit_input(timed_read, read, *pixels, key=self._key("read", *tag))
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         key = self._key("embed", *tag)
         self.submitted[key] = time.time()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from slide2vec_dask._version import __version__
-from slide2vec_dask.dataflow import worker
+from slide2vec_dask.dataflow import gpu_decode, worker
 from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings, block_layout, embed_pixels
 from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.exporters import export_row, export_slide, flat_first
@@ -138,6 +138,9 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
     """
     if isinstance(pixels, BaseException):   # its read task's returned failure
         return pixels
+    if isinstance(pixels, tuple) and settings.gpu_decode and archive_tile is None:
+        with clock.stage("read"):   # gpu_decode: only the compressed tiles are read here
+            pixels = gpu_decode.jpeg_block(*pixels) or pixels
     if isinstance(pixels, tuple):
         try:
             with clock.stage("read"):
@@ -163,6 +166,16 @@ def read_task(source, *args):
     try:
         with clock.stage("read"):
             return read_block(source, *args)
+    except EXPECTED as exc:
+        return exc
+
+
+def read_jpeg_task(source, *args):
+    """`read_task` for ``gpu_decode``: the block's compressed tiles when its level is tiled JPEG,
+    decoded on the GPU worker that embeds it; else its pixels, decoded here."""
+    try:
+        with clock.stage("read"):
+            return gpu_decode.jpeg_block(source, *args) or read_block(source, *args)
     except EXPECTED as exc:
         return exc
 
