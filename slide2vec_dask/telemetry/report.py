@@ -440,7 +440,7 @@ def summary_lines(report: dict, path: str | Path | None = None) -> list[str]:
     gpus = f"{g['count']} GPU" + ("s" if g["count"] != 1 else "") if g else "no GPU"
     lines = [f"run {report['run_id']} on {', '.join(report['hosts'][:3])}"
              + (f" +{len(report['hosts']) - 3}" if len(report["hosts"]) > 3 else "")
-             + f" ({gpus}), settings {report['settings_hash']}: {s['succeeded']} succeeded, {s['failed']} failed, "
+             + f" ({gpus}), settings {report['settings_hash']}: slides {s['succeeded']} done, {s['failed']} failed, "
              f"{s['skipped']} skipped; {t['embedded_this_run']} tiles in {report['wall_s']:.1f} s = "
              f"{t['per_s']:.1f} tiles/s"]
     if g:

@@ -362,6 +362,7 @@ def phase_pipeline(ns, out: Partial) -> None:
             result = Pipeline(model, execution=execution).run(manifest_path=ns.manifest)
             seconds = time.perf_counter() - t0
             if os.environ.get("OUT") and result.report_path is not None:
+                Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
                 shutil.copy(result.report_path, Path(os.environ["OUT"]) / f"run_report-{name}.json")
         tiles = int(sum(a.num_tiles for a in result.tile_artifacts))
         out.put(**{name: {"tiles": tiles, "seconds": seconds, "slides": len(result.tile_artifacts),
