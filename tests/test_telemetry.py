@@ -250,8 +250,8 @@ def test_a_cluster_with_a_scripted_gpu_reports_its_utilisation(fake_nvml, slides
     monkeypatch.setenv("FAKE_NVML_SCRIPT", json.dumps({"devices": 1, "util": 40, "mem_mb": 3000, "power_w": 200}))
     cluster, client = _cluster(processes=True)
     try:
-        result = Pipeline(model(0.01), PreprocessingConfig(**ONE_TILE_BLOCKS), ExecutionOptions(output_dir=tmp_path),
-                          client=client).run(slides=slides)
+        result = Pipeline(model(0.01), PreprocessingConfig(**ONE_TILE_BLOCKS),
+                          ExecutionOptions(output_dir=tmp_path, save_telemetry=True), client=client).run(slides=slides)
     finally:
         client.close()
         cluster.close()
@@ -269,6 +269,11 @@ def test_a_cluster_with_a_scripted_gpu_reports_its_utilisation(fake_nvml, slides
     assert idle == pytest.approx(0.6 * g["gpus"][0]["samples"] * g["interval_s"], rel=0.2)   # 60 % idle all along
     assert r["time"]["read_s"] > 0 and r["time"]["forward_s"] > 0 and r["time"]["write_s"] > 0
     assert recorder.gpu_values and set(v for v in recorder.gpu_values if v is not None) == {40.0}
+    rows = [json.loads(line) for line in (tmp_path / "telemetry.jsonl").read_text().splitlines()]
+    blocks, samples = [r for r in rows if r["kind"] == "block"], [r for r in rows if r["kind"] == "gpu"]
+    assert len(blocks) == r["tiles"]["blocks"] and {b["sample_id"] for b in blocks} == {"s0", "s1", "s2"}
+    assert all(b["seconds"]["read"] > 0 and b["tiles"] == 1 for b in blocks)
+    assert len(samples) == g["gpus"][0]["samples"] and {s["util"] for s in samples} == {40}
     md = (tmp_path / "run_report.md").read_text()
     assert "GPU busy 40% mean (p10 40%, p50 40%)" in md and r["run_id"] in md
 
