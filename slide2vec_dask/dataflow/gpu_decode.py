@@ -19,6 +19,7 @@ with a warning (`EmbedSettings.of`).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -66,9 +67,11 @@ class _Level:
 
 
 _LOCK = threading.Lock()
-_LEVELS: dict[tuple, _Level | None] = {}     # (path, size, mtime, level) -> the level's tile index, None: not JPEG
+# (path, size, mtime, level) -> the level's tile index (None: not JPEG); the last few only (an index
+# is MBs for a big slide, and a worker sees a cohort)
+_LEVELS: collections.OrderedDict = collections.OrderedDict()
+MAX_LEVELS = 16
 _CHECKED: dict[tuple, bool] = {}             # (path, level) -> the GPU decoder agreed with the CPU's
-_FDS: dict[str, int] = {}
 
 
 def jpeg_block(source, level: int, y: int, x: int, height: int, width: int) -> JpegBlock | None:
@@ -78,7 +81,15 @@ def jpeg_block(source, level: int, y: int, x: int, height: int, width: int) -> J
     lv = _level(source, level)
     if lv is None or _CHECKED.get((source.path, level)) is False:
         return None
-    fd = _fd(source.path)
+    fd = os.open(source.path, os.O_RDONLY)   # (per block: a cohort's worth of kept descriptors would run out)
+    try:
+        streams, places, blanks = _streams(fd, lv, y, x, height, width)
+    finally:
+        os.close(fd)
+    return JpegBlock(height, width, streams, places, blanks, (source.path, level), source, level, (y, x))
+
+
+def _streams(fd: int, lv: _Level, y: int, x: int, height: int, width: int) -> tuple[list, list, list]:
     streams, places, blanks = [], [], []
     for row in range(y // lv.seg_h, (y + height - 1) // lv.seg_h + 1):
         for col in range(x // lv.seg_w, (x + width - 1) // lv.seg_w + 1):
@@ -92,7 +103,7 @@ def jpeg_block(source, level: int, y: int, x: int, height: int, width: int) -> J
             data = os.pread(fd, lv.counts[index], lv.offsets[index])
             streams.append(lv.tables[:-2] + data[2:] if lv.tables else data)
             places.append((ty0 - y, tx0 - x, ty0 - sy, tx0 - sx, ty1 - ty0, tx1 - tx0))
-    return JpegBlock(height, width, streams, places, blanks, (source.path, level), source, level, (y, x))
+    return streams, places, blanks
 
 
 def _level(source: SlideRef, level: int) -> _Level | None:
@@ -100,6 +111,7 @@ def _level(source: SlideRef, level: int) -> _Level | None:
     key = (source.path, stat.st_size, stat.st_mtime_ns, level)
     with _LOCK:
         if key in _LEVELS:
+            _LEVELS.move_to_end(key)
             return _LEVELS[key]
     found = None
     slide = source.open()
@@ -113,15 +125,9 @@ def _level(source: SlideRef, level: int) -> _Level | None:
                                tuple(page.databytecounts), page.jpegtables)
     with _LOCK:
         _LEVELS[key] = found
+        while len(_LEVELS) > MAX_LEVELS:
+            _LEVELS.popitem(last=False)
     return found
-
-
-def _fd(path: str) -> int:
-    with _LOCK:
-        fd = _FDS.get(path)
-        if fd is None:
-            fd = _FDS[path] = os.open(path, os.O_RDONLY)
-        return fd
 
 
 def decode_block(block: JpegBlock, device: str):

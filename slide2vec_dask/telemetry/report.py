@@ -33,7 +33,6 @@ import array
 import hashlib
 import json
 import math
-import os
 import platform
 import socket
 import time
