@@ -37,6 +37,7 @@ from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.qc import QcGallery
 from slide2vec_dask.telemetry import RunTelemetry, summary_lines, write_report
+from slide2vec_dask.telemetry.report import ReportWriter
 from slide2vec_dask.store.output_dir import OutputDirError, RunLock, atomic, check_output_dir, describe_os_error, sweep
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
 from slide2vec_dask.tiling.peers import is_own_plan
@@ -206,6 +207,7 @@ class Pipeline:
         if execution.save_telemetry:
             telemetry.open_jsonl(store.output_dir)
         _write_report_quietly(store.output_dir, telemetry.report(outcomes.values(), status="running"))
+        reporting = ReportWriter(store.output_dir, telemetry, outcomes)
         work = bool(todo or aggregate or resolved)
         client = (self.client or resolve_client(execution.scheduler_address)) if work else None
         if client is None and work:
@@ -224,7 +226,8 @@ class Pipeline:
                                 sink=StoreSink(store, stages, settings, execution.output_format), stages=stages,
                                 config=config, execution=execution, settings=settings, outcomes=outcomes,
                                 patients=patients, reporter=get_progress_reporter(),
-                                on_change=lambda: (writer.maybe_write(), gallery.maybe_write()), telemetry=telemetry)
+                                on_change=lambda: (writer.maybe_write(), gallery.maybe_write(), reporting.maybe_write()),
+                                telemetry=telemetry)
                 driver.run(todo, aggregate, resolved)
             self._refresh_exports(store, outcomes)
         finally:

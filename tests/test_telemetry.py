@@ -365,6 +365,7 @@ def test_a_killed_run_rerun_reports_the_rerun(slides, tmp_path):
             proc.kill()
     killed = json.loads((out / "run_report.json").read_text())
     assert killed["status"] == "running" and killed["slides"]["total"] == 6
+    assert killed["slides"]["unfinished"] >= 1
 
     rerun = subprocess.run([sys.executable, str(script), str(out), json.dumps(cohort), "0"], env=env,
                            capture_output=True, text=True, timeout=240)
@@ -377,3 +378,13 @@ def test_a_killed_run_rerun_reports_the_rerun(slides, tmp_path):
     ran = {r["sample_id"] for r in report["per_slide"] if r["status"] == "success"}
     assert report["tiles"]["embedded_this_run"] == sum(r["tiles"] for r in report["per_slide"] if r["sample_id"] in ran)
     assert f"# Run {report['run_id']} (complete)" in (out / "run_report.md").read_text()
+
+
+def test_embed_slide_keeps_its_report_and_writes_it_into_output_dir(slides, tmp_path):
+    m = model()
+    result = m.embed_slide(slides[0]["image_path"], execution=ExecutionOptions(output_dir=tmp_path))
+    r = m.last_run_report
+    assert r == json.loads((tmp_path / "run_report.json").read_text())
+    assert r["entry"] == "tile-level embed_*" and r["status"] == "complete" and r["gpu"] is None
+    assert r["slides"]["succeeded"] == 1 and r["tiles"]["total"] == r["tiles"]["embedded_this_run"] == result.num_tiles
+    assert r["time"]["read_s"] > 0 and r["time"]["forward_s"] > 0 and r["per_slide"][0]["blocks"] >= 1

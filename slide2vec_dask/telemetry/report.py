@@ -483,5 +483,24 @@ def write_report(output_dir: str | Path, report: dict) -> Path:
     return path
 
 
+class ReportWriter:
+    """The report of a run that goes on (``"status": "running"``), rewritten at most every ``every`` seconds
+    (and never more than ~10 % of the client's time): a run killed mid-way leaves one that says how far it got."""
+
+    def __init__(self, output_dir: str | Path, telemetry: RunTelemetry, outcomes: dict, every: float = 10.0):
+        self.out, self.telemetry, self.outcomes, self.every = Path(output_dir), telemetry, outcomes, every
+        self.last, self.cost = 0.0, 0.0
+
+    def maybe_write(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= max(self.every, 10 * self.cost):
+            try:
+                write_report(self.out, self.telemetry.report(self.outcomes.values(), status="running"))
+            except OSError:   # (a full disk for a moment): the final write says
+                pass
+            self.last = time.monotonic()
+            self.cost = self.last - now
+
+
 def gpu_line(busy: float | None) -> str:
     return "" if busy is None or math.isnan(busy) else f"GPU {busy:.0f}%"
