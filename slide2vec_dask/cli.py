@@ -360,7 +360,12 @@ def _cluster_client(kind: str, options: dict[str, Any], execution):
 
 def report(result) -> int:
     """Print the one-line summary (and the failed slides); the exit code."""
+    from slide2vec_dask.telemetry import summary_lines
+
     failed = result.failed
+    if result.report is not None:   # the run report's last lines: GPU busy, idle, where the time went
+        for line in summary_lines(result.report, result.report_path):
+            print(f"{PROG}: {line}", flush=True)
     print(f"{PROG}: {result.num_succeeded} succeeded, {result.num_skipped} skipped, {len(failed)} failed; "
           f"process list: {result.process_list_path}; store: {result.store_path}", flush=True)
     if not failed:

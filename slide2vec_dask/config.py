@@ -343,6 +343,14 @@ class ExecutionOptions:
     ``save_dense`` (`Pipeline.run`, ViT encoders) also keeps every tissue tile's patch-token
     grid, from the same forward, in the store's ``dense/<sample_id>`` group
     (``embedding (tile, token_y, token_x, feature)``, one chunk per tile) in ``dense_dtype``.
+
+    ``gpu_decode`` decodes the slide's JPEG tiles on the GPU (nvJPEG, through
+    ``torchvision.io.decode_jpeg``) instead of on the CPU threads, for runs
+    where decoding is what starves the GPU; where there is no CUDA device or
+    the file's tiles are not plain JPEG it falls back to the CPU decoder with
+    a warning.  ``save_telemetry`` also writes every block's timings and every
+    GPU sample to ``<output_dir>/telemetry.jsonl`` (the run report is always
+    written).
     """
 
     batch_size: int = 32
@@ -362,6 +370,8 @@ class ExecutionOptions:
     overwrite: bool = False
     save_dense: bool = False        # Pipeline.run: every tissue tile's token grid in dense/<sample_id>
     dense_dtype: str = "fp16"       # ... stored as "fp16" or "fp32"
+    gpu_decode: bool = False
+    save_telemetry: bool = False
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, 1, 1 << 16)
@@ -373,7 +383,7 @@ class ExecutionOptions:
         check_int("num_gpus", self.num_gpus, 0, optional=True)
         check_choice("precision", self.precision, PRECISIONS, optional=True)
         for name in ("persistent_workers", "save_tile_embeddings", "save_slide_embeddings", "save_latents",
-                     "channels_last", "overwrite"):
+                     "channels_last", "overwrite", "gpu_decode", "save_telemetry"):
             check_bool(name, getattr(self, name))
         check_path("output_dir", self.output_dir)
         if self.output_format is not None:

@@ -7,6 +7,7 @@ on: every entry point runs the tile stage first, then aggregates.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +27,7 @@ from slide2vec_dask.encoders.registry import get_preset, preset_level
 from slide2vec_dask.pipeline import Pipeline
 from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, SlideArtifact, SlideOutcome
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.telemetry import RunTelemetry, write_report
 
 
 class Model:
@@ -44,6 +46,7 @@ class Model:
         self.spec = spec
         self.device = device
         self.precision = precision
+        self.last_run_report: dict | None = None   # the last embed_* call's run report (see telemetry)
 
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, level={self.level!r}, feature_dim={self.feature_dim}, "
@@ -258,11 +261,19 @@ class Model:
         stages = Stages(level, self.tile_spec, self.slide_spec, self.spec if level == "patient" else None)
         sink = MemorySink(items, stages, settings, execution.output_dir)
         outcomes = {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path)) for it in items}
+        telemetry = RunTelemetry(run_id=uuid.uuid4().hex[:8], entry=f"{level}-level embed_*", settings={
+            "encoder": stages.tile_spec.name, "encoder_key": stages.tile_spec.key, "batch_size": execution.batch_size,
+            "precision": execution.precision, "num_gpus": settings.num_gpus, "num_workers": execution.num_workers,
+            "prefetch_factor": execution.prefetch_factor, "gpu_decode": execution.gpu_decode})
         driver = Driver(executor=executor, sink=sink, stages=stages, config=config, execution=execution,
                         settings=settings, outcomes=outcomes, patients=patients, reporter=get_progress_reporter(),
-                        label=items[0].sample_id if len(items) == 1 else f"{len(items)} slides")
+                        label=items[0].sample_id if len(items) == 1 else f"{len(items)} slides", telemetry=telemetry)
         try:
             driver.run(items)
+            # The run report: on the model (`last_run_report`), and in output_dir when there is one.
+            self.last_run_report = telemetry.report(outcomes.values())
+            if execution.output_dir is not None:
+                write_report(execution.output_dir, self.last_run_report)
         finally:
             executor.close()
             if executor.client is None and not execution.persistent_workers:

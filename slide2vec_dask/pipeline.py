@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -35,6 +36,9 @@ from slide2vec_dask.exporters.flat import is_flat
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.qc import QcGallery
+from slide2vec_dask.telemetry import RunTelemetry, summary_lines, write_report
+from slide2vec_dask.telemetry.report import ReportWriter
 from slide2vec_dask.store.output_dir import OutputDirError, RunLock, atomic, check_output_dir, describe_os_error, sweep
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
 from slide2vec_dask.tiling.peers import is_own_plan
@@ -174,6 +178,8 @@ class Pipeline:
         out = Path(self.execution.output_dir)
         store = EmbeddingStore(out, run=uuid.uuid4().hex[:8])
         run_attrs = self._run_attrs(config)
+        self._telemetry = RunTelemetry(run_id=store.run, entry="Pipeline.run",
+                                       settings=report_settings(run_attrs, self.execution))
         self._prints: dict[tuple[str, str], dict | None] = {}
         if not self.execution.overwrite and store.exists():
             # A rerun with nothing to do only reads the store (which may be on a read-only mount);
@@ -188,7 +194,8 @@ class Pipeline:
                 except OSError as exc:
                     logger.warning("nothing to do: every slide is complete in %s; %s could not be updated (%s)",
                                    store.path, process_list, exc)
-                return self._result(store, outcomes, process_list, write=False)
+                self._telemetry.finished = time.time()
+                return self._reported(self._result(store, outcomes, process_list, write=False), out, outcomes)
         check_output_dir(out)
         with RunLock(out):
             try:
@@ -239,7 +246,12 @@ class Pipeline:
             outcomes[sid].note = f"redone: {reason}"
         process_list = store.output_dir / "process_list.csv"
         writer = _ProcessList(process_list, outcomes)
-        execution, cluster = self.execution, None
+        execution, cluster, telemetry = self.execution, None, self._telemetry
+        gallery = QcGallery(store.output_dir, outcomes, store.run)
+        if execution.save_telemetry:
+            telemetry.open_jsonl(store.output_dir)
+        _write_report_quietly(store.output_dir, telemetry.report(outcomes.values(), status="running"))
+        reporting = ReportWriter(store.output_dir, telemetry, outcomes)
         work = bool(todo or aggregate or resolved)
         client = (self.client or resolve_client(execution.scheduler_address)) if work else None
         if client is None and work:
@@ -257,19 +269,37 @@ class Pipeline:
                 driver = Driver(executor=DaskExecutor(client, execution.num_workers),
                                 sink=StoreSink(store, stages, settings, execution.output_format), stages=stages,
                                 config=config, execution=execution, settings=settings, outcomes=outcomes,
-                                patients=patients, reporter=get_progress_reporter(), on_change=writer.maybe_write)
+                                patients=patients, reporter=get_progress_reporter(),
+                                on_change=lambda: (writer.maybe_write(), gallery.maybe_write(), reporting.maybe_write()),
+                                telemetry=telemetry)
                 driver.run(todo, aggregate, resolved)
             self._refresh_exports(store, outcomes)
         finally:
             if cluster is not None:
                 client.close()
                 cluster.close()
+            telemetry.close()
+            try:
+                gallery.write()
+            except OSError as exc:   # (a diagnostic: the run's results stand)
+                logger.warning("could not write the QC gallery %s (%s)", gallery.path, exc)
             try:
                 writer.write()
             except OSError as exc:
                 raise _environment(f"could not write {process_list}; the store {store.path} holds every "
                                    "slide that finished (a rerun skips them and writes the list)", exc) from exc
-        return self._result(store, outcomes, process_list)
+            finally:
+                if sys.exc_info()[0] is not None:   # a run that stops with an exception says so in its report
+                    _write_report_quietly(store.output_dir, telemetry.report(outcomes.values(), status="interrupted"))
+        return self._reported(self._result(store, outcomes, process_list), store.output_dir, outcomes)
+
+    def _reported(self, result: RunResult, out: Path, outcomes: dict) -> RunResult:
+        """The run report written (``run_report.json`` / ``.md``) and carried by the result."""
+        result.report = self._telemetry.report(outcomes.values())
+        result.report_path = _write_report_quietly(out, result.report)
+        for line in summary_lines(result.report):
+            logger.info("%s", line)
+        return result
 
     def _exports_current(self, store, outcomes: dict) -> bool:
         """Whether every file ``output_format`` asks of the skipped slides is there and current
@@ -524,3 +554,21 @@ def _row_flat(store, level: str, key: str, formats) -> str | None:
     """A row of an earlier run: its exports (written when missing or stale); slide2vec's flat file first."""
     return row_exports(store, level, key, formats)["flat_path"] or None if formats else None
 
+
+
+def report_settings(run_attrs: dict, execution: ExecutionOptions) -> dict:
+    """What the run report's settings hash covers: what was embedded, and how the run was set to go."""
+    ex = execution
+    return {**{k: v for k, v in run_attrs.items() if k != "slide2vec_dask_version"},
+            "batch_size": ex.batch_size, "precision": ex.precision, "num_gpus": ex.num_gpus,
+            "num_workers": ex.num_workers, "num_preprocessing_workers": ex.num_preprocessing_workers,
+            "prefetch_factor": ex.prefetch_factor, "channels_last": ex.channels_last, "gpu_decode": ex.gpu_decode}
+
+
+def _write_report_quietly(out: Path, report: dict) -> Path | None:
+    """The report is a diagnostic: a folder that refuses it costs a warning, not the run."""
+    try:
+        return write_report(out, report)
+    except OSError as exc:
+        logger.warning("could not write the run report in %s (%s)", out, exc)
+        return None

@@ -11,6 +11,11 @@ whenever one of those counts changes.  Planning streams, so ``tiles_total``
 -- the kept tiles of the slides planned so far -- grows during a run.
 Reporters that define only the three methods keep working.
 
+A reporter may also define ``gpu(busy_percent)``: the driver calls it as
+blocks land on a run with GPUs, with the mean NVML utilisation of the last
+few seconds (None while there is no sample); `TextReporter` then ends its
+line with ``| GPU 87%``.  The Dask dashboard stays the place for detail.
+
 `TextReporter` draws one self-overwriting line::
 
     12 slides: slides 3/12 done, 1 failed, 9/12 planned | tiles 1200/3400 (~4533) | 345.0 tiles/s | ETA 9s
@@ -65,6 +70,9 @@ class NullReporter:
                tiles_total: int) -> None:
         pass
 
+    def gpu(self, busy_percent: float | None) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -99,6 +107,7 @@ class TextReporter:
         with self._lock:
             self.total, self.description, self.done = int(total), description, 0
             self.slides = None  # (total, planned, done, failed) once cohort() is called
+            self.gpu_busy = None  # mean GPU utilisation of the last seconds, once gpu() is called
             self.tiles_total = None
             self.t0 = self._last = self._clock()
             self._samples = collections.deque([(self.t0, 0)])
@@ -125,6 +134,11 @@ class TextReporter:
             now = self._clock()
             if first or now - self._last >= self.min_interval:
                 self._render(now)
+
+    def gpu(self, busy_percent: float | None) -> None:
+        with self._lock:
+            if self._started:
+                self.gpu_busy = busy_percent
 
     def close(self) -> None:
         with self._lock:
@@ -165,6 +179,8 @@ class TextReporter:
         else:
             eta = _duration(max(expected - self.done, 0) / rate)
         parts.append(f"ETA {eta}")
+        if self.gpu_busy is not None:
+            parts.append(f"GPU {self.gpu_busy:.0f}%")
         return f"{self.description}: " + " | ".join(parts)
 
     def _rate(self, now: float) -> float:

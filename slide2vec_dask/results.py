@@ -147,6 +147,8 @@ class RunResult:
     num_failed: int = 0
     num_skipped: int = 0
     outcomes: list = field(default_factory=list)   # one SlideOutcome per slide, in input order
+    report: dict | None = None                     # the run report (also <output_dir>/run_report.json)
+    report_path: Path | None = None
 
     @property
     def num_succeeded(self) -> int:

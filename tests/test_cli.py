@@ -229,6 +229,9 @@ def test_run_config_then_rerun_skips(tmp_path, slides):
     store = cfg_dir / "out" / "embeddings.zarr"
     assert store.is_dir() and not (elsewhere / "out").exists()
     assert "process_list.csv" in result.stdout
+    # the run report's lines end the output (issue 25), and the QC gallery is there (issue 22)
+    assert f"report: {cfg_dir / 'out' / 'run_report.json'}" in result.stdout and "slides 1 done" in result.stdout
+    assert (cfg_dir / "out" / "qc" / "index.html").is_file()
     rows = read_process_list(cfg_dir / "out" / "process_list.csv")
     assert rows["good"]["status"] == "success" and int(rows["good"]["num_tiles"]) > 0
     root = zarr.open_group(str(store), mode="r")

@@ -64,6 +64,7 @@ LOCAL_IMPORT_ALLOWED: dict[tuple[str, str], str] = {
     ("*", f"{PACKAGE}.encoders.ctranspath"): TORCH,
     ("*", f"{PACKAGE}.encoders.pooling"): TORCH,
     ("*", f"{PACKAGE}.clusters.local"): "imports distributed (~0.5 s), which only a run that starts a cluster needs",
+    ("*", f"{PACKAGE}.telemetry.plugin"): "imports distributed, which only a run on a cluster needs",
     ("*", f"{PACKAGE}.clusters.slurm"): ("imports dask and dask-jobqueue's helpers; `clusters` is imported on every "
                                           "embedding call (client resolution) and must not pay for them"),
     (f"{PACKAGE}.config", f"{PACKAGE}.exporters.registry"): (

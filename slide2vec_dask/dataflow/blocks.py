@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from slide2vec_dask.clusters.client import resolve_num_gpus
-from slide2vec_dask.dataflow import worker
+from slide2vec_dask.dataflow import gpu_decode, worker
 from slide2vec_dask.encoders.base import EncoderSpec
 from slide2vec_dask.encoders.dense import embed_with_grids
+from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.archive import decode_jpeg_tiles, encode_jpeg_tiles
 
 DEFAULT_BLOCK_PX = 2048
@@ -33,12 +34,15 @@ class EmbedSettings:
     precision: str | None = None
     channels_last: bool = True
     dense_dtype: str | None = None   # save_dense: the tiles' token grids too, kept in this dtype
+    gpu_decode: bool = False
 
     @classmethod
     def of(cls, execution, client) -> "EmbedSettings":
         """What every embedding task of a call needs from its options (the one place they are read)."""
-        return cls(execution.batch_size, resolve_num_gpus(execution.num_gpus, client), execution.precision,
-                   execution.channels_last, execution.dense_dtype if execution.save_dense else None)
+        num_gpus = resolve_num_gpus(execution.num_gpus, client)
+        return cls(execution.batch_size, num_gpus, execution.precision, execution.channels_last,
+                   execution.dense_dtype if execution.save_dense else None,
+                   bool(execution.gpu_decode) and gpu_decode.refuse_without_cuda(num_gpus))
 
 
 @dataclass
@@ -118,6 +122,23 @@ def encode_tiles_with_grids(tiles: np.ndarray, spec: EncoderSpec, settings: Embe
     return pooled, grids.astype(np.float16 if settings.dense_dtype == "fp16" else np.float32)
 
 
+def _encode_jpeg_block(block, cuts, spec: EncoderSpec, read_tile: int, settings: EmbedSettings):
+    """A `gpu_decode.JpegBlock` decoded, cut and embedded on this process's GPU; None to decode on the CPU."""
+    def encode(device: str):
+        if not device.startswith("cuda"):
+            return None
+        with clock.stage("decode"):
+            pixels = gpu_decode.decode_block(block, device)
+        if pixels is None:
+            return None
+        tiles = gpu_decode.cut_tiles(pixels, cuts, read_tile)
+        encoder = worker.get_encoder(spec, device, settings.precision, settings.channels_last)
+        return encoder.embed(tiles, settings.batch_size)
+
+    embedded = worker.run_on_device(settings.num_gpus, encode)
+    return None if embedded is None else np.asarray(embedded, dtype=np.float32)
+
+
 def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray | None, *, spec: EncoderSpec,
                  read_tile: int, settings: EmbedSettings, archive_tile: int | None = None) -> BlockResult:
     """A block's pixels cut, embedded and sorted into a `BlockResult`.
@@ -127,7 +148,17 @@ def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray |
     (``on_the_fly=False``) the tiles are JPEG-encoded at that size, and what is embedded
     is those JPEGs decoded: a later run from the archive gets the same embeddings.
     """
-    tiles = cut_tiles(pixels, cuts, read_tile)
+    if isinstance(pixels, gpu_decode.JpegBlock):   # gpu_decode: decoded, cut and embedded on the device
+        # (save_dense needs the grids, which the GPU path does not keep: the CPU decodes those blocks)
+        embedded = None if settings.dense_dtype is not None else _encode_jpeg_block(
+            pixels, cuts, spec, read_tile, settings)
+        if embedded is not None:
+            return BlockResult(embedded, None, None) if kept is None else BlockResult(embedded[kept], embedded, None)
+        y, x = pixels.origin   # (no CUDA device here, or the GPU decoder disagreed: the CPU decodes)
+        with clock.stage("read"):
+            pixels = pixels.ref.read(pixels.level, y, x, pixels.height, pixels.width)
+    with clock.stage("cut"):
+        tiles = cut_tiles(pixels, cuts, read_tile)
     jpegs = None
     if archive_tile is not None:
         jpegs = encode_jpeg_tiles(tiles, archive_tile)

@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 from slide2vec_dask.dataflow import tasks, worker
 from slide2vec_dask.results import SlideOutcome
+from slide2vec_dask.telemetry import RunTelemetry, Timed, timed_block, timed_read
 
 
 @dataclass
@@ -87,7 +88,8 @@ class Driver:
 
     def __init__(self, *, executor, sink, stages: Stages, config, execution, settings,
                  outcomes: dict[str, SlideOutcome], patients: dict[str, list[str]], reporter,
-                 label: str = "", on_change: Callable[[], None] = lambda: None):
+                 label: str = "", on_change: Callable[[], None] = lambda: None,
+                 telemetry: RunTelemetry | None = None):
         self.executor, self.sink, self.stages = executor, sink, stages
         self.config, self.ex, self.settings = config, execution, settings
         self.outcomes, self.reporter, self.on_change = outcomes, reporter, on_change
@@ -109,6 +111,10 @@ class Driver:
         self.failure: BaseException | None = None
         self._cohort_display = callable(getattr(reporter, "cohort", None))
         self._reporter_started = False
+        # block timings and GPU samples land here with each block's result (`telemetry`)
+        self.telemetry = telemetry or RunTelemetry(run_id=self.run_token, entry="driver")
+        self.submitted: dict[tuple, float] = {}   # block key -> when it was submitted (queue wait)
+        self._gpu_display = callable(getattr(reporter, "gpu", None))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, todo: list, aggregate: list[str] = (), resolved: list[str] = ()) -> None:
@@ -124,6 +130,7 @@ class Driver:
         self.total = len(todo) + len(aggregate) + len(resolved)
         if self._cohort_display:   # a display that follows the cohort starts now; a plain one at the first tile
             self._start_reporter(0)
+        self.telemetry.begin(ex)
         try:
             self._cohort()
             for sid in resolved:
@@ -143,6 +150,7 @@ class Driver:
                 self._top_up()
                 self.on_change()
         finally:
+            self.telemetry.end(ex)
             if not self._reporter_started:
                 self._start_reporter(self.counts["tiles"])
             self.reporter.close()
@@ -192,7 +200,7 @@ class Driver:
             planner = getattr(self.sink, "plan_task", None)   # units other than slides: the sink plans them
             task = planner(item, self.tile_spec) if planner is not None else Task(tasks.plan_task, (
                 item, self.tile_spec, self.config, self.ex.output_dir, self.sink.store, self.config.use_supertiles,
-                self.sink.keeps_plans))
+                self.sink.keeps_plans, self.sink.qc_dir))
             self._submit("plan", item.sample_id, task, key=self._key("plan", item.sample_id))
 
     # -- tile stage ------------------------------------------------------------------------------
@@ -222,7 +230,9 @@ class Driver:
         plan, tag = state.plan, (state.plan.sample_id, int(block[0]), int(block[1]))
         pixels = plan.read_request(block)
         if self.gpu is not None:   # the read runs on any worker; only the embedding asks for a GPU
-            pixels = self.executor.submit_input(tasks.read_task, *pixels, key=self._key("read", *tag))
+            read = (tasks.read_jpeg_task if self.settings.gpu_decode and not hasattr(plan, "embed_task")
+                    and plan.archive_tile is None else tasks.read_task)
+            pixels = self.executor.submit_input(timed_read, read, *pixels, key=self._key("read", *tag))
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         if hasattr(plan, "embed_task"):   # regions, images: their plan says how a block is encoded
             task = plan.embed_task(pixels, block, self.tile_spec, self.settings)
@@ -230,12 +240,21 @@ class Driver:
             task = Task(tasks.embed_block, (pixels, plan.cuts(block), plan.kept_in_block(block)), dict(
                 spec=self.tile_spec, read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
                 store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True)
-        self._submit("block", plan.sample_id, task, key=self._key("embed", *tag), block=block)
+        key = self._key("embed", *tag)
+        self.submitted[key] = time.time()
+        self._submit("block", plan.sample_id, Task(timed_block, (task.fn, *task.args), task.kwargs, gpu=task.gpu),
+                     key=key, block=block)
         state.running += 1
         self.blocks_running += 1
 
     def _on_block(self, sid: str, block, result) -> None:
         self.blocks_running -= 1
+        submitted = self.submitted.pop(self._key("embed", sid, int(block[0]), int(block[1])), None)
+        if isinstance(result, Timed):
+            self.telemetry.block(sid, result.timing, submitted)
+            result = result.value
+            if self._gpu_display:
+                self.reporter.gpu(self.telemetry.gpu_busy_now())
         state = self.in_flight[sid]
         state.running -= 1
         if isinstance(result, BaseException):

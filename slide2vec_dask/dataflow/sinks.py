@@ -30,6 +30,7 @@ from slide2vec_dask.dataflow import dense_tasks, tasks
 from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings
 from slide2vec_dask.dataflow.driver import Stages, Task
 from slide2vec_dask.inputs import SlideInput
+from slide2vec_dask.qc import QC_FOLDER
 from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, SlideOutcome
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.store.tile_archive import write_archive
@@ -46,6 +47,7 @@ class StoreSink:
     def __init__(self, store: EmbeddingStore, stages: Stages, settings: EmbedSettings, output_format):
         self.store, self.stages, self.settings, self.formats = store, stages, settings, output_format
         self.run = store.run
+        self.qc_dir = str(Path(store.output_dir) / QC_FOLDER)   # each planned slide's QC picture (`qc`)
 
     def planned(self, plan: tasks.PlannedSlide) -> None:
         pass
@@ -122,6 +124,7 @@ class MemorySink:
     keeps_plans = True    # results are built here, from the whole plan
     fail_fast = True
     run = ""
+    qc_dir = None         # (the QC gallery is the Pipeline's: one page per run folder)
 
     def __init__(self, items: list[SlideInput], stages: Stages, settings: EmbedSettings, output_dir):
         if settings.dense_dtype is not None:

@@ -22,11 +22,13 @@ from typing import Any
 import numpy as np
 
 from slide2vec_dask._version import __version__
-from slide2vec_dask.dataflow import worker
+from slide2vec_dask.dataflow import gpu_decode, worker
 from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings, block_layout, embed_pixels
 from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.exporters import export_row, export_slide, flat_first
+from slide2vec_dask.qc import write_slide_image
 from slide2vec_dask.store import EmbeddingStore
+from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
 from slide2vec_dask.tiling.coordinate_files import write_coordinates
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
@@ -88,11 +90,11 @@ class PlannedSlide:
 
 
 def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore | None = None,
-              use_supertiles: bool = True, keep_plan: bool = False):
+              use_supertiles: bool = True, keep_plan: bool = False, qc_dir: str | None = None):
     """Open and plan one slide and save its plan; with a ``store``, give it an empty staging folder.
 
     ``keep_plan``: the `PlannedSlide` carries the whole plan (for a sink that builds its
-    results where the driver runs).
+    results where the driver runs).  ``qc_dir``: also draw the slide's QC picture there.
     """
     start = time.perf_counter()
     try:
@@ -100,6 +102,8 @@ def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore 
     except EXPECTED as exc:
         return exc
     grid = plan.grid
+    if qc_dir is not None and slide is not None:
+        write_slide_image(qc_dir, item.sample_id, slide, grid, config.segmentation.get("downsample", 64))
     if store is not None:
         store.prepare_slide(item.sample_id)
     attrs = {"sample_id": item.sample_id, "image_path": str(item.image_path),
@@ -157,9 +161,13 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
     """
     if isinstance(pixels, BaseException):   # its read task's returned failure
         return pixels
+    if isinstance(pixels, tuple) and settings.gpu_decode and archive_tile is None:
+        with clock.stage("read"):   # gpu_decode: only the compressed tiles are read here
+            pixels = gpu_decode.jpeg_block(*pixels) or pixels
     if isinstance(pixels, tuple):
         try:
-            pixels = read_block(*pixels)
+            with clock.stage("read"):
+                pixels = read_block(*pixels)
         except EXPECTED as exc:   # a damaged tile, a file gone
             return exc
     result = embed_pixels(pixels, cuts, kept, spec=spec, read_tile=read_tile, settings=settings,
@@ -167,11 +175,12 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
     if store is None:
         return result
     try:
-        if result.jpegs is not None:
-            store.write_block_tiles(sample_id, block, result.jpegs)
-        if result.grids is not None:
-            store.write_block_dense(sample_id, block, result.grids)
-        return store.write_block(sample_id, block, result.tiles, result.region)
+        with clock.stage("write"):
+            if result.jpegs is not None:
+                store.write_block_tiles(sample_id, block, result.jpegs)
+            if result.grids is not None:
+                store.write_block_dense(sample_id, block, result.grids)
+            return store.write_block(sample_id, block, result.tiles, result.region)
     except WRITE_EXPECTED as exc:   # a full disk
         return exc
 
@@ -180,7 +189,18 @@ def read_task(source, *args):
     """A block's pixels, as a task of its own (GPU clusters: the read runs on any worker);
     an expected read failure is returned, and the block's `embed_block` hands it on."""
     try:
-        return read_block(source, *args)
+        with clock.stage("read"):
+            return read_block(source, *args)
+    except EXPECTED as exc:
+        return exc
+
+
+def read_jpeg_task(source, *args):
+    """`read_task` for ``gpu_decode``: the block's compressed tiles when its level is tiled JPEG,
+    decoded on the GPU worker that embeds it; else its pixels, decoded here."""
+    try:
+        with clock.stage("read"):
+            return gpu_decode.jpeg_block(source, *args) or read_block(source, *args)
     except EXPECTED as exc:
         return exc
 

@@ -20,6 +20,7 @@ import warnings
 
 from slide2vec_dask.encoders.base import EncoderSpec
 from slide2vec_dask.encoders.runtime import LoadedAggregator, LoadedEncoder, resolve_precision
+from slide2vec_dask.telemetry import clock
 
 _LOCK = threading.Lock()
 _ENCODERS: dict[tuple, object] = {}
@@ -54,11 +55,14 @@ def _devices(num_gpus: int) -> list[str]:
 
 
 def run_on_device(num_gpus: int, fn):
-    """Run ``fn(device)`` on a free device of this process, on that device's own thread."""
+    """Run ``fn(device)`` on a free device of this process, on that device's own thread
+    (a block task's timing follows it there: `telemetry.clock`)."""
     q = _device_queue(num_gpus)
-    device, thread = q.get()
+    timing = clock.current()
+    with clock.stage("device_wait"):
+        device, thread = q.get()
     try:
-        return thread.submit(fn, device).result()
+        return thread.submit(clock.on_device(timing, fn, device)).result()
     finally:
         q.put((device, thread))
 

@@ -8,10 +8,12 @@ normalisation constants are folded into a single multiply-add.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 
 from slide2vec_dask.encoders.base import EncoderSpec
+from slide2vec_dask.telemetry import clock
 
 _DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
@@ -33,26 +35,48 @@ class LoadedEncoder:
         self._scale = 1.0 / (255.0 * std)
         self._shift = -mean / std
 
-    def embed(self, tiles: np.ndarray, batch_size: int) -> np.ndarray:
-        """``(N, h, w, 3)`` uint8 tiles -> ``(N, D)`` float32 embeddings."""
+    def embed(self, tiles, batch_size: int) -> np.ndarray:
+        """``(N, h, w, 3)`` uint8 tiles (a numpy array, or a tensor already on the device:
+        ``gpu_decode``) -> ``(N, D)`` float32 embeddings.
+
+        Inside a block task the transfer and the forward pass are timed for the run
+        report: CUDA events on a GPU (no extra synchronisation: read after the copy back),
+        the wall clock on a CPU.
+        """
         import torch
 
         outputs = []
         # Balanced batches (36 tiles with batch_size 32 -> 18 + 18, not 32 + 4): a tiny
         # trailing batch costs nearly as much as a full one.
         size = -(-len(tiles) // -(-len(tiles) // batch_size)) if len(tiles) else batch_size
+        timing = clock.current()
+        events = [] if timing is not None and self.device.type == "cuda" else None
+        t0 = time.perf_counter()
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(tiles), size):
-                outputs.append(self._forward(torch.from_numpy(tiles[start : start + size])))
+                batch = tiles[start : start + size]
+                batch = batch if torch.is_tensor(batch) else torch.from_numpy(batch)
+                outputs.append(self._forward(batch, events))
         if not outputs:
             return np.zeros((0, self.spec.feature_dim or 0), dtype=np.float32)
-        return torch.cat(outputs).float().cpu().numpy()
+        result = torch.cat(outputs).float().cpu().numpy()
+        if events is not None:   # (the copy back synchronised: the events are done)
+            timing.add("transfer", sum(a.elapsed_time(b) for a, b, _ in events) / 1000)
+            timing.add("forward", sum(b.elapsed_time(c) for _, b, c in events) / 1000)
+        elif timing is not None:
+            timing.add("forward", time.perf_counter() - t0)
+        return result
 
-    def _forward(self, batch):
+    def _forward(self, batch, events: list | None = None):
         import torch
         import torch.nn.functional as F
 
+        if events is not None:
+            marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            marks[0].record()
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC view = channels_last NCHW
+        if events is not None:
+            marks[1].record()
         x = x.float()
         size = self.spec.tile_size_px
         if x.shape[-1] != size or x.shape[-2] != size:
@@ -61,6 +85,9 @@ class LoadedEncoder:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.module(x)
+        if events is not None:
+            marks[2].record()
+            events.append(marks)
         if out.ndim != 2:
             raise ValueError(f"encoder {self.spec.name!r} returned shape {tuple(out.shape)}; a tile encoder "
                              "must map (B, 3, H, W) to (B, D)")

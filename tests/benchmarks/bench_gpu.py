@@ -50,6 +50,15 @@ Phases, each in a fresh subprocess, in this order:
                  the local default (the local cluster gives each GPU its own
                  worker process; cluster start and model load included).
 
+Each of ``datapath``, ``embed_slide`` (warm) and ``pipeline`` is also run with
+``ExecutionOptions(gpu_decode=True)`` (JPEG tiles decoded on the GPU), and every
+run's GPU busy % (mean, p10, p50), idle split and starvation verdict are taken
+from its run report (``Model.last_run_report`` / ``RunResult.report``: NVML
+through ``nvidia-ml-py``), next to ``nvidia-smi``'s figure below.
+
+To run it on the GPU machine (no network there), ``tests/benchmarks/gpu_wheels.sh``
+prepares ``bench-out/gpu-carry/`` (the wheels it lacks, the slide, ``run.sh``).
+
 For embed_slide and the Pipeline the child installs a progress reporter
 (public ``activate_progress_reporter``): tiles/s end to end (tiles / seconds
 of the call) and steady (first tile to last tile), and the time to the first
@@ -282,17 +291,30 @@ def phase_datapath(ns, out: Partial) -> None:
     import torch
 
     from slide2vec_dask import ExecutionOptions, Model, activate_progress_reporter
-    from slide2vec_dask.dataflow.driver import default_threads
+    from slide2vec_dask.clusters.client import default_threads
 
     pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     model = Model.from_module(pool, name="mean-rgb", feature_dim=3)
-    rep = TimingReporter(ns.progress, time.perf_counter())
-    activate_progress_reporter(rep)
-    rep.t_call = t0 = time.perf_counter()
-    res = model.embed_slide(ns.slide, execution=ExecutionOptions(batch_size=ns.batch_size))
-    seconds = time.perf_counter() - t0
-    out.put(datapath={"tiles": int(res.num_tiles), "seconds": seconds, **_rates(rep.snapshot(), res.num_tiles, seconds),
-                      "cpu_threads": default_threads(), "torch_threads": torch.get_num_threads()})
+    model.embed_slide(ns.slide, execution=ExecutionOptions(batch_size=ns.batch_size))   # warm-up, untimed:
+    for name, gpu_decode in (("datapath", False), ("datapath_gpu_decode", True)):      # both measured warm
+        rep = TimingReporter(f"{ns.progress}.{name}", time.perf_counter())
+        activate_progress_reporter(rep)
+        rep.t_call = t0 = time.perf_counter()
+        res = model.embed_slide(ns.slide, execution=ExecutionOptions(batch_size=ns.batch_size, gpu_decode=gpu_decode))
+        seconds = time.perf_counter() - t0
+        out.put(**{name: {"tiles": int(res.num_tiles), "seconds": seconds,
+                          **_rates(rep.snapshot(), res.num_tiles, seconds), **_telemetry(model.last_run_report),
+                          "cpu_threads": default_threads(), "torch_threads": torch.get_num_threads()}})
+
+
+def _telemetry(report: dict | None) -> dict:
+    """The run report's GPU figures (issue 25's telemetry): busy %, idle split, the starvation verdict."""
+    if not report:
+        return {}
+    gpu = report.get("gpu") or {}
+    return {"report_gpu_source": (gpu.get("source") or "")[:40] or None, "report_busy_pct": gpu.get("busy_pct"),
+            "report_idle_s": gpu.get("idle_s"), "report_starved": report.get("starved"),
+            "report_time_s": report.get("time")}
 
 
 def _rates(snap: dict, tiles: int, seconds: float) -> dict:
@@ -311,15 +333,15 @@ def phase_embed_slide(ns, out: Partial) -> None:
 
     model = make_model(ns)
     execution = ExecutionOptions(precision="bf16", batch_size=ns.batch_size)
-    for name in ("cold", "warm"):
+    for name in ("cold", "warm", "warm_gpu_decode"):
         rep = TimingReporter(f"{ns.progress}.{name}", time.perf_counter())
         activate_progress_reporter(rep)
         rep.t_call = t0 = time.perf_counter()
-        res = model.embed_slide(ns.slide, execution=execution)
+        res = model.embed_slide(ns.slide, execution=execution.replace(gpu_decode=name.endswith("gpu_decode")))
         seconds = time.perf_counter() - t0
         emb = res.tile_embeddings
         out.put(**{name: {"tiles": int(res.num_tiles), "seconds": seconds,
-                          **_rates(rep.snapshot(), res.num_tiles, seconds),
+                          **_rates(rep.snapshot(), res.num_tiles, seconds), **_telemetry(model.last_run_report),
                           "feature_dim": int(emb.shape[1]), "finite": bool(torch.isfinite(emb).all())}},
                 **_gpu_mem(_device()))
         log(f"  embed_slide {name}: {res.num_tiles} tiles in {seconds:.1f} s")
@@ -329,16 +351,24 @@ def phase_pipeline(ns, out: Partial) -> None:
     from slide2vec_dask import ExecutionOptions, Pipeline, activate_progress_reporter
 
     model = make_model(ns)
-    rep = TimingReporter(ns.progress, time.perf_counter())
-    activate_progress_reporter(rep)
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-pipeline-", dir=ns.work_dir) as d:
-        execution = ExecutionOptions(output_dir=d, precision="bf16", batch_size=ns.batch_size)
-        rep.t_call = t0 = time.perf_counter()
-        result = Pipeline(model, execution=execution).run(manifest_path=ns.manifest)
-        seconds = time.perf_counter() - t0
-    tiles = int(sum(a.num_tiles for a in result.tile_artifacts))
-    out.put(pipeline={"tiles": tiles, "seconds": seconds, "slides": len(result.tile_artifacts),
-                      "failed": int(result.num_failed), **_rates(rep.snapshot(), tiles, seconds)})
+    # Each run on the local default (its own cluster: start and model load included), then the same
+    # with gpu_decode; each run's report is kept ($OUT/run_report-<name>.json when $OUT is set).
+    for name, gpu_decode in (("pipeline", False), ("pipeline_gpu_decode", True)):
+        rep = TimingReporter(f"{ns.progress}.{name}", time.perf_counter())
+        activate_progress_reporter(rep)
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-pipeline-", dir=ns.work_dir) as d:
+            execution = ExecutionOptions(output_dir=d, precision="bf16", batch_size=ns.batch_size,
+                                         gpu_decode=gpu_decode)
+            rep.t_call = t0 = time.perf_counter()
+            result = Pipeline(model, execution=execution).run(manifest_path=ns.manifest)
+            seconds = time.perf_counter() - t0
+            if os.environ.get("OUT") and result.report_path is not None:
+                Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+                shutil.copy(result.report_path, Path(os.environ["OUT"]) / f"run_report-{name}.json")
+        tiles = int(sum(a.num_tiles for a in result.tile_artifacts))
+        out.put(**{name: {"tiles": tiles, "seconds": seconds, "slides": len(result.tile_artifacts),
+                          "failed": int(result.num_failed), **_rates(rep.snapshot(), tiles, seconds),
+                          **_telemetry(result.report)}})
 
 
 CHILD_PHASES = {"ckpt": phase_ckpt, "build": phase_build, "bare": phase_bare, "datapath": phase_datapath,
@@ -460,6 +490,12 @@ class Budget:
         return max(1.0, min(self.caps[phase], self.left() - reserve))
 
 
+def _busy_text(b) -> str:
+    if not b:
+        return "n/a"
+    return f"{b['mean']:.0f}/{b['p10']:.0f}/{b['p50']:.0f}" + (" STARVED" if b.get("starved") else "")
+
+
 def fmt(x, spec=".1f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -535,12 +571,15 @@ def main(argv=None) -> int:
             + (f", GPU util {res['gpu_util_mean']:.0f} % (active {res['gpu_util_mean_active']:.0f} %), "
                f"GPU mem {res['gpu_mem_max_mb']:.0f} MB" if "gpu_util_mean" in res else ""))
         ok &= not res.get("error")
-        for key in ("datapath", "cold", "warm", "pipeline"):
+        for key in ("datapath", "datapath_gpu_decode", "cold", "warm", "warm_gpu_decode", "pipeline",
+                    "pipeline_gpu_decode"):
             r = res.get(key)
             if isinstance(r, dict) and "tiles" in r:
                 log(f"  {key:9s} {r['tiles']} tiles in {fmt(r['seconds'])} s = {fmt(r['tps'])} tiles/s end to end, "
                     f"{fmt(r['tps_steady'])} steady, first tile after {fmt(r['ttft_s'], '.2f')} s"
-                    + (" CAPPED" if r.get("capped") else ""))
+                    + (" CAPPED" if r.get("capped") else "")
+                    + (f"; report: GPU busy {r['report_busy_pct']}, idle {r['report_idle_s']}"
+                       if r.get("report_busy_pct") else ""))
     return finish(summary, ns, ok)
 
 
@@ -554,12 +593,27 @@ def finish(summary: dict, ns, ok: bool) -> int:
 
     es, pipe = ph.get("embed_slide", {}), (ph.get("pipeline", {}).get("pipeline") or {})
     warm, cold = es.get("warm") or {}, es.get("cold") or {}
+    pipe_gd, warm_gd = ph.get("pipeline", {}).get("pipeline_gpu_decode") or {}, es.get("warm_gpu_decode") or {}
+    dp = ph.get("datapath", {})
+    dp_plain, dp_gd = dp.get("datapath") or {}, dp.get("datapath_gpu_decode") or {}
+
+    def busy(r):   # the run report's measured GPU busy % (mean, p10, p50) and its starvation verdict
+        b = r.get("report_busy_pct") or {}
+        return None if b.get("mean") is None else {**b, "starved": (r.get("report_starved") or {}).get("starved"),
+                                                   "idle_s": r.get("report_idle_s")}
     summary["result"] = {
         "gpu": bare.get("gpu"), "device": bare.get("device"),
         "bare_tps": ref,
         "bare_block_batch_tps": (bare.get("autocast_bf16_block_batch") or {}).get("tps"),
         "bare_cast_bf16_tps": (bare.get("cast_bf16") or {}).get("tps"),
-        "datapath_tps": (ph.get("datapath", {}).get("datapath") or {}).get("tps"),
+        "datapath_tps": dp_plain.get("tps"), "datapath_gpu_decode_tps": dp_gd.get("tps"),
+        "pipeline_gpu_decode_tps": pipe_gd.get("tps"), "pipeline_gpu_decode_tps_steady": pipe_gd.get("tps_steady"),
+        "embed_slide_warm_gpu_decode_tps": warm_gd.get("tps"),
+        "pipeline_gpu_decode_steady_over_bare": ratio(pipe_gd.get("tps_steady")),
+        "embed_slide_warm_gpu_decode_over_bare": ratio(warm_gd.get("tps")),
+        "gpu_busy_pipeline": busy(pipe), "gpu_busy_pipeline_gpu_decode": busy(pipe_gd),
+        "gpu_busy_embed_slide_warm": busy(warm), "gpu_busy_embed_slide_warm_gpu_decode": busy(warm_gd),
+        "gpu_busy_datapath": busy(dp_plain), "gpu_busy_datapath_gpu_decode": busy(dp_gd),
         "pipeline_tps": pipe.get("tps"), "pipeline_tps_steady": pipe.get("tps_steady"),
         "pipeline_ttft_s": pipe.get("ttft_s"),
         "embed_slide_cold_tps": cold.get("tps"), "embed_slide_warm_tps": warm.get("tps"),
@@ -586,6 +640,16 @@ def finish(summary: dict, ns, ok: bool) -> int:
             ("embed_slide / bare: cold, warm, warm steady",
              f"{fmt(r['embed_slide_cold_over_bare'], '.3f')}, {fmt(r['embed_slide_warm_over_bare'], '.3f')}, "
              f"{fmt(r['embed_slide_warm_steady_over_bare'], '.3f')}"),
+            ("data path tiles/s with gpu_decode", fmt(r["datapath_gpu_decode_tps"])),
+            ("Pipeline tiles/s with gpu_decode: end to end / steady",
+             f"{fmt(r['pipeline_gpu_decode_tps'])} / {fmt(r['pipeline_gpu_decode_tps_steady'])}"),
+            ("embed_slide warm tiles/s with gpu_decode", fmt(r["embed_slide_warm_gpu_decode_tps"])),
+            ("GPU busy % (run report, mean/p10/p50): Pipeline", _busy_text(r["gpu_busy_pipeline"])),
+            ("  ... Pipeline with gpu_decode", _busy_text(r["gpu_busy_pipeline_gpu_decode"])),
+            ("  ... embed_slide warm / with gpu_decode",
+             f"{_busy_text(r['gpu_busy_embed_slide_warm'])} / {_busy_text(r['gpu_busy_embed_slide_warm_gpu_decode'])}"),
+            ("  ... data path / with gpu_decode",
+             f"{_busy_text(r['gpu_busy_datapath'])} / {_busy_text(r['gpu_busy_datapath_gpu_decode'])}"),
             ("capped phases", ", ".join(r["capped"]) or "none"),
             ("total seconds", fmt(r["total_s"]))]
     w = max(len(a) for a, _ in rows)
