@@ -35,6 +35,17 @@ _EXPORTS = {
     "TileGrid": "slide2vec_dask.tiling",
     "list_models": "slide2vec_dask.encoders.registry",
     "activate_progress_reporter": "slide2vec_dask.progress",
+    # slide2vec 7.x names (README "Coming from slide2vec")
+    "TileEmbeddingArtifact": "slide2vec_dask.results",
+    "SlideEmbeddingArtifact": "slide2vec_dask.results",
+    "HierarchicalEmbeddingArtifact": "slide2vec_dask.results",
+    "PatientEmbeddingArtifact": "slide2vec_dask.results",
+    "EmbeddedSlides": "slide2vec_dask.results",
+    "MISSING_FIELD": "slide2vec_dask.compat.identity",
+    "register_encoder": "slide2vec_dask.encoders.plugins",
+    "TileEncoder": "slide2vec_dask.encoders.plugins",
+    "TimmTileEncoder": "slide2vec_dask.encoders.plugins",
+    "TorchTileEncoder": "slide2vec_dask.encoders.plugins",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

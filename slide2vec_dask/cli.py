@@ -303,6 +303,8 @@ def check_run(manifest: Any, preprocessing: dict[str, Any], execution: dict[str,
 def _built(section: str, cls, values: dict[str, Any]):
     """``cls(**values)``, its refusal naming the config section the field sits in."""
     try:
+        if section == "execution" and values.get("num_gpus") == 0:   # the command line's CPU spelling
+            return cls(**{**values, "num_gpus": None}).with_gpus(0)
         return cls(**values)
     except ValueError as exc:
         raise UsageError(f"{section}: {exc}") from None

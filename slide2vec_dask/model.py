@@ -359,7 +359,7 @@ class Model:
         if execution.precision is None and self.precision is not None:
             execution = execution.replace(precision=self.precision)
         if execution.num_gpus is None and self.device is not None:
-            execution = execution.replace(num_gpus=0 if self.device == "cpu" else 1)
+            execution = execution.with_gpus(0 if self.device == "cpu" else 1)
         return execution
 
     def _require_level(self, level: str, what: str) -> None:

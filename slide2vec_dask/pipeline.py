@@ -204,7 +204,7 @@ class Pipeline:
             from slide2vec_dask.clusters.local import start_local_cluster
 
             # The local cluster gets this machine's GPUs, and the run must then ask for them.
-            execution = execution.replace(num_gpus=resolve_num_gpus(execution.num_gpus, None))
+            execution = execution.with_gpus(resolve_num_gpus(execution.num_gpus, None))
             cluster = start_local_cluster(execution.num_workers, execution.num_gpus)
             client = Client(cluster, set_as_default=False)
         try:

@@ -63,7 +63,7 @@ def register_preset(name: str, level: str = "tile", *, architecture: str = "",
 def preset_about(name: str) -> PresetAbout:
     """The `PresetAbout` of a registered preset."""
     get_preset(name)
-    return _ABOUT[name.lower()]
+    return _ABOUT[canonical_name(name)]
 
 
 # Where presets are declared: the tile table, and one module per slide / patient model in the
@@ -95,9 +95,26 @@ def _load_presets() -> None:
     _loaded = True
 
 
+# slide2vec's other spellings of preset names (its model_settings aliases): a 7.x config or
+# script naming ``conchv1.5`` or ``prov-gigapath`` finds the same preset.
+ALIASES = {
+    "conch-v1.5": "conchv15", "conch_v15": "conchv15", "conchv1.5": "conchv15", "conchv1_5": "conchv15",
+    "phikon-v2": "phikonv2", "h-optimus-0-mini": "h0-mini", "prov-gigapath": "gigapath",
+    "prov-gigapath-tile": "gigapath", "prov-gigapath-slide": "gigapath-slide", "kaiko-midnight": "midnight",
+    "mstar-slide": "mstar", "dinov2": "dinov2-vitb14", "dinov2-base": "dinov2-vitb14",
+    "dinov2-vitb": "dinov2-vitb14", "dinov3": "dinov3-vitb16", "dinov3-vitb": "dinov3-vitb16",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The registered name ``name`` stands for: lower case, slide2vec's aliases resolved."""
+    key = str(name).strip().lower()
+    return key if key in _PRESETS else ALIASES.get(key, key)
+
+
 def get_preset(name: str) -> Callable[..., EncoderSpec]:
     _load_presets()
-    key = name.lower()
+    key = canonical_name(name)
     if key not in _PRESETS:
         close = difflib.get_close_matches(key, list(_PRESETS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
@@ -116,4 +133,4 @@ def list_models(level: str | None = None) -> list[str]:
 def preset_level(name: str) -> str:
     """``"tile"``, ``"slide"`` or ``"patient"`` for a registered preset."""
     get_preset(name)  # a clear error for unknown names
-    return _LEVEL[name.lower()]
+    return _LEVEL[canonical_name(name)]
