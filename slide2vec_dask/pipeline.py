@@ -30,14 +30,14 @@ from slide2vec_dask.dataflow.executors import DaskExecutor
 from slide2vec_dask.dataflow.sinks import StoreSink
 from slide2vec_dask.dataflow.tasks import export_task, row_exports
 from slide2vec_dask.exporters import check_available, current_files, flat_first, sweep_temporaries
-from slide2vec_dask.exporters.flat import is_flat
+from slide2vec_dask.exporters.flat import is_flat, is_flat_format, write_coordinates
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, read_manifest, validate_slides, why_stale
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.store.output_dir import OutputDirError, RunLock, atomic, check_output_dir, describe_os_error, sweep
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
 from slide2vec_dask.tiling.peers import is_own_plan
-from slide2vec_dask.tiling.plan import resolve_request, selection_config
+from slide2vec_dask.tiling.plan import plan_for, resolve_request, selection_config
 from slide2vec_dask.tiling.tile_list import load_plan
 from slide2vec_dask.results import (PROCESS_LIST_COLUMNS, HierarchicalArtifact, PatientArtifact, RunResult,
                                     SlideArtifact, SlideOutcome, TileArtifact)
@@ -81,12 +81,24 @@ class Pipeline:
         self.client = client
 
     # -- entry points ------------------------------------------------------
-    def run(self, manifest_path: str | Path | None = None, slides: Sequence | None = None) -> RunResult:
-        """Embed every slide of the manifest (or of ``slides``: paths or dicts)."""
-        return self._run(self._items(manifest_path, slides), self.preprocessing)
+    def run(self, slides: Sequence | None = None, manifest_path: str | Path | None = None, *,
+            tiling_only: bool = False, on_slide_persisted=None) -> RunResult:
+        """Embed every slide of ``slides`` (paths or dicts) or of the manifest CSV.
+
+        slide2vec 7.x's order: ``run(slides, manifest_path)``.  A single ``.csv`` path given as
+        ``slides`` is read as the manifest (the seed API's ``run(manifest)`` keeps working).
+        ``tiling_only`` plans the slides (coordinates, previews) and embeds nothing.
+        ``on_slide_persisted(artifact)`` is called for each slide's tile (or region) artifact.
+        """
+        if manifest_path is None and isinstance(slides, (str, Path)) and str(slides).lower().endswith(".csv"):
+            slides, manifest_path = None, slides
+        items = self._items(manifest_path, slides)
+        if tiling_only:
+            return self._tile_only(items, self.preprocessing)
+        return self._persisted(self._run(items, self.preprocessing), on_slide_persisted)
 
     def run_with_coordinates(self, coordinates_dir: str | Path, slides: Sequence | None = None,
-                             manifest_path: str | Path | None = None) -> RunResult:
+                             manifest_path: str | Path | None = None, *, on_slide_persisted=None) -> RunResult:
         """Like `run`, reusing saved plans (``<coordinates_dir>/<sample_id>.npz``) instead of tiling.
 
         Without ``slides``/``manifest_path``, the slides are those the plans were made for.
@@ -97,7 +109,41 @@ class Pipeline:
         if slides is None and manifest_path is None:
             slides = self._slides_from_plans(coordinates_dir)
         config = self.preprocessing.replace(read_coordinates_from=coordinates_dir)
-        return self._run(self._items(manifest_path, slides), config)
+        return self._persisted(self._run(self._items(manifest_path, slides), config), on_slide_persisted)
+
+    @staticmethod
+    def _persisted(result: RunResult, callback) -> RunResult:
+        """slide2vec 7.x's ``on_slide_persisted``: each slide's artifact, once its files are in place."""
+        if callback is not None:
+            regions = {a.sample_id: a for a in result.hierarchical_artifacts}
+            for artifact in result.tile_artifacts:
+                callback(regions.get(artifact.sample_id, artifact))
+        return result
+
+    def _tile_only(self, items, config: PreprocessingConfig) -> RunResult:
+        """Plan every slide (its coordinates under ``<output_dir>/coordinates/``, previews, and
+        slide2vec's ``tiles/<id>.coordinates.npz`` when pt/npz files are asked for); embed nothing."""
+        out, spec = Path(self.execution.output_dir), self.model.tile_spec
+        check_output_dir(out)
+        outcomes = self._outcomes(items)
+        with RunLock(out):
+            for item in items:
+                row = outcomes[item.sample_id]
+                start = time.perf_counter()
+                try:
+                    _, plan = plan_for(item, spec, config, out)
+                    row.status, row.num_tiles = "success", int(plan.grid.num_tiles)
+                    row.coordinates_path = str(out / "coordinates" / f"{item.sample_id}.npz")
+                    if is_flat_format(self.execution.output_format):
+                        write_coordinates(plan.grid, item, out / "tiles")
+                except (OSError, ValueError, RuntimeError) as exc:
+                    row.fail(exc)
+                row.plan_seconds = time.perf_counter() - start
+            process_list = out / "process_list.csv"
+            _ProcessList(process_list, outcomes).write()
+        ordered = list(outcomes.values())
+        return RunResult(tile_artifacts=[], process_list_path=process_list, store_path=out / "embeddings.zarr",
+                         num_failed=sum(o.status == "failed" for o in ordered), outcomes=ordered)
 
     # -- internals -----------------------------------------------------------
     @staticmethod
@@ -153,10 +199,14 @@ class Pipeline:
             "model_feature_dim": int(self.model.feature_dim)}
         return {**model, "encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
                 "requested_spacing_um": spacing, "requested_tile_size_px": tile,
-                "tiling": selection_config(config), "slide2vec_dask_version": __version__}
+                "tiling": selection_config(config), "slide2vec_dask_version": __version__,
+                # checked on every rerun (`EmbeddingStore.check_run`): features of another identity are
+                # never mixed into the store, nor its sidecars
+                "feature_identity": self.model.feature_identity(config, self.execution)}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
 
+        self.model.check_recommended(config, self.execution)
         out = Path(self.execution.output_dir)
         store = EmbeddingStore(out, run=uuid.uuid4().hex[:8])
         run_attrs = self._run_attrs(config)
@@ -405,12 +455,15 @@ class Pipeline:
         def flat(o, level):   # the slide's flat file of that level (the one rule: `exporters.flat.is_flat`)
             return next((Path(p) for p in o.flat_paths if is_flat(p, level)), None)
 
+        dim = int(self.model.tile_spec.feature_dim)
         artifacts = [TileArtifact(o.sample_id, o.num_tiles, store.path, store.tiles_group(o.sample_id),
                                   Path(o.coordinates_path) if o.coordinates_path else None,
-                                  flat(o, "tile"))
+                                  flat(o, "tile"), feature_dim=dim)
                      for o in done if o.sample_id in complete]
+        r = self.preprocessing.region_tile_multiple
         hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, store.regions_group(o.sample_id),
-                                             flat(o, "hierarchical"))
+                                             flat(o, "hierarchical"), feature_dim=dim,
+                                             tiles_per_region=None if r is None else r * r)
                         for o in done if o.sample_id in complete and o.num_regions]
         slide_artifacts, patient_artifacts = [], []
         if slides_kept:
