@@ -278,7 +278,10 @@ def csv_cell(value: Any) -> Any:
 
 PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
                         "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
-                        "flat_path", "note"]
+                        "flat_path", "note",
+                        # slide2vec 7.x's columns its users' scripts read (tissue-only: one bag per slide)
+                        "annotation", "tiling_status", "feature_status", "feature_path", "coordinates_npz_path",
+                        "coordinates_meta_path"]
 
 
 @dataclass
@@ -318,6 +321,15 @@ class SlideOutcome:
     def csv_row(self) -> dict[str, Any]:
         """The outcome as a row of ``process_list.csv``, each cell safe to open in a spreadsheet."""
         paths = [p for p in (*self.flat_paths, self.slide_flat_path, self.patient_flat_path) if p]
-        row = {c: getattr(self, c) for c in PROCESS_LIST_COLUMNS if c != "flat_path"}
+        row = {c: getattr(self, c) for c in PROCESS_LIST_COLUMNS[:PROCESS_LIST_COLUMNS.index("annotation")]
+               if c != "flat_path"}
         row["flat_path"] = ";".join(str(p) for p in paths)
+        state = "success" if self.ok else self.status
+        planned = self.ok or self.num_tiles > 0
+        coords = [str(p) for p in self.flat_paths if str(p).endswith(".coordinates.npz")]
+        features = [str(p) for p in self.flat_paths if "tile_embeddings" in str(p) and str(p).endswith((".pt", ".npz"))]
+        row.update({"annotation": "tissue", "tiling_status": "success" if planned else state, "feature_status": state,
+                    "feature_path": features[0] if features else "",
+                    "coordinates_npz_path": coords[0] if coords else "",
+                    "coordinates_meta_path": coords[0].replace(".coordinates.npz", ".coordinates.meta.json") if coords else ""})
         return {c: csv_cell(v) for c, v in row.items()}
