@@ -204,7 +204,7 @@ def test_embed_tiles_then_aggregate_tiles(checkpoints, slides, tmp_path):
     assert list(table["sample_id"].values) == ["a", "b"]  # in the artifacts' order
     direct = model.embed_slide(slides["a"], preprocessing=config)
     np.testing.assert_allclose(table["embedding"].values[0], direct.slide_embedding.numpy(), rtol=1e-4, atol=1e-5)
-    assert np.load(out[1].flat_path)["embedding"].shape == (768,)
+    assert np.load(out[1].flat_path)["features"].shape == (768,)
     # Features of another tile encoder are refused, not silently aggregated.
     other = Model.from_preset("titan", checkpoint_path=checkpoints("titan"), tile_encoder=stand_in("titan"))
     with pytest.raises(ValueError, match="made by"):
@@ -286,7 +286,7 @@ def test_pipeline_with_the_patient_model(moozy, checkpoints, slides, tmp_path):
                                       {"sample_id": "a2", "image_path": slides["a"], "patient_id": "p2"}],
                                      preprocessing=config)
     np.testing.assert_allclose(by_patient["p2"], in_memory[0].patient_embedding.numpy(), rtol=1e-4, atol=1e-5)
-    assert np.load(run.patient_artifacts[0].flat_path)["embedding"].shape == (768,)
+    assert np.load(run.patient_artifacts[0].flat_path)["features"].shape == (768,)
 
     # Without save_slide_embeddings the slide rows are not kept; patients are.
     lean = Pipeline(moozy, config, ExecutionOptions(output_dir=tmp_path / "lean")).run(manifest_path=manifest)

@@ -131,9 +131,9 @@ class Flat:
     def write_tiles(self, src: TileSource, files: list[Path]) -> None:
         run = _run(src.store)
         dtype, attrs = _dtype(run), _plain(src.attrs)
-        coordinates = write_coordinates(src, None, files[2].parent)
         features = np.asarray(src.group["embedding"][:]).astype(dtype)
         _save(files[0], self.fmt, features, tile_index=np.arange(len(features), dtype=np.int64))
+        coordinates = write_coordinates(src, None, files[2].parent)
         meta = self._slide_meta(src, run, attrs)
         meta.update({"artifact_type": "tile_embeddings", "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
                      "num_tiles": int(len(features)), "coordinates_npz_path": str(coordinates[0].resolve()),
