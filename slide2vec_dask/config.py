@@ -358,10 +358,10 @@ class ExecutionOptions:
         check_int("num_workers", self.num_workers, 1, optional=True)
         check_int("num_preprocessing_workers", self.num_preprocessing_workers, 1, optional=True)
         check_int("prefetch_factor", self.prefetch_factor, 1, 1024)
-        if self.num_gpus == 0 and not isinstance(self.num_gpus, bool):   # slide2vec 7.x: an error
-            raise ValueError("num_gpus must be at least 1 (or None: every visible GPU); to run on the CPU, "
-                             "use Model(..., device='cpu') (command line: --run-on-cpu or --num-gpus 0)")
-        check_int("num_gpus", self.num_gpus, 1, optional=True)
+        check_int("num_gpus", self.num_gpus, optional=True)
+        if self.num_gpus is not None and self.num_gpus < 1:   # slide2vec 7.x: an error, its wording
+            raise ValueError(f"num_gpus must be at least 1 (or None: every visible GPU), got {self.num_gpus}; to run "
+                             "on the CPU, use Model(..., device='cpu') (command line: --run-on-cpu or --num-gpus 0)")
         check_choice("precision", self.precision, PRECISIONS, optional=True)
         check_choice("output_dtype", self.output_dtype, ("fp16", "fp32"), optional=True)
         check_int("num_workers_per_gpu", self.num_workers_per_gpu, 1, optional=True)
