@@ -46,6 +46,8 @@ _EXPORTS = {
     "TileEncoder": "slide2vec_dask.encoders.plugins",
     "TimmTileEncoder": "slide2vec_dask.encoders.plugins",
     "TorchTileEncoder": "slide2vec_dask.encoders.plugins",
+    "list_encoder_provider_diagnostics": "slide2vec_dask.encoders.registry",
+    "EncoderProviderDiagnostic": "slide2vec_dask.encoders.registry",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

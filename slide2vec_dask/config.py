@@ -356,7 +356,10 @@ class ExecutionOptions:
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, 1, 1 << 16)
         check_int("num_workers", self.num_workers, 1, optional=True)
-        check_int("num_preprocessing_workers", self.num_preprocessing_workers, 1, optional=True)
+        check_int("num_preprocessing_workers", self.num_preprocessing_workers, optional=True)
+        if self.num_preprocessing_workers is not None and self.num_preprocessing_workers < 1:
+            raise ValueError(f"num_preprocessing_workers must be non-negative, and here at least 1 (None: the CPU "
+                             f"count), got {self.num_preprocessing_workers}")
         check_int("prefetch_factor", self.prefetch_factor, 1, 1024)
         check_int("num_gpus", self.num_gpus, optional=True)
         if self.num_gpus is not None and self.num_gpus < 1:   # slide2vec 7.x: an error, its wording

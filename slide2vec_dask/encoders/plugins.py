@@ -141,13 +141,6 @@ class PluginInfo:
         return chosen
 
 
-_PLUGINS: dict[str, PluginInfo] = {}
-
-
-def plugin_info(name: str) -> PluginInfo | None:
-    return _PLUGINS.get(str(name).strip().lower())
-
-
 def register_encoder(name: str, *, encode_dim: int | None = None, output_variants: dict | None = None,
                      default_output_variant: str | None = None, input_size: int | None = None,
                      supported_spacing_um: float | list[float] | None, default_spacing_um: float | None = None,
@@ -195,9 +188,9 @@ def register_encoder(name: str, *, encode_dim: int | None = None, output_variant
                                  "(checkpoint_path does not apply)")
             return plugin_spec(info, output_variant)
 
+        factory.owner = cls
         register_preset(info.name, "tile", architecture=f"plug-in {cls.__module__}.{cls.__qualname__}",
                         outputs=dict(outputs))(factory)
-        _PLUGINS[info.name] = info
         return cls
 
     return decorate
@@ -291,4 +284,4 @@ def plugin_module(encoder: TileEncoder):
 
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TileEncoder", "TorchTileEncoder", "TimmTileEncoder",
-           "register_encoder", "plugin_info"]
+           "register_encoder"]
