@@ -22,7 +22,8 @@ logger = logging.getLogger("slide2vec_dask")
 HS2P_DEFAULTS: dict[str, dict[str, Any]] = {
     "segmentation": {"sthresh_up": 255, "use_otsu": False, "sam2_checkpoint_path": None, "sam2_config_path": None,
                      "sam2_device": "cpu", "sam2_num_workers": None, "max_n_holes": 8},
-    "filtering": {"a_h": 2, "filter_grayspace": False, "grayspace_saturation_threshold": 0.05,
+    # a_h: 0 fills no hole, which is what a mask without hole filling does
+    "filtering": {"a_h": (2, 0), "filter_grayspace": False, "grayspace_saturation_threshold": 0.05,
                   "grayspace_fraction_threshold": 0.6, "filter_blur": False, "blur_threshold": 50.0,
                   "qc_spacing_um": 2.0, "max_n_holes": 8},
     # preview cosmetics: colours and transparency of the rendered overlay
@@ -51,7 +52,8 @@ def known_keys(name: str, given: Mapping[str, Any], known: set[str] | dict) -> d
             out[key] = value
         elif key in COSMETIC:
             continue   # rendering colours of the previews: ours draw their own
-        elif key in defaults and _same(value, defaults[key]):
+        elif key in defaults and any(_same(value, d) for d in
+                                     (defaults[key] if isinstance(defaults[key], tuple) else (defaults[key],))):
             continue
         else:
             hint = "" if key in defaults else f"; known keys are {sorted(known)}"

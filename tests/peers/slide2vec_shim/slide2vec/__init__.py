@@ -26,8 +26,8 @@ PUBLIC = {
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, name, path=None, target=None):
-        if name == "slide2vec" or not name.startswith("slide2vec."):
-            return None
+        if name in ("slide2vec", "slide2vec.__main__") or not name.startswith("slide2vec."):
+            return None   # (python -m slide2vec: slide2vec_dask/__main__.py, the command line)
         if name not in PUBLIC:
             raise ImportError(f"{name} is a slide2vec internal; slide2vec-dask provides slide2vec's public API "
                               f"only (slide2vec, {', '.join(sorted(PUBLIC))})", name=name)
