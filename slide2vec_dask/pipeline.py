@@ -135,7 +135,7 @@ class Pipeline:
                     row.status, row.num_tiles = "success", int(plan.grid.num_tiles)
                     row.coordinates_path = str(out / "coordinates" / f"{item.sample_id}.npz")
                     if is_flat_format(self.execution.output_format):
-                        write_coordinates(plan.grid, item, out / "tiles")
+                        row.flat_paths = [str(p) for p in write_coordinates(plan.grid, item, out / "tiles")]
                 except (OSError, ValueError, RuntimeError) as exc:
                     row.fail(exc)
                 row.plan_seconds = time.perf_counter() - start

@@ -273,3 +273,19 @@ def test_slide2vec_yaml_runs_through_our_cli(syn_svs, tmp_path):
     assert "batch_size: 8" in saved and "name: compat-tiny" in saved
     typo = run_cli(tmp_path, str(config), "--skip-datetime", "tiling.params.tolerence=0.1")
     assert typo.returncode == 2 and "did you mean 'tiling.params.tolerance'" in typo.stderr
+
+
+def test_tiling_only_writes_coordinates_and_no_embeddings(syn_svs, tmp_path):
+    csv = tmp_path / "slides.csv"
+    csv.write_text(f"sample_id,image_path\nsyn,{syn_svs}\n")
+    done = run_cli(tmp_path, str(slide2vec_yaml(tmp_path, csv)), "--skip-datetime", "--tiling-only")
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    with np.load(out / "tiles" / "syn.coordinates.npz") as coords:
+        assert len(coords["x"]) > 0
+    assert not (out / "tile_embeddings").exists()
+    import csv as csv_module
+
+    row = next(csv_module.DictReader((out / "process_list.csv").open()))
+    assert Path(row["coordinates_npz_path"]) == out / "tiles" / "syn.coordinates.npz"
+    assert row["tiling_status"] == "success" and int(row["num_tiles"]) == len(np.load(out / "tiles" / "syn.coordinates.npz")["x"])
