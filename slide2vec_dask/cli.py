@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Whole-slide images to tile embeddings with pathology foundation models, on Dask.",
-        epilog=f"{EXIT_CODES}. '{PROG} COMMAND --help' tells more.")
+        epilog=f"A slide2vec 7.x config runs as '{PROG} CONFIG.yaml [--skip-datetime] [--tiling-only] [--run-on-cpu] "
+               f"[--output-dir DIR] [key=value ...]'. {EXIT_CODES}. '{PROG} COMMAND --help' tells more.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -289,3 +289,11 @@ def test_tiling_only_writes_coordinates_and_no_embeddings(syn_svs, tmp_path):
     row = next(csv_module.DictReader((out / "process_list.csv").open()))
     assert Path(row["coordinates_npz_path"]) == out / "tiles" / "syn.coordinates.npz"
     assert row["tiling_status"] == "success" and int(row["num_tiles"]) == len(np.load(out / "tiles" / "syn.coordinates.npz")["x"])
+
+
+def test_run_command_takes_either_kind_of_config(tmp_path):
+    from slide2vec_dask.cli import _slide2vec_file
+
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("manifest: s.csv\nmodel: {preset: lunit}\nexecution: {output_dir: out}\n")
+    assert _slide2vec_file(slide2vec_yaml(tmp_path, tmp_path / "s.csv")) and not _slide2vec_file(ours)
