@@ -198,7 +198,11 @@ def test_embed_tiles_then_aggregate_tiles(checkpoints, slides, tmp_path):
     config = PreprocessingConfig(**EXACT)
     tiles = model.embed_tiles([slides["a"], slides["b"]], output_dir=tmp_path / "t", preprocessing=config)
     assert [t.sample_id for t in tiles] == ["a", "b"]
-    out = model.aggregate_tiles(tiles, execution=ExecutionOptions(output_format="npz", output_dir=tmp_path / "t"))
+    # slide2vec 7.x's aggregate_tiles(..., preprocessing=): the settings the tiles were made with, checked
+    with pytest.raises(ValueError, match="made at 224 px, preprocessing asks 448 px"):
+        model.aggregate_tiles(tiles, preprocessing=config.replace(requested_tile_size_px=448))
+    out = model.aggregate_tiles(tiles, preprocessing=config,
+                                execution=ExecutionOptions(output_format="npz", output_dir=tmp_path / "t"))
     assert [o.sample_id for o in out] == ["a", "b"]
     table = xr.open_zarr(tiles[0].store_path, group="slides")
     assert list(table["sample_id"].values) == ["a", "b"]  # in the artifacts' order
@@ -238,11 +242,12 @@ def test_embed_patients_groups_in_order_of_first_appearance(moozy, checkpoints, 
                                reference_patient(checkpoints("moozy"), patients[0].slide_embeddings.values()),
                                rtol=1e-4, atol=1e-5)
     # patient_id_map overrides the slides' own keys.
-    remapped = moozy.embed_patients(inputs, preprocessing=config, patient_id_map={"b1": "x", "a1": "x", "a2": "y"})
+    # slide2vec 7.x's positional forms: embed_patients(slides, patient_id_map), embed_patient(slides, patient_id)
+    remapped = moozy.embed_patients(inputs, {"b1": "x", "a1": "x", "a2": "y"}, preprocessing=config)
     assert [(p.patient_id, list(p.slide_embeddings)) for p in remapped] == [("x", ["b1", "a1"]), ("y", ["a2"])]
     # embed_patient: the argument, else the slides' common patient_id, else the first sample_id.
     assert moozy.embed_patient(inputs[:1], preprocessing=config).patient_id == "p2"
-    assert moozy.embed_patient([slides["b"]], patient_id="z", preprocessing=config).patient_id == "z"
+    assert moozy.embed_patient([slides["b"]], "z", preprocessing=config).patient_id == "z"
     assert moozy.embed_patient([slides["b"]], preprocessing=config).patient_id == "b"
     with pytest.raises(ValueError, match="several patients"):
         moozy.embed_patient(inputs, preprocessing=config)
