@@ -233,9 +233,18 @@ class PreprocessingConfig:
     filter: Any = None
     masks: Any = None
     mask_backend: str = "auto"
+    # slide2vec 7.x's reading knobs: save_tiles writes each slide's tile archive and embeds from it
+    # (on_the_fly=False); the others mean nothing here and are accepted with a warning when set
+    # to anything but their default
+    save_tiles: bool = False
+    gpu_decode: bool = False
+    adaptive_batching: bool = False
+    jpeg_backend: str = "pil"
+    num_cucim_workers: int = 4
 
     def __post_init__(self) -> None:
         self._fold_sections()
+        self._slide2vec_knobs()
         check_choice("mask_backend", self.mask_backend, ("auto", "tifffile"))
         check_choice("backend", self.backend, BACKENDS)
         check_number("requested_spacing_um", self.requested_spacing_um, *SPACING_RANGE_UM, optional=True)
@@ -266,6 +275,24 @@ class PreprocessingConfig:
             raise ValueError("on_the_fly=False (tile archives) has no hierarchical mode: a region's padding "
                              "tiles have no place in an archive; drop region_tile_multiple / "
                              "requested_region_size_px, or keep on_the_fly=True")
+
+    def _slide2vec_knobs(self) -> None:
+        import logging
+
+        for name in ("save_tiles", "gpu_decode", "adaptive_batching"):
+            check_bool(name, getattr(self, name))
+        check_choice("jpeg_backend", self.jpeg_backend, ("pil", "turbojpeg"))
+        check_int("num_cucim_workers", self.num_cucim_workers, 1, 1024)
+        if self.save_tiles:
+            object.__setattr__(self, "on_the_fly", False)
+        ignored = {"gpu_decode": (self.gpu_decode, "tiles are decoded on the CPU readers, with the same pixels"),
+                   "adaptive_batching": (self.adaptive_batching, "batches follow the engine's blocks"),
+                   "jpeg_backend": (self.jpeg_backend != "pil", "tile archives use our JPEG encoder"),
+                   "num_cucim_workers": (self.num_cucim_workers != 4, "our readers decode in the engine's threads")}
+        for name, (given, why) in ignored.items():
+            if given:
+                logging.getLogger("slide2vec_dask").warning("PreprocessingConfig(%s=%r) is ignored: %s", name,
+                                                            getattr(self, name), why)
 
     def _fold_sections(self) -> None:
         """slide2vec 7.x's ``tiling`` / ``segmentation`` / ``filter`` / ``preview`` / ``masks`` (records or
@@ -391,6 +418,18 @@ class ExecutionOptions:
         if self.num_gpus == 0 and "num_gpus" not in changes:   # a CPU run stays one (`with_gpus`)
             return dataclasses.replace(self, num_gpus=None, **changes).with_gpus(0)
         return dataclasses.replace(self, **changes)
+
+    def with_output_dir(self, output_dir: str | Path | None) -> "ExecutionOptions":
+        """slide2vec 7.x: a copy writing to ``output_dir`` (None: this one)."""
+        return self if output_dir is None else self.replace(output_dir=Path(output_dir))
+
+    def resolved_num_gpus(self) -> int:
+        """slide2vec 7.x: the GPUs a run uses, ``num_gpus`` or every visible one (at least 1)."""
+        if self.num_gpus is not None:
+            return int(self.num_gpus)
+        import torch
+
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
     def with_gpus(self, num_gpus: int) -> "ExecutionOptions":
         """A copy that runs on ``num_gpus`` GPUs, 0 meaning the CPU: how a device choice

@@ -86,6 +86,18 @@ def test_recommended_settings_guard():
     loose.check_recommended(PreprocessingConfig(requested_spacing_um=1.0), ex)   # a warning, no error
 
 
+def test_7x_reading_knobs(caplog):
+    assert PreprocessingConfig(save_tiles=True).on_the_fly is False   # tiles/<id>.tiles.tar, embedded from there
+    with caplog.at_level(logging.WARNING, logger="slide2vec_dask"):
+        PreprocessingConfig(jpeg_backend="pil", num_cucim_workers=4)
+        assert not caplog.records
+        PreprocessingConfig(jpeg_backend="turbojpeg", gpu_decode=True)
+    assert [r.getMessage().split(")")[0] for r in caplog.records] == [
+        "PreprocessingConfig(gpu_decode=True", "PreprocessingConfig(jpeg_backend='turbojpeg'"]
+    ex = ExecutionOptions(num_gpus=2)
+    assert ex.resolved_num_gpus() == 2 and ex.with_output_dir("o").output_dir == Path("o")
+
+
 def test_num_gpus_zero_is_an_error_as_in_7x():
     with pytest.raises(ValueError, match="num_gpus must be at least 1.*device='cpu'"):
         ExecutionOptions(num_gpus=0)

@@ -231,7 +231,7 @@ def preprocessing(cfg: dict) -> PreprocessingConfig:
         "use_supertiles": t["use_supertiles"], "read_coordinates_from": t["read_coordinates_from"] or None,
         "read_tiles_from": t["read_tiles_from"] or None, "resume": cfg["resume"] is True,
         # save_tiles: the run writes each slide's tile archive (tiles/<id>.tiles.tar) and reads from it
-        "on_the_fly": t["on_the_fly"] is True and cfg["save_tiles"] is not True,
+        "on_the_fly": t["on_the_fly"], "save_tiles": cfg["save_tiles"],
     }
     try:
         return PreprocessingConfig(**values)
