@@ -359,19 +359,24 @@ class Model:
         Models built with `from_timm` / `from_module` declare their own contract and pass."""
         import logging
 
-        rec = (self.tile_spec.info or {}).get("recommended")
+        spec = self.tile_spec
+        rec = (spec.info or {}).get("recommended")
         if not rec:
             return
-        spacing, tile = resolve_request(self.tile_spec, config, strict=False)
+        # The spec's own contract is the recommendation (a slide model may chain its tile encoder at
+        # another spacing or size than the tile preset's); a plug-in may list several spacings.
+        listed = [float(s) for s in rec.get("spacing_um") or []]
+        spacings = listed if spec.spacing_um is not None and float(spec.spacing_um) in listed else (
+            [] if spec.spacing_um is None else [float(spec.spacing_um)])
+        spacing, tile = resolve_request(spec, config, strict=False)
         wrong = []
-        if rec.get("spacing_um") and spacing is not None and \
-                not any(abs(float(spacing) - float(s)) <= 1e-8 for s in rec["spacing_um"]):
-            wrong.append(f"requested_spacing_um={float(spacing):g} (recommended: {rec['spacing_um']})")
-        if rec.get("tile_size_px") is not None and int(tile) != int(rec["tile_size_px"]):
-            wrong.append(f"requested_tile_size_px={tile} (recommended: {rec['tile_size_px']})")
+        if spacings and spacing is not None and not any(abs(float(spacing) - s) <= 1e-8 for s in spacings):
+            wrong.append(f"requested_spacing_um={float(spacing):g} (recommended: {spacings})")
+        if int(tile) != int(spec.tile_size_px):
+            wrong.append(f"requested_tile_size_px={tile} (recommended: {spec.tile_size_px})")
         if execution.precision is not None and execution.num_gpus != 0 and self.device != "cpu" \
-                and execution.precision != rec.get("precision", execution.precision):
-            wrong.append(f"precision={execution.precision} (recommended: {rec['precision']})")
+                and execution.precision != spec.default_precision:
+            wrong.append(f"precision={execution.precision} (recommended: {spec.default_precision})")
         if not wrong:
             return
         what = f"model {self.tile_spec.name!r} is configured with {'; '.join(wrong)}"
