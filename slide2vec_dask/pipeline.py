@@ -460,7 +460,7 @@ class Pipeline:
                                   Path(o.coordinates_path) if o.coordinates_path else None,
                                   flat(o, "tile"), feature_dim=dim)
                      for o in done if o.sample_id in complete]
-        r = self.preprocessing.region_tile_multiple
+        r = self.preprocessing.region_multiple(resolve_request(self.model.tile_spec, self.preprocessing, strict=False)[1])
         hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, store.regions_group(o.sample_id),
                                              flat(o, "hierarchical"), feature_dim=dim,
                                              tiles_per_region=None if r is None else r * r)
