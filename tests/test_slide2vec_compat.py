@@ -309,3 +309,69 @@ def test_run_command_takes_either_kind_of_config(tmp_path):
     ours = tmp_path / "ours.yaml"
     ours.write_text("manifest: s.csv\nmodel: {preset: lunit}\nexecution: {output_dir: out}\n")
     assert _slide2vec_file(slide2vec_yaml(tmp_path, tmp_path / "s.csv")) and not _slide2vec_file(ours)
+
+
+PROVIDERS = '''
+import importlib.metadata, warnings
+
+class EP:
+    def __init__(self, name, value, fn):
+        self.name, self.value, self.fn = name, value, fn
+    def load(self):
+        return self.fn
+
+class EPs(list):
+    def select(self, *, group):
+        return self if group == "slide2vec_dask.encoders" else EPs()
+
+def good():
+    from slide2vec_dask.encoders import register_encoder
+    register_encoder("from-provider", encode_dim=3, input_size=224, supported_spacing_um=0.5, precision="fp32")(Three)
+
+def broken():
+    from slide2vec_dask.encoders import register_encoder
+    register_encoder("half-registered", encode_dim=3, input_size=224, supported_spacing_um=0.5, precision="fp32")(Three)
+    raise RuntimeError("provider setup failed")
+
+importlib.metadata.entry_points = lambda **kw: EPs([EP("b-broken", "b:f", broken), EP("a-good", "a:f", good)])
+from slide2vec_dask import Model, list_encoder_provider_diagnostics, list_models
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    names = list_models()
+assert "from-provider" in names and "half-registered" not in names, names
+assert [str(w.message) for w in caught] == ["Skipped Encoder provider 'b-broken': RuntimeError: provider setup failed"]
+(d,) = list_encoder_provider_diagnostics()
+assert (d.provider_key, d.provider, d.exception_type) == ("b-broken", "b:f", "RuntimeError")
+assert Model(name="from-provider", device="cpu").feature_dim == 3
+try:
+    Model(name="half-registered")
+except KeyError as exc:
+    assert "b-broken" in str(exc) and "Available:" in str(exc)
+else:
+    raise AssertionError("a rolled-back name resolved")
+print("ok")
+'''
+
+THREE = '''
+import torch
+from slide2vec_dask.encoders import TileEncoder
+
+class Three(TileEncoder):
+    def __init__(self, *, output_variant=None):
+        self._device = torch.device("cpu")
+    encode_dim = property(lambda self: 3)
+    device = property(lambda self: self._device)
+    def to(self, device):
+        return self
+    def get_transform(self):
+        return lambda image: image
+    def encode_tiles(self, batch):
+        return batch.flatten(1)[:, :3]
+'''
+
+
+def test_installed_providers_are_all_or_nothing_and_reported():
+    script = THREE + PROVIDERS
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
