@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from slide2vec_dask import config_yaml
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig, shown
 from slide2vec_dask.store.output_dir import atomic
@@ -163,7 +165,7 @@ def load(path: str | Path, overrides: list[str] = (), output_dir: str | None = N
     path = Path(path)
     try:
         user = config_yaml.load(path.read_text(encoding="utf-8")) or {}
-    except (config_yaml.ConfigYAMLError, Exception) as exc:   # yaml.YAMLError, OSError
+    except (config_yaml.ConfigYAMLError, yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
         raise Slide2vecConfigError(f"{path}: {exc}") from None
     if not isinstance(user, dict):
         raise Slide2vecConfigError(f"{path}: expected a mapping of slide2vec's sections")
@@ -173,7 +175,7 @@ def load(path: str | Path, overrides: list[str] = (), output_dir: str | None = N
             raise Slide2vecConfigError(f"override {override!r} must look like key=value, e.g. model.batch_size=64")
         try:
             value = config_yaml.load(text) if text.strip() else None
-        except Exception:
+        except (config_yaml.ConfigYAMLError, yaml.YAMLError):
             value = text
         _set(user, key.strip().lstrip("-"), value)
     _check_known(user, DEFAULTS, "")
@@ -213,7 +215,7 @@ def model_options(cfg: dict, run_on_cpu: bool) -> dict[str, Any]:
         raise Slide2vecConfigError("model.name is required: a preset name (slide2vec-dask models lists them) or a "
                                    "name given to register_encoder")
     return {"name": m["name"], "output_variant": m.get("output_variant"), "device": "cpu" if run_on_cpu else "auto",
-            "allow_non_recommended_settings": m.get("allow_non_recommended_settings") is True}
+            "allow_non_recommended_settings": m.get("allow_non_recommended_settings")}
 
 
 def preprocessing(cfg: dict) -> PreprocessingConfig:
@@ -229,7 +231,7 @@ def preprocessing(cfg: dict) -> PreprocessingConfig:
         "masks": {k: t["masks"].get(k) for k in ("pixel_mapping", "min_coverage")},
         "region_tile_multiple": p["region_tile_multiple"], "requested_region_size_px": p["requested_region_size_px"],
         "use_supertiles": t["use_supertiles"], "read_coordinates_from": t["read_coordinates_from"] or None,
-        "read_tiles_from": t["read_tiles_from"] or None, "resume": cfg["resume"] is True,
+        "read_tiles_from": t["read_tiles_from"] or None, "resume": cfg["resume"],
         # save_tiles: the run writes each slide's tile archive (tiles/<id>.tiles.tar) and reads from it
         "on_the_fly": t["on_the_fly"], "save_tiles": cfg["save_tiles"],
     }
@@ -256,8 +258,6 @@ def execution(cfg: dict, output_dir: Path, run_on_cpu: bool) -> ExecutionOptions
 
 def save(cfg: dict, folder: Path) -> Path:
     """``<output_dir>/config.yaml``: the resolved configuration the run used, as slide2vec keeps it."""
-    import yaml
-
     folder.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(cfg, sort_keys=False)
     return atomic(folder / "config.yaml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
