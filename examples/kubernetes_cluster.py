@@ -60,12 +60,13 @@ def main() -> None:
         client.wait_for_workers(args.gpu_workers + (args.adapt[0] if args.adapt else args.cpu_workers),
                                 timeout=1800)
         pipeline = Pipeline(
-            Model.from_preset(args.preset),
+            # with no GPU workers, embed on the CPUs (device="cpu")
+            Model.from_preset(args.preset, device=None if args.gpu_workers else "cpu"),
             preprocessing=PreprocessingConfig(requested_spacing_um=0.5, tissue_threshold=0.1),
             # num_gpus=1: embedding tasks ask for resources={"GPU": 1}, which only the GPU
-            # workers (--resources GPU=1) have; with no GPU workers, embed on the CPUs.
+            # workers (--resources GPU=1) have.
             execution=ExecutionOptions(output_dir=args.output_dir, batch_size=args.batch_size,
-                                       num_gpus=1 if args.gpu_workers else 0),
+                                       num_gpus=1 if args.gpu_workers else None),
             client=client,
         )
         result = pipeline.run(manifest_path=args.manifest)

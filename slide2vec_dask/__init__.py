@@ -42,6 +42,19 @@ _EXPORTS = {
     "DenseRegionArtifact": "slide2vec_dask.store.dense_files",
     "DenseImageArtifact": "slide2vec_dask.store.dense_files",
     "ImageEmbeddingArtifact": "slide2vec_dask.store.dense_files",
+    # slide2vec 7.x names (README "Coming from slide2vec")
+    "TileEmbeddingArtifact": "slide2vec_dask.results",
+    "SlideEmbeddingArtifact": "slide2vec_dask.results",
+    "HierarchicalEmbeddingArtifact": "slide2vec_dask.results",
+    "PatientEmbeddingArtifact": "slide2vec_dask.results",
+    "EmbeddedSlides": "slide2vec_dask.results",
+    "MISSING_FIELD": "slide2vec_dask.compat.identity",
+    "register_encoder": "slide2vec_dask.encoders.plugins",
+    "TileEncoder": "slide2vec_dask.encoders.plugins",
+    "TimmTileEncoder": "slide2vec_dask.encoders.plugins",
+    "TorchTileEncoder": "slide2vec_dask.encoders.plugins",
+    "list_encoder_provider_diagnostics": "slide2vec_dask.encoders.registry",
+    "EncoderProviderDiagnostic": "slide2vec_dask.encoders.registry",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -159,6 +159,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def _slide2vec_file(path: str | Path) -> bool:
+    """Whether ``path`` holds a slide2vec 7.x config (top-level csv/model/tiling/speed... keys)."""
+    from slide2vec_dask import config_yaml
+    from slide2vec_dask.compat.slide2vec_config import is_slide2vec_config
+
+    try:
+        return is_slide2vec_config(config_yaml.load(Path(path).read_text(encoding="utf-8")))
+    except Exception:   # unreadable: load_config says why
+        return False
+
+
 def parse_value(text: str) -> Any:
     """An override's value as a YAML scalar, read as the config file is: ``64`` → int,
     ``true`` → bool (``yes``/``no`` stay strings), ``null`` → None."""
@@ -303,6 +314,8 @@ def check_run(manifest: Any, preprocessing: dict[str, Any], execution: dict[str,
 def _built(section: str, cls, values: dict[str, Any]):
     """``cls(**values)``, its refusal naming the config section the field sits in."""
     try:
+        if section == "execution" and values.get("num_gpus") == 0:   # the command line's CPU spelling
+            return cls(**{**values, "num_gpus": None}).with_gpus(0)
         return cls(**values)
     except ValueError as exc:
         raise UsageError(f"{section}: {exc}") from None
@@ -383,6 +396,11 @@ TILING_ONLY_HELP = ("only tile the slides: plans (coordinates/), previews when a
 
 # -- commands ----------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    if _slide2vec_file(args.config):
+        if args.cluster is not None or args.print_config:
+            raise UsageError("--cluster / --print-config apply to slide2vec-dask configs; a slide2vec config runs "
+                             f"as `{PROG} {args.config} [--skip-datetime] [--run-on-cpu] ...`")
+        return cmd_slide2vec([args.config, *args.overrides])
     cfg = load_config(args.config)
     for override in args.overrides:
         apply_override(cfg, override)
@@ -468,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Whole-slide images to tile embeddings with pathology foundation models, on Dask.",
-        epilog=f"{EXIT_CODES}. '{PROG} COMMAND --help' tells more.")
+        epilog=f"A slide2vec 7.x config runs as '{PROG} CONFIG.yaml [--skip-datetime] [--tiling-only] [--run-on-cpu] "
+               f"[--output-dir DIR] [key=value ...]'. {EXIT_CODES}. '{PROG} COMMAND --help' tells more.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -554,7 +573,77 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- slide2vec 7.x's command line -----------------------------------------------------------------
+def slide2vec_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} CONFIG.yaml", description="Run a slide2vec 7.x configuration as it is (its csv, model, "
+        "tiling, speed sections); the store, process_list.csv and slide2vec's pt files go to output_dir.",
+        epilog="overrides: dotted keys of the config, e.g. model.batch_size=64 tiling.params.requested_spacing_um=0.5. "
+               + EXIT_CODES)
+    parser.add_argument("config", metavar="CONFIG.yaml", help="a slide2vec configuration file")
+    parser.add_argument("--skip-datetime", action="store_true", help="no <date>_<time> run folder under output_dir")
+    parser.add_argument("--tiling-only", action="store_true", help="only tile the slides (coordinates, previews)")
+    parser.add_argument("--run-on-cpu", action="store_true", help="run the model on the CPU (fp32)")
+    parser.add_argument("--output-dir", metavar="DIR", help="replaces the config's output_dir")
+    return parser
+
+
+def cmd_slide2vec(argv: Sequence[str]) -> int:
+    """``slide2vec-dask CONFIG.yaml [--skip-datetime] [--tiling-only] [--run-on-cpu] [--output-dir DIR] [k=v ...]``."""
+    args, overrides = slide2vec_parser().parse_known_args(argv)
+    flags = [o for o in overrides if o.startswith("-") and "=" not in o]
+    if flags:
+        raise UsageError(f"unknown option(s) {flags}; overrides look like key=value")
+    import random
+
+    import numpy as np
+    import torch
+
+    from slide2vec_dask.compat import slide2vec_config as s2v
+    from slide2vec_dask.model import Model
+    from slide2vec_dask.pipeline import Pipeline
+
+    if not Path(args.config).is_file():
+        raise UsageError(f"config file not found: {args.config}")
+    cfg, user = s2v.load(args.config, overrides, args.output_dir)
+    s2v.warn_ignored(user)
+    if cfg.get("csv") in (None, ""):
+        raise UsageError("csv is required: the CSV of slides (sample_id,image_path[,mask_path,...])")
+    model = Model(**s2v.model_options(cfg, args.run_on_cpu))
+    prep = s2v.preprocessing(cfg)
+    out = s2v.run_folder(cfg, args.skip_datetime)
+    ex = s2v.execution(cfg, out, args.run_on_cpu)
+    seed = int(cfg.get("seed") or 0)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cfg["output_dir"] = str(out)
+    s2v.save(cfg, out)
+    result = Pipeline(model, prep, execution=ex).run(manifest_path=str(Path(cfg["csv"]).expanduser()),
+                                                      tiling_only=args.tiling_only)
+    return report(result)
+
+
+def _is_config_call(argv: Sequence[str]) -> bool:
+    """``slide2vec-dask CONFIG.yaml ...``: slide2vec's own command line (a file, not a command)."""
+    return bool(argv) and str(argv[0]).lower().endswith((".yaml", ".yml")) and not str(argv[0]).startswith("-")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _is_config_call(argv):
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        try:
+            return cmd_slide2vec(argv)
+        except (UsageError, ValueError, FileNotFoundError) as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except OSError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return EXIT_ENVIRONMENT
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     args = build_parser().parse_args(argv)
     # Dask's INFO chatter (scheduler, nanny, worker start/stop) drowns the summary; workers inherit this.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from slide2vec_dask.compat import sections
 from slide2vec_dask.slide.registry import backend_names
 
 BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
@@ -256,8 +257,26 @@ class PreprocessingConfig:
     spacing_tolerance: float = 0.05
     overlap: float = 0.0
     grid: str | None = None
+    # slide2vec 7.x's sections (hs2p's config records or dicts), folded into the fields above by
+    # `_fold_sections`: tiling -> spacing, tile size, tolerance, overlap, backends; filter ->
+    # filtering; masks (tissue-only) -> tissue_threshold.  Masks are read with tifffile.
+    tiling: Any = None
+    filter: Any = None
+    masks: Any = None
+    mask_backend: str = "auto"
+    # slide2vec 7.x's reading knobs: save_tiles writes each slide's tile archive and embeds from it
+    # (on_the_fly=False); gpu_decode is ExecutionOptions.gpu_decode (either asks for it); the others
+    # mean nothing here and are accepted with a warning when set to anything but their default
+    save_tiles: bool = False
+    gpu_decode: bool = False
+    adaptive_batching: bool = False
+    jpeg_backend: str = "pil"
+    num_cucim_workers: int = 4
 
     def __post_init__(self) -> None:
+        self._fold_sections()
+        self._slide2vec_knobs()
+        check_choice("mask_backend", self.mask_backend, ("auto", "tifffile"))
         check_choice("backend", self.backend, BACKENDS)
         check_number("requested_spacing_um", self.requested_spacing_um, *SPACING_RANGE_UM, optional=True)
         check_int("requested_tile_size_px", self.requested_tile_size_px, *TILE_SIZE_RANGE_PX, optional=True)
@@ -302,6 +321,43 @@ class PreprocessingConfig:
         if self.grid is not None:
             return self.grid
         return "slide" if self.region_multiple(tile_size_px) is not None else "contours"
+    def _slide2vec_knobs(self) -> None:
+        import logging
+
+        for name in ("save_tiles", "gpu_decode", "adaptive_batching"):
+            check_bool(name, getattr(self, name))
+        check_choice("jpeg_backend", self.jpeg_backend, ("pil", "turbojpeg"))
+        check_int("num_cucim_workers", self.num_cucim_workers, 1, 1024)
+        if self.save_tiles:
+            object.__setattr__(self, "on_the_fly", False)
+        ignored = {"adaptive_batching": (self.adaptive_batching, "batches follow the engine's blocks"),
+                   "jpeg_backend": (self.jpeg_backend != "pil", "tile archives use our JPEG encoder"),
+                   "num_cucim_workers": (self.num_cucim_workers != 4, "our readers decode in the engine's threads")}
+        for name, (given, why) in ignored.items():
+            if given:
+                logging.getLogger("slide2vec_dask").warning("PreprocessingConfig(%s=%r) is ignored: %s", name,
+                                                            getattr(self, name), why)
+
+    def _fold_sections(self) -> None:
+        """slide2vec 7.x's ``tiling`` / ``segmentation`` / ``filter`` / ``preview`` / ``masks`` (records or
+        dicts with hs2p's names) into our fields (`compat.sections`); the records stay as given."""
+        names = {f.name for f in dataclasses.fields(self)}
+        if self.tiling is not None:
+            for key, value in sections.tiling_fields(self.tiling, names).items():
+                object.__setattr__(self, key, value)
+        if self.filter is not None:
+            given = sections.as_mapping("filter", self.filter)
+            object.__setattr__(self, "filtering", {**dict(self.filtering or {}), **given})
+        for name, defaults in (("segmentation", SEGMENTATION_DEFAULTS), ("filtering", FILTERING_DEFAULTS),
+                               ("preview", PREVIEW_DEFAULTS)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                value = sections.as_mapping(name, value)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, sections.known_keys(name, value, defaults))
+        threshold = sections.tissue_threshold(self.masks)
+        if threshold is not None:
+            object.__setattr__(self, "tissue_threshold", threshold)
 
     def region_multiple(self, tile_size_px: int) -> int | None:
         """Tiles per region side (None: flat mode), checked against the tile size in use."""
@@ -317,6 +373,12 @@ class PreprocessingConfig:
         return size // tile_size_px
 
     def replace(self, **changes: Any) -> "PreprocessingConfig":
+        # a field changed by name wins over the 7.x section it was folded from
+        folded = {"tiling": {"requested_spacing_um", "requested_tile_size_px", "spacing_tolerance", "tolerance",
+                             "overlap", "backend", "mask_backend"}, "filter": {"filtering"}, "masks": {"tissue_threshold"}}
+        for section, fields in folded.items():
+            if section not in changes and fields & set(changes):
+                changes[section] = None
         return dataclasses.replace(self, **changes)
 
 
@@ -372,16 +434,31 @@ class ExecutionOptions:
     dense_dtype: str = "fp16"       # ... stored as "fp16" or "fp32"
     gpu_decode: bool = False
     save_telemetry: bool = False
+    # slide2vec 7.x: the on-disk feature dtype of the pt/npz files and of in-memory results
+    # (None: fp16 for fp16 runs, else fp32), and its name for the reading threads
+    output_dtype: str | None = None
+    num_workers_per_gpu: int | None = None
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, 1, 1 << 16)
         check_bool("save_dense", self.save_dense)
         check_choice("dense_dtype", self.dense_dtype, ("fp16", "fp32"))
         check_int("num_workers", self.num_workers, 1, optional=True)
-        check_int("num_preprocessing_workers", self.num_preprocessing_workers, 1, optional=True)
+        check_int("num_preprocessing_workers", self.num_preprocessing_workers, optional=True)
+        if self.num_preprocessing_workers is not None and self.num_preprocessing_workers < 1:
+            raise ValueError(f"num_preprocessing_workers must be non-negative, and here at least 1 (None: the CPU "
+                             f"count), got {self.num_preprocessing_workers}")
         check_int("prefetch_factor", self.prefetch_factor, 1, 1024)
-        check_int("num_gpus", self.num_gpus, 0, optional=True)
+        check_int("num_gpus", self.num_gpus, optional=True)
+        if self.num_gpus is not None and self.num_gpus < 1:   # slide2vec 7.x: an error, its wording
+            raise ValueError(f"num_gpus must be at least 1 (or None: every visible GPU), got {self.num_gpus}; to run "
+                             "on the CPU, use Model(..., device='cpu') (command line: --run-on-cpu or --num-gpus 0)")
         check_choice("precision", self.precision, PRECISIONS, optional=True)
+        check_choice("output_dtype", self.output_dtype, ("fp16", "fp32"), optional=True)
+        check_int("num_workers_per_gpu", self.num_workers_per_gpu, 1, optional=True)
+        if self.num_workers is None and self.num_workers_per_gpu is not None:
+            # one reading pool per worker process, and the embedded cluster has one process per GPU
+            object.__setattr__(self, "num_workers", self.num_workers_per_gpu)
         for name in ("persistent_workers", "save_tile_embeddings", "save_slide_embeddings", "save_latents",
                      "channels_last", "overwrite", "gpu_decode", "save_telemetry"):
             check_bool(name, getattr(self, name))
@@ -399,4 +476,26 @@ class ExecutionOptions:
             raise ValueError(f"scheduler_address must look like 'tcp://host:port', got {shown(self.scheduler_address)}")
 
     def replace(self, **changes: Any) -> "ExecutionOptions":
+        if self.num_gpus == 0 and "num_gpus" not in changes:   # a CPU run stays one (`with_gpus`)
+            return dataclasses.replace(self, num_gpus=None, **changes).with_gpus(0)
         return dataclasses.replace(self, **changes)
+
+    def with_output_dir(self, output_dir: str | Path | None) -> "ExecutionOptions":
+        """slide2vec 7.x: a copy writing to ``output_dir`` (None: this one)."""
+        return self if output_dir is None else self.replace(output_dir=Path(output_dir))
+
+    def resolved_num_gpus(self) -> int:
+        """slide2vec 7.x: the GPUs a run uses, ``num_gpus`` or every visible one (at least 1)."""
+        if self.num_gpus is not None:
+            return int(self.num_gpus)
+        import torch
+
+        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+    def with_gpus(self, num_gpus: int) -> "ExecutionOptions":
+        """A copy that runs on ``num_gpus`` GPUs, 0 meaning the CPU: how a device choice
+        (``Model(device="cpu")``, a CPU-only machine) reaches the engine, where the public field
+        refuses 0 as slide2vec 7.x does."""
+        new = dataclasses.replace(self, num_gpus=None)
+        object.__setattr__(new, "num_gpus", int(num_gpus))
+        return new

@@ -25,7 +25,11 @@ from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpe
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
 from slide2vec_dask.encoders.registry import get_preset, preset_level
 from slide2vec_dask.pipeline import Pipeline
-from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, SlideArtifact, SlideOutcome
+from slide2vec_dask.clusters.client import resolve_num_gpus
+from slide2vec_dask.compat import identity as feature_ids
+from slide2vec_dask.config import check_bool
+from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, EmbeddedSlides, SlideArtifact, SlideOutcome
+from slide2vec_dask.tiling.plan import resolve_request
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.telemetry import RunTelemetry, write_report
 
@@ -37,16 +41,29 @@ class Model:
     `Model.from_module`; weights are loaded lazily, once per worker.
     """
 
-    def __init__(self, spec: EncoderSpec | AggregatorSpec, *, device: str | None = None,
-                 precision: str | None = None):
+    def __init__(self, spec: EncoderSpec | AggregatorSpec | None = None, *, name: str | None = None,
+                 device: str | None = None, precision: str | None = None, output_variant: str | None = None,
+                 allow_non_recommended_settings: bool = False):
+        """``Model(spec)``, or slide2vec 7.x's ``Model(name="uni", device="auto", output_variant=...,
+        allow_non_recommended_settings=...)`` for a preset (or a registered encoder) by name."""
+        if device == "auto":
+            device = None
         if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
         if precision is not None and precision not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"precision must be 'fp16', 'bf16', 'fp32' or None, got {precision!r}")
+        if (spec is None) == (name is None):
+            raise ValueError("give a spec (Model.from_preset / from_timm / from_module build one) or name=PRESET")
+        if name is not None:
+            spec = Model.from_preset(name, output_variant=output_variant).spec
+        elif output_variant is not None:
+            raise ValueError("output_variant applies to Model(name=...) / Model.from_preset")
         self.spec = spec
         self.device = device
         self.precision = precision
         self.last_run_report: dict | None = None   # the last embed_* call's run report (see telemetry)
+        self.allow_non_recommended_settings = check_bool("allow_non_recommended_settings",
+                                                         allow_non_recommended_settings)
 
     def __repr__(self) -> str:
         return (f"Model({self.name!r}, level={self.level!r}, feature_dim={self.feature_dim}, "
@@ -81,7 +98,7 @@ class Model:
     def from_preset(cls, name: str, *, checkpoint_path: str | Path | None = None,
                     output_variant: str | None = None, device: str | None = None,
                     precision: str | None = None, tile_checkpoint_path: str | Path | None = None,
-                    tile_encoder: "Model | None" = None) -> "Model":
+                    tile_encoder: "Model | None" = None, allow_non_recommended_settings: bool = False) -> "Model":
         """A published pathology model by name (see `list_models()`).
 
         Slide- and patient-level presets chain their tile encoder:
@@ -98,7 +115,8 @@ class Model:
                 raise ValueError(f"{name!r} is a tile-level model: tile_checkpoint_path / tile_encoder only apply "
                                  "to slide- and patient-level presets; use checkpoint_path")
             spec = get_preset(name)(checkpoint_path=checkpoint_path, output_variant=output_variant)
-            return cls(spec, device=device, precision=precision)
+            return cls(spec, device=device, precision=precision,
+                       allow_non_recommended_settings=allow_non_recommended_settings)
         spec = get_preset(name)(checkpoint_path=checkpoint_path, output_variant=output_variant,
                                 tile_checkpoint_path=tile_checkpoint_path)
         if tile_encoder is not None:
@@ -114,7 +132,8 @@ class Model:
                 spec = dataclasses.replace(spec, slide_encoder=dataclasses.replace(spec.slide_encoder,
                                                                                    tile_encoder=tile))
             spec = dataclasses.replace(spec, tile_encoder=tile)
-        return cls(spec, device=device, precision=precision)
+        return cls(spec, device=device, precision=precision,
+                   allow_non_recommended_settings=allow_non_recommended_settings)
 
     @classmethod
     def from_timm(cls, name: str, *, pretrained: bool = False, checkpoint_path: str | Path | None = None,
@@ -177,29 +196,45 @@ class Model:
         return cls(spec)
 
     # -- embedding --------------------------------------------------------
-    def embed_slide(self, slide, *, preprocessing: PreprocessingConfig | None = None,
+    def embed_slide(self, slide, *, annotation: str | list[str] | None = None,
+                    preprocessing: PreprocessingConfig | None = None,
                     execution: ExecutionOptions | None = None, spacing_at_level_0: float | None = None,
                     mask_path: str | Path | None = None, sample_id: str | None = None) -> EmbeddedSlide:
-        """Embed every tissue tile of one slide (a path, or a dict with ``image_path``...)."""
+        """Embed every tissue tile of one slide (a path, or a dict with ``image_path``...).
+
+        ``annotation`` (slide2vec 7.x) picks the bag of that class: ``"tissue"`` is the only one
+        here (a list gives a list)."""
         item = SlideInput.parse(slide, spacing_at_level_0=spacing_at_level_0, mask_path=mask_path,
                                 sample_id=sample_id)
-        return self.embed_slides([item], preprocessing=preprocessing, execution=execution)[0]
+        bags = self.embed_slides([item], preprocessing=preprocessing, execution=execution)[item.sample_id]
+        if annotation is None:
+            return next(iter(bags.values()))
+        wanted = [annotation] if isinstance(annotation, str) else list(annotation)
+        missing = [a for a in wanted if a not in bags]
+        if missing:
+            raise ValueError(f"embed_slide() found no {missing[0]!r} annotation bag for {item.sample_id}; "
+                             f"available bags: {sorted(bags)} (tissue-only sampling)")
+        return bags[annotation] if isinstance(annotation, str) else [bags[a] for a in wanted]
 
-    def embed_slides(self, slides: Sequence, *, preprocessing: PreprocessingConfig | None = None,
-                     execution: ExecutionOptions | None = None) -> list[EmbeddedSlide]:
-        """Embed several slides through one stream of blocks; results in input order.
+    def embed_slides(self, slides: Sequence, *, annotations: list[str] | None = None,
+                     preprocessing: PreprocessingConfig | None = None,
+                     execution: ExecutionOptions | None = None) -> EmbeddedSlides:
+        """Embed several slides through one stream of blocks.
 
-        Slide-level models (and patient-level ones, through their slide
-        stage) also fill ``slide_embedding`` and, when the model has them,
-        ``latents``.
+        The result iterates the `EmbeddedSlide`s in input order and indexes as slide2vec 7.x's
+        ``result[sample_id][annotation]`` (`EmbeddedSlides`); ``annotations`` keeps only those
+        classes (tissue-only sampling: ``"tissue"``).  Slide-level models (and patient-level
+        ones, through their slide stage) also fill ``slide_embedding`` and, when the model has
+        them, ``latents``.  Hierarchical runs give ``tile_embeddings`` of shape ``(R, T, D)``.
         """
         items = self._inputs(slides)
         if not items:
-            return []
+            return EmbeddedSlides()
         level = "slide" if self.slide_spec is not None else "tile"
-        return self._embed(items, level, {}, preprocessing, execution)[0]
+        made = self._embed(items, level, {}, preprocessing, execution)[0]
+        return EmbeddedSlides(s for s in made if annotations is None or s.annotation in annotations)
 
-    def embed_patient(self, slides: Sequence, *, patient_id: str | None = None,
+    def embed_patient(self, slides: Sequence, patient_id: str | None = None, *,
                       preprocessing: PreprocessingConfig | None = None,
                       execution: ExecutionOptions | None = None) -> EmbeddedPatient:
         """One patient's embedding from all its slides (paths or dicts).
@@ -219,7 +254,7 @@ class Model:
             patient_id = given.pop() if given else items[0].sample_id
         return self._patients([(str(patient_id), items)], preprocessing, execution)[0]
 
-    def embed_patients(self, slides: Sequence, *, patient_id_map: dict[str, str] | None = None,
+    def embed_patients(self, slides: Sequence, patient_id_map: dict[str, str] | None = None, *,
                        preprocessing: PreprocessingConfig | None = None,
                        execution: ExecutionOptions | None = None) -> list[EmbeddedPatient]:
         """One `EmbeddedPatient` per patient, in order of first appearance.
@@ -250,6 +285,7 @@ class Model:
         """
         config = preprocessing or PreprocessingConfig()
         execution = self.resolve_execution(execution)
+        self.check_recommended(config, execution)
         if execution.output_format is not None:
             raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
                              "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
@@ -257,7 +293,7 @@ class Model:
             raise ValueError("on_the_fly=False writes each slide's tile archive to <output_dir>/tiles/: set "
                              "ExecutionOptions(output_dir=...)")
         executor = executor_for(execution.scheduler_address, execution.num_workers)
-        settings = EmbedSettings.of(execution, executor.client)
+        settings = EmbedSettings.of(execution, executor.client, config)
         stages = Stages(level, self.tile_spec, self.slide_spec, self.spec if level == "patient" else None)
         sink = MemorySink(items, stages, settings, execution.output_dir)
         outcomes = {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path)) for it in items}
@@ -280,28 +316,110 @@ class Model:
                 for spec in (stages.tile_spec, stages.slide_spec, stages.patient_spec):
                     if spec is not None:
                         release_encoders(spec.key)
-        return [sink.slides[it.sample_id] for it in items], sink.patients
+        identity = self.feature_identity(config, execution)
+        slides = [self._as_7x(sink.slides[it.sample_id], identity, execution) for it in items]
+        return slides, sink.patients
+
+    def _as_7x(self, slide: EmbeddedSlide, identity: dict, execution: ExecutionOptions) -> EmbeddedSlide:
+        """slide2vec 7.x's view of a result: regions as ``(R, T, D)``, features in ``output_dtype``,
+        the encoder input size and transform of the feature identity."""
+        import torch
+
+        slide.as_regions()
+        slide.encoder_input_size_px = identity["encoder_input_size_px"]
+        slide.transform = identity["transform"]
+        if identity["feature_dtype"] == "fp16" and isinstance(slide.tile_embeddings, torch.Tensor):
+            slide.tile_embeddings = slide.tile_embeddings.half()
+        return slide
 
     # -- persisted artifacts without Pipeline ----------------------------------------------------
-    def embed_tiles(self, slides: Sequence, *, output_dir: str | Path | None = None,
+    def embed_tiles(self, slides: Sequence, tiling_results=None, *, output_dir: str | Path | None = None,
                     preprocessing: PreprocessingConfig | None = None,
-                    execution: ExecutionOptions | None = None) -> list:
-        """Tile embeddings of ``slides`` written to ``output_dir``'s store; one `TileArtifact` per slide.
+                    execution: ExecutionOptions | None = None, on_slide_persisted=None) -> list:
+        """Tile embeddings of ``slides`` written to ``output_dir``'s store; one `TileArtifact` per slide
+        (`HierarchicalArtifact` in hierarchical runs, as slide2vec 7.x returns).
 
-        For slide/patient models this is their tile stage alone; hand the
-        artifacts to `aggregate_tiles` later (or on other hardware).
+        ``tiling_results`` (slide2vec 7.x's second argument) are the slides' tile coordinates made
+        beforehand: a folder of coordinate files (ours, or hs2p's ``<id>.coordinates.npz``), or
+        hs2p tiling results / artifacts (a sequence, or a mapping by sample id) whose
+        ``coordinates_npz_path`` lies in one folder; None tiles here.  ``on_slide_persisted`` is
+        called with each slide's artifact.  For slide/patient models this is their tile stage
+        alone; hand the artifacts to `aggregate_tiles` later (or on other hardware).
         """
         execution = self.resolve_execution(execution)
         if output_dir is not None:
             execution = execution.replace(output_dir=output_dir)
-        tile_model = Model(self.tile_spec, device=self.device, precision=self.precision)
-        result = Pipeline(tile_model, preprocessing, execution).run(slides=list(slides))
+        if execution.output_dir is None:
+            raise ValueError("ExecutionOptions.output_dir is required for Model.embed_tiles(...)")
+        config = preprocessing or PreprocessingConfig()
+        folder = coordinates_folder(tiling_results)
+        if folder is not None:
+            config = config.replace(read_coordinates_from=folder)
+        tile_model = Model(self.tile_spec, device=self.device, precision=self.precision,
+                           allow_non_recommended_settings=self.allow_non_recommended_settings)
+        result = Pipeline(tile_model, config, execution).run(slides=list(slides),
+                                                             on_slide_persisted=on_slide_persisted)
         if result.num_failed:
             failed = [f"{o.sample_id}: {o.error_type}: {o.error}" for o in result.failed]
             raise RuntimeError(f"embed_tiles: {len(failed)} slide(s) failed: " + "; ".join(failed))
-        return result.tile_artifacts
+        return result.hierarchical_artifacts or result.tile_artifacts
 
-    def aggregate_tiles(self, tile_artifacts: Sequence, *, execution: ExecutionOptions | None = None) -> list:
+    # -- slide2vec 7.x's recommended settings and feature identity ---------------------------------
+    def check_recommended(self, config: PreprocessingConfig, execution: ExecutionOptions) -> None:
+        """Refuse a spacing, tile size or precision the publisher does not recommend for this
+        preset (slide2vec 7.x's guard); ``allow_non_recommended_settings=True`` makes it a warning.
+        Models built with `from_timm` / `from_module` declare their own contract and pass."""
+        import logging
+
+        spec = self.tile_spec
+        rec = (spec.info or {}).get("recommended")
+        if not rec:
+            return
+        # The spec's own contract is the recommendation (a slide model may chain its tile encoder at
+        # another spacing or size than the tile preset's); a plug-in may list several spacings.
+        listed = [float(s) for s in rec.get("spacing_um") or []]
+        spacings = listed if spec.spacing_um is not None and float(spec.spacing_um) in listed else (
+            [] if spec.spacing_um is None else [float(spec.spacing_um)])
+        spacing, tile = resolve_request(spec, config, strict=False)
+        wrong = []
+        if spacings and spacing is not None and not any(abs(float(spacing) - s) <= 1e-8 for s in spacings):
+            wrong.append(f"requested_spacing_um={float(spacing):g} (recommended: {spacings})")
+        if int(tile) != int(spec.tile_size_px):
+            wrong.append(f"requested_tile_size_px={tile} (recommended: {spec.tile_size_px})")
+        if execution.precision is not None and execution.num_gpus != 0 and self.device != "cpu" \
+                and execution.precision != spec.default_precision:
+            wrong.append(f"precision={execution.precision} (recommended: {spec.default_precision})")
+        if not wrong:
+            return
+        what = f"model {self.tile_spec.name!r} is configured with {'; '.join(wrong)}"
+        if not self.allow_non_recommended_settings:
+            raise ValueError(f"{what}; these settings are not what its publisher recommends: use the recommended "
+                             "ones, or pass allow_non_recommended_settings=True to Model / Model.from_preset")
+        logging.getLogger("slide2vec_dask").warning("%s (allow_non_recommended_settings=True)", what)
+
+    def feature_identity(self, preprocessing: PreprocessingConfig | None = None,
+                         execution: ExecutionOptions | None = None) -> dict:
+        """The feature identity of this model's features under these settings (`compat.identity`):
+        what the store's run attributes and the pt/npz sidecars record under ``compatibility``."""
+        config, execution = preprocessing or PreprocessingConfig(), self.resolve_execution(execution)
+        _, tile = resolve_request(self.tile_spec, config, strict=False)
+        gpus = execution.num_gpus if execution.num_gpus is not None else resolve_num_gpus(None, None)
+        precision = execution.precision or (self.tile_spec.default_precision if gpus else "fp32")
+        return feature_ids.feature_identity(self, tile, precision, execution.output_dtype,
+                                            config.region_multiple(tile))
+
+    def pooled_identity_differences(self, recorded: dict, *, preprocessing: PreprocessingConfig | None = None,
+                                    execution: ExecutionOptions | None = None,
+                                    encoded_pixels: bool = True) -> dict:
+        """``{field: (recorded, current)}`` where a sidecar's ``compatibility`` record (or the record
+        itself) differs from what this model would make now; empty when it proves the same identity.
+        A field the record lacks is `MISSING_FIELD`; ``encoded_pixels=False`` (a zero-tile slide)
+        leaves the transform out."""
+        record = dict(recorded.get("compatibility", recorded))
+        return feature_ids.differences(record, self.feature_identity(preprocessing, execution), encoded_pixels)
+
+    def aggregate_tiles(self, tile_artifacts: Sequence, *, preprocessing: PreprocessingConfig | None = None,
+                        execution: ExecutionOptions | None = None) -> list:
         """Slide embeddings from persisted tile artifacts (`embed_tiles`, or a tile-level run's).
 
         Each slide's features are read from its store by the task that
@@ -312,6 +430,13 @@ class Model:
         if self.slide_spec is None:
             raise ValueError(f"aggregate_tiles needs a slide- or patient-level model; {self.name!r} is tile-level")
         spec, execution, artifacts = self.slide_spec, self.resolve_execution(execution), list(tile_artifacts)
+        if preprocessing is not None:   # 7.x: the settings the tiles were made with, checked against them
+            self.check_recommended(preprocessing, execution)
+            _, tile = resolve_request(spec.tile_encoder, preprocessing, strict=False)
+            for a in artifacts:
+                made = EmbeddingStore(Path(a.store_path).parent).run_attrs().get("requested_tile_size_px")
+                if made is not None and int(made) != int(tile):
+                    raise ValueError(f"{a.sample_id}: its tiles were made at {made} px, preprocessing asks {tile} px")
         stores: dict[Path, EmbeddingStore] = {}
         for a in artifacts:
             folder = Path(a.store_path).parent
@@ -401,12 +526,32 @@ class Model:
         if execution.precision is None and self.precision is not None:
             execution = execution.replace(precision=self.precision)
         if execution.num_gpus is None and self.device is not None:
-            execution = execution.replace(num_gpus=0 if self.device == "cpu" else 1)
+            execution = execution.with_gpus(0 if self.device == "cpu" else 1)
         return execution
 
     def _require_level(self, level: str, what: str) -> None:
         if self.level != level:
             raise ValueError(f"{what} needs a {level}-level model; {self.name!r} is a {self.level}-level model")
+
+
+def coordinates_folder(tiling_results) -> Path | None:
+    """The folder of coordinate files slide2vec 7.x's ``tiling_results`` stand for (None: tile here)."""
+    if tiling_results is None:
+        return None
+    if isinstance(tiling_results, (str, Path)):
+        return Path(tiling_results)
+    values = list(tiling_results.values()) if isinstance(tiling_results, dict) else list(tiling_results)
+    folders = set()
+    for r in values:
+        path = r.get("coordinates_npz_path") if isinstance(r, dict) else getattr(r, "coordinates_npz_path", None)
+        if path is None:
+            raise TypeError(f"tiling_results: {type(r).__name__} names no coordinates_npz_path; pass the folder of "
+                            "coordinate files (hs2p's <id>.coordinates.npz + .coordinates.meta.json) instead")
+        folders.add(Path(path).parent)
+    if len(folders) != 1:
+        raise ValueError(f"tiling_results: coordinate files in {len(folders)} folders {sorted(map(str, folders))}; "
+                         "put them in one folder")
+    return folders.pop()
 
 
 def _module_key(module, *contract) -> str:

@@ -41,6 +41,7 @@ from slide2vec_dask.telemetry import RunTelemetry, summary_lines, write_report
 from slide2vec_dask.telemetry.report import ReportWriter
 from slide2vec_dask.store.output_dir import OutputDirError, RunLock, atomic, check_output_dir, describe_os_error, sweep
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER, archive_path
+from slide2vec_dask.tiling.coordinate_files import COORDINATES_SUFFIX
 from slide2vec_dask.tiling.peers import is_own_plan
 from slide2vec_dask.tiling.plan import resolve_request, selection_config
 from slide2vec_dask.tiling.tile_list import load_plan
@@ -86,21 +87,25 @@ class Pipeline:
         self.client = client
 
     # -- entry points ------------------------------------------------------
-    def run(self, manifest_path: str | Path | None = None, slides: Sequence | None = None, *,
-            tiling_only: bool = False) -> RunResult:
-        """Embed every slide of the manifest (or of ``slides``: paths or dicts).
+    def run(self, slides: Sequence | None = None, manifest_path: str | Path | None = None, *,
+            tiling_only: bool = False, on_slide_persisted=None) -> RunResult:
+        """Embed every slide of ``slides`` (paths or dicts) or of the manifest CSV.
 
-        ``tiling_only``: only tile them: each slide's plan (``coordinates/``), its previews when
-        asked, and hs2p's coordinate files (``tiles/<id>.coordinates.npz`` + ``.meta.json``); no
-        model is loaded and nothing is embedded (the result lists no artifacts, its outcomes the
-        tile counts)."""
+        slide2vec 7.x's order: ``run(slides, manifest_path)``.  A single ``.csv`` path given as
+        ``slides`` is read as the manifest (the seed API's ``run(manifest)`` keeps working).
+        ``tiling_only`` plans the slides (coordinates, previews) and embeds nothing.
+        ``on_slide_persisted(artifact)`` is called for each slide's tile (or region) artifact.
+        """
+        if manifest_path is None and isinstance(slides, (str, Path)) and str(slides).lower().endswith(".csv"):
+            slides, manifest_path = None, slides
         check_bool("tiling_only", tiling_only)
+        items = self._items(manifest_path, slides)
         if tiling_only:
-            return self._tile_only(self._items(manifest_path, slides), self.preprocessing)
-        return self._run(self._items(manifest_path, slides), self.preprocessing)
+            return self._tile_only(items, self.preprocessing)
+        return self._persisted(self._run(items, self.preprocessing), on_slide_persisted)
 
     def run_with_coordinates(self, coordinates_dir: str | Path, slides: Sequence | None = None,
-                             manifest_path: str | Path | None = None) -> RunResult:
+                             manifest_path: str | Path | None = None, *, on_slide_persisted=None) -> RunResult:
         """Like `run`, reusing saved plans (``<coordinates_dir>/<sample_id>.npz``) instead of tiling.
 
         Without ``slides``/``manifest_path``, the slides are those the plans were made for.
@@ -111,7 +116,16 @@ class Pipeline:
         if slides is None and manifest_path is None:
             slides = self._slides_from_plans(coordinates_dir)
         config = self.preprocessing.replace(read_coordinates_from=coordinates_dir)
-        return self._run(self._items(manifest_path, slides), config)
+        return self._persisted(self._run(self._items(manifest_path, slides), config), on_slide_persisted)
+
+    @staticmethod
+    def _persisted(result: RunResult, callback) -> RunResult:
+        """slide2vec 7.x's ``on_slide_persisted``: each slide's artifact, once its files are in place."""
+        if callback is not None:
+            regions = {a.sample_id: a for a in result.hierarchical_artifacts}
+            for artifact in result.tile_artifacts:
+                callback(regions.get(artifact.sample_id, artifact))
+        return result
 
     # -- internals -----------------------------------------------------------
     @staticmethod
@@ -171,10 +185,14 @@ class Pipeline:
             dense = {"dense": {"dtype": self.execution.dense_dtype, "patch_size": list(layout.patch_size)}}
         return {**model, "encoder": spec.name, "encoder_key": spec.key, "feature_dim": int(spec.feature_dim),
                 "requested_spacing_um": spacing, "requested_tile_size_px": tile,
-                "tiling": selection_config(config), "slide2vec_dask_version": __version__, **dense}
+                "tiling": selection_config(config), "slide2vec_dask_version": __version__,
+                # checked on every rerun (`EmbeddingStore.check_run`): features of another identity are
+                # never mixed into the store, nor its sidecars
+                "feature_identity": self.model.feature_identity(config, self.execution), **dense}
 
     def _run(self, items, config: PreprocessingConfig) -> RunResult:
 
+        self.model.check_recommended(config, self.execution)
         out = Path(self.execution.output_dir)
         store = EmbeddingStore(out, run=uuid.uuid4().hex[:8])
         run_attrs = self._run_attrs(config)
@@ -227,6 +245,9 @@ class Pipeline:
                     else:
                         row.status, row.num_tiles, row.note = "success", result["num_tiles"], result["note"]
                         row.plan_seconds, row.coordinates_path = round(result["seconds"], 3), result["plan_path"]
+                        meta = Path(result["coordinates_meta"])   # (hs2p writes no npz for a slide without tiles)
+                        npz = meta.with_name(f"{key[1]}{COORDINATES_SUFFIX}")
+                        row.flat_paths = [str(p) for p in (npz, meta) if p.exists()]
                     writer.maybe_write()
             finally:
                 executor.close()
@@ -260,12 +281,12 @@ class Pipeline:
             from slide2vec_dask.clusters.local import start_local_cluster
 
             # The local cluster gets this machine's GPUs, and the run must then ask for them.
-            execution = execution.replace(num_gpus=resolve_num_gpus(execution.num_gpus, None))
+            execution = execution.with_gpus(resolve_num_gpus(execution.num_gpus, None))
             cluster = start_local_cluster(execution.num_workers, execution.num_gpus)
             client = Client(cluster, set_as_default=False)
         try:
             if work:
-                settings, stages = EmbedSettings.of(execution, client), self._stages()
+                settings, stages = EmbedSettings.of(execution, client, config), self._stages()
                 driver = Driver(executor=DaskExecutor(client, execution.num_workers),
                                 sink=StoreSink(store, stages, settings, execution.output_format), stages=stages,
                                 config=config, execution=execution, settings=settings, outcomes=outcomes,
@@ -479,12 +500,15 @@ class Pipeline:
         def flat(o, level):   # the slide's flat file of that level (the one rule: `exporters.flat.is_flat`)
             return next((Path(p) for p in o.flat_paths if is_flat(p, level)), None)
 
+        dim = int(self.model.tile_spec.feature_dim)
         artifacts = [TileArtifact(o.sample_id, o.num_tiles, store.path, store.tiles_group(o.sample_id),
                                   Path(o.coordinates_path) if o.coordinates_path else None,
-                                  flat(o, "tile"))
+                                  flat(o, "tile"), feature_dim=dim)
                      for o in done if o.sample_id in complete]
+        r = self.preprocessing.region_multiple(resolve_request(self.model.tile_spec, self.preprocessing, strict=False)[1])
         hierarchical = [HierarchicalArtifact(o.sample_id, o.num_regions, store.path, store.regions_group(o.sample_id),
-                                             flat(o, "hierarchical"))
+                                             flat(o, "hierarchical"), feature_dim=dim,
+                                             tiles_per_region=None if r is None else r * r)
                         for o in done if o.sample_id in complete and o.num_regions]
         slide_artifacts, patient_artifacts = [], []
         if slides_kept:

@@ -34,10 +34,23 @@ class EmbeddedSlide:
     region_y: np.ndarray | None = None
     tile_mask: np.ndarray | None = None   # (regions, R*R) bool: True where the sub-tile is a kept tissue tile
     region_tile_multiple: int | None = None
+    # slide2vec 7.x: the bag's annotation class (tissue-only sampling here), the square size the
+    # encoder saw, and the transform record of the feature identity
+    annotation: str | None = "tissue"
+    encoder_input_size_px: int | None = None
+    transform: dict | None = None
 
     @property
     def num_tiles(self) -> int:
         return int(len(self.x))
+
+    def as_regions(self) -> "EmbeddedSlide":
+        """Hierarchical results as slide2vec 7.x gives them: ``tile_embeddings`` ``(R, T, D)`` and
+        ``x`` / ``y`` the regions' level-0 corners (the flat tiles stay reachable through
+        ``hierarchical_embeddings[tile_mask]``)."""
+        if self.hierarchical_embeddings is not None:
+            self.tile_embeddings, self.x, self.y = self.hierarchical_embeddings, self.region_x, self.region_y
+        return self
 
     def to_xarray(self):
         """``embedding (tile, feature)`` with level-0 ``x``/``y`` coordinates and provenance attrs.
@@ -78,6 +91,47 @@ class EmbeddedSlide:
         )
 
 
+class EmbeddedSlides(list):
+    """`Model.embed_slides`'s result: a list of `EmbeddedSlide` in input order that also indexes as
+    slide2vec 7.x's ``dict[sample_id][annotation]``.
+
+    ``result[0]`` is the first slide; ``result["s1"]`` is ``{"tissue": EmbeddedSlide}``;
+    ``keys()`` / ``values()`` / ``items()`` / ``get()`` / ``in`` work by sample id.  Iterating
+    yields the slides themselves, and a slide used as a key stands for its sample id, so 7.x's
+    ``for sid in result: result[sid][...]`` keeps working.
+    """
+
+    def __getitem__(self, key):
+        if isinstance(key, EmbeddedSlide):
+            key = key.sample_id
+        if isinstance(key, str):
+            bags = {s.annotation or "tissue": s for s in list.__iter__(self) if s.sample_id == key}
+            if not bags:
+                raise KeyError(key)
+            return bags
+        return super().__getitem__(key)
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(s.sample_id for s in list.__iter__(self)))
+
+    def values(self) -> list[dict]:
+        return [self[k] for k in self.keys()]
+
+    def items(self) -> list[tuple[str, dict]]:
+        return [(k, self[k]) for k in self.keys()]
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        if isinstance(key, str):
+            return key in self.keys()
+        return super().__contains__(key)
+
+
 @dataclass
 class EmbeddedPatient:
     """One patient's embedding and the slide embeddings it was made from."""
@@ -87,9 +141,36 @@ class EmbeddedPatient:
     slide_embeddings: dict                # {sample_id: torch.Tensor (D_slide,)} in the patient's slide order
 
 
+class _Located:
+    """slide2vec 7.x's artifact fields: ``path`` (the pt/npz file when one was written, else the
+    store group), ``metadata_path`` (its ``.meta.json``, else the group's ``zarr.json``),
+    ``format`` (``pt``, ``npz`` or ``zarr``) and ``metadata`` (that file, read)."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.flat_path) if self.flat_path is not None else Path(self.store_path) / self.group
+
+    @property
+    def metadata_path(self) -> Path:
+        if self.flat_path is not None:
+            return Path(self.flat_path).with_suffix(".meta.json")
+        return Path(self.store_path) / self.group / "zarr.json"
+
+    @property
+    def format(self) -> str:
+        return Path(self.flat_path).suffix.lstrip(".") if self.flat_path is not None else "zarr"
+
+    @property
+    def metadata(self) -> dict:
+        import json
+
+        doc = json.loads(self.metadata_path.read_text(encoding="utf-8"))
+        return doc.get("attributes", doc) if self.flat_path is None else doc
+
+
 @dataclass
-class TileArtifact:
-    """Where one slide's tile embeddings were written."""
+class TileArtifact(_Located):
+    """Where one slide's tile embeddings were written (slide2vec 7.x: `TileEmbeddingArtifact`)."""
 
     sample_id: str
     num_tiles: int
@@ -97,22 +178,27 @@ class TileArtifact:
     group: str                     # "tiles/<sample_id>" inside it
     coordinates_path: Path | None = None
     flat_path: Path | None = None  # tile_embeddings/<id>.pt|.npz when output_format asks
+    feature_dim: int | None = None
+    annotation: str | None = None  # 7.x: None for tissue-only sampling (the flat folder root)
 
 
 @dataclass
-class HierarchicalArtifact:
-    """Where one slide's region embeddings (regions, R*R, D) were written."""
+class HierarchicalArtifact(_Located):
+    """Where one slide's region embeddings (regions, R*R, D) were written (7.x: `HierarchicalEmbeddingArtifact`)."""
 
     sample_id: str
     num_regions: int
     store_path: Path
     group: str                     # "regions/<sample_id>"
     flat_path: Path | None = None  # hierarchical_embeddings/<id>.pt|.npz when output_format asks
+    feature_dim: int | None = None
+    tiles_per_region: int | None = None
+    annotation: str | None = None
 
 
 @dataclass
-class SlideArtifact:
-    """Where one slide's slide-level embedding was written."""
+class SlideArtifact(_Located):
+    """Where one slide's slide-level embedding was written (7.x: `SlideEmbeddingArtifact`)."""
 
     sample_id: str
     feature_dim: int
@@ -120,11 +206,20 @@ class SlideArtifact:
     group: str                     # "slides" (row sample_id) inside the store
     flat_path: Path | None = None  # slide_embeddings/<id>.pt|.npz when output_format asks
     has_latents: bool = False
+    annotation: str | None = None
+
+    @property
+    def latent_path(self) -> Path | None:
+        """``slide_latents/<id>.pt|.npz`` next to the flat file, when latents were kept."""
+        if not self.has_latents or self.flat_path is None:
+            return None
+        flat = Path(self.flat_path)
+        return flat.parent.parent / "slide_latents" / flat.name
 
 
 @dataclass
-class PatientArtifact:
-    """Where one patient's embedding was written."""
+class PatientArtifact(_Located):
+    """Where one patient's embedding was written (7.x: `PatientEmbeddingArtifact`)."""
 
     patient_id: str
     sample_ids: list[str]
@@ -132,6 +227,17 @@ class PatientArtifact:
     store_path: Path
     group: str                     # "patients" (row patient_id) inside the store
     flat_path: Path | None = None  # patient_embeddings/<id>.pt|.npz when output_format asks
+
+    @property
+    def num_slides(self) -> int:
+        return len(self.sample_ids)
+
+
+# slide2vec 7.x's names for the same records
+TileEmbeddingArtifact = TileArtifact
+HierarchicalEmbeddingArtifact = HierarchicalArtifact
+SlideEmbeddingArtifact = SlideArtifact
+PatientEmbeddingArtifact = PatientArtifact
 
 
 @dataclass
@@ -174,7 +280,10 @@ def csv_cell(value: Any) -> Any:
 
 PROCESS_LIST_COLUMNS = ["sample_id", "image_path", "mask_path", "patient_id", "status", "error_type", "error",
                         "num_tiles", "plan_seconds", "embed_seconds", "store_group", "coordinates_path",
-                        "flat_path", "note"]
+                        "flat_path", "note",
+                        # slide2vec 7.x's columns its users' scripts read (tissue-only: one bag per slide)
+                        "annotation", "tiling_status", "feature_status", "feature_path", "coordinates_npz_path",
+                        "coordinates_meta_path"]
 
 
 @dataclass
@@ -214,6 +323,15 @@ class SlideOutcome:
     def csv_row(self) -> dict[str, Any]:
         """The outcome as a row of ``process_list.csv``, each cell safe to open in a spreadsheet."""
         paths = [p for p in (*self.flat_paths, self.slide_flat_path, self.patient_flat_path) if p]
-        row = {c: getattr(self, c) for c in PROCESS_LIST_COLUMNS if c != "flat_path"}
+        row = {c: getattr(self, c) for c in PROCESS_LIST_COLUMNS[:PROCESS_LIST_COLUMNS.index("annotation")]
+               if c != "flat_path"}
         row["flat_path"] = ";".join(str(p) for p in paths)
+        state = "success" if self.ok else self.status
+        planned = self.ok or self.num_tiles > 0
+        coords = [str(p) for p in self.flat_paths if str(p).endswith(".coordinates.npz")]
+        features = [str(p) for p in self.flat_paths if "tile_embeddings" in str(p) and str(p).endswith((".pt", ".npz"))]
+        row.update({"annotation": "tissue", "tiling_status": "success" if planned else state, "feature_status": state,
+                    "feature_path": features[0] if features else "",
+                    "coordinates_npz_path": coords[0] if coords else "",
+                    "coordinates_meta_path": coords[0].replace(".coordinates.npz", ".coordinates.meta.json") if coords else ""})
         return {c: csv_cell(v) for c, v in row.items()}

@@ -198,13 +198,17 @@ def test_embed_tiles_then_aggregate_tiles(checkpoints, slides, tmp_path):
     config = PreprocessingConfig(**EXACT)
     tiles = model.embed_tiles([slides["a"], slides["b"]], output_dir=tmp_path / "t", preprocessing=config)
     assert [t.sample_id for t in tiles] == ["a", "b"]
-    out = model.aggregate_tiles(tiles, execution=ExecutionOptions(output_format="npz", output_dir=tmp_path / "t"))
+    # slide2vec 7.x's aggregate_tiles(..., preprocessing=): the settings the tiles were made with, checked
+    with pytest.raises(ValueError, match="made at 224 px, preprocessing asks 448 px"):
+        model.aggregate_tiles(tiles, preprocessing=config.replace(requested_tile_size_px=448))
+    out = model.aggregate_tiles(tiles, preprocessing=config,
+                                execution=ExecutionOptions(output_format="npz", output_dir=tmp_path / "t"))
     assert [o.sample_id for o in out] == ["a", "b"]
     table = xr.open_zarr(tiles[0].store_path, group="slides")
     assert list(table["sample_id"].values) == ["a", "b"]  # in the artifacts' order
     direct = model.embed_slide(slides["a"], preprocessing=config)
     np.testing.assert_allclose(table["embedding"].values[0], direct.slide_embedding.numpy(), rtol=1e-4, atol=1e-5)
-    assert np.load(out[1].flat_path)["embedding"].shape == (768,)
+    assert np.load(out[1].flat_path)["features"].shape == (768,)
     # Features of another tile encoder are refused, not silently aggregated.
     other = Model.from_preset("titan", checkpoint_path=checkpoints("titan"), tile_encoder=stand_in("titan"))
     with pytest.raises(ValueError, match="made by"):
@@ -238,11 +242,12 @@ def test_embed_patients_groups_in_order_of_first_appearance(moozy, checkpoints, 
                                reference_patient(checkpoints("moozy"), patients[0].slide_embeddings.values()),
                                rtol=1e-4, atol=1e-5)
     # patient_id_map overrides the slides' own keys.
-    remapped = moozy.embed_patients(inputs, preprocessing=config, patient_id_map={"b1": "x", "a1": "x", "a2": "y"})
+    # slide2vec 7.x's positional forms: embed_patients(slides, patient_id_map), embed_patient(slides, patient_id)
+    remapped = moozy.embed_patients(inputs, {"b1": "x", "a1": "x", "a2": "y"}, preprocessing=config)
     assert [(p.patient_id, list(p.slide_embeddings)) for p in remapped] == [("x", ["b1", "a1"]), ("y", ["a2"])]
     # embed_patient: the argument, else the slides' common patient_id, else the first sample_id.
     assert moozy.embed_patient(inputs[:1], preprocessing=config).patient_id == "p2"
-    assert moozy.embed_patient([slides["b"]], patient_id="z", preprocessing=config).patient_id == "z"
+    assert moozy.embed_patient([slides["b"]], "z", preprocessing=config).patient_id == "z"
     assert moozy.embed_patient([slides["b"]], preprocessing=config).patient_id == "b"
     with pytest.raises(ValueError, match="several patients"):
         moozy.embed_patient(inputs, preprocessing=config)
@@ -286,7 +291,7 @@ def test_pipeline_with_the_patient_model(moozy, checkpoints, slides, tmp_path):
                                       {"sample_id": "a2", "image_path": slides["a"], "patient_id": "p2"}],
                                      preprocessing=config)
     np.testing.assert_allclose(by_patient["p2"], in_memory[0].patient_embedding.numpy(), rtol=1e-4, atol=1e-5)
-    assert np.load(run.patient_artifacts[0].flat_path)["embedding"].shape == (768,)
+    assert np.load(run.patient_artifacts[0].flat_path)["features"].shape == (768,)
 
     # Without save_slide_embeddings the slide rows are not kept; patients are.
     lean = Pipeline(moozy, config, ExecutionOptions(output_dir=tmp_path / "lean")).run(manifest_path=manifest)

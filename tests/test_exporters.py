@@ -277,12 +277,13 @@ def test_pt_and_npz_match_the_store(run, slides, tmp_path):
     export(run, ["pt", "npz"], dest=tmp_path)
     for slide in slides:
         sid, ds = slide["sample_id"], stored(run, slide["sample_id"])
-        np.testing.assert_array_equal(np.load(tmp_path / "tile_embeddings" / f"{sid}.npz")["embedding"],
+        np.testing.assert_array_equal(np.load(tmp_path / "tile_embeddings" / f"{sid}.npz")["features"],
                                       ds.embedding.values)
         pt = torch.load(tmp_path / "tile_embeddings" / f"{sid}.pt", weights_only=True)
         np.testing.assert_array_equal(pt.numpy(), ds.embedding.values)
         meta = json.loads((tmp_path / "tile_embeddings" / f"{sid}.meta.json").read_text())
-        assert meta["x"] == ds.x.values.tolist()
+        with np.load(meta["coordinates_npz_path"]) as coords:   # slide2vec's coordinates file, row for row
+            assert coords["x"].tolist() == ds.x.values.tolist() and coords["y"].tolist() == ds.y.values.tolist()
 
 
 # -- the up-to-date rule, errors -----------------------------------------------------------------------
@@ -505,11 +506,11 @@ def test_slide_and_patient_rows_where_the_format_has_a_place(run, tmp_path):
         with h5py.File(out / "stamp" / "mean-slide" / "slide" / f"{sid}.h5") as f:
             np.testing.assert_array_equal(f["feats"][:], vec)
             assert f.attrs["feat_type"] == "slide"
-        np.testing.assert_array_equal(np.load(out / "slide_embeddings" / f"{sid}.npz")["embedding"], vec)
+        np.testing.assert_array_equal(np.load(out / "slide_embeddings" / f"{sid}.npz")["features"], vec)
     with h5py.File(out / "stamp" / "mean-patient" / "patient" / "p1.h5") as f:
         np.testing.assert_array_equal(f["feats"][:], patient)
         assert f.attrs["feat_type"] == "patient"
-    np.testing.assert_array_equal(np.load(out / "patient_embeddings" / "p1.npz")["embedding"], patient)
+    np.testing.assert_array_equal(np.load(out / "patient_embeddings" / "p1.npz")["features"], patient)
     assert not (out / "geojson" / "c.geojson").exists()   # only the samples asked for
     assert not any("trident" in p.parts and "p1" in p.name for p in paths)   # TRIDENT has no patients
 
@@ -572,7 +573,7 @@ def test_a_killed_flat_export_leaves_no_temporary_after_the_next(run, tmp_path, 
     assert not [p.name for p in dest.rglob("*") if p.name.endswith(".tmp")]
     emb = stored(run, "a").embedding.values
     if fmt == "npz":
-        np.testing.assert_array_equal(np.load(folder / "a.npz")["embedding"], emb)
+        np.testing.assert_array_equal(np.load(folder / "a.npz")["features"], emb)
     else:
         import torch
 

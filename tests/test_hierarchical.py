@@ -30,9 +30,13 @@ def test_shapes_and_sub_tiles_equal_flat_mode(tiny, syn_svs, flat, r):
     assert emb.tile_mask.shape == (len(regions), r * r) and emb.tile_mask.sum() == len(SYN_TILES)
     # Regions in row-major order on the tile grid coarsened by r, from the slide's origin.
     assert list(zip(emb.region_y // (224 * r), emb.region_x // (224 * r))) == sorted(regions)
-    # The flat outputs stay the kept tiles, exactly as in flat mode.
-    np.testing.assert_array_equal(emb.x, flat.x)
-    torch.testing.assert_close(emb.tile_embeddings, flat.tile_embeddings, atol=1e-5, rtol=0)
+    # As slide2vec 7.x: tile_embeddings are the regions' (R, T, D), x / y the regions' corners;
+    # the kept sub-tiles are exactly the flat mode's tiles.
+    assert emb.tile_embeddings is emb.hierarchical_embeddings
+    np.testing.assert_array_equal(emb.x, emb.region_x)
+    assert len(emb.x) == len(regions)
+    torch.testing.assert_close(emb.hierarchical_embeddings[torch.from_numpy(emb.tile_mask)].sort(dim=0).values,
+                               flat.tile_embeddings.sort(dim=0).values, atol=1e-5, rtol=0)
     # Documented sub-tile order: t -> (region_x + (t % r) * size, region_y + (t // r) * size).
     where = {(x, y): i for i, (x, y) in enumerate(zip(flat.x.tolist(), flat.y.tolist()))}
     for region in range(len(regions)):

@@ -63,7 +63,7 @@ def resolve_num_gpus(num_gpus: int | None, client) -> int:
 
             if torch.cuda.device_count() == 0:
                 raise ValueError(f"num_gpus={num_gpus} but no CUDA device is visible here; "
-                                 "use num_gpus=0 (CPU) or run on a GPU machine or cluster")
+                                 "use Model(..., device='cpu') (command line: --num-gpus 0) or run on a GPU machine or cluster")
         return num_gpus
     if client is not None:
         # Use a cluster's GPUs when any worker declares some, as many per worker process as the

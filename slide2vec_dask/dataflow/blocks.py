@@ -37,12 +37,16 @@ class EmbedSettings:
     gpu_decode: bool = False
 
     @classmethod
-    def of(cls, execution, client) -> "EmbedSettings":
-        """What every embedding task of a call needs from its options (the one place they are read)."""
+    def of(cls, execution, client, preprocessing=None) -> "EmbedSettings":
+        """What every embedding task of a call needs from its options (the one place they are read).
+
+        ``gpu_decode`` is asked for in `ExecutionOptions`, or in `PreprocessingConfig` where
+        slide2vec 7.x keeps it."""
         num_gpus = resolve_num_gpus(execution.num_gpus, client)
+        wanted = bool(execution.gpu_decode or getattr(preprocessing, "gpu_decode", False))
         return cls(execution.batch_size, num_gpus, execution.precision, execution.channels_last,
                    execution.dense_dtype if execution.save_dense else None,
-                   bool(execution.gpu_decode) and gpu_decode.refuse_without_cuda(num_gpus))
+                   wanted and gpu_decode.refuse_without_cuda(num_gpus))
 
 
 @dataclass

@@ -36,7 +36,7 @@ from slide2vec_dask.encoders import preset_builder
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
 from slide2vec_dask.encoders.key_layouts import LAYOUTS, POS_EMBED_INTERP
 from slide2vec_dask.encoders.preset_builder import CONCH_INSTALL, PresetBuilder
-from slide2vec_dask.encoders.registry import get_preset, register_preset
+from slide2vec_dask.encoders.registry import canonical_name, get_preset, register_preset
 from slide2vec_dask.encoders.weights import Weights
 
 HOPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
@@ -183,7 +183,11 @@ class TilePreset:
             default_precision=self.default_precision,
             key=weights.cache_key(f"preset:{self.name}", variant, self.arch, self.kwargs, self.layout,
                                   self.pos_embed_interp, self.ignore_keys, self.tile_size_px),
-            info={**weights.info(), "architecture": self.architecture, "output_variant": variant},
+            info={**weights.info(), "architecture": self.architecture, "output_variant": variant,
+                  # what its publisher recommends: the guard of `Model` refuses anything else unless
+                  # allow_non_recommended_settings=True (slide2vec 7.x's rule)
+                  "recommended": {"spacing_um": None if self.spacing_um is None else [self.spacing_um],
+                                  "tile_size_px": self.tile_size_px, "precision": self.default_precision}},
         )
 
 
@@ -395,7 +399,7 @@ _BY_NAME = {p.name: p for p in TILE_PRESETS}
 def get_tile_preset(name: str) -> TilePreset:
     """The `TilePreset` data of a registered tile preset."""
     get_preset(name)  # unknown names fail there, with close matches
-    return _BY_NAME[name.lower()]
+    return _BY_NAME[canonical_name(name)]
 
 
 def _register(preset: TilePreset) -> None:

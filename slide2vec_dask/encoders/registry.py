@@ -51,7 +51,7 @@ def register_preset(name: str, level: str = "tile", *, architecture: str = "",
 
     def decorate(factory: Callable[..., EncoderSpec]) -> Callable[..., EncoderSpec]:
         if key in _PRESETS:
-            raise ValueError(f"preset {name!r} is registered twice")
+            raise ValueError(f"{name!r} is already registered in the encoders registry")
         _PRESETS[key] = factory
         _LEVEL[key] = level
         _ABOUT[key] = PresetAbout(architecture, tuple(dict(outputs or {}).items()), architecture_module)
@@ -63,7 +63,7 @@ def register_preset(name: str, level: str = "tile", *, architecture: str = "",
 def preset_about(name: str) -> PresetAbout:
     """The `PresetAbout` of a registered preset."""
     get_preset(name)
-    return _ABOUT[name.lower()]
+    return _ABOUT[canonical_name(name)]
 
 
 # Where presets are declared: the tile table, and one module per slide / patient model in the
@@ -92,16 +92,122 @@ def _load_presets() -> None:
 
     for module in preset_modules():  # each registers its presets on import
         importlib.import_module(module)
-    _loaded = True
+    _loaded = True   # (before the providers: one that reads the registry must not run them again)
+    _run_providers()
+
+
+# -- installed encoder providers (slide2vec 7.x's entry points) ----------------------------------
+PROVIDER_GROUPS = ("slide2vec.encoders", "slide2vec_dask.encoders")
+
+
+@dataclass(frozen=True)
+class EncoderProviderDiagnostic:
+    """An installed provider that failed: nothing it registered was kept."""
+
+    provider_key: str     # the entry point's name
+    provider: str         # its value, ``module:function``
+    exception_type: str
+    message: str
+
+    def concise(self) -> str:
+        return f"{self.exception_type}: {self.message}"
+
+
+_DIAGNOSTICS: list[EncoderProviderDiagnostic] = []
+
+
+def _run_providers() -> None:
+    """Call every installed provider (entry points of `PROVIDER_GROUPS`, by name then value) once, each
+    all or nothing: a provider that raises (or collides with a registered name) leaves no preset behind."""
+    from importlib import metadata
+
+    found = metadata.entry_points()
+    eps = []
+    for group in PROVIDER_GROUPS:
+        try:
+            eps += list(found.select(group=group))
+        except AssertionError:   # a stand-in that knows one group only
+            continue
+    for ep in sorted(eps, key=lambda e: (str(e.name), str(e.value))):
+        saved = (dict(_PRESETS), dict(_LEVEL), dict(_ABOUT))
+        try:
+            ep.load()()
+        except Exception as exc:   # any failure of a user's provider: rolled back and reported
+            for live, copy in zip((_PRESETS, _LEVEL, _ABOUT), saved):
+                live.clear()
+                live.update(copy)
+            _DIAGNOSTICS.append(EncoderProviderDiagnostic(str(ep.name), str(ep.value), type(exc).__name__,
+                                                          str(exc).strip("'\"") if isinstance(exc, KeyError) else str(exc)))
+    _DIAGNOSTICS.sort(key=lambda d: (d.provider_key, d.provider))
+
+
+def list_encoder_provider_diagnostics() -> tuple[EncoderProviderDiagnostic, ...]:
+    """The installed encoder providers that failed, sorted by name and value."""
+    _load_presets()
+    return tuple(_DIAGNOSTICS)
+
+
+def _warn_providers() -> None:
+    if _DIAGNOSTICS:
+        import warnings
+
+        detail = "; ".join(f"{d.provider_key!r}: {d.concise()}" for d in _DIAGNOSTICS)
+        warnings.warn(f"Skipped Encoder provider{'' if len(_DIAGNOSTICS) == 1 else 's'} {detail}", RuntimeWarning,
+                      stacklevel=3)
+
+
+class UnknownModelError(KeyError, ValueError):
+    """An unknown model name (a ``ValueError`` here, a ``KeyError`` in slide2vec 7.x)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class _EncoderRegistry:
+    """slide2vec 7.x's ``encoder_registry``: ``require(name)`` is what the name was registered with
+    (a plug-in's class, a preset's factory); ``names()``; ``in``."""
+
+    def require(self, name: str):
+        factory = get_preset(name)
+        return getattr(factory, "owner", factory)
+
+    def names(self) -> list[str]:
+        return list_models()
+
+    def __contains__(self, name: object) -> bool:
+        _load_presets()
+        return isinstance(name, str) and canonical_name(name) in _PRESETS
+
+
+encoder_registry = _EncoderRegistry()
+
+
+# slide2vec's other spellings of preset names (its model_settings aliases): a 7.x config or
+# script naming ``conchv1.5`` or ``prov-gigapath`` finds the same preset.
+ALIASES = {
+    "conch-v1.5": "conchv15", "conch_v15": "conchv15", "conchv1.5": "conchv15", "conchv1_5": "conchv15",
+    "phikon-v2": "phikonv2", "h-optimus-0-mini": "h0-mini", "prov-gigapath": "gigapath",
+    "prov-gigapath-tile": "gigapath", "prov-gigapath-slide": "gigapath-slide", "kaiko-midnight": "midnight",
+    "mstar-slide": "mstar", "dinov2": "dinov2-vitb14", "dinov2-base": "dinov2-vitb14",
+    "dinov2-vitb": "dinov2-vitb14", "dinov3": "dinov3-vitb16", "dinov3-vitb": "dinov3-vitb16",
+}
+
+
+def canonical_name(name: str) -> str:
+    """The registered name ``name`` stands for: lower case, slide2vec's aliases resolved."""
+    key = str(name).strip().lower()
+    return key if key in _PRESETS else ALIASES.get(key, key)
 
 
 def get_preset(name: str) -> Callable[..., EncoderSpec]:
     _load_presets()
-    key = name.lower()
+    key = canonical_name(name)
     if key not in _PRESETS:
         close = difflib.get_close_matches(key, list(_PRESETS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model preset {name!r}{hint} (list_models() shows all {len(_PRESETS)})")
+        skipped = "".join(f"; skipped provider {d.provider_key!r} ({d.concise()})" for d in _DIAGNOSTICS)
+        raise UnknownModelError(f"unknown model preset {name!r}{hint} (list_models() shows all {len(_PRESETS)}). "
+                                f"Available: {', '.join(sorted(_PRESETS))}{skipped}")
     return _PRESETS[key]
 
 
@@ -110,10 +216,11 @@ def list_models(level: str | None = None) -> list[str]:
     if level is not None and level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS} or None, got {level!r}")
     _load_presets()
+    _warn_providers()
     return sorted(n for n in _PRESETS if level is None or _LEVEL[n] == level)
 
 
 def preset_level(name: str) -> str:
     """``"tile"``, ``"slide"`` or ``"patient"`` for a registered preset."""
     get_preset(name)  # a clear error for unknown names
-    return _LEVEL[name.lower()]
+    return _LEVEL[canonical_name(name)]

@@ -1,51 +1,202 @@
-"""slide2vec's flat files (``format="pt" | "npz"``): the store's own writer (`store.flat`),
-under the same up-to-date rule as the other exports.
+"""slide2vec 7.x's files (``format="pt" | "npz"``): what its users' loaders read, written from the store.
 
 ::
 
-    <dest>/tile_embeddings/<sample_id>.pt (+ .meta.json) | .npz
-    <dest>/hierarchical_embeddings/<sample_id>.pt | .npz      hierarchical runs
-    <dest>/slide_embeddings/<sample_id>.pt | .npz             slide-level models
-    <dest>/patient_embeddings/<patient_id>.pt | .npz          patient-level models
+    <dest>/tile_embeddings/<sample_id>.pt | .npz   + <sample_id>.meta.json
+    <dest>/tiles/<sample_id>.coordinates.npz       + <sample_id>.coordinates.meta.json   (hs2p's)
+    <dest>/hierarchical_embeddings/<sample_id>.pt | .npz + .meta.json    hierarchical runs (R, T, D)
+    <dest>/slide_embeddings/<sample_id>.pt | .npz  + .meta.json          slide-level models
+    <dest>/slide_latents/<sample_id>.pt | .npz                           when latents are kept
+    <dest>/patient_embeddings/<patient_id>.pt | .npz + .meta.json        patient-level models
+
+A ``.pt`` holds the tensor; an ``.npz`` holds ``features`` (and ``tile_index`` for tiles,
+``latents`` in a latents file).  Each sidecar carries slide2vec's keys (``artifact_type``,
+``encoder_name``, ``encoder_level``, ``feature_dtype``, ``coordinates_npz_path``, ...), the
+feature identity under ``compatibility`` (`compat.identity`) and our own group attributes under
+``slide2vec_dask``.  Features are stored in the run's feature dtype (``output_dtype``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from slide2vec_dask.exporters._base import RowSource, TileSource
+import numpy as np
+
+from slide2vec_dask.exporters._base import RowSource, TileSource, write_json
 from slide2vec_dask.exporters.registry import ExportFormat
+from slide2vec_dask.store.output_dir import atomic
 
-LEVEL_FOLDERS = ("tile_embeddings", "hierarchical_embeddings", "slide_embeddings", "patient_embeddings")
+LEVEL_FOLDERS = ("tile_embeddings", "tiles", "hierarchical_embeddings", "slide_embeddings", "slide_latents",
+                 "patient_embeddings")
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def is_flat_format(formats) -> bool:
+    """Whether ``output_format`` (a name or names) asks for slide2vec's files."""
+    names = (formats,) if isinstance(formats, str) else tuple(formats or ())
+    return bool({"pt", "npz"} & set(names))
+
+
+def _plain(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if k != "complete"}
+
+
+def _run(store) -> dict:
+    return store.run_attrs()
+
+
+def _dtype(run: dict):
+    return DTYPES[(run.get("feature_identity") or {}).get("feature_dtype", "fp32")]
+
+
+def _save(path: Path, fmt: str, array: np.ndarray, key: str = "features", **extra: np.ndarray) -> Path:
+    if fmt == "npz":
+        def save(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **{key: array}, **extra)
+        return atomic(path, save)
+    import torch   # heavy: only pt files need it
+
+    return atomic(path, lambda tmp: torch.save(torch.from_numpy(np.ascontiguousarray(array)), tmp))
+
+
+def write_coordinates(grid_or_src, item, folder: Path) -> list[Path]:
+    """hs2p's ``<id>.coordinates.npz`` (tile_index, x, y, tissue_fractions) and its ``.meta.json``,
+    from a plan (``tiling_only``) or a finished slide; readable by hs2p, slide2vec and our
+    ``read_coordinates_from``."""
+    if isinstance(grid_or_src, TileSource):
+        src = grid_or_src
+        xy, fraction, attrs = src.xy(), src.tissue_fraction(), src.attrs
+        spacing, tile, lv0 = src.requested_spacing_um, src.tile_size_px, src.tile_size_lv0
+        read_spacing = float(attrs.get("read_spacing_um", spacing))
+        sample_id, image, mask = src.sample_id, attrs.get("image_path", ""), attrs.get("mask_path") or None
+        dims = src.level0_size
+        base, level = float(src.slide_spacing_um), int(attrs.get("read_level", 0))
+        read_tile = int(attrs.get("read_tile_size_px", tile))
+        backend, downsamples = attrs.get("backend"), attrs.get("level_downsamples")
+    else:
+        grid = grid_or_src
+        xy = np.stack([grid.x, grid.y], axis=1).astype(np.int64)
+        fraction = np.asarray(getattr(grid, "tissue_fraction", np.full(len(xy), np.nan)), np.float32).reshape(-1)
+        spacing, tile, lv0 = grid.requested_spacing_um, grid.requested_tile_size_px, grid.tile_size_lv0
+        read_spacing, base, level, read_tile = grid.read_spacing_um, grid.slide_spacing_um, grid.level, grid.read_tile_size_px
+        sample_id, image = item.sample_id, str(item.image_path)
+        mask = None if item.mask_path is None else str(item.mask_path)
+        meta = grid.meta
+        dims = (meta["level0_width"], meta["level0_height"]) if "level0_width" in meta else None
+        backend, downsamples = meta.get("backend"), meta.get("level_downsamples")
+    folder = Path(folder)
+    npz = folder / f"{sample_id}.coordinates.npz"
+    n = len(xy)
+    if len(fraction) != n:
+        fraction = np.full(n, np.nan, np.float32)
+    _save(npz, "npz", np.arange(n, dtype=np.int32), key="tile_index", x=xy[:, 0].astype(np.int64),
+          y=xy[:, 1].astype(np.int64), tissue_fractions=np.asarray(fraction, np.float32))
+    meta_doc = {
+        "artifact": {"annotation": None, "coordinate_space": "level0_px", "output_mode": None,
+                     "selection_strategy": None, "tile_order": "as_embedded"},
+        "provenance": {"sample_id": sample_id, "image_path": image, "mask_path": mask, "backend": backend,
+                       "requested_backend": backend, "mask_backend": None, "requested_mask_backend": None,
+                       "spacing_at_level_0": None},
+        "slide": {"base_spacing_um": float(base), "dimensions": None if dims is None else [int(dims[0]), int(dims[1])],
+                  "level_downsamples": list(downsamples or [1.0])},
+        "tiling": {"n_tiles": n, "read_level": int(level), "read_spacing_um": float(read_spacing),
+                   "read_tile_size_px": int(read_tile), "requested_spacing_um": float(spacing),
+                   "requested_tile_size_px": int(tile), "tile_size_lv0": int(lv0), "step_px_lv0": int(lv0),
+                   "overlap": 0.0},
+    }
+    return [npz, write_json(folder / f"{sample_id}.coordinates.meta.json", meta_doc)]
 
 
 class Flat:
-    """The writer of one of the two names: the layout is shared, the file type differs."""
+    """The writer of one of the two names: the layout is shared, the payload type differs."""
 
     def __init__(self, fmt: str):
         self.fmt = fmt
 
-    def _names(self, folder: Path, name: str, latents: bool = False) -> list[Path]:
-        if self.fmt == "npz":
-            return [folder / f"{name}.npz"]
-        return [folder / f"{name}.pt", folder / f"{name}.meta.json"] + (
-            [folder / f"{name}.latents.pt"] if latents else [])
+    def _pair(self, folder: Path, name: str) -> list[Path]:
+        return [folder / f"{name}.{self.fmt}", folder / f"{name}.meta.json"]
 
+    # -- tiles --------------------------------------------------------------------------------
     def tile_files(self, src: TileSource, dest: Path) -> list[Path]:
-        files = self._names(Path(dest) / "tile_embeddings", src.sample_id)
+        dest = Path(dest)
+        files = self._pair(dest / "tile_embeddings", src.sample_id) + [
+            dest / "tiles" / f"{src.sample_id}.coordinates.npz", dest / "tiles" / f"{src.sample_id}.coordinates.meta.json"]
         if src.store.has_regions(src.sample_id):
-            files += self._names(Path(dest) / "hierarchical_embeddings", src.sample_id)
+            files += self._pair(dest / "hierarchical_embeddings", src.sample_id)
         return files
 
     def write_tiles(self, src: TileSource, files: list[Path]) -> None:
-        src.store.export_tiles(src.sample_id, files[0].parent.parent, self.fmt)
+        run = _run(src.store)
+        dtype, attrs = _dtype(run), _plain(src.attrs)
+        features = np.asarray(src.group["embedding"][:]).astype(dtype)
+        _save(files[0], self.fmt, features, tile_index=np.arange(len(features), dtype=np.int64))
+        coordinates = write_coordinates(src, None, files[2].parent)
+        meta = self._slide_meta(src, run, attrs)
+        meta.update({"artifact_type": "tile_embeddings", "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
+                     "num_tiles": int(len(features)), "coordinates_npz_path": str(coordinates[0].resolve()),
+                     "coordinates_meta_path": str(coordinates[1].resolve())})
+        write_json(files[1], meta)
+        if len(files) > 4:
+            group = _regions_group(src)
+            emb = np.asarray(group["embedding"][:]).astype(dtype)
+            _save(files[4], self.fmt, emb)
+            meta = self._slide_meta(src, run, attrs)
+            meta.update({"artifact_type": "hierarchical_embeddings", "feature_dim": int(emb.shape[2]),
+                         "num_regions": int(emb.shape[0]), "tiles_per_region": int(emb.shape[1]),
+                         "region_x": np.asarray(group["region_x"][:]).tolist(),
+                         "region_y": np.asarray(group["region_y"][:]).tolist()})
+            write_json(files[5], meta)
 
+    def _slide_meta(self, src: TileSource, run: dict, attrs: dict) -> dict[str, Any]:
+        identity = dict(run.get("feature_identity") or {})
+        return {
+            "sample_id": src.sample_id, "format": self.fmt, "annotation": None,
+            "encoder_name": run.get("model") or attrs.get("encoder"), "encoder_level": run.get("model_level", "tile"),
+            "feature_dtype": identity.get("feature_dtype", "fp32"),
+            "encoder_input_size_px": identity.get("encoder_input_size_px", src.tile_size_px),
+            "image_path": attrs.get("image_path"), "mask_path": attrs.get("mask_path") or None,
+            "backend": attrs.get("backend"), "requested_spacing_um": src.requested_spacing_um,
+            "requested_tile_size_px": src.tile_size_px, "read_tile_size_px": attrs.get("read_tile_size_px"),
+            "tile_size_lv0": src.tile_size_lv0, "tiles_tar_path": attrs.get("tiles_from", ""),
+            "compatibility": identity, "slide2vec_dask": attrs,
+        }
+
+    # -- slide / patient rows -----------------------------------------------------------------
     def row_files(self, src: RowSource, dest: Path) -> list[Path]:
-        latents = src.store.row_has_latents(src.level, src.key)
-        return self._names(Path(dest) / f"{src.level}_embeddings", src.key, latents=latents)
+        files = self._pair(Path(dest) / f"{src.level}_embeddings", src.key)
+        if src.store.row_has_latents(src.level, src.key):
+            files.append(Path(dest) / "slide_latents" / f"{src.key}.{self.fmt}")
+        return files
 
     def write_row(self, src: RowSource, files: list[Path]) -> None:
-        src.store.export_row(src.level, src.key, files[0].parent.parent, self.fmt)
+        run = _run(src.store)
+        dtype, attrs = _dtype(run), _plain(src.attrs)
+        emb = np.asarray(src.group["embedding"][:]).astype(dtype)
+        _save(files[0], self.fmt, emb)
+        if len(files) > 2:
+            _save(files[2], self.fmt, np.asarray(src.group["latents"][:]).astype(dtype), key="latents")
+        identity = dict(run.get("feature_identity") or {})
+        meta: dict[str, Any] = {"artifact_type": f"{src.level}_embeddings", "format": self.fmt,
+                                "feature_dim": int(emb.shape[-1]), "encoder_name": attrs.get("model") or run.get("model"),
+                                "encoder_level": src.level, "feature_dtype": identity.get("feature_dtype", "fp32"),
+                                "compatibility": identity, "slide2vec_dask": attrs}
+        if src.level == "patient":
+            slides = attrs.get("slides") or attrs.get("sample_ids") or []
+            meta.update({"patient_id": src.key, "num_slides": len(slides) if isinstance(slides, list) else 0})
+        else:
+            meta.update({"sample_id": src.key, "image_path": attrs.get("image_path"),
+                         "latent_path": str(files[2].resolve()) if len(files) > 2 else None})
+        write_json(files[1], meta)
+
+
+def _regions_group(src: TileSource):
+    """The slide's ``regions/<id>`` group (read-only)."""
+    import zarr
+
+    return zarr.open_group(str(Path(src.store.path) / src.store.regions_group(src.sample_id)), mode="r")
 
 
 def is_flat(path: Path | str, level: str) -> bool:
@@ -54,4 +205,9 @@ def is_flat(path: Path | str, level: str) -> bool:
     return path.parent.name == f"{level}_embeddings" and path.suffix in (".pt", ".npz")
 
 
-FORMATS = tuple(ExportFormat(name, roots=LEVEL_FOLDERS, writer=Flat(name), layout=1) for name in ("pt", "npz"))
+def load_meta(path: Path | str) -> dict:
+    """A sidecar, read."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+FORMATS = tuple(ExportFormat(name, roots=LEVEL_FOLDERS, writer=Flat(name), layout=2) for name in ("pt", "npz"))

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from slide2vec_dask.store import flat, schema
+from slide2vec_dask.store import schema
 from slide2vec_dask.store.output_dir import describe_os_error
 from slide2vec_dask.store.tile_archive import write_archive
 from slide2vec_dask.tiling.archive import archive_path, in_plan_order
@@ -609,25 +609,6 @@ class EmbeddingStore:
                 group.attrs["latents"] = f"per {dim}, different lengths: see {where}/<id>/latents"
         group.update_attributes(attrs or {})
         _consolidate(self.path / name)
-
-    # -- flat files -------------------------------------------------------------------------
-    def export_tiles(self, sample_id: str, folder: Path, fmt: str) -> list[Path]:
-        """The slide as flat files for other tools: tiles (and regions), ``.pt`` + ``.meta.json`` or ``.npz``."""
-        group = _open_group(self.path / "tiles" / sample_id, mode="r")
-        written = [flat.write_arrays(group, {"x": group["x"][:], "y": group["y"][:]},
-                                     Path(folder) / "tile_embeddings", sample_id, fmt)]
-        if self.has_regions(sample_id):
-            regions = _open_group(self.path / "regions" / sample_id, mode="r")
-            extra = {"region_x": regions["region_x"][:], "region_y": regions["region_y"][:],
-                     "tile_mask": regions["tile_mask"][:]}
-            written.append(flat.write_arrays(regions, extra, Path(folder) / "hierarchical_embeddings",
-                                             sample_id, fmt))
-        return written
-
-    def export_row(self, level: str, key: str, folder: Path, fmt: str) -> Path:
-        """``slide_embeddings/<id>.pt|.npz`` (or ``patient_embeddings/``): one vector (+ latents) per file."""
-        group = _open_group(self.path / _ROWS[level][0] / key, mode="r")
-        return flat.write_row(group, Path(folder) / f"{level}_embeddings", key, fmt)
 
     # -- reading for exports -----------------------------------------------------------------
     def run_attrs(self) -> dict[str, Any]:
