@@ -177,7 +177,6 @@ def _grey(name: str, value: Any) -> Any:
     return check_number(name, value, 0, 255)
 
 
-# key -> check, for the dict-valued options: every key typed and ranged.
 def _odd(name: str, value: Any) -> int:
     value = check_int(name, value, 0, 255)
     if value > 1 and value % 2 == 0:
@@ -186,6 +185,7 @@ def _odd(name: str, value: Any) -> int:
     return value
 
 
+# key -> check, for the dict-valued options: every key typed and ranged.
 _SEGMENTATION_CHECKS = {
     "method": lambda n, v: check_choice(n, v, SEGMENTATION_METHODS),
     "downsample": lambda n, v: check_number(n, v, 1, 4096),

@@ -413,7 +413,7 @@ KILLED_RUN = textwrap.dedent("""
         torch.manual_seed(0)
         model = Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
                                                       torch.nn.Linear(48, 16)), name="pooled-linear")
-        config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5)
+        config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5, grid="slide")
         Pipeline(model, config, ExecutionOptions(output_dir=sys.argv[1], batch_size=2, num_workers=1, prefetch_factor=1,
                                                  output_format=["trident-h5", "spatialdata"])).run(manifest_path=sys.argv[2])
 """)

@@ -20,7 +20,8 @@ from slide2vec_dask import (ExecutionOptions, Pipeline, PreprocessingConfig, Sto
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.store.schema import LAYOUT_ATTR, LAYOUT_VERSION
 
-PREP = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
+# a_t 0: the slide's tissue is exactly 4 tiles, which hs2p's default a_t = 4 (strictly more) drops
+PREP = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5, "filtering": {"a_t": 0}}
 
 
 @pytest.fixture(scope="module")

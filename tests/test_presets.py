@@ -474,8 +474,9 @@ def test_lunit_end_to_end_equals_bare_timm(tmp_path):
     slide = testing.write_svs(tmp_path / "slide.svs", image, mpp=0.5, downsamples=(1, 4), quality=92)
 
     model = Model.from_preset("lunit", checkpoint_path=ckpt)
-    emb = model.embed_slide(slide, preprocessing=PreprocessingConfig(segmentation={"mthresh": 0},
-                                                                       tissue_threshold=0.5),
+    emb = model.embed_slide(slide, preprocessing=PreprocessingConfig(segmentation={"mthresh": 0},   # (a_t 0: hs2p's
+                                                                       tissue_threshold=0.5,          # a_t = 4 drops
+                                                                       filtering={"a_t": 0}),         # 4 tiles)
                             execution=ExecutionOptions(num_workers=1, batch_size=4))
     assert emb.tile_embeddings.shape == (4, 384) and emb.tile_embeddings.dtype == torch.float32
     assert sorted(zip(emb.y.tolist(), emb.x.tolist())) == [(0, 0), (0, 224), (224, 0), (224, 224)]

@@ -91,7 +91,7 @@ def test_aperio_jpeg2000_ycbcr_is_decoded_to_openslides_rgb(jp2k_svs, backend):
         else:
             np.testing.assert_array_equal(got, want)
     # Same tissue in both encodings: the same tiles are kept (glass is not taken for tissue).
-    config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5)
+    config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5, grid="slide")
     plans = [plan_slide(_open(p, backend), config, spacing_um=0.5, tile_size_px=224, sample_id="s").grid
              for p in (ycc, rgb)]
     np.testing.assert_array_equal(plans[0].keep, plans[1].keep)
@@ -134,7 +134,7 @@ def test_libvips_pyramid_with_an_aperio_description_has_openslides_levels(vips_c
     # The thumbnail comes from a reduced level, not from decoding all of level 0.
     assert slide.best_level_for_downsample(64) == len(shapes) - 1
     # The same tissue tiles as OpenSlide's own reading of the file, at a reduced level.
-    config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5)
+    config = PreprocessingConfig(segmentation={"mthresh": 0}, tissue_threshold=0.5, grid="slide")
     plans = [plan_slide(s, config, spacing_um=2.0, tile_size_px=112, sample_id="v").grid
              for s in (slide, open_slide(converted, backend="openslide"))]
     assert plans[0].level == plans[1].level == 2
@@ -187,7 +187,7 @@ def test_blocks_on_a_non_integer_downsample_level_are_the_levels_own_pixels(odd_
 
 
 def test_tissue_tiles_on_a_non_integer_downsample_level_agree_across_backends(odd_sized_svs):
-    config = PreprocessingConfig(segmentation={"mthresh": 0, "downsample": 8}, tissue_threshold=0.5)
+    config = PreprocessingConfig(segmentation={"mthresh": 0, "downsample": 8}, tissue_threshold=0.5, grid="slide")
     installed = [b for b in BACKENDS if importlib.util.find_spec(_LIBRARY.get(b, b)) is not None]
     plans = {b: plan_slide(open_slide(odd_sized_svs, backend=b), config, spacing_um=2.0, tile_size_px=56,
                            sample_id="odd").grid for b in installed}
@@ -371,7 +371,7 @@ def test_tile_embeddings_on_a_non_integer_downsample_level_are_the_same_through_
 
     encoder = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(7), torch.nn.Flatten())   # sensitive to every shift
     model = Model.from_module(encoder, name="pool7", spacing_um=2.0, tile_size_px=56, feature_dim=147)
-    config = PreprocessingConfig(segmentation={"mthresh": 0, "downsample": 8}, tissue_threshold=0.5)
+    config = PreprocessingConfig(segmentation={"mthresh": 0, "downsample": 8}, tissue_threshold=0.5, grid="slide")
     installed = [b for b in BACKENDS if importlib.util.find_spec(_LIBRARY.get(b, b)) is not None]
     results = {b: model.embed_slide(odd_sized_svs, preprocessing=config.replace(backend=b)) for b in installed}
     reference = results["tifffile"]

@@ -399,9 +399,15 @@ def test_a_full_disk(tiny, two_slides, tmp_path):
 def test_a_slide_smaller_than_one_tile_says_so(tiny, tmp_path):
     small = testing.write_svs(tmp_path / "tiny.svs", testing.tissue_image(160, 200, [(0, 0, 160, 200)]),
                               downsamples=(1,))
-    result = run(tiny, tmp_path / "run", [{"sample_id": "t", "image_path": small}])
-    row = result.outcomes[0]
+    slides = [{"sample_id": "t", "image_path": small}]
+    on_one_grid = run(tiny, tmp_path / "grid", slides, preprocessing={"grid": "slide", "filtering": {"a_t": 0}})
+    row = on_one_grid.outcomes[0]
     assert row.status == "success" and row.num_tiles == 0 and "smaller than one tile" in row.note
+    # hs2p's grids: its tissue is under a_t = 4 reference tiles, and so dropped, which the note says;
+    # with a_t = 0 the slide is one tile, overhanging the slide (glass there), as hs2p plans it
+    row = run(tiny, tmp_path / "contours", slides).outcomes[0]
+    assert row.status == "success" and row.num_tiles == 0 and "a_t" in row.note
+    assert run(tiny, tmp_path / "a_t", slides, preprocessing={"filtering": {"a_t": 0}}).outcomes[0].num_tiles == 1
 
 
 class _Payload:

@@ -321,3 +321,17 @@ def test_segmentation_and_filtering_keys_and_defaults_are_slide2vecs():
 def test_tiling_settings_are_checked(field, value, message):
     with pytest.raises(ValueError, match=message):
         PreprocessingConfig(**{field: value})
+
+
+def test_geojson_export_draws_the_tissue_of_a_per_contour_plan(syn_tif):
+    """The GeoJSON export redraws the mask a plan was laid over: for hs2p's per-contour plans too."""
+    from types import SimpleNamespace
+
+    from slide2vec_dask.exporters.geojson import tissue_polygons
+
+    grid = plan(open_slide(syn_tif), tissue_threshold=0.5).grid
+    polygons, drawn = tissue_polygons(SimpleNamespace(plan=lambda: grid, sample_id="s"))
+    assert grid.layout == "free" and drawn == "tissue mask" and len(polygons) == len(SYN_RECTS)
+    for ring, (y0, x0, y1, x1) in zip(sorted(p[0] for p in polygons), sorted(SYN_RECTS, key=lambda r: r[1])):
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        assert abs(min(xs) - x0) <= 32 and abs(max(ys) - y1) <= 32   # the rectangle, to a mask pixel or two

@@ -200,8 +200,9 @@ def test_resnet50_end_to_end_equals_torchvision_on_openslide_tiles(resnet_file, 
     image = testing.tissue_image(896, 896, [(0, 0, 448, 448)], seed=4)  # 2 x 2 tiles of tissue
     slide = testing.write_svs(tmp_path / "slide.svs", image, mpp=0.5, downsamples=(1, 4), quality=92)
     model = Model.from_preset("resnet50", checkpoint_path=path)
-    emb = model.embed_slide(slide, preprocessing=PreprocessingConfig(segmentation={"mthresh": 0},
-                                                                       tissue_threshold=0.5),
+    emb = model.embed_slide(slide, preprocessing=PreprocessingConfig(segmentation={"mthresh": 0},   # (a_t 0: hs2p's
+                                                                       tissue_threshold=0.5,          # a_t = 4 drops
+                                                                       filtering={"a_t": 0}),         # 4 tiles)
                             execution=ExecutionOptions(num_workers=1, batch_size=4))
     assert emb.tile_embeddings.shape == (4, 1024)
     with openslide.OpenSlide(str(slide)) as osr:

@@ -91,6 +91,10 @@ def why_no_tiles(plan) -> str:
         return "no tiles: the coordinates given list none"
     if plan.layout == "grid" and 0 in plan.shape:
         return f"no tiles: the slide is smaller than one tile ({plan.read_tile_size_px} px at read level {plan.level})"
+    filtering = plan.meta.get("config", {}).get("filtering", {})
+    if plan.meta.get("num_contours") == 0 and filtering.get("a_t"):
+        return (f"no tiles: no tissue piece larger than filtering['a_t'] = {filtering['a_t']:g} reference tiles was "
+                "found (smaller pieces are dropped, as hs2p does; see PreprocessingConfig segmentation / filtering)")
     return "no tiles: no tissue found (see PreprocessingConfig segmentation / tissue_threshold)"
 
 
