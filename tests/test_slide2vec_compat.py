@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import warnings
 import subprocess
 import sys
 import textwrap
@@ -92,8 +93,16 @@ def test_7x_reading_knobs(caplog):
         PreprocessingConfig(jpeg_backend="pil", num_cucim_workers=4)
         assert not caplog.records
         PreprocessingConfig(jpeg_backend="turbojpeg", gpu_decode=True)
-    assert [r.getMessage().split(")")[0] for r in caplog.records] == [
-        "PreprocessingConfig(gpu_decode=True", "PreprocessingConfig(jpeg_backend='turbojpeg'"]
+    assert [r.getMessage().split(")")[0] for r in caplog.records] == ["PreprocessingConfig(jpeg_backend='turbojpeg'"]
+    # 7.x keeps gpu_decode in PreprocessingConfig: it asks for the same decoder as ExecutionOptions.gpu_decode
+    # (here, with no GPU, that is the CPU decoder and a warning saying so)
+    from slide2vec_dask.dataflow.blocks import EmbedSettings
+
+    with pytest.warns(RuntimeWarning, match="gpu_decode=True, but this run has no GPU"):
+        assert EmbedSettings.of(ExecutionOptions(), None, PreprocessingConfig(gpu_decode=True)).gpu_decode is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert EmbedSettings.of(ExecutionOptions(), None, PreprocessingConfig()).gpu_decode is False
     ex = ExecutionOptions(num_gpus=2)
     assert ex.resolved_num_gpus() == 2 and ex.with_output_dir("o").output_dir == Path("o")
 
@@ -120,8 +129,9 @@ def test_7x_preprocessing_sections_fold_into_our_fields():
     with pytest.raises(ValueError, match="annotation-aware sampling"):
         PreprocessingConfig(masks={"pixel_mapping": {"background": 0, "tissue": 1, "tumor": 2},
                                    "min_coverage": {"tumor": 0.5}})
-    with pytest.raises(ValueError, match="sthresh_up=200 is not supported"):
-        PreprocessingConfig(segmentation={"sthresh_up": 200})
+    assert PreprocessingConfig(segmentation={"sthresh_up": 200}).segmentation["sthresh_up"] == 200
+    with pytest.raises(ValueError, match="segmentation.sthreshold=8: unknown key"):
+        PreprocessingConfig(segmentation={"sthreshold": 8})
 
 
 # -- call shapes ---------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ logger = logging.getLogger("slide2vec_dask")
 # hs2p 6.1's defaults of the keys a section may carry that our engine may not know.
 HS2P_DEFAULTS: dict[str, dict[str, Any]] = {
     "segmentation": {"sthresh_up": 255, "use_otsu": False, "sam2_checkpoint_path": None, "sam2_config_path": None,
-                     "sam2_device": "cpu", "sam2_num_workers": None, "max_n_holes": 8},
+                     "sam2_device": "cpu", "sam2_num_workers": None},
     # a_h: 0 fills no hole, which is what a mask without hole filling does
     "filtering": {"a_h": (2, 0), "filter_grayspace": False, "grayspace_saturation_threshold": 0.05,
                   "grayspace_fraction_threshold": 0.6, "filter_blur": False, "blur_threshold": 50.0,
-                  "qc_spacing_um": 2.0, "max_n_holes": 8},
+                  "qc_spacing_um": 2.0},
     # preview cosmetics: colours and transparency of the rendered overlay
     "preview": {"tissue_contour_color": None, "mask_overlay_alpha": None},
 }
@@ -56,8 +56,10 @@ def known_keys(name: str, given: Mapping[str, Any], known: set[str] | dict) -> d
                                      (defaults[key] if isinstance(defaults[key], tuple) else (defaults[key],))):
             continue
         else:
-            hint = "" if key in defaults else f"; known keys are {sorted(known)}"
-            raise ValueError(f"{name}.{key}={value!r} is not supported by this release{hint}")
+            if key in defaults:
+                raise ValueError(f"{name}.{key}={value!r} is not supported by this release (only its "
+                                 f"default, which is what this release does)")
+            raise ValueError(f"{name}.{key}={value!r}: unknown key; known keys are {sorted(known)}")
     return out
 
 
