@@ -122,8 +122,10 @@ def check_config(cfg: dict[str, Any], where: str = "config") -> None:
 
 def _resolve_paths(cfg: dict[str, Any], base: Path) -> None:
     """Make the YAML's relative paths relative to ``base`` (its folder); ``~`` expands."""
+    from slide2vec_dask.slide.remote import is_url
+
     def resolve(value):
-        if value is None or value == "":
+        if value is None or value == "" or is_url(str(value)):
             return value
         path = Path(str(value)).expanduser()
         return str(path if path.is_absolute() else base / path)
@@ -201,7 +203,9 @@ def apply_override(cfg: dict[str, Any], override: str) -> None:
     if section not in SECTIONS:
         raise _unknown(section, SECTIONS, "section")
     value = parse_value(text)
-    if value is not None and parts[-1] in PATH_KEYS.get(section, ()) + ("manifest",):
+    from slide2vec_dask.slide.remote import is_url
+
+    if value is not None and parts[-1] in PATH_KEYS.get(section, ()) + ("manifest",) and not is_url(str(value)):
         value = str(Path(str(value)).expanduser())
     if section == "manifest":
         if len(parts) != 1:

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from slide2vec_dask.compat import sections
 from slide2vec_dask.slide.registry import backend_names
+from slide2vec_dask.slide.remote import is_url
 
 BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
 PRECISIONS = ("fp16", "bf16", "fp32")
@@ -438,6 +439,9 @@ class ExecutionOptions:
     # (None: fp16 for fp16 runs, else fp32), and its name for the reading threads
     output_dtype: str | None = None
     num_workers_per_gpu: int | None = None
+    # fsspec's options for slides at URLs (endpoint_url, anon, profile...); credentials are better left
+    # to the environment.  Never shown (repr), stored or logged.
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_int("batch_size", self.batch_size, 1, 1 << 16)
@@ -463,6 +467,17 @@ class ExecutionOptions:
                      "channels_last", "overwrite", "gpu_decode", "save_telemetry"):
             check_bool(name, getattr(self, name))
         check_path("output_dir", self.output_dir)
+        if is_url(self.output_dir):
+            raise ValueError(
+                f"output_dir {shown(self.output_dir)} is a URL; the store is written to a local or mounted folder "
+                "only: its guarantees (a run killed at any moment resumes; a rerun gives an identical store; one "
+                "run at a time) rest on atomic renames and an exclusive lock file, which object stores do not "
+                "offer. Write to local disk (or a shared volume) and copy the finished folder to the bucket "
+                "(aws s3 sync, gcloud storage rsync)")
+        if self.storage_options is not None and (not isinstance(self.storage_options, Mapping)
+                                                 or not all(isinstance(k, str) for k in self.storage_options)):
+            raise ValueError("storage_options must be a mapping of fsspec option names to values, got "
+                             f"{_type_name(self.storage_options)}")
         if self.output_format is not None:
             given, known = self.output_format, output_formats()
             names = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()

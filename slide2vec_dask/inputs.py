@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from slide2vec_dask.slide import remote
+from slide2vec_dask.slide.remote import RemotePath, is_url, location
+
 REQUIRED = ("sample_id", "image_path")
 OPTIONAL = ("mask_path", "spacing_at_level_0", "patient_id")
 # Letters, digits and . _ - (not leading with a dot, nor a dash: see check_sample_id): safe as a
@@ -96,7 +99,9 @@ def _slide(manifest: Path, line: int, row: dict[str, str]) -> dict[str, Any]:
     return slide
 
 
-def _resolve(manifest: Path, value: str) -> Path:
+def _resolve(manifest: Path, value: str) -> Path | RemotePath:
+    if is_url(value) or value.lower().startswith("file://"):
+        return location(value)   # the run's storage_options join it in SlideInput.parse
     p = Path(value).expanduser()
     return p if p.is_absolute() else (manifest.parent / p)
 
@@ -116,33 +121,38 @@ def validate_slides(slides: Sequence[dict[str, Any]], where: Sequence[str]) -> N
 
 @dataclass
 class SlideInput:
-    """One slide as the API accepts it: a path, or a dict with the manifest's columns."""
+    """One slide as the API accepts it: a path, or a dict with the manifest's columns.
 
-    image_path: Path
+    A path may be a URL (s3://, gs://, https://...): it becomes a `RemotePath` carrying
+    ``storage_options`` (the run's), read in place by `slide.open_slide`.
+    """
+
+    image_path: Path | RemotePath
     sample_id: str
-    mask_path: Path | None = None
+    mask_path: Path | RemotePath | None = None
     spacing_at_level_0: float | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, slide: Any, *, spacing_at_level_0: float | None = None, mask_path=None,
-              sample_id: str | None = None) -> "SlideInput":
+              sample_id: str | None = None, storage_options: Mapping[str, Any] | None = None) -> "SlideInput":
         if isinstance(slide, SlideInput):
             return slide
         if isinstance(slide, Mapping):
             if "image_path" not in slide:
                 raise ValueError(f"a slide dict needs an 'image_path' key, got keys {sorted(slide)}")
             d = dict(slide)
-            path = Path(d.pop("image_path"))
+            path = location(d.pop("image_path"), storage_options)
             sid = d.pop("sample_id", None) or sample_id or path.stem
             mask = d.pop("mask_path", None) or mask_path
             spacing = d.pop("spacing_at_level_0", None)
             spacing = spacing if spacing is not None else spacing_at_level_0
-            return cls(path, str(sid), Path(mask) if mask else None,
+            return cls(path, str(sid), location(mask, storage_options) if mask else None,
                        None if spacing is None else float(spacing), d)
         if isinstance(slide, (str, Path)):
-            path = Path(slide)
-            return cls(path, sample_id or path.stem, Path(mask_path) if mask_path else None, spacing_at_level_0)
+            path = location(slide, storage_options)
+            return cls(path, sample_id or path.stem, location(mask_path, storage_options) if mask_path else None,
+                       spacing_at_level_0)
         raise TypeError(f"a slide is a path or a dict with 'image_path', got {type(slide).__name__}")
 
 
@@ -156,11 +166,19 @@ class SlideInput:
 # truncation changes it.  The mtime is recorded too, but not compared: a copy
 # (``cp``, ``rsync`` without ``-t``) changes it and nothing else.  A folder
 # (DICOM, MRXS's data folder) is fingerprinted by its listing: names, sizes.
+# An object at a URL is fingerprinted alike, in two range requests (the same digest as the
+# same bytes on disk), plus what the store says of its version (ETag, generation, version id):
+# see `_remote`.
 _EDGE = 64 << 10
+#: What a store says of an object's version, compared when both fingerprints have it.
+_VERSION_KEYS = ("etag", "generation", "versionid", "version_id", "md5hash")
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
-    """``{"size", "mtime_ns", "digest"}`` of a slide or mask file (or folder)."""
+    """``{"size", "mtime_ns", "digest"}`` of a slide or mask file (or folder), or of an object at a URL
+    (then with the store's ``version``: its ETag, generation... when it gives one)."""
+    if is_url(path):
+        return _remote(location(path))
     path = Path(path)
     if path.is_dir():
         return _folder(path)
@@ -175,6 +193,23 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
     if path.suffix.lower() == ".mrxs" and companion.is_dir():   # MRXS keeps its pixels next to it
         h.update(_folder(companion)["digest"].encode())
     return {"size": int(stat.st_size), "mtime_ns": int(stat.st_mtime_ns), "digest": h.hexdigest()}
+
+
+def _remote(path: RemotePath) -> dict[str, Any]:
+    """The fingerprint of an object at a URL, without reading it whole: its size and the digest
+    of its first and last 64 KiB (two range requests), and the store's version tag."""
+    if path.protocol.startswith("dicomweb"):   # a DICOMweb series: its identity is its UIDs
+        return {"size": 0, "mtime_ns": 0, "digest": hashlib.blake2b(str(path).encode(), digest_size=16).hexdigest()}
+    source = remote.RemoteFile(path)
+    size = source.size
+    edges = [(0, min(size, _EDGE))]
+    if size > _EDGE:
+        edges.append((max(_EDGE, size - _EDGE), size))
+    h = hashlib.blake2b(digest_size=16)
+    for chunk in source.fetch(edges):
+        h.update(chunk)
+    version = {k: v for k, v in remote.identity(path, source.info).items() if k in _VERSION_KEYS}
+    return {"size": int(size), "mtime_ns": 0, "digest": h.hexdigest(), **({"version": version} if version else {})}
 
 
 def _folder(path: Path) -> dict[str, Any]:
@@ -196,6 +231,10 @@ def changed(recorded: dict[str, Any] | None, current: dict[str, Any] | None) -> 
         return f"its size changed ({recorded.get('size')} -> {current.get('size')} bytes)"
     if recorded.get("digest") != current.get("digest"):
         return "its content changed (same size)"
+    before, now = recorded.get("version") or {}, current.get("version") or {}
+    for key in sorted(set(before) & set(now)):
+        if before[key] != now[key]:
+            return f"the store says it is another version of the object ({key} {before[key]} -> {now[key]})"
     return None
 
 

@@ -205,7 +205,7 @@ class Model:
         ``annotation`` (slide2vec 7.x) picks the bag of that class: ``"tissue"`` is the only one
         here (a list gives a list)."""
         item = SlideInput.parse(slide, spacing_at_level_0=spacing_at_level_0, mask_path=mask_path,
-                                sample_id=sample_id)
+                                sample_id=sample_id, storage_options=execution and execution.storage_options)
         bags = self.embed_slides([item], preprocessing=preprocessing, execution=execution)[item.sample_id]
         if annotation is None:
             return next(iter(bags.values()))
@@ -227,7 +227,7 @@ class Model:
         ones, through their slide stage) also fill ``slide_embedding`` and, when the model has
         them, ``latents``.  Hierarchical runs give ``tile_embeddings`` of shape ``(R, T, D)``.
         """
-        items = self._inputs(slides)
+        items = self._inputs(slides, execution)
         if not items:
             return EmbeddedSlides()
         level = "slide" if self.slide_spec is not None else "tile"
@@ -243,7 +243,7 @@ class Model:
         ``patient_id`` key, else the first slide's ``sample_id``.
         """
         self._require_level("patient", "embed_patient")
-        items = self._inputs(slides)
+        items = self._inputs(slides, execution)
         if not items:
             raise ValueError("embed_patient needs at least one slide")
         if patient_id is None:
@@ -263,7 +263,7 @@ class Model:
         ``patient_id`` key, else its own ``sample_id``.
         """
         self._require_level("patient", "embed_patients")
-        items = self._inputs(slides)
+        items = self._inputs(slides, execution)
         groups: dict[str, list] = {}
         for it in items:
             pid = (patient_id_map or {}).get(it.sample_id) or it.extra.get("patient_id") or it.sample_id
@@ -510,10 +510,11 @@ class Model:
         return dense_api.prepare_dense_encoder(self.tile_spec, dense=dense,
                                                execution=self.resolve_execution(execution), device=self.device)
 
-    def _inputs(self, slides: Sequence) -> list:
+    def _inputs(self, slides: Sequence, execution: ExecutionOptions | None = None) -> list:
         if isinstance(slides, (str, Path)) or isinstance(slides, dict):
             slides = [slides]
-        items = [SlideInput.parse(s) for s in slides]
+        options = execution.storage_options if execution is not None else None   # slides at URLs
+        items = [SlideInput.parse(s, storage_options=options) for s in slides]
         ids = [it.sample_id for it in items]
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:

@@ -170,7 +170,7 @@ class Pipeline:
                 raise ValueError(f"{self.model.name!r} is a patient-level model: every slide needs a patient_id "
                                  f"(a 'patient_id' manifest column); missing in {where} for {missing[:5]}"
                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        return [SlideInput.parse(r) for r in rows]
+        return [SlideInput.parse(r, storage_options=self.execution.storage_options) for r in rows]
 
     def _run_attrs(self, config: PreprocessingConfig) -> dict[str, Any]:
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from slide2vec_dask.slide import registry
+from slide2vec_dask.slide import registry, remote
 
 
 #: The most pixels a thumbnail (the tissue mask's image, a preview) may have, and so the most a
@@ -68,7 +68,7 @@ class Reader(Protocol):
 class Slide:
     """A whole-slide image opened lazily: metadata now, pixels on demand."""
 
-    def __init__(self, path: Path, reader: Reader, spacing_at_level_0: float | None = None):
+    def __init__(self, path: Path | remote.RemotePath, reader: Reader, spacing_at_level_0: float | None = None):
         self.path = path
         self._reader = reader
         self._spacing_override = spacing_at_level_0
@@ -237,12 +237,17 @@ class Slide:
         self.close()
 
     def __reduce__(self):
-        return reopen, (str(self.path), self.backend, self._spacing_override)
+        path = self.path if isinstance(self.path, remote.RemotePath) else str(self.path)   # a URL keeps its options
+        return reopen, (path, self.backend, self._spacing_override)
 
 
-def make_reader(path: Path, backend: str) -> Reader:
+def make_reader(path: Path | remote.RemotePath, backend: str) -> Reader:
     """The reader ``backend`` names for ``path``; ``"auto"``: the installed one that reads it best."""
-    if backend == "auto":
+    if isinstance(path, remote.RemotePath):
+        spec, refusal = registry.choose_url(path, backend)
+        if spec is None:
+            raise UnreadableSlideError(f"{path}: {refusal}")
+    elif backend == "auto":
         spec, damage = registry.choose(path)
         if spec is None:
             raise UnreadableSlideError(
@@ -261,7 +266,8 @@ def _open_with(spec: registry.ReaderSpec, path: Path) -> Reader:
     reader that refuses the backend itself stay what they are)."""
     try:
         return spec.open(path)
-    except (UnreadableSlideError, FileNotFoundError, PermissionError, ImportError, MemoryError, NotImplementedError):
+    except (UnreadableSlideError, FileNotFoundError, PermissionError, ImportError, MemoryError, NotImplementedError,
+            remote.RemoteAccessError):
         raise
     except Exception as exc:   # noqa: BLE001 - each library has its own exception types
         raise UnreadableSlideError(f"{path}: the {spec.name} reader cannot open it ({type(exc).__name__}: {exc}); "
@@ -285,10 +291,17 @@ MAX_OPEN_SLIDES = 64
 
 
 def reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
-    """Unpickle a `Slide`: one open handle per process and file, shared by tasks."""
-    p = Path(path)
-    stat = p.stat()
-    key = (path, backend, spacing_at_level_0, stat.st_size, stat.st_mtime_ns)
+    """Unpickle a `Slide`: one open handle per process and file, shared by tasks.
+
+    A slide at a URL is parsed once per process too (its header is requests away); which
+    version of the object it is, is the fingerprint's business (checked when it is planned).
+    """
+    p = remote.location(path)
+    if isinstance(p, remote.RemotePath):
+        key = (str(p), backend, spacing_at_level_0, _options_token(p))
+    else:
+        stat = p.stat()
+        key = (path, backend, spacing_at_level_0, stat.st_size, stat.st_mtime_ns)
     with _OPEN_LOCK:
         slide = _OPEN.get(key)
         if slide is not None:
@@ -321,9 +334,17 @@ class _LevelArray:
         return block[:, :, key[2]] if len(key) > 2 else block
 
 
+def _options_token(path: remote.RemotePath) -> str:
+    from dask.base import tokenize
+
+    return tokenize(sorted(path.storage_options.items(), key=lambda kv: kv[0]))
+
+
 def _token(slide: Slide) -> str:
     from dask.base import tokenize
 
+    if isinstance(slide.path, remote.RemotePath):
+        return tokenize(str(slide.path), remote.identity(slide.path), slide.backend, slide.spacing)
     stat = slide.path.stat()
     return tokenize(str(slide.path), stat.st_size, stat.st_mtime_ns, slide.backend, slide.spacing)
 

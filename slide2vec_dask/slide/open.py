@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slide2vec_dask.slide import registry
+from slide2vec_dask.slide import registry, remote
 from slide2vec_dask.slide.base import Slide, UnreadableSlideError, make_reader
 
 
-def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: float | None = None) -> Slide:
+def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: float | None = None,
+               storage_options: dict | None = None) -> Slide:
     """Open a whole-slide image without decoding any pixels.
 
     ``backend="auto"`` asks every installed reader (`slide.registry`) how well
@@ -16,8 +17,14 @@ def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: floa
     OME-TIFF (fast tile decoding), OpenSlide for everything else.  A DICOM WSI
     folder opens through OpenSlide.  ``spacing_at_level_0`` (µm/px) overrides
     what the file says.
+
+    A URL (``s3://``, ``gs://``, ``https://``..., any fsspec protocol; ``dicomweb+https://``
+    for a DICOMweb series) is read in place by a reader that reads byte ranges or the
+    protocol (`registry.choose_url`); ``storage_options`` are fsspec's for it.
     """
-    path = Path(path)
+    path = remote.location(path, storage_options)
+    if isinstance(path, remote.RemotePath):
+        return Slide(path, make_reader(path, backend), spacing_at_level_0)
     if not path.exists():
         raise FileNotFoundError(f"slide not found: {path}")
     if path.is_dir():

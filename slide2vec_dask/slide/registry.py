@@ -45,6 +45,8 @@ class ReaderSpec:
     claims: Callable[["Probe"], int]            # how well it reads the file: 0 cannot, higher is better
     open: Callable[[Path], object]              # -> a `Reader`; raises UnreadableSlideError for bad files
     formats: str = ""                           # one line for errors and docs
+    # How well it reads a slide at a URL (a `remote.RemotePath`) in place; None: local files only.
+    claims_url: Callable[[str], int] | None = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.requires) is not None
@@ -155,6 +157,29 @@ def choose(path: Path) -> tuple[ReaderSpec | None, str]:
         return best, probe.damage
     finally:
         probe.close()
+
+
+def choose_url(path, backend: str = "auto") -> tuple[ReaderSpec | None, str]:
+    """The reader for a slide at a URL: ``backend``, or (auto) the installed one that claims it best;
+    or None and why not.
+
+    Only readers that read in place (byte ranges, DICOMweb, Zarr chunks) take URLs: a reader of
+    local files asked for a URL is refused, never fed a silent local copy.
+    """
+    if backend != "auto":
+        spec = require(backend)
+        if spec.claims_url is None:
+            in_place = [s.name for s in readers() if s.claims_url is not None]
+            return None, (f"backend={backend!r} reads local files only; slides at a URL are read in place by "
+                          f"{', '.join(in_place)} (backend='auto' picks); for {backend} copy the slide to local "
+                          "disk or mount the bucket (mountpoint-s3, gcsfuse) and give the local path")
+        return spec, ""
+    scored = [(spec.claims_url(path), -i, spec) for i, spec in enumerate(readers())
+              if spec.claims_url is not None and spec.available()]
+    score, _, spec = max(scored, key=lambda t: t[:2], default=(0, 0, None))
+    if spec is None or score <= 0:
+        return None, "no installed reader reads slides at this URL"
+    return spec, ""
 
 
 def _starts_as_tiff(path: Path) -> bool:

@@ -2,13 +2,16 @@
 
 Pixels are decoded from the file's own tiles: a region's tile byte ranges are
 read with ``os.pread`` (thread-safe, no shared file position) and decoded by
-tifffile's per-page decoder (imagecodecs underneath).  We deliberately do not
+tifffile's per-page decoder (imagecodecs underneath).  A slide at a URL is read
+the same way through `remote.RemoteFile`: its header once, through a block cache,
+and a block's tiles as a few coalesced range requests (`_source`).  We deliberately do not
 go through ``zarr.open(tif.aszarr())`` on this hot path: measured here it
 halves decode throughput and does not scale with threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from slide2vec_dask.slide import remote
 from slide2vec_dask.slide.base import UnreadableSlideError, usable_spacing
 from slide2vec_dask.slide.registry import ReaderSpec
 
@@ -45,10 +49,17 @@ class _Level:
 class TiffReader:
     backend = "tifffile"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | remote.RemotePath):
         self.path = path
-        self._tif = tifffile.TiffFile(path)
+        self._bytes = _source(path)
         try:
+            self._tif = tifffile.TiffFile(self._bytes.handle())
+        except Exception:
+            self._bytes.close()
+            raise
+        try:
+            if isinstance(path, remote.RemotePath):
+                _check_remote_dialect(self._tif, path)
             series = self._tif.series[0]
             page0 = series.keyframe
             if page0.dtype != np.uint8 or page0.samplesperpixel not in (1, 3, 4) or page0.planarconfig != 1:
@@ -57,14 +68,15 @@ class TiffReader:
                     f"{page0.dtype}, {page0.samplesperpixel} samples, planar config {page0.planarconfig}"
                 )
             self._levels = [self._level(page) for page in _level_pages(self._tif, series)]
-            _check_geometry(self._tif, self._levels, os.path.getsize(path))
+            self._bytes.check()   # a read tifffile's parser swallowed (a server gone) is that error, not damage
+            _check_geometry(self._tif, self._levels, self._bytes.size)
             self.vendor, self.spacing_um = tiff_vendor(page0), _spacing(self._tif, page0)
         except Exception:
             self._tif.close()
+            self._bytes.close()
             raise
-        self._fd = os.open(path, os.O_RDONLY)
         # A reader dropped from the open-slide cache closes its file when it is freed.
-        self._closer = weakref.finalize(self, _close_both, self._fd, self._tif)
+        self._closer = weakref.finalize(self, _close_both, self._bytes, self._tif)
         self.level_shapes = [(lv.page.shape[0], lv.page.shape[1]) for lv in self._levels]
         big = [i for i, lv in enumerate(self._levels) if not lv.page.is_tiled and lv.seg_h * lv.seg_w > 1 << 24]
         if big:
@@ -90,16 +102,24 @@ class TiffReader:
     def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
         lv = self._levels[level]
         out = np.empty((height, width, 3), dtype=np.uint8)
-        for row in range(y // lv.seg_h, (y + height - 1) // lv.seg_h + 1):
-            for col in range(x // lv.seg_w, (x + width - 1) // lv.seg_w + 1):
-                sy, sx = row * lv.seg_h, col * lv.seg_w
-                ty0, tx0 = max(y, sy), max(x, sx)
-                ty1, tx1 = min(y + height, sy + lv.seg_h), min(x + width, sx + lv.seg_w)
-                seg = self._segment(lv, row * lv.cols + col, level)
-                out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
+        rows = range(y // lv.seg_h, (y + height - 1) // lv.seg_h + 1)
+        cols = range(x // lv.seg_w, (x + width - 1) // lv.seg_w + 1)
+        with self._bytes.planned(_ranges(lv, [r * lv.cols + c for r in rows for c in cols])):
+            for row in rows:
+                for col in cols:
+                    sy, sx = row * lv.seg_h, col * lv.seg_w
+                    ty0, tx0 = max(y, sy), max(x, sx)
+                    ty1, tx1 = min(y + height, sy + lv.seg_h), min(x + width, sx + lv.seg_w)
+                    seg = self._segment(lv, row * lv.cols + col, level)
+                    out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
         return out
 
     def read_reduced(self, level: int, scale: int) -> np.ndarray | None:
+        lv = self._levels[level]
+        with self._bytes.planned(_ranges(lv, range(len(lv.offsets)))):   # remote: few large requests
+            return self._read_reduced(level, scale)
+
+    def _read_reduced(self, level: int, scale: int) -> np.ndarray | None:
         """The whole level at 1/``scale`` (2, 4 or 8) straight from libjpeg's scaled IDCT, or None.
 
         A thumbnail of a single-level slide would otherwise decode every pixel of
@@ -129,7 +149,7 @@ class TiffReader:
             if count == 0:
                 out[y : y + th, x : x + tw] = 255
                 continue
-            data = os.pread(self._fd, count, offset)
+            data = self._bytes.pread(count, offset)
             try:
                 image = Image.open(io.BytesIO(tables[:-2] + data[2:] if tables else data))
                 image.draft("RGB", (tw, th))
@@ -146,7 +166,7 @@ class TiffReader:
         count = lv.counts[index]
         if count == 0:  # sparse file: a tile that was never written is background
             return np.full((lv.seg_h, lv.seg_w, 3), 255, dtype=np.uint8)
-        data = os.pread(self._fd, count, lv.offsets[index])
+        data = self._bytes.pread(count, lv.offsets[index])
         try:
             seg = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)[0]
         except Exception as exc:
@@ -162,12 +182,45 @@ class TiffReader:
 
     def close(self) -> None:
         self._closer()
-        self._fd = None
 
 
-def _close_both(fd: int, tif: tifffile.TiffFile) -> None:
-    os.close(fd)
+def _close_both(source, tif: tifffile.TiffFile) -> None:
+    source.close()
     tif.close()
+
+
+class _LocalFile:
+    """A local file read with ``os.pread``: the same interface as `remote.RemoteFile`, nothing planned."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self._fd).st_size
+
+    def pread(self, count: int, offset: int) -> bytes:
+        return os.pread(self._fd, count, offset)
+
+    def planned(self, ranges):
+        return contextlib.nullcontext()
+
+    def handle(self) -> Path:
+        return self.path
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _source(path):
+    return remote.RemoteFile(path) if isinstance(path, remote.RemotePath) else _LocalFile(path)
+
+
+def _ranges(lv: _Level, indices: list[int]) -> list[tuple[int, int]]:
+    return [(lv.offsets[i], lv.counts[i]) for i in indices]
 
 
 def _check_geometry(tif: tifffile.TiffFile, levels: list[_Level], size: int) -> None:
@@ -313,15 +366,41 @@ def _claims(probe) -> int:
     return 100 if probe.tiff is not None and TiffReader.reads_natively(probe.tiff) else 0
 
 
-def _open(path: Path) -> TiffReader:
+def _claims_url(path: remote.RemotePath) -> int:
+    """Any URL that is not another reader's: a TIFF is the common case, and opening says if it is not."""
+    return 50
+
+
+def _open(path: Path | remote.RemotePath) -> TiffReader:
     try:
         return TiffReader(path)
+    except (FileNotFoundError, PermissionError, remote.RemoteAccessError):
+        raise
     except Exception as exc:
+        if isinstance(path, remote.RemotePath):
+            raise UnreadableSlideError(_remote_refusal(path, exc)) from exc
         raise UnreadableSlideError(f"{path}: tifffile cannot read it as a slide ({type(exc).__name__}: {exc}); "
                                    "is the file complete? backend='openslide' may read other formats") from exc
+
+
+def _remote_refusal(path: remote.RemotePath, exc: Exception) -> str:
+    return (f"{path}: the tifffile reader, the only one that reads slides at a URL in byte ranges (besides "
+            f"OME-Zarr and DICOMweb), cannot read it ({type(exc).__name__}: {exc}). SVS, generic and OME-TIFF "
+            "are read in place; other formats (NDPI, MRXS, SCN, Philips TIFF, VSI...) only OpenSlide, vips or "
+            "cuCIM read, and they read local files only: copy the slide to local disk, or mount the bucket "
+            "(mountpoint-s3, gcsfuse, s3fs-fuse) and give the mounted path")
+
+
+def _check_remote_dialect(tif: tifffile.TiffFile, path) -> None:
+    """A TIFF dialect tifffile does not decode as plain tiles, at a URL: say what reads it."""
+    page = tif.pages.first
+    dialect = next((flag[3:].upper() for flag in _OPENSLIDE_DIALECTS if getattr(page, flag, False)), None)
+    if dialect is not None:
+        raise ValueError(f"it is a {dialect} TIFF, whose tiles only OpenSlide decodes")
 
 
 READER = ReaderSpec(
     name="tifffile", requires="tifffile", install="pip install tifffile imagecodecs", claims=_claims, open=_open,
     formats="SVS (JPEG, JPEG 2000 YCbCr/RGB), generic tiled or stripped TIFF, OME-TIFF (SubIFD pyramids)",
+    claims_url=_claims_url,
 )

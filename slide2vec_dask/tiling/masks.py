@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from slide2vec_dask.slide.remote import RemoteFile, RemotePath, location
+
 HSV_LOWER = np.array((90, 8, 103))     # hs2p's `_segment_hsv` bounds (OpenCV units: H 0..180, S and V 0..255)
 HSV_UPPER = np.array((180, 255, 255))
 SEG_MAX_PIXELS = 1 << 28               # the segmentation level's size in pixels (a mask byte each) we accept
@@ -106,11 +108,15 @@ def read_mask_file(path: str | Path, shape: tuple[int, int], sample: str = "") -
     """
     import tifffile
 
-    path = Path(path)
-    if not path.exists():
+    path = location(path)
+    if isinstance(path, RemotePath):   # read in place: its header, then the one level it needs
+        handle = RemoteFile(path).handle()
+    elif not path.exists():
         raise FileNotFoundError(f"{sample or 'slide'}: mask file not found: {path}")
+    else:
+        handle = path
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(handle) as tif:
             levels = tif.series[0].levels
             fitting = [lv for lv in levels if lv.shape[0] >= shape[0] and lv.shape[1] >= shape[1]]
             labels = (fitting[-1] if fitting else levels[0]).asarray()
