@@ -288,7 +288,8 @@ def test_faults_fail_their_own_slide_and_a_rerun_finishes_them(folder, http, mea
                           client=cluster).run(manifest_path=gone)
         failed = {s: r for s, r in _rows(broken).items() if r["status"] == "failed"}
         assert failed, "the server's stop failed no slide"
-        assert all("rerun to retry" in r["error"] or "server" in r["error"] for r in failed.values()), failed
+        assert all("rerun to retry" in r["error"] or "server" in r["error"] for r in failed.values()), \
+            {s: (r["error_type"], r["error"]) for s, r in failed.items()}
         server.stop_after = None
         finished = Pipeline(mean_rgb, PreprocessingConfig(**EXACT),
                             ExecutionOptions(output_dir=tmp_path / "gone"), client=cluster).run(manifest_path=gone)

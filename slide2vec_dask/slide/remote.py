@@ -122,15 +122,25 @@ def info(path: RemotePath) -> dict[str, Any]:
     try:
         return fs.info(fs_path)
     except Exception as exc:   # noqa: BLE001 - each store has its own exception types
-        raise access_error(path, "cannot be looked up", exc) from exc
+        failure = access_error(path, "cannot be looked up", exc)
+    raise failure   # outside the handler: no chained library error (aiohttp's do not pickle back from a worker)
 
 
 def access_error(path: str, what: str, exc: BaseException) -> OSError:
-    """An ``OSError`` naming the object and what failed: missing and refused stay what they are."""
+    """An ``OSError`` naming the object and what failed: missing and refused stay what they are.
+
+    The library's error is told in the message, not chained: raise it outside the ``except``."""
     detail = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, FileNotFoundError) or _status(exc) == 404:
+    status = _status(exc)
+    if status in (401, 403) or (status is None and isinstance(exc, PermissionError)):
+        return PermissionError(f"{path}: access denied ({detail}); check the credentials (the environment's, "
+                               "or storage_options) and the bucket's policy")
+    cause = exc.__cause__ or exc.__context__
+    if status == 404 or (isinstance(exc, FileNotFoundError) and (cause is None or isinstance(cause, FileNotFoundError))):
         return FileNotFoundError(f"{path}: no such object ({detail}); check the URL")
-    if isinstance(exc, PermissionError) or _status(exc) in (401, 403):
+    if isinstance(exc, FileNotFoundError):   # fsspec's http says so for a server that did not answer too
+        detail = f"{type(cause).__name__}: {cause}"
+    if isinstance(exc, PermissionError):
         return PermissionError(f"{path}: access denied ({detail}); check the credentials (the environment's, "
                                "or storage_options) and the bucket's policy")
     if isinstance(exc, RemoteAccessError):
@@ -139,11 +149,17 @@ def access_error(path: str, what: str, exc: BaseException) -> OSError:
                              "rerun to retry the slide")
 
 
-def _status(exc: BaseException) -> int | None:
-    for attr in ("status", "code", "status_code"):
-        value = getattr(exc, attr, None)
-        if isinstance(value, int):
-            return value
+def _status(exc: BaseException | None) -> int | None:
+    """The HTTP status behind an error, looking through its causes (fsspec's http turns a 403 into a
+    FileNotFoundError caused by aiohttp's error, which has the status)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for attr in ("status", "code", "status_code"):
+            value = getattr(exc, attr, None)
+            if isinstance(value, int) and 100 <= value < 600:
+                return value
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
@@ -188,8 +204,8 @@ class RemoteFile:
 
     def check(self) -> None:
         """Raise the last failed fetch: a parser that swallows read errors must not hide a server gone."""
-        if self.error is not None:
-            raise self.error
+        if self.error is not None:   # a fresh copy: the original may sit in the parser's error chain
+            raise type(self.error)(*self.error.args)
 
     def _fetch(self, spans: list[tuple[int, int]]) -> list[bytes]:
         if not spans:
@@ -199,11 +215,14 @@ class RemoteFile:
             raise RemoteAccessError(f"{self.path}: bytes {bad[0][0]}-{bad[0][1]} are needed but the object has "
                                     f"{self.size}: it is truncated")
         self.requests += len(spans)
+        failure = None
         try:
             data = self.fs.cat_ranges([self.fs_path] * len(spans), [s for s, _ in spans], [e for _, e in spans],
                                       on_error="raise")
         except Exception as exc:   # noqa: BLE001
-            raise access_error(self.path, f"reading {len(spans)} byte range(s) failed", exc) from exc
+            failure = access_error(self.path, f"reading {len(spans)} byte range(s) failed", exc)
+        if failure is not None:
+            raise failure   # unchained, as in `info`
         for (start, end), chunk in zip(spans, data):
             if isinstance(chunk, BaseException):
                 raise access_error(self.path, f"reading bytes {start}-{end} failed", chunk)

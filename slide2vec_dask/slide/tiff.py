@@ -56,6 +56,7 @@ class TiffReader:
             self._tif = tifffile.TiffFile(self._bytes.handle())
         except Exception:
             self._bytes.close()
+            self._bytes.check()   # the server's failure, if that is what broke the parse
             raise
         try:
             if isinstance(path, remote.RemotePath):
@@ -74,6 +75,7 @@ class TiffReader:
         except Exception:
             self._tif.close()
             self._bytes.close()
+            self._bytes.check()
             raise
         # A reader dropped from the open-slide cache closes its file when it is freed.
         self._closer = weakref.finalize(self, _close_both, self._bytes, self._tif)
