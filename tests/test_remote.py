@@ -323,3 +323,31 @@ def test_s3_server_gone_fails_each_slide_and_a_rerun_after_it_is_back_finishes(f
         _assert_same_tiles(tmp_path / "out" / "embeddings.zarr", local_run.store_path, ["syn", "small"])
     finally:
         server.stop()
+
+
+def test_s3_faults_fail_their_own_slide_and_a_rerun_finishes_them(folder, s3, mean_rgb, cluster, local_run,
+                                                                  tmp_path, monkeypatch):
+    """On S3: a 403 (moto enforcing credentials it does not know), a missing and a truncated object."""
+    import moto.settings
+
+    client = s3.client()
+    data = (folder / "small.svs").read_bytes()
+    client.put_object(Bucket=BUCKET, Key="faults/small.svs", Body=data[: len(data) // 2])
+    manifest = _manifest(tmp_path / "m.csv", {"small": f"s3://{BUCKET}/faults/small.svs",
+                                              "syn": f"s3://{BUCKET}/faults/syn.svs"})
+    run = Pipeline(mean_rgb, PreprocessingConfig(**EXACT),
+                   ExecutionOptions(output_dir=tmp_path / "out", storage_options=s3.storage_options), client=cluster)
+    with monkeypatch.context() as m:
+        m.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        denied = _rows(run.run(manifest_path=manifest))
+    assert {r["error_type"] for r in denied.values()} == {"PermissionError"}
+    assert all("access denied" in r["error"] and "faults/" in r["error"] for r in denied.values()), denied
+    assert S3Server.SECRET not in (tmp_path / "out" / "process_list.csv").read_text()
+    broken = _rows(run.run(manifest_path=manifest))
+    assert broken["small"]["status"] == "failed" and "truncated" in broken["small"]["error"]
+    assert broken["syn"]["error_type"] == "FileNotFoundError" and "no such object" in broken["syn"]["error"]
+    client.upload_file(str(folder / "small.svs"), BUCKET, "faults/small.svs")
+    client.upload_file(str(folder / "syn.svs"), BUCKET, "faults/syn.svs")
+    fixed = _rows(run.run(manifest_path=manifest))
+    assert {r["status"] for r in fixed.values()} == {"success"}
+    _assert_same_tiles(tmp_path / "out" / "embeddings.zarr", local_run.store_path, ["syn", "small"])
