@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from slide2vec_dask.slide import remote
+from slide2vec_dask.slide.dicomweb import series_of
 from slide2vec_dask.slide.remote import RemotePath, is_url, location
 
 REQUIRED = ("sample_id", "image_path")
@@ -198,7 +199,7 @@ def fingerprint(path: str | Path) -> dict[str, Any]:
 def _remote(path: RemotePath) -> dict[str, Any]:
     """The fingerprint of an object at a URL, without reading it whole: its size and the digest
     of its first and last 64 KiB (two range requests), and the store's version tag."""
-    if path.protocol.startswith("dicomweb"):   # a DICOMweb series: its identity is its UIDs
+    if series_of(path) is not None:   # a DICOMweb series: its UIDs name it, and DICOM never reuses a UID
         return {"size": 0, "mtime_ns": 0, "digest": hashlib.blake2b(str(path).encode(), digest_size=16).hexdigest()}
     source = remote.RemoteFile(path)
     size = source.size
