@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from slide2vec_dask.slide import remote
 from slide2vec_dask.slide.dicomweb import series_of
+from slide2vec_dask.slide.omezarr import is_zarr_name, metadata
 from slide2vec_dask.slide.remote import RemotePath, is_url, location
 
 REQUIRED = ("sample_id", "image_path")
@@ -201,6 +202,16 @@ def _remote(path: RemotePath) -> dict[str, Any]:
     of its first and last 64 KiB (two range requests), and the store's version tag."""
     if series_of(path) is not None:   # a DICOMweb series: its UIDs name it, and DICOM never reuses a UID
         return {"size": 0, "mtime_ns": 0, "digest": hashlib.blake2b(str(path).encode(), digest_size=16).hexdigest()}
+    if is_zarr_name(path):   # an OME-Zarr: many chunk objects; its metadata names the levels
+        try:
+            meta = metadata(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:   # noqa: BLE001
+            failure = remote.access_error(path, "its Zarr metadata could not be read", exc)
+        else:
+            return {"size": len(meta), "mtime_ns": 0, "digest": hashlib.blake2b(meta, digest_size=16).hexdigest()}
+        raise failure
     source = remote.RemoteFile(path)
     size = source.size
     edges = [(0, min(size, _EDGE))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slide2vec_dask.slide import registry, remote
+from slide2vec_dask.slide import omezarr, registry, remote
 from slide2vec_dask.slide.base import Slide, UnreadableSlideError, make_reader
 
 
@@ -15,7 +15,7 @@ def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: floa
     ``backend="auto"`` asks every installed reader (`slide.registry`) how well
     it reads the file and takes the best: tifffile for SVS, generic TIFF and
     OME-TIFF (fast tile decoding), OpenSlide for everything else.  A DICOM WSI
-    folder opens through OpenSlide.  ``spacing_at_level_0`` (µm/px) overrides
+    folder opens through OpenSlide, an OME-Zarr folder through zarr.  ``spacing_at_level_0`` (µm/px) overrides
     what the file says.
 
     A URL (``s3://``, ``gs://``, ``https://``..., any fsspec protocol; ``dicomweb+https://``
@@ -27,7 +27,9 @@ def open_slide(path: str | Path, backend: str = "auto", spacing_at_level_0: floa
         return Slide(path, make_reader(path, backend), spacing_at_level_0)
     if not path.exists():
         raise FileNotFoundError(f"slide not found: {path}")
-    if path.is_dir():
+    if path.is_dir() and omezarr.is_zarr_folder(path):   # an OME-Zarr is a folder too
+        backend = "omezarr" if backend == "auto" else backend
+    elif path.is_dir():
         path, backend = _folder_slide(path, backend)
     return Slide(path, make_reader(path, backend), spacing_at_level_0)
 

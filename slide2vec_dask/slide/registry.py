@@ -30,6 +30,7 @@ _BUILTIN = {
     "cucim": "slide2vec_dask.slide.cucim_backend",
     "asap": "slide2vec_dask.slide.asap_backend",
     "dicomweb": "slide2vec_dask.slide.dicomweb",
+    "omezarr": "slide2vec_dask.slide.omezarr",
 }
 ENTRY_POINT_GROUP = "slide2vec_dask.readers"
 #: A claim this high ends the search (the tifffile backend on the TIFFs it decodes natively).
