@@ -156,9 +156,9 @@ class DelayProxy:
     Chunks are stamped when read and sent when due, so latency is added without limiting throughput.
     """
 
-    def __init__(self, target_port: int, rtt_s: float):
+    def __init__(self, target_port: int, rtt_s: float, port: int = 0):
         self.target_port, self.delay = target_port, rtt_s / 2
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port = self._listener.getsockname()[1]
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
