@@ -237,7 +237,11 @@ def test_wait_for_workers_script(tmp_path, gpu, expect_ok):
 VOLUMES = [{"name": "data", "persistentVolumeClaim": {"claimName": "slide2vec-data"}}]
 MOUNTS = [{"name": "data", "mountPath": "/data"}]
 ENV = [{"name": "HF_HOME", "value": "/data/hf-cache"},
-       {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}}]
+       {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}},
+       {"name": "AWS_ACCESS_KEY_ID",
+        "valueFrom": {"secretKeyRef": {"name": "slide-bucket", "key": "access_key_id", "optional": True}}},
+       {"name": "AWS_SECRET_ACCESS_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "slide-bucket", "key": "secret_access_key", "optional": True}}}]
 
 
 def test_generated_specs_match_the_crds(crd_validators, kube_validate):

@@ -14,8 +14,12 @@ encoder — in a fresh subprocess; tiles / wall seconds of that call.  The slide
 (``--shape``, default 12000 x 10000, JPEG q90, 240 px tiles, levels x1 x4 x16) is written by
 `testing.write_svs`; the DICOMweb series is its wsidicomizer conversion.
 
-The servers run outside the timed process: moto's S3 as a ``moto_server`` subprocess, Orthanc
-as started by tests/servers/start-orthanc.sh.  Latency is added by `testing.servers.DelayProxy`
+The servers run outside the timed process: moto's S3 as a ``moto_server`` subprocess, a plain
+HTTP range server (`testing.servers.RangeServer`) in its own subprocess, Orthanc as started by
+tests/servers/start-orthanc.sh.  moto answers every ranged GET by reading (and copying) the
+whole object under a lock, so its rows measure moto more than the reader; the HTTP rows
+are the same range requests against a server that reads only the range (what S3, GCS and
+any CDN do), i.e. the reader's own cost.  Latency is added by `testing.servers.DelayProxy`
 (half the round trip each way, chunks stamped when read and sent when due, so throughput is
 not capped), run in its own subprocess in front of each server.  Rows are interleaved (every
 source x latency, then again) so machine noise hits all alike; medians (min..max).
@@ -140,6 +144,8 @@ def main() -> None:
     ap.add_argument("--latencies", type=float, nargs="+", default=(0, 10, 50), help="added round trip, ms")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sources", nargs="+", default=("local", "http", "s3", "dicomweb"),
+                    help="which kinds of rows to run")
     ap.add_argument("--child", metavar="SLIDE")
     ns = ap.parse_args()
     if ns.child:
@@ -161,6 +167,11 @@ def main() -> None:
         boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id="bench",
                      aws_secret_access_key="bench", region_name="us-east-1").upload_file(str(slide), "bench",
                                                                                       slide.name)
+        http_port = free_port()
+        code = (f"import time; from slide2vec_dask.testing.servers import RangeServer; "
+                f"RangeServer({str(slide.parent)!r}, port={http_port}); time.sleep(1e9)")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=ENV))
+        wait_for(http_port)
         orthanc = upload_to_orthanc(dicom) if dicom is not None else None
         if orthanc is None:
             print("no Orthanc running (tests/servers/start-orthanc.sh): DICOMweb rows skipped", flush=True)
@@ -169,6 +180,11 @@ def main() -> None:
         if dicom is not None:
             sources["local dicom"] = (str(dicom), None)
         for rtt in ns.latencies:
+            port = http_port
+            if rtt:
+                proc, port = start_proxy(http_port, rtt)
+                procs.append(proc)
+            sources[f"http +{rtt:g} ms"] = (f"http://127.0.0.1:{port}/{slide.name}", None)
             port = s3_port
             if rtt:
                 proc, port = start_proxy(s3_port, rtt)
@@ -183,6 +199,7 @@ def main() -> None:
                     procs.append(proc)
                 sources[f"dicomweb +{rtt:g} ms"] = (f"dicomweb+http://127.0.0.1:{port}/{orthanc[1]}", None)
 
+        sources = {k: v for k, v in sources.items() if k.split()[0] in ns.sources}
         rows: dict[str, list[dict]] = {}
         for r in range(ns.repeats):
             for name, (where, options) in sources.items():
@@ -213,7 +230,7 @@ def main() -> None:
               f" | {ratio:.2f}")
         table.append({"source": name, "tiles": ok[0]["tiles"], "tps": tps, "median_tps": statistics.median(tps),
                       "vs_local": ratio})
-    for kind, local in (("s3", "local svs"), ("dicomweb", "local dicom")):
+    for kind, local in (("http", "local svs"), ("s3", "local svs"), ("dicomweb", "local dicom")):
         at10, base = median(f"{kind} +10 ms"), median(local)
         if at10 and base:
             verdict = "met" if at10 / base >= 0.7 else "NOT met"
