@@ -416,7 +416,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
+        from slide2vec_dask.slide.remote import redacted
+
         check_run(*sections)  # what is printed is what `run` would accept
+        if isinstance(cfg.get("execution"), dict) and cfg["execution"].get("storage_options"):
+            cfg["execution"]["storage_options"] = redacted(cfg["execution"]["storage_options"])
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return EXIT_OK
     manifest, preprocessing, execution, cluster = sections

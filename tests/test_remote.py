@@ -351,3 +351,50 @@ def test_s3_faults_fail_their_own_slide_and_a_rerun_finishes_them(folder, s3, me
     fixed = _rows(run.run(manifest_path=manifest))
     assert {r["status"] for r in fixed.values()} == {"success"}
     _assert_same_tiles(tmp_path / "out" / "embeddings.zarr", local_run.store_path, ["syn", "small"])
+
+
+def test_a_mask_at_a_url_is_read_in_place(folder, http, mean_rgb):
+    """mask_path may be a URL too: the same tiles as with the local mask."""
+    mask = testing.tissue_mask(1344, 1792, [(0, 0, 672, 1792)])   # the top half only
+    testing.write_label_mask(folder / "small.mask.tif", mask)
+    config = PreprocessingConfig(**EXACT)
+    local = mean_rgb.embed_slide(folder / "small.svs", mask_path=folder / "small.mask.tif", preprocessing=config)
+    remote_run = mean_rgb.embed_slide(f"{http.url}/small.svs", mask_path=f"{http.url}/small.mask.tif",
+                                      preprocessing=config)
+    unmasked = mean_rgb.embed_slide(folder / "small.svs", preprocessing=config)
+    assert local.num_tiles > 0 and local.num_tiles != unmasked.num_tiles   # the mask, not the HSV threshold
+    np.testing.assert_array_equal(remote_run.y, local.y)
+    np.testing.assert_array_equal(remote_run.tile_embeddings.numpy(), local.tile_embeddings.numpy())
+
+
+@pytest.mark.slow
+def test_cli_run_over_s3_with_storage_options_in_the_yaml(folder, s3, tmp_path):
+    """`slide2vec-dask run` with a manifest of s3:// URLs and execution.storage_options; the secret is
+    neither printed (--print-config) nor written."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "slides.csv").write_text(f"sample_id,image_path\nsmall,s3://{BUCKET}/cohort/small.svs\n")
+    cfg = {"manifest": "slides.csv", "model": {"timm": "vit_tiny_patch16_224"},
+           "preprocessing": {"tissue_threshold": 0.5, "segmentation": {"mthresh": 0}},
+           "execution": {"output_dir": "out", "batch_size": 16, "num_workers": 2,
+                         "storage_options": s3.storage_options}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "slide2vec_dask.cli", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=280)
+
+    printed = cli("run", config, "--print-config")
+    assert printed.returncode == 0 and S3Server.SECRET not in printed.stdout and "endpoint_url" in printed.stdout
+    result = cli("run", config, "--cluster", "local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert S3Server.SECRET not in result.stdout + result.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "process_list.csv").open()))
+    assert rows[0]["status"] == "success" and rows[0]["image_path"] == f"s3://{BUCKET}/cohort/small.svs"
+    written = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert S3Server.SECRET.encode() not in written

@@ -94,6 +94,17 @@ class RemotePath(str):
         return RemotePath(str(self).rstrip("/") + "/" + name, self.storage_options)
 
 
+_SECRET = re.compile(r"secret|key|token|password|credential|auth", re.IGNORECASE)
+
+
+def redacted(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``storage_options`` fit to print: values whose names say secret (key, token...) hidden."""
+    if options is None:
+        return None
+    return {k: (redacted(v) if isinstance(v, Mapping) else "<hidden>" if _SECRET.search(str(k)) else v)
+            for k, v in options.items()}
+
+
 def location(value: Any, storage_options: Mapping[str, Any] | None = None) -> Path | RemotePath:
     """A local `Path`, or a `RemotePath` with ``storage_options`` (those it has already win)."""
     if isinstance(value, RemotePath):
