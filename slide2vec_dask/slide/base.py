@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
@@ -288,13 +289,18 @@ _OPEN_LOCK = threading.Lock()
 #: Open handles a process keeps (least recently used go): a worker of a cohort run meets
 #: thousands of slides, and open files are a limited resource (often 1024 per process).
 MAX_OPEN_SLIDES = 64
+#: Seconds between checks that a cached slide at a URL is still the object it parsed (one HEAD).
+RECHECK_S = 30.0
+_CHECKED: dict[tuple, float] = {}
 
 
 def reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
     """Unpickle a `Slide`: one open handle per process and file, shared by tasks.
 
-    A slide at a URL is parsed once per process too (its header is requests away); which
-    version of the object it is, is the fingerprint's business (checked when it is planned).
+    A slide at a URL is parsed once per process too (its header is requests away); a reader
+    that can tell (`is_current`) is asked, at most every `RECHECK_S`, whether the object is
+    still the one it parsed, so a long-lived worker never lays an old header over a replaced
+    object's bytes.
     """
     p = remote.location(path)
     if isinstance(p, remote.RemotePath):
@@ -306,9 +312,19 @@ def reopen(path: str, backend: str, spacing_at_level_0: float | None) -> Slide:
         slide = _OPEN.get(key)
         if slide is not None:
             _OPEN.move_to_end(key)
+            due = isinstance(p, remote.RemotePath) and time.monotonic() - _CHECKED.get(key, 0.0) > RECHECK_S
+            if due:
+                _CHECKED[key] = time.monotonic()
+    if slide is not None:
+        current = getattr(slide._reader, "is_current", None)
+        if not due or current is None or current():
             return slide
+        with _OPEN_LOCK:
+            if _OPEN.get(key) is slide:
+                del _OPEN[key]
     slide = Slide(p, make_reader(p, backend), spacing_at_level_0)   # outside the lock: opening parses the file
     with _OPEN_LOCK:
+        _CHECKED.setdefault(key, time.monotonic())
         slide = _OPEN.setdefault(key, slide)
         _OPEN.move_to_end(key)
         while len(_OPEN) > MAX_OPEN_SLIDES:

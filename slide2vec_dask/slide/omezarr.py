@@ -9,6 +9,7 @@ axes (``t``, ``z``) are taken at their first index.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -31,7 +32,8 @@ class OmeZarrReader:
 
         self.path = path
         if isinstance(path, RemotePath):
-            group = zarr.open_group(str(path), mode="r", storage_options=path.storage_options or None)
+            options = copy.deepcopy(path.storage_options) or None   # the drivers edit nested options in place
+            group = zarr.open_group(str(path), mode="r", storage_options=options)
         else:
             group = zarr.open_group(str(path), mode="r")
         attrs = dict(group.attrs)
@@ -112,7 +114,7 @@ def metadata(path: RemotePath) -> bytes:
     remote OME-Zarr hashes (its chunks are many small objects; the metadata names the levels)."""
     from fsspec.core import url_to_fs
 
-    fs, root = url_to_fs(str(path), **path.storage_options)
+    fs, root = url_to_fs(str(path), **copy.deepcopy(path.storage_options))
     for name in ("zarr.json", ".zattrs"):
         try:
             return fs.cat_file(f"{root.rstrip('/')}/{name}")

@@ -17,6 +17,7 @@ rerun retries it.
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 import threading
@@ -121,7 +122,7 @@ def filesystem(path: RemotePath):
     from fsspec.core import url_to_fs
 
     try:
-        return url_to_fs(str(path), **path.storage_options)
+        return url_to_fs(str(path), **copy.deepcopy(path.storage_options))   # s3fs edits nested options in place
     except ImportError as exc:
         raise ImportError(f"{path}: reading {path.protocol}:// needs fsspec's driver for it ({exc}); e.g. "
                           "pip install s3fs (s3://), gcsfs (gs://), aiohttp (https://)") from exc
@@ -265,6 +266,13 @@ class RemoteFile:
     def handle(self) -> "_HeaderReader":
         """A seekable binary file for parsers (tifffile): cached blocks, for headers and directories."""
         return _HeaderReader(self)
+
+    def is_current(self) -> bool:
+        """Whether the object is still the one opened (size, ETag / generation...): one HEAD request."""
+        try:
+            return identity(self.path) == identity(self.path, self.info)
+        except OSError:
+            return True   # unreachable now: the next read says so, with its own error
 
     def close(self) -> None:
         pass

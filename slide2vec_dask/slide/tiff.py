@@ -182,6 +182,10 @@ class TiffReader:
             return _ycbcr_to_rgb(seg)
         return seg[..., :3]
 
+    def is_current(self) -> bool:
+        """Whether the file is still the one parsed (at a URL: the store's size and version tag)."""
+        return self._bytes.is_current()
+
     def close(self) -> None:
         self._closer()
 
@@ -210,6 +214,9 @@ class _LocalFile:
 
     def check(self) -> None:
         pass
+
+    def is_current(self) -> bool:
+        return True   # a local file's identity is in the open-slide cache's key (size, mtime)
 
     def close(self) -> None:
         if self._fd is not None:
