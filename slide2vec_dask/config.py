@@ -20,10 +20,11 @@ from typing import Any, Mapping
 from slide2vec_dask.compat import sections
 from slide2vec_dask.slide.registry import backend_names
 from slide2vec_dask.slide.remote import is_url
+from slide2vec_dask.tissue import ARTIFACT_MODES, ARTIFACT_SPACINGS, LEARNED_METHODS
 
 BACKENDS = backend_names()   # the reader registry is the one list (slide/registry.py)
 PRECISIONS = ("fp16", "bf16", "fp32")
-SEGMENTATION_METHODS = ("hsv", "otsu", "threshold")
+SEGMENTATION_METHODS = ("hsv", "otsu", "threshold", *LEARNED_METHODS)   # learned ones: slide2vec_dask.tissue
 
 
 def output_formats() -> tuple[str, ...]:
@@ -52,6 +53,21 @@ SEGMENTATION_DEFAULTS: dict[str, Any] = {
     "sthresh_up": 255,     # the value tissue takes in the mask
     "mthresh": 7,          # otsu / threshold: median blur size (odd; 0 or 1: none)
     "close": 4,            # morphological closing size in mask pixels, 0 = off
+    # learned methods (hest, grandqc, sam2) and the artefact pass: README "Learned tissue masks"
+    "model_spacing_um": None,       # µm/px the model reads at; None: its publisher's (1, 10, 8)
+    "patch_size": None,             # hest / grandqc input side; None: 512
+    "overlap": 0,                   # px neighbouring patches share (their scores averaged)
+    "confidence_threshold": 0.5,    # probability above which a pixel is tissue
+    "batch_size": 8,                # patches per forward pass
+    "device": "auto",               # auto (the worker's GPU, else CPU), cpu, cuda, cuda:N
+    "checkpoint_path": None,        # hest / grandqc weights file; None: the hub (cache first)
+    "sam2_checkpoint_path": None,   # slide2vec / hs2p names for SAM2
+    "sam2_config_path": None,
+    "sam2_device": None,            # None: `device`
+    "sam2_num_workers": None,       # at most this many slides in SAM2 at once per worker
+    "artifacts": None,              # None, "all" or "pen": GrandQC artefacts removed from the mask
+    "artifacts_spacing_um": 1.0,    # 1, 1.5 or 2: which GrandQC artefact model
+    "artifacts_checkpoint_path": None,
 }
 FILTERING_DEFAULTS: dict[str, Any] = {
     "ref_tile_size": None,  # side (px at the requested spacing) of the area unit; None: the tile size
@@ -194,7 +210,43 @@ _SEGMENTATION_CHECKS = {
     "sthresh_up": lambda n, v: check_int(n, v, 1, 255),
     "mthresh": _odd,
     "close": lambda n, v: check_int(n, v, 0, 255),
+    "model_spacing_um": lambda n, v: check_number(n, v, *SPACING_RANGE_UM, optional=True),
+    "patch_size": lambda n, v: check_int(n, v, 32, 4096, optional=True),
+    "overlap": lambda n, v: check_int(n, v, 0, 4095),
+    "confidence_threshold": lambda n, v: check_number(n, v, 0, 1),
+    "batch_size": lambda n, v: check_int(n, v, 1, 1024),
+    "device": lambda n, v: _device(n, v),
+    "checkpoint_path": lambda n, v: _path_str(n, v),
+    "sam2_checkpoint_path": lambda n, v: _path_str(n, v),
+    "sam2_config_path": lambda n, v: _path_str(n, v),
+    "sam2_device": lambda n, v: None if v is None else _device(n, v),
+    "sam2_num_workers": lambda n, v: check_int(n, v, 1, 1024, optional=True),
+    "artifacts": lambda n, v: check_choice(n, v, ARTIFACT_MODES, optional=True),
+    "artifacts_spacing_um": lambda n, v: _artifact_spacing(n, v),
+    "artifacts_checkpoint_path": lambda n, v: _path_str(n, v),
 }
+
+
+def _device(name: str, value: Any) -> str:
+    if isinstance(value, str) and (value in ("auto", "cpu", "cuda") or (
+            value.startswith("cuda:") and value[5:].isdigit())):
+        return value
+    raise ValueError(f"{name} must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got {shown(value)}")
+
+
+def _artifact_spacing(name: str, value: Any) -> float:
+    """GrandQC publishes artefact models at 1, 1.5 and 2 µm/px only."""
+    if check_number(name, value) not in ARTIFACT_SPACINGS:
+        raise ValueError(f"{name} must be one of {', '.join(f'{s:g}' for s in ARTIFACT_SPACINGS)} "
+                         f"(GrandQC's artefact models), got {shown(value)}")
+    return float(value)
+
+
+def _path_str(name: str, value: Any) -> str | None:
+    """A path kept as text: the segmentation options are saved with each plan (JSON)."""
+    return None if check_path(name, value) is None else str(value)
+
+
 _FILTERING_CHECKS = {
     "ref_tile_size": lambda n, v: check_int(n, v, 1, TILE_SIZE_RANGE_PX[1], optional=True),
     "a_t": lambda n, v: check_number(n, v, 0),

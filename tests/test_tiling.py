@@ -293,15 +293,20 @@ SLIDE2VEC_DEFAULTS = Path("/tmp/s2v/slide2vec-7.1.4/slide2vec/configs/default.ya
 
 def test_segmentation_and_filtering_keys_and_defaults_are_slide2vecs():
     """The keys are hs2p's (so slide2vec's YAML maps onto them one to one) and the defaults slide2vec's
-    (SAM2's keys aside: no SAM2 here); ``ref_tile_size`` None is slide2vec's ``${requested_tile_size_px}``."""
+    (SAM2's device aside: None follows ``segmentation.device``, the worker's GPU when it has one; the
+    learned methods' own keys come on top); ``ref_tile_size`` None is slide2vec's
+    ``${requested_tile_size_px}``."""
     if not SLIDE2VEC_DEFAULTS.is_file():
         pytest.skip(f"slide2vec 7.1.4's sdist is not unpacked at {SLIDE2VEC_DEFAULTS}")
     import yaml
 
     tiling = yaml.safe_load(SLIDE2VEC_DEFAULTS.read_text())["tiling"]
     config = PreprocessingConfig()
-    seg = {k: v for k, v in tiling["seg_params"].items() if not k.startswith("sam2_")}
-    assert config.segmentation == seg
+    theirs = tiling["seg_params"]
+    assert set(theirs) <= set(config.segmentation)
+    assert {k: config.segmentation[k] for k in theirs if k != "sam2_device"} == {
+        k: v for k, v in theirs.items() if k != "sam2_device"}
+    assert theirs["sam2_device"] == "cpu" and config.segmentation["sam2_device"] is None
     filt = dict(tiling["filter_params"], ref_tile_size=None)
     assert config.filtering == filt
     assert config.tissue_threshold == tiling["masks"]["min_coverage"]["tissue"]
@@ -311,7 +316,7 @@ def test_segmentation_and_filtering_keys_and_defaults_are_slide2vecs():
 @pytest.mark.parametrize("field,value,message", [
     ("segmentation", {"mthresh": 4}, "odd"),
     ("segmentation", {"threshold": 220}, "unknown key"),
-    ("segmentation", {"method": "sam2"}, "hsv"),
+    ("segmentation", {"method": "sam3"}, "sam2"),
     ("filtering", {"max_n_holes": 8}, "unknown key"),
     ("filtering", {"qc_spacing_um": 0}, "qc_spacing_um"),
     ("filtering", {"filter_blur": "yes"}, "true or false"),

@@ -47,6 +47,7 @@ from typing import Any, Callable
 from slide2vec_dask.dataflow import tasks, worker
 from slide2vec_dask.results import SlideOutcome
 from slide2vec_dask.telemetry import RunTelemetry, Timed, timed_block, timed_read
+from slide2vec_dask.tissue.run import uses_model
 
 
 @dataclass
@@ -200,7 +201,7 @@ class Driver:
             planner = getattr(self.sink, "plan_task", None)   # units other than slides: the sink plans them
             task = planner(item, self.tile_spec) if planner is not None else Task(tasks.plan_task, (
                 item, self.tile_spec, self.config, self.ex.output_dir, self.sink.store, self.config.use_supertiles,
-                self.sink.keeps_plans, self.sink.qc_dir))
+                self.sink.keeps_plans, self.sink.qc_dir), gpu=uses_model(self.config.segmentation))   # learned masks: a GPU task
             self._submit("plan", item.sample_id, task, key=self._key("plan", item.sample_id))
 
     # -- tile stage ------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from slide2vec_dask.exporters._outline import outline
 from slide2vec_dask.exporters.registry import ExportFormat
 from slide2vec_dask.slide.open import open_slide
 from slide2vec_dask.tiling.plan import tissue_mask
+from slide2vec_dask.tissue.run import load_mask, mask_file
 
 FORMAT = ExportFormat("geojson", roots=("geojson",), layout=1)
 TISSUE_COLOR = [80, 160, 80]
@@ -52,7 +53,8 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
     if grid.layout == "free" and "config" not in grid.meta:   # peer coordinates: no tissue mask of ours to draw
         return [], "none"
     try:
-        mask, (height, width) = _plan_mask(grid, src.sample_id)
+        saved = mask_file(Path(src.store.output_dir) / "coordinates" / f"{src.sample_id}.npz")
+        mask, (height, width) = _plan_mask(grid, src.sample_id, saved)
         sy, sx = height / mask.shape[0], width / mask.shape[1]
         drawn = "tissue mask"
     except (OSError, ValueError, KeyError) as exc:
@@ -67,11 +69,13 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
     return [[[[_num(cx * sx), _num(cy * sy)] for cx, cy in ring] for ring in poly] for poly in outline(mask)], drawn
 
 
-def _plan_mask(grid, sample_id: str):
+def _plan_mask(grid, sample_id: str, saved: Path | None = None):
     """The plan's tissue mask (segmentation resolution) and the slide's level-0 (height, width)."""
     config = grid.meta["config"]
     slide = open_slide(grid.meta["image_path"], backend=config.get("backend", "auto"),
                        spacing_at_level_0=grid.slide_spacing_um)
+    if saved is not None and saved.is_file():   # a learned mask, saved with the plan: not run again
+        return load_mask(saved), slide.level_shapes[0]
     _, mask = tissue_mask(slide, config["segmentation"], config["filtering"], spacing_um=grid.requested_spacing_um,
                           mask_path=grid.meta.get("mask_path"), sample_id=sample_id,
                           tile_size_px=grid.requested_tile_size_px,

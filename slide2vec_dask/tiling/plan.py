@@ -26,6 +26,8 @@ from slide2vec_dask.tiling.peers import archive_plan, coordinates_file, is_own_p
 from slide2vec_dask.tiling.preview import save_mask_preview, save_tiling_preview
 from slide2vec_dask.tiling.tile_list import TileList, check_inside, load_plan
 from slide2vec_dask.tiling.tile_qc import filter_tiles
+from slide2vec_dask.tissue import LEARNED_METHODS
+from slide2vec_dask.tissue.run import learned_tissue_mask, mask_file, remove_artifacts, save_mask, uses_model
 
 if TYPE_CHECKING:   # tiling reads a config's fields and never builds one; `config` sits above the
     # store and the exporters (it checks output formats against them), which sit above tiling.
@@ -39,6 +41,7 @@ class Plan:
     grid: Any
     mask_preview_path: Path | None = None
     tiling_preview_path: Path | None = None
+    learned_mask: np.ndarray | None = None   # a model's mask (learned methods): saved next to the plan
 
 
 def resolve_request(spec, config: PreprocessingConfig, strict: bool = True) -> tuple[float | None, int]:
@@ -71,6 +74,8 @@ def plan_for(item: SlideInput, spec, config: PreprocessingConfig, output_dir: st
         plan.grid.meta.update(slide_fingerprints(item.image_path, item.mask_path))
     if out is not None:  # every run's output holds the plans it used
         plan.grid.save(out / "coordinates" / f"{item.sample_id}.npz")
+        if plan.learned_mask is not None:
+            save_mask(plan.learned_mask, mask_file(out / "coordinates" / f"{item.sample_id}.npz"))
     return slide, plan
 
 
@@ -201,7 +206,7 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
         grid = TileGrid(**geometry, tissue_threshold=config.tissue_threshold,
                         tissue_fraction=fraction.reshape(rows, cols), keep=keep.reshape(rows, cols), meta=meta,
                         region_tile_multiple=config.region_multiple(tile_size_px))
-    plan = Plan(grid)
+    plan = Plan(grid, learned_mask=kept_tissue(tissue.contours) > 0 if uses_model(config.segmentation) else None)
     prev = config.preview
     if prev["save_mask_preview"] or prev["save_tiling_preview"]:
         if preview_dir is None:
@@ -233,8 +238,12 @@ def find_tissue(slide: Slide, seg: dict, filt: dict, *, spacing_um: float, tile_
     if mask_path is not None:
         check_budget(slide, level, sample_id)
         mask = read_mask_file(mask_path, slide.level_shapes[level], sample=sample_id)
+    elif seg["method"] in LEARNED_METHODS:   # hest, grandqc, sam2: slide2vec_dask.tissue
+        mask = learned_tissue_mask(slide, seg, slide.level_shapes[level], sample_id).astype(np.uint8) * 255
     else:
         mask = segment_level(slide, level, seg, sample=sample_id)
+    if seg["artifacts"] is not None:   # GrandQC's artefacts removed from any method's mask
+        mask = np.where(remove_artifacts(slide, seg, mask > 0, sample_id), mask, 0).astype(mask.dtype)
     ref = filt["ref_tile_size"] if filt["ref_tile_size"] is not None else tile_size_px
     min_area = min_contour_area(mask.shape, slide.dimensions, a_t=filt["a_t"], ref_tile_size_px=ref,
                                 requested_spacing_um=spacing_um, spacings=slide.level_spacings,
