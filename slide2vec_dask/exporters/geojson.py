@@ -53,7 +53,8 @@ def tissue_polygons(src: TileSource) -> tuple[list, str]:
     if grid.layout == "free" and "config" not in grid.meta:   # peer coordinates: no tissue mask of ours to draw
         return [], "none"
     try:
-        saved = mask_file(Path(src.store.output_dir) / "coordinates" / f"{src.sample_id}.npz")
+        store = getattr(src, "store", None)   # a learned mask is saved next to the plan, in the run's output
+        saved = None if store is None else mask_file(Path(store.output_dir) / "coordinates" / f"{src.sample_id}.npz")
         mask, (height, width) = _plan_mask(grid, src.sample_id, saved)
         sy, sx = height / mask.shape[0], width / mask.shape[1]
         drawn = "tissue mask"
