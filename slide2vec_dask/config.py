@@ -225,6 +225,11 @@ class PreprocessingConfig:
     region_tile_multiple: int | None = None
     requested_region_size_px: int | None = None
     spacing_tolerance: float = 0.05
+    #: A slide read at a finer level than asked (a 40x slide at 20x: no 20x level): decode its JPEG
+    #: tiles straight at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling; JPEG 2000: a reduced wavelet level)
+    #: instead of in full and then resizing.  None: wherever the codec can; True: the same, with a
+    #: warning where it cannot; False: never (README "40x slides").
+    scaled_decode: bool | None = None
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKENDS)
@@ -234,6 +239,8 @@ class PreprocessingConfig:
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
         for name in ("use_supertiles", "resume", "on_the_fly"):
             check_bool(name, getattr(self, name))
+        if self.scaled_decode is not None:
+            check_bool("scaled_decode", self.scaled_decode)
         for name in ("read_coordinates_from", "read_tiles_from"):
             check_path(name, getattr(self, name))
         if self.read_coordinates_from is not None and self.read_tiles_from is not None:

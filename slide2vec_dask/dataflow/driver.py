@@ -221,7 +221,7 @@ class Driver:
         # (without GPUs it is one task: read and embed where the block is decoded, nothing moves)
         self._submit("block", plan.sample_id, Task(tasks.embed_block, (pixels, plan.cuts(block),
                                                                       plan.kept_in_block(block)), dict(
-            spec=self.tile_spec, read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
+            spec=self.tile_spec, read_tile=plan.cut_tile, settings=self.settings, archive_tile=plan.archive_tile,
             store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True),
             key=self._key("embed", *tag), block=block)
         state.running += 1

@@ -142,6 +142,37 @@ class Slide:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._reader.read(level, y0, x0, y1 - y0, x1 - x0)
         return out
 
+    def decode_scales(self, level: int) -> tuple[int, ...]:
+        """The reduced scales (of 2, 4, 8) at which the backend decodes ``level`` straight from the
+        file's codec, largest first (`read_level_scaled`); ``()`` when it decodes in full only."""
+        scales = getattr(self._reader, "decode_scales", None)
+        return tuple(scales(level)) if scales is not None else ()
+
+    def read_level_scaled(self, level: int, y: int, x: int, height: int, width: int, scale: int) -> np.ndarray:
+        """`read_level` at 1/``scale``: ``(ceil(height / scale), ceil(width / scale), 3)``, decoded at that
+        scale by the codec (never in full, then reduced); ``y`` and ``x`` multiples of ``scale``.
+
+        Pixels outside the level are white.  ValueError when ``scale`` is not in `decode_scales`.
+        """
+        if scale == 1:
+            return self.read_level(level, y, x, height, width)
+        if scale not in self.decode_scales(level) or y % scale or x % scale:
+            raise ValueError(f"{self.path}: level {level} cannot be decoded at 1/{scale} from ({y}, {x}) "
+                             f"(it decodes at {self.decode_scales(level) or 'full scale only'})")
+        lh, lw = self._reader.level_shapes[level]
+        # the level's own pixels, cut to whole reduced pixels (a ragged level edge goes white)
+        lh, lw = lh - lh % scale, lw - lw % scale
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + height, lh), min(x + width, lw)
+        if (y0, x0, y1, x1) == (y, x, y + height, x + width) and not height % scale and not width % scale:
+            return self._reader.read_scaled(level, y, x, height, width, scale)
+        out = np.full((-(-height // scale), -(-width // scale), 3), 255, dtype=np.uint8)
+        if y1 > y0 and x1 > x0:
+            part = self._reader.read_scaled(level, y0, x0, y1 - y0, x1 - x0, scale)
+            oy, ox = (y0 - y) // scale, (x0 - x) // scale
+            out[oy : oy + part.shape[0], ox : ox + part.shape[1]] = part
+        return out
+
     def to_dask(self, level: int = 0, chunks: int | tuple[int, int] = 2048,
                 shape: tuple[int, int] | None = None):
         """The level as a lazy ``(height, width, 3)`` uint8 dask array.
