@@ -83,16 +83,16 @@ def block_layout(plan, use_supertiles: bool, block_px: int = DEFAULT_BLOCK_PX):
     return k, mask, [(int(i), int(j)) for i, j in zip(*np.nonzero(counts))], None
 
 
-def decode_scale(slide, plan, wanted: bool | None, free_reads=None) -> int:
-    """1, or the scale (2, 4, 8) at which a plan's blocks are decoded (``scaled_decode``: None or True).
+def decode_scale(slide, plan, wanted: bool, free_reads=None) -> int:
+    """1, or the scale (2, 4, 8) at which a plan's blocks are decoded when ``wanted`` (``scaled_decode``).
 
     Taken when the read tile is about that many times the requested one (within `SCALE_SLACK`),
     the slide's backend decodes the read level at that scale (`Slide.decode_scales`: the tifffile
     backend on JPEG and JPEG 2000 tiles) and every block and tile starts on a whole reduced pixel
     (the read tile, and for free positions ``free_reads``' windows and corners, multiples of it).
-    Where it cannot, the slide is decoded in full (exactly), with a warning when ``wanted`` is True.
+    Where it cannot, a warning says so and the slide is decoded in full, exactly.
     """
-    if wanted is False or slide is None or plan.read_tile_size_px <= plan.requested_tile_size_px:
+    if not wanted or slide is None or plan.read_tile_size_px <= plan.requested_tile_size_px:
         return 1
     ratio = plan.read_tile_size_px / plan.requested_tile_size_px
     fitting = [s for s in (8, 4, 2) if ratio >= s * (1 - SCALE_SLACK)]
@@ -107,10 +107,9 @@ def decode_scale(slide, plan, wanted: bool | None, free_reads=None) -> int:
            if any(s in scales for s in fitting) else
            f"the {slide.backend} backend cannot decode level {plan.level} at reduced scale (only JPEG and "
            "JPEG 2000 tiles through the tifffile backend can)")
-    if wanted:
-        warnings.warn(f"{slide.path}: scaled_decode=True, but {why}; its tiles are decoded in full and resized",
-                      RuntimeWarning, stacklevel=2)
-        log.warning("%s: scaled_decode ignored: %s", slide.path, why)
+    warnings.warn(f"{slide.path}: scaled_decode=True, but {why}; its tiles are decoded in full and resized",
+                  RuntimeWarning, stacklevel=2)
+    log.warning("%s: scaled_decode ignored: %s", slide.path, why)
     return 1
 
 
@@ -144,9 +143,6 @@ def encode_tiles(tiles: np.ndarray, spec: EncoderSpec, settings: EmbedSettings) 
     """``(n, feature)`` float32 embeddings of ``(n, h, w, 3)`` uint8 tiles, on this process's device."""
     if not len(tiles):
         return np.zeros((0, spec.feature_dim), np.float32)
-    if settings.num_gpus == 0:   # on a GPU the device resizes for free; on a CPU, here, not on its thread
-        tiles = resize_tiles(tiles, spec.tile_size_px)
-
     def encode(device: str) -> np.ndarray:
         encoder = worker.get_encoder(spec, device, settings.precision, settings.channels_last)
         return encoder.embed(tiles, settings.batch_size)
@@ -170,14 +166,16 @@ def resize_tiles(tiles: np.ndarray, size: int) -> np.ndarray:
         return out.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray | None, *, spec: EncoderSpec,
-                 read_tile: int, settings: EmbedSettings, archive_tile: int | None = None) -> BlockResult:
-    """A block's pixels cut, embedded and sorted into a `BlockResult`.
+def cut_block(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray | None, *, spec: EncoderSpec,
+                read_tile: int, settings: EmbedSettings,
+                archive_tile: int | None = None) -> tuple[np.ndarray, list[bytes] | None]:
+    """A block's pixels cut into the tiles the encoder takes, and (archives) their JPEGs.
 
-    ``kept`` (hierarchical mode) says which of the region's ``k * k`` tiles are tissue
-    tiles; every tile of the region is embedded.  With ``archive_tile``
-    (``on_the_fly=False``) the tiles are JPEG-encoded at that size, and what is embedded
-    is those JPEGs decoded: a later run from the archive gets the same embeddings.
+    With ``archive_tile`` (``on_the_fly=False``) the tiles are JPEG-encoded at that size,
+    and what is embedded is those JPEGs decoded: a later run from the archive gets the
+    same embeddings; ``kept`` (hierarchical mode) says which go into the archive.  On a
+    CPU the tiles are resized to the encoder's size here (`resize_tiles`), so what waits
+    for the device is the small tiles only, never the block's pixels.
     """
     tiles = cut_tiles(pixels, cuts, read_tile)
     jpegs = None
@@ -186,6 +184,15 @@ def embed_pixels(pixels: np.ndarray, cuts: np.ndarray | None, kept: np.ndarray |
         tiles = decode_jpeg_tiles(jpegs) if jpegs else tiles[:0]
         if kept is not None:   # (the archive holds the tissue tiles only)
             jpegs = [j for j, keep in zip(jpegs, kept) if keep]
+    if settings.num_gpus == 0 and len(tiles):   # on a GPU the device resizes, for free
+        tiles = resize_tiles(tiles, spec.tile_size_px)
+    return tiles, jpegs
+
+
+def embed_tiles(tiles: np.ndarray, jpegs: list[bytes] | None, kept: np.ndarray | None, *, spec: EncoderSpec,
+                settings: EmbedSettings) -> BlockResult:
+    """A block's tiles embedded and sorted into a `BlockResult`; ``kept`` (hierarchical mode) says
+    which of the region's ``k * k`` tiles are tissue tiles (every tile of the region is embedded)."""
     embedded = encode_tiles(tiles, spec, settings)
     if kept is None:
         return BlockResult(embedded, None, jpegs)

@@ -76,6 +76,28 @@ def get_encoder(spec: EncoderSpec, device: str, precision: str | None, channels_
     return encoder
 
 
+def warm_encoder(spec: EncoderSpec, num_gpus: int, precision: str | None, channels_last: bool) -> None:
+    """Start building the encoder on a device's own thread now, and return at once.
+
+    A call's first block would build it; started here, the build runs while the slide
+    is planned and its first blocks decoded (a ViT's build is ~0.3-1 s).  The device is
+    taken while it builds, as a block's embedding would take it; a failure is left for
+    the first block to raise (`_build_once` remembers it).
+    """
+    q = _device_queue(num_gpus)
+    device, thread = q.get()
+
+    def build() -> None:
+        try:
+            get_encoder(spec, device, precision, channels_last)
+        except Exception:   # noqa: BLE001 - raised again, where it belongs, by the first block
+            pass
+        finally:
+            q.put((device, thread))
+
+    thread.submit(build)
+
+
 def _build_once(key: tuple, build):
     """Build a model; a refusal (bad checkpoint, missing weights) is remembered, not retried per block."""
     with _LOCK:

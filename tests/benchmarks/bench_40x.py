@@ -133,6 +133,62 @@ def child_ours(slide: str, mode: str, encoder: str) -> dict:
             "hwm_mb": _rss_mb()}
 
 
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_memory(slide: str) -> dict:
+    """RSS of ``embed_slide`` (ViT-S/16) above the bare model running the same number of tiles, in
+    one process: the bare model first (its peak is VmHWM then), then the call (VmHWM again, and
+    the largest VmRSS sampled every 20 ms during the call)."""
+    import threading
+
+    import numpy as np
+    import timm
+    import torch
+
+    from slide2vec_dask import Model, PreprocessingConfig
+    from slide2vec_dask.slide import open_slide
+    from slide2vec_dask.tiling import plan_slide
+
+    pre = PreprocessingConfig(requested_spacing_um=SPACING_UM, requested_tile_size_px=TILE_PX)
+    with open_slide(slide) as s:
+        tiles = plan_slide(s, pre, spacing_um=SPACING_UM, tile_size_px=TILE_PX, sample_id="n").grid.num_tiles
+    base = _status_mb("VmRSS")
+    bare = timm.create_model("vit_small_patch16_224", pretrained=False).eval().to(memory_format=torch.channels_last)
+    pool = torch.from_numpy(np.random.default_rng(0).normal(size=(64, 3, TILE_PX, TILE_PX)).astype(np.float32))
+    pool = pool.contiguous(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, tiles, 32):
+            bare(pool[start % 64 : start % 64 + min(32, tiles - start)])
+    bare_s = time.perf_counter() - t0
+    bare_hwm, bare_rss = _status_mb("VmHWM"), _status_mb("VmRSS")
+    del bare
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _status_mb("VmRSS"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    model = Model.from_timm("vit_small_patch16_224", pretrained=False, spacing_um=SPACING_UM, tile_size_px=TILE_PX)
+    t0 = time.perf_counter()
+    result = model.embed_slide(slide, preprocessing=pre)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    hwm = _status_mb("VmHWM")
+    return {"tiles": int(result.num_tiles), "seconds": seconds, "tps": result.num_tiles / seconds,
+            "bare_tps": tiles / bare_s, "rss_before_mb": base, "bare_hwm_mb": bare_hwm, "bare_rss_mb": bare_rss,
+            "call_hwm_mb": hwm, "call_peak_rss_mb": peak[0], "over_bare_mb": max(hwm, peak[0]) - bare_hwm}
+
+
 PEER_CHILD = r'''
 import json, sys, tempfile, time
 import torch
@@ -214,7 +270,7 @@ def tissue_tiles(slide_path: Path, spacing: float, count: int, seed: int = 0):
     return full, scaled, scale
 
 
-def embedding_diff(count: int) -> None:
+def embedding_diff(count: int, which: str = "both") -> None:
     """Embeddings of the same tissue tiles, each variant against today's exact path (full decode, float
     antialiased bilinear resize on the encoder's device): cosine (min / mean) and max |difference|,
     and the same for JPEG re-encoding of the exact tiles at quality 90 (a tile archive's, hs2p's)."""
@@ -238,6 +294,8 @@ def embedding_diff(count: int) -> None:
                                                                                           checkpoint_path=weights)}
     cases = {"40x bench slide at 0.5 µm/px": (ensure_slide(REPO / "bench-out", "40x"), 0.5),
              "CMU-1 (real 20x Aperio, 0.499 µm/px) at 0.998 µm/px": (SOURCE_SVS, 0.998)}
+    if which != "both":
+        cases = {k: v for k, v in cases.items() if k.startswith(which)}
     print("\n| tiles | model | variant vs exact (float resize) | cosine min | cosine mean | max abs | max abs / max |exact| |")
     print("|---|---|---|---|---|---|---|")
     for where, (path, spacing) in cases.items():
@@ -277,13 +335,14 @@ def main(argv=None) -> int:
     ap.add_argument("--before", type=Path, help="another checkout to time as ours-before (today's exact path)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--embedding-diff", type=int, metavar="N", help="only: embedding differences on N tissue tiles")
+    ap.add_argument("--diff-slides", choices=("both", "40x", "CMU"), default="both")
     ns = ap.parse_args(argv)
     if ns.child:
         slide, mode, encoder = ns.child
-        print(json.dumps(child_ours(slide, mode, encoder)))
+        print(json.dumps(child_memory(slide) if mode == "memory" else child_ours(slide, mode, encoder)))
         return 0
     if ns.embedding_diff:
-        embedding_diff(ns.embedding_diff)
+        embedding_diff(ns.embedding_diff, ns.diff_slides)
         return 0
     slides = {name: ensure_slide(ns.slides_dir, name) for name in SLIDES}
     if ns.build_only:
