@@ -14,7 +14,10 @@ several hundred MB of peak RSS on a 2-core machine).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
+import os
 import queue
+import sys
 import threading
 import warnings
 
@@ -25,6 +28,31 @@ _LOCK = threading.Lock()
 _ENCODERS: dict[tuple, object] = {}
 _FAILED: dict[tuple, BaseException] = {}    # this run's refused builds (see forget_failures)
 _DEVICES: dict[int, queue.Queue] = {}
+
+
+#: glibc malloc arenas this process may use (``MALLOC_ARENA_MAX``, when not set already).
+MALLOC_ARENAS = 2
+_ARENAS_BOUND = False
+
+
+def bound_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas at `MALLOC_ARENAS`, once per process (Linux; a user's own
+    ``MALLOC_ARENA_MAX`` wins).
+
+    glibc gives each thread that allocates its own arena (up to 8 per core), and memory
+    freed in one arena is not reused by another: the decoding threads' block buffers and
+    the device thread's activations each kept their own high-water mark.  Measured with
+    a ViT-S/16 on a 493-tile slide: 386 MB of RSS above the bare model with free arenas,
+    279 MB with two, at the same speed (few, large allocations: no lock contention).
+    """
+    global _ARENAS_BOUND
+    if _ARENAS_BOUND or not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    _ARENAS_BOUND = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)   # M_ARENA_MAX
+    except (OSError, AttributeError):   # not glibc (musl, ...): nothing to bound
+        pass
 
 
 def _device_queue(num_gpus: int) -> queue.Queue:
