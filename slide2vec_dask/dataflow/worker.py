@@ -46,8 +46,8 @@ def bound_malloc() -> None:
     (12 MiB each) and the device thread's activations then came from arenas that keep
     their high-water mark.  Measured with a ViT-S/16 on a 493-tile slide, RSS above the
     bare model in the same process: 386 MB as glibc comes, 279 MB with two arenas,
-    152 MB with a fixed 4 MiB mmap threshold (a block's buffers go back to the system
-    when freed; a few page faults per block, nothing next to decoding it).
+    152 MB with a fixed 4 MiB mmap threshold, 23 MB with both (a block's buffers go back
+    to the system when freed; a few page faults per block, nothing next to decoding it).
     """
     global _MALLOC_BOUND
     if _MALLOC_BOUND or not sys.platform.startswith("linux"):
