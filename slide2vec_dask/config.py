@@ -325,6 +325,11 @@ class PreprocessingConfig:
     adaptive_batching: bool = False
     jpeg_backend: str = "pil"
     num_cucim_workers: int = 4
+    #: A slide read at a finer level than asked (a 40x slide at 20x: no 20x level): decode its JPEG
+    #: tiles straight at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling; JPEG 2000: a reduced wavelet level)
+    #: instead of in full and then resizing; a warning where the codec cannot (README "40x slides").
+    #: Off by default: on real tissue it changes embeddings more than JPEG re-encoding does.
+    scaled_decode: bool = False
 
     def __post_init__(self) -> None:
         self._fold_sections()
@@ -337,7 +342,7 @@ class PreprocessingConfig:
         check_number("spacing_tolerance", self.spacing_tolerance, 0, 1, high_open=True)
         check_number("overlap", self.overlap, 0, MAX_OVERLAP)   # (beyond: over 16 tiles start in one tile's square)
         check_choice("grid", self.grid, GRIDS, optional=True)
-        for name in ("use_supertiles", "resume", "on_the_fly"):
+        for name in ("use_supertiles", "resume", "on_the_fly", "scaled_decode"):
             check_bool(name, getattr(self, name))
         for name in ("read_coordinates_from", "read_tiles_from"):
             check_path(name, getattr(self, name))

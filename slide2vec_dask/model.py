@@ -17,7 +17,7 @@ from slide2vec_dask.dataflow.driver import Driver, Stages
 from slide2vec_dask.dataflow.executors import executor_for
 from slide2vec_dask.dataflow.sinks import MemorySink, StoreSink
 from slide2vec_dask.dataflow.tasks import row_exports
-from slide2vec_dask.dataflow.worker import release_encoders
+from slide2vec_dask.dataflow.worker import release_encoders, warm_encoder
 from slide2vec_dask import dense_api
 from slide2vec_dask.inputs import SlideInput
 from slide2vec_dask.progress import get_progress_reporter
@@ -294,6 +294,9 @@ class Model:
                              "ExecutionOptions(output_dir=...)")
         executor = executor_for(execution.scheduler_address, execution.num_workers)
         settings = EmbedSettings.of(execution, executor.client, config)
+        if executor.client is None:
+            # in this process: the model builds while the first slide is planned and decoded
+            warm_encoder(self.tile_spec, settings.num_gpus, settings.precision, settings.channels_last)
         stages = Stages(level, self.tile_spec, self.slide_spec, self.spec if level == "patient" else None)
         sink = MemorySink(items, stages, settings, execution.output_dir)
         outcomes = {it.sample_id: SlideOutcome(it.sample_id, str(it.image_path)) for it in items}

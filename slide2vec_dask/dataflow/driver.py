@@ -239,7 +239,7 @@ class Driver:
             task = plan.embed_task(pixels, block, self.tile_spec, self.settings)
         else:
             task = Task(tasks.embed_block, (pixels, plan.cuts(block), plan.kept_in_block(block)), dict(
-                spec=self.tile_spec, read_tile=plan.read_tile, settings=self.settings, archive_tile=plan.archive_tile,
+                spec=self.tile_spec, read_tile=plan.cut_tile, settings=self.settings, archive_tile=plan.archive_tile,
                 store=self.sink.store, sample_id=plan.sample_id, block=block), gpu=True)
         key = self._key("embed", *tag)
         self.submitted[key] = time.time()

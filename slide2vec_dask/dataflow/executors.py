@@ -27,6 +27,7 @@ import uuid
 from typing import Any, Callable, Iterator
 
 from slide2vec_dask.clusters.client import cluster_threads, default_threads, resolve_client
+from slide2vec_dask.dataflow.worker import bound_malloc
 
 
 def executor_for(scheduler_address: str | None, num_workers: int | None):
@@ -43,6 +44,7 @@ class LocalExecutor:
     client = None
 
     def __init__(self, num_workers: int | None):
+        bound_malloc()   # before its threads allocate: freed block buffers go back, arenas are shared
         self._threads = (num_workers or default_threads()) + 1
         self._pool = cf.ThreadPoolExecutor(self._threads, thread_name_prefix="slide2vec-block")
         self._done: queue.SimpleQueue = queue.SimpleQueue()

@@ -74,9 +74,11 @@ MAX_LEVELS = 16
 _CHECKED: dict[tuple, bool] = {}             # (path, level) -> the GPU decoder agreed with the CPU's
 
 
-def jpeg_block(source, level: int, y: int, x: int, height: int, width: int) -> JpegBlock | None:
-    """The block's tiles as JPEG streams, or None when this level is not tiled JPEG of our TIFF reader."""
-    if not isinstance(source, SlideRef):
+def jpeg_block(source, level: int, y: int, x: int, height: int, width: int, scale: int = 1,
+               needed=None) -> JpegBlock | None:
+    """The block's tiles as JPEG streams, or None when this level is not tiled JPEG of our TIFF reader
+    on a local disk, or the block is decoded at reduced scale (``scaled_decode``: the CPU's libjpeg)."""
+    if not isinstance(source, SlideRef) or scale != 1 or "://" in str(source.path):
         return None
     lv = _level(source, level)
     if lv is None or _CHECKED.get((source.path, level)) is False:

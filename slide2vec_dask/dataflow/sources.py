@@ -25,8 +25,11 @@ class SlideRef:
     def open(self):
         return reopen(self.path, self.backend, self.spacing_at_level_0)
 
-    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
-        return self.open().read_level(level, y, x, height, width)
+    def read(self, level: int, y: int, x: int, height: int, width: int, scale: int = 1,
+             needed: np.ndarray | None = None) -> np.ndarray:
+        """The window's pixels; at 1/``scale`` (decoded so by the codec) when ``scale`` > 1; ``needed``:
+        the level-pixel rectangles of its tiles (`Slide.read_level`: file tiles under none are skipped)."""
+        return self.open().read_level_scaled(level, y, x, height, width, scale, needed)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import numpy as np
 
 from slide2vec_dask._version import __version__
 from slide2vec_dask.dataflow import gpu_decode, worker
-from slide2vec_dask.dataflow.blocks import BlockResult, EmbedSettings, block_layout, embed_pixels
+from slide2vec_dask.dataflow.blocks import (BlockResult, EmbedSettings, block_layout, cut_block, decode_scale,
+                                            embed_jpeg_block, embed_tiles)
 from slide2vec_dask.dataflow.sources import ArchiveRef, SlideRef, read_block, source_of
 from slide2vec_dask.exporters import export_row, export_slide, flat_first
 from slide2vec_dask.qc import write_slide_image
@@ -63,21 +64,35 @@ class PlannedSlide:
     empty_note: str = ""
     kept: np.ndarray | None = None    # hierarchical mode: (rows, cols) padded keep, the regions' tissue tiles
     plan: Plan | None = None          # the whole plan, for sinks that build results on the client
+    decode_scale: int = 1             # scaled_decode: blocks decoded at 1/scale (`blocks.decode_scale`)
+
+    @property
+    def cut_tile(self) -> int:
+        """The tile's side in the pixels a block task gets (read tile, decoded at 1/decode_scale)."""
+        return self.read_tile // self.decode_scale
 
     def read_request(self, block: tuple[int, int]) -> tuple:
-        """``(source, *arguments)``: what `read_block` reads for the block."""
+        """``(source, *arguments)``: what `read_block` reads for the block: its window, the scale it is
+        decoded at and its tiles' rectangles (level pixels; only the file tiles under them are decoded)."""
         if self.free is not None:
-            return (self.source, *self.free[block][0])
-        rows, cols = self.cut.shape
-        span = self.k * self.read_tile
-        y, x = block[0] * span, block[1] * span   # regions may reach past the edge (white)
-        return (self.source, self.level, y, x, min(span, rows * self.read_tile - y),
-                min(span, cols * self.read_tile - x))
+            window, corners = self.free[block]
+            if corners is None:   # an archive's members
+                return (self.source, *window)
+            level, y, x = window[:3]
+        else:
+            rows, cols = self.cut.shape
+            span = self.k * self.read_tile
+            y, x = block[0] * span, block[1] * span   # regions may reach past the edge (white)
+            window = (self.level, y, x, min(span, rows * self.read_tile - y), min(span, cols * self.read_tile - x))
+            corners = np.argwhere(self._part(self.cut, block)) * self.read_tile
+        needed = np.concatenate([corners + (y, x), corners + (y + self.read_tile, x + self.read_tile)], axis=1)
+        return (self.source, *window, self.decode_scale, needed)
 
     def cuts(self, block: tuple[int, int]) -> np.ndarray | None:
         """The block's tiles: a mask over its grid cells, their (row, col) in its pixels, or None (archives)."""
         if self.free is not None:
-            return self.free[block][1]
+            cuts = self.free[block][1]
+            return cuts if self.decode_scale == 1 else cuts // self.decode_scale
         return self._part(self.cut, block)
 
     def kept_in_block(self, block: tuple[int, int]) -> np.ndarray | None:
@@ -124,10 +139,14 @@ def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore 
     if free is not None:
         free = {b: grid.block_read(tiles) for b, tiles in zip(blocks, free)}
     kept = grid.padded_keep if grid.layout == "grid" and grid.region_tile_multiple is not None else None
+    scale = decode_scale(slide, grid, getattr(config, "scaled_decode", False),
+                         None if free is None else free.values())
+    if scale > 1:   # the tiles were decoded at 1/scale (scaled_decode), not in full and resized
+        attrs["decode_scale"] = scale
     return PlannedSlide(item.sample_id, source_of(slide, grid), grid.level, grid.read_tile_size_px, k, cut, blocks,
                         grid.num_tiles, plan_path, attrs, time.perf_counter() - start, free,
                         grid.requested_tile_size_px if writes_archive(config, grid) else None,
-                        "" if grid.num_tiles else why_no_tiles(grid), kept, plan if keep_plan else None)
+                        "" if grid.num_tiles else why_no_tiles(grid), kept, plan if keep_plan else None, scale)
 
 
 def tiling_task(item, spec, config, output_dir: str) -> dict[str, Any] | BaseException:
@@ -170,8 +189,16 @@ def embed_block(pixels, cuts: np.ndarray | None, kept: np.ndarray | None, *, spe
                 pixels = read_block(*pixels)
         except EXPECTED as exc:   # a damaged tile, a file gone
             return exc
-    result = embed_pixels(pixels, cuts, kept, spec=spec, read_tile=read_tile, settings=settings,
-                          archive_tile=archive_tile)
+    result = None
+    if isinstance(pixels, gpu_decode.JpegBlock):   # gpu_decode: decoded, cut and embedded on the device
+        result = embed_jpeg_block(pixels, cuts, kept, spec=spec, read_tile=read_tile, settings=settings)
+        if not isinstance(result, BlockResult):   # (no CUDA device here, or the GPU decoder disagreed)
+            pixels, result = result, None
+    if result is None:
+        tiles, jpegs = cut_block(pixels, cuts, kept, spec=spec, read_tile=read_tile, settings=settings,
+                                 archive_tile=archive_tile)
+        del pixels   # the decoded block is freed here, not held while the tiles wait for the device
+        result = embed_tiles(tiles, jpegs, kept, spec=spec, settings=settings)
     if store is None:
         return result
     try:

@@ -124,23 +124,59 @@ class Slide:
                 f"spacing={self.spacing:g}µm levels=[{shapes}]>")
 
     # -- pixels -----------------------------------------------------------
-    def read_level(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    def read_level(self, level: int, y: int, x: int, height: int, width: int, needed=None) -> np.ndarray:
         """RGB uint8 ``(height, width, 3)`` at ``level``, origin in that level's pixels.
 
         Not OpenSlide's ``read_region`` (level-0 origin, (x, y), RGBA), hence its own name.
 
-        Pixels outside the level are white, so edge blocks need no special case.
+        Pixels outside the level are white, so edge blocks need no special case.  ``needed``:
+        ``(n, 4)`` level-pixel ``(y0, x0, y1, x1)`` rectangles, the only pixels the caller uses;
+        a backend that can (tifffile) skips the file's tiles none of them touches.
         """
         if not 0 <= level < self.level_count:
             raise IndexError(f"{self.path}: level {level} out of range (0..{self.level_count - 1})")
         lh, lw = self._reader.level_shapes[level]
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + height, lh), min(x + width, lw)
+        extra = {"needed": needed} if needed is not None and getattr(self._reader, "skips_unneeded", False) else {}
         if (y0, x0, y1, x1) == (y, x, y + height, x + width):
-            return self._reader.read(level, y, x, height, width)
+            return self._reader.read(level, y, x, height, width, **extra)
         out = np.full((height, width, 3), 255, dtype=np.uint8)
         if y1 > y0 and x1 > x0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._reader.read(level, y0, x0, y1 - y0, x1 - x0)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._reader.read(level, y0, x0, y1 - y0, x1 - x0, **extra)
+        return out
+
+    def decode_scales(self, level: int) -> tuple[int, ...]:
+        """The reduced scales (of 2, 4, 8) at which the backend decodes ``level`` straight from the
+        file's codec, largest first (`read_level_scaled`); ``()`` when it decodes in full only."""
+        scales = getattr(self._reader, "decode_scales", None)
+        return tuple(scales(level)) if scales is not None else ()
+
+    def read_level_scaled(self, level: int, y: int, x: int, height: int, width: int, scale: int,
+                          needed=None) -> np.ndarray:
+        """`read_level` at 1/``scale``: ``(ceil(height / scale), ceil(width / scale), 3)``, decoded at that
+        scale by the codec (never in full, then reduced); ``y`` and ``x`` multiples of ``scale``.
+
+        Pixels outside the level are white.  ValueError when ``scale`` is not in `decode_scales`.
+        ``needed`` as for `read_level`, in level pixels.
+        """
+        if scale == 1:
+            return self.read_level(level, y, x, height, width, needed)
+        if scale not in self.decode_scales(level) or y % scale or x % scale:
+            raise ValueError(f"{self.path}: level {level} cannot be decoded at 1/{scale} from ({y}, {x}) "
+                             f"(it decodes at {self.decode_scales(level) or 'full scale only'})")
+        lh, lw = self._reader.level_shapes[level]
+        # the level's own pixels, cut to whole reduced pixels (a ragged level edge goes white)
+        lh, lw = lh - lh % scale, lw - lw % scale
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + height, lh), min(x + width, lw)
+        if (y0, x0, y1, x1) == (y, x, y + height, x + width) and not height % scale and not width % scale:
+            return self._reader.read_scaled(level, y, x, height, width, scale, needed)
+        out = np.full((-(-height // scale), -(-width // scale), 3), 255, dtype=np.uint8)
+        if y1 > y0 and x1 > x0:
+            part = self._reader.read_scaled(level, y0, x0, y1 - y0, x1 - x0, scale, needed)
+            oy, ox = (y0 - y) // scale, (x0 - x) // scale
+            out[oy : oy + part.shape[0], ox : ox + part.shape[1]] = part
         return out
 
     def to_dask(self, level: int = 0, chunks: int | tuple[int, int] = 2048,

@@ -12,6 +12,7 @@ halves decode throughput and does not scale with threads.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+from PIL import Image
 
 from slide2vec_dask.slide import remote
 from slide2vec_dask.slide.base import UnreadableSlideError, usable_spacing
@@ -101,68 +103,119 @@ class TiffReader:
         seg_h, seg_w = page.chunks[0], page.chunks[1]
         return _Level(page, seg_h, seg_w, page.chunked[1], page.dataoffsets, page.databytecounts)
 
-    def read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
+    skips_unneeded = True   # read / read_scaled take ``needed``: tiles no needed rectangle touches stay white
+
+    def read(self, level: int, y: int, x: int, height: int, width: int, needed=None) -> np.ndarray:
         lv = self._levels[level]
         out = np.empty((height, width, 3), dtype=np.uint8)
+        skip = _unneeded(needed, lv.seg_h, lv.seg_w)
         rows = range(y // lv.seg_h, (y + height - 1) // lv.seg_h + 1)
         cols = range(x // lv.seg_w, (x + width - 1) // lv.seg_w + 1)
-        with self._bytes.planned(_ranges(lv, [r * lv.cols + c for r in rows for c in cols])):
+        wanted = [r * lv.cols + c for r in rows for c in cols if not skip(r, c)]
+        with self._bytes.planned(_ranges(lv, wanted)):   # remote: the block's tiles in few requests
             for row in rows:
                 for col in cols:
                     sy, sx = row * lv.seg_h, col * lv.seg_w
+                    if skip(row, col):
+                        out[max(y, sy) - y : sy + lv.seg_h - y, max(x, sx) - x : sx + lv.seg_w - x] = 255
+                        continue
                     ty0, tx0 = max(y, sy), max(x, sx)
                     ty1, tx1 = min(y + height, sy + lv.seg_h), min(x + width, sx + lv.seg_w)
                     seg = self._segment(lv, row * lv.cols + col, level)
                     out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
         return out
 
-    def read_reduced(self, level: int, scale: int) -> np.ndarray | None:
-        lv = self._levels[level]
-        with self._bytes.planned(_ranges(lv, range(len(lv.offsets)))):   # remote: few large requests
-            return self._read_reduced(level, scale)
+    def decode_scales(self, level: int) -> tuple[int, ...]:
+        """The reduced scales (2, 4, 8) this level's codec decodes at directly, largest first.
 
-    def _read_reduced(self, level: int, scale: int) -> np.ndarray | None:
-        """The whole level at 1/``scale`` (2, 4 or 8) straight from libjpeg's scaled IDCT, or None.
+        JPEG: libjpeg's scaled IDCT (an 8x8 block becomes 4x4, 2x2 or 1x1).  JPEG 2000: a
+        reduced resolution of the wavelet pyramid (OpenJPEG's ``reduce``).  Every other
+        codec (none, LZW, deflate, WebP, ...) decodes in full only: ``()``.  A scale must
+        divide the tile size, so reduced tiles tile the reduced level exactly.
+        """
+        lv = self._levels[level]
+        page = lv.page
+        if page.compression == 7 and page.photometric in (1, 2, 6) and page.samplesperpixel in (1, 3):
+            scales = (8, 4, 2)
+        elif page.compression in _JP2K_CODECS and page.samplesperpixel in (1, 3):
+            scales = (8, 4, 2)
+        else:
+            return ()
+        return tuple(s for s in scales if lv.seg_h % s == 0 and lv.seg_w % s == 0)
+
+    def read_scaled(self, level: int, y: int, x: int, height: int, width: int, scale: int,
+                    needed=None) -> np.ndarray:
+        """RGB ``(ceil(height / scale), ceil(width / scale), 3)``: the region decoded at 1/``scale``.
+
+        Each tile is decoded straight at the reduced scale (`decode_scales`), never in full;
+        ``y`` and ``x`` must be multiples of ``scale`` so the reduced tiles' pixels line up.
+        ``needed`` (as for `read`) in level pixels.
+        """
+        if scale not in self.decode_scales(level) or y % scale or x % scale:
+            raise ValueError(f"{self.path}: level {level} cannot be decoded at 1/{scale} from ({y}, {x})")
+        lv = self._levels[level]
+        th, tw = lv.seg_h // scale, lv.seg_w // scale
+        ry, rx = y // scale, x // scale
+        rh, rw = -(-height // scale), -(-width // scale)
+        out = np.empty((rh, rw, 3), dtype=np.uint8)
+        skip = _unneeded(needed, lv.seg_h, lv.seg_w)
+        rows = range(ry // th, (ry + rh - 1) // th + 1)
+        cols = range(rx // tw, (rx + rw - 1) // tw + 1)
+        wanted = [r * lv.cols + c for r in rows for c in cols if not skip(r, c)]
+        with self._bytes.planned(_ranges(lv, wanted)):   # remote: the block's tiles in few requests
+            for row in rows:
+                for col in cols:
+                    sy, sx = row * th, col * tw
+                    if skip(row, col):
+                        out[max(ry, sy) - ry : sy + th - ry, max(rx, sx) - rx : sx + tw - rx] = 255
+                        continue
+                    ty0, tx0 = max(ry, sy), max(rx, sx)
+                    ty1, tx1 = min(ry + rh, sy + th), min(rx + rw, sx + tw)
+                    seg = self._scaled_segment(lv, row * lv.cols + col, level, scale)
+                    out[ty0 - ry : ty1 - ry, tx0 - rx : tx1 - rx] = seg[ty0 - sy : ty1 - sy, tx0 - sx : tx1 - sx]
+        return out
+
+    def _scaled_segment(self, lv: _Level, index: int, level: int, scale: int) -> np.ndarray:
+        """One tile decoded at 1/``scale`` (``(seg_h / scale, seg_w / scale, 3)``)."""
+        th, tw = lv.seg_h // scale, lv.seg_w // scale
+        count = lv.counts[index]
+        if count == 0:
+            return np.full((th, tw, 3), 255, dtype=np.uint8)
+        data = self._bytes.pread(count, lv.offsets[index])
+        page = lv.page
+        try:
+            if page.compression == 7:
+                seg = decode_jpeg_scaled(data, page.jpegtables, page.photometric, scale, (lv.seg_w, lv.seg_h))
+            else:
+                seg = decode_jp2k_reduced(data, scale, (lv.seg_w, lv.seg_h))
+                if page.compression == _APERIO_JP2K_YCBCR:
+                    seg = _ycbcr_to_rgb(seg)
+            if seg.ndim == 2:
+                seg = np.repeat(seg[..., None], 3, axis=-1)
+            if seg.shape != (th, tw, 3):
+                raise ValueError(f"decoded at 1/{scale} to {seg.shape[1]} x {seg.shape[0]} px, not {tw} x {th}")
+        except Exception as exc:
+            raise UnreadableSlideError(f"{self.path}: level {level}, tile {index} (column {index % lv.cols}, row "
+                                       f"{index // lv.cols}; page {page.index}) cannot be decoded at 1/{scale} "
+                                       f"({type(exc).__name__}: {exc}); the file is damaged there") from exc
+        return seg[..., :3]
+
+    def read_reduced(self, level: int, scale: int) -> np.ndarray | None:
+        """The whole level at 1/``scale`` (2, 4 or 8) straight from the codec's reduced decode, or None.
 
         A thumbnail of a single-level slide would otherwise decode every pixel of
         level 0; decoding each JPEG tile at 1/8 is ~5x faster (0.09 vs 0.45 ms a
         240 px tile here) and close to an area average (mean difference 0.1 grey
-        level on CMU-1).  None when the level is not 8-bit 3-sample JPEG tiles
-        the scale divides: the caller then decodes in full.
+        level on CMU-1).  None when the level's codec cannot (`decode_scales`) or a
+        tile will not decode so: the caller then decodes in full (and says what is wrong).
         """
-        lv = self._levels[level]
-        page = lv.page
-        if (scale not in (2, 4, 8) or page.compression != 7 or page.photometric not in (2, 6)
-                or page.samplesperpixel != 3 or lv.seg_h % scale or lv.seg_w % scale):
+        if self._levels[level].page.compression != 7 or scale not in self.decode_scales(level):
             return None
-        import io
-
-        from PIL import Image
-
-        colorspace = "RGB" if page.photometric == 2 else "YCbCr"   # Aperio writes RGB inside JPEG
-        th, tw = lv.seg_h // scale, lv.seg_w // scale
         h, w = self.level_shapes[level]
-        out = np.empty((-(-h // scale), -(-w // scale), 3), dtype=np.uint8)
-        tables = page.jpegtables
-        for index, (offset, count) in enumerate(zip(lv.offsets, lv.counts)):
-            y, x = (index // lv.cols) * th, (index % lv.cols) * tw
-            if y >= out.shape[0] or x >= out.shape[1]:
-                continue
-            if count == 0:
-                out[y : y + th, x : x + tw] = 255
-                continue
-            data = self._bytes.pread(count, offset)
-            try:
-                image = Image.open(io.BytesIO(tables[:-2] + data[2:] if tables else data))
-                image.draft("RGB", (tw, th))
-                image.tile = [image.tile[0]._replace(args=("RGB", colorspace))]
-                tile = np.asarray(image)
-            except Exception:   # let the full decoder say what is wrong with the tile
-                return None
-            if tile.shape != (th, tw, 3):
-                return None
-            out[y : y + th, x : x + tw] = tile[: out.shape[0] - y, : out.shape[1] - x]
-        return out
+        try:
+            return self.read_scaled(level, 0, 0, h, w, scale)   # (remote: its tiles in few large requests)
+        except UnreadableSlideError:
+            return None
 
     def _segment(self, lv: _Level, index: int, level: int) -> np.ndarray:
         count = lv.counts[index]
@@ -188,6 +241,24 @@ class TiffReader:
 
     def close(self) -> None:
         self._closer()
+
+
+def _unneeded(needed, seg_h: int, seg_w: int):
+    """``skip(row, col)``: whether no rectangle of ``needed`` touches that tile of the file.
+
+    ``needed``: ``(n, 4)`` level-pixel ``(y0, x0, y1, x1)`` rectangles (a block's tissue tiles), or
+    None (every tile).  A block at the edge of the tissue then decodes only the file tiles under
+    its tissue tiles (on a sparse slide a third of the tiles it read were never cut).
+    """
+    if needed is None:
+        return lambda row, col: False
+    rects = np.asarray(needed, dtype=np.int64).reshape(-1, 4)
+    marked = set()
+    for y0, x0, y1, x1 in rects:
+        for row in range(y0 // seg_h, (y1 - 1) // seg_h + 1):
+            for col in range(x0 // seg_w, (x1 - 1) // seg_w + 1):
+                marked.add((row, col))
+    return lambda row, col: (row, col) not in marked
 
 
 def _close_both(source, tif: tifffile.TiffFile) -> None:
@@ -341,6 +412,45 @@ def _ycbcr_to_rgb(seg: np.ndarray) -> np.ndarray:
     out[..., 1] = np.clip(y + ((cb_g[cb] + cr_g[cr]) >> 16), 0, 255)
     out[..., 2] = np.clip(y + cb_b[cb], 0, 255)
     return out
+
+
+_JP2K_CODECS = (33003, 33005, 34712)   # Aperio YCbCr, Aperio RGB, JPEG 2000
+
+
+def decode_jpeg_scaled(data: bytes, tables: bytes | None, photometric: int, scale: int,
+                       size: tuple[int, int]) -> np.ndarray:
+    """A TIFF JPEG tile of ``size`` (w, h) decoded by libjpeg at 1/``scale``: its DCT scaling
+    (each 8x8 block's inverse transform taken at 8/scale points a side), through Pillow's ``draft``.
+
+    ``tables``: the page's shared JPEGTables (abbreviated tiles, as Aperio writes them);
+    ``photometric`` 2 (RGB) says the components are RGB already, not YCbCr.  The header's
+    size is checked before anything is decoded.
+    """
+    image = Image.open(io.BytesIO(tables[:-2] + data[2:] if tables else data))
+    _check_size(image, size)
+    mode = "L" if image.mode == "L" else "RGB"
+    image.draft(mode, (size[0] // scale, size[1] // scale))
+    if image.decoderconfig[:1] != (scale,):
+        raise ValueError(f"libjpeg did not decode at 1/{scale}")
+    if mode == "RGB":
+        colorspace = "RGB" if photometric == 2 else "YCbCr"
+        image.tile = [image.tile[0]._replace(args=("RGB", colorspace))]
+    return np.asarray(image)
+
+
+def decode_jp2k_reduced(data: bytes, scale: int, size: tuple[int, int]) -> np.ndarray:
+    """A JPEG 2000 tile of ``size`` (w, h) decoded at 1/``scale`` from its wavelet pyramid (OpenJPEG's
+    reduce, through Pillow): the codestream's own lower resolution, its components as stored."""
+    image = Image.open(io.BytesIO(data))
+    _check_size(image, size)
+    image.reduce = scale.bit_length() - 1
+    image.load()
+    return np.asarray(image)
+
+
+def _check_size(image: Image.Image, size: tuple[int, int]) -> None:
+    if image.size != tuple(size):
+        raise ValueError(f"the tile's header says {image.size[0]} x {image.size[1]} px, not {size[0]} x {size[1]}")
 
 
 def _spacing(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
