@@ -1,0 +1,204 @@
+"""Annotation-aware bags: slide2vec 7.x's ``masks`` (classes of a label mask, or of QuPath /
+GeoJSON annotations), sampled as hs2p samples them.
+
+hs2p 6.1.0 runs in its own environment (``tests/peers/setup-hs2p.sh``) through
+``tests/peers/make_hs2p.py annotate`` on the same slide and label mask; without it the
+comparison skips, naming the script.  The slide is the tifffile pyramid of
+test_hs2p_tiling (several tissue regions, edges, holes); the classes are rectangles on it
+(one with a hole, one edge inside a tile row), written as label rasters at other
+resolutions and bit depths, and as the same polygons in QuPath's GeoJSON export.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from test_hs2p_tiling import MAKE_HS2P, SETUP, SPACING, TILE, _clean_env, hs2p_python, synthetic_image  # noqa: F401
+
+from slide2vec_dask import PreprocessingConfig, testing
+from slide2vec_dask.slide import open_slide
+from slide2vec_dask.tiling.annotations import bag_indices, parse_masks, plan_bags
+from slide2vec_dask.tiling.plan import plan_slide
+from slide2vec_dask.tiling.tile_list import load_plan
+
+H, W = 2992, 4096   # the tifffile slide (test_hs2p_tiling's image cut to whole 16 px)
+MAPPING = {"background": 0, "tumor": 1, "stroma": 2, "necrosis": 3}
+COVERAGE = {"tumor": 0.5, "stroma": 0.25, "necrosis": 0.1}
+# class -> polygons, each [outer, holes...] as (x0, y0, x1, y1) level-0 rectangles on 16 px
+SHAPES = {
+    "tumor": [[(0, 0, 1104, 704)]],
+    "stroma": [[(1504, 896, 2896, 2096), (1808, 1200, 2208, 1504)]],
+    "necrosis": [[(3008, 400, 3696, 1008)], [(3312, 2304, 4096, 2992)]],
+}
+
+
+def label_raster(downsample: int, dtype=np.uint8) -> np.ndarray:
+    out = np.zeros((H // downsample, W // downsample), dtype)
+    for name, polygons in SHAPES.items():
+        for outer, *holes in polygons:
+            x0, y0, x1, y1 = (v // downsample for v in outer)
+            out[y0:y1, x0:x1] = MAPPING[name]
+            for hx0, hy0, hx1, hy1 in holes:
+                out[hy0 // downsample:hy1 // downsample, hx0 // downsample:hx1 // downsample] = 0
+    return out
+
+
+def ring(x0, y0, x1, y1) -> list:
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def qupath_geojson(path: Path) -> Path:
+    """The classes as QuPath 0.5 exports annotations (FeatureCollection, classification.name)."""
+    features = []
+    for name, polygons in SHAPES.items():
+        for outer, *holes in polygons:
+            features.append({"type": "Feature", "id": f"{name}-{len(features)}",
+                             "geometry": {"type": "Polygon", "coordinates": [ring(*outer), *[ring(*h) for h in holes]]},
+                             "properties": {"objectType": "annotation",
+                                            "classification": {"name": name, "color": [200, 0, 0]}}})
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory) -> Path:
+    image = synthetic_image()[:H, :W]
+    return testing.write_tiff(tmp_path_factory.mktemp("slide") / "slide.tif", image, spacing_um=SPACING,
+                              downsamples=(1, 4, 16), compression="zlib")
+
+
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("masks")
+    tifffile.imwrite(d / "labels8.tif", label_raster(16))                       # the segmentation level's size
+    tifffile.imwrite(d / "labels16.tif", label_raster(8, np.uint16))            # finer, 16 bit
+    cv2.imwrite(str(d / "labels.png"), label_raster(4))                        # finer still, PNG
+    tifffile.imwrite(d / "labels4.tif", label_raster(4))                        # (the PNG's pixels, for hs2p)
+    return {"tif8": d / "labels8.tif", "tif16": d / "labels16.tif", "png": d / "labels.png",
+            "png-for-hs2p": d / "labels4.tif",
+            "geojson": qupath_geojson(d / "annotations.geojson")}
+
+
+def config(**masks) -> PreprocessingConfig:
+    return PreprocessingConfig(requested_spacing_um=SPACING, requested_tile_size_px=TILE,
+                               masks={"pixel_mapping": MAPPING, "min_coverage": COVERAGE, **masks})
+
+
+def bags(slide_path: Path, mask: Path, **masks) -> dict[str, dict[tuple[int, int], float]]:
+    """Each bag's tiles {(x, y): its class's coverage} (merged: the highest of the classes keeping it)."""
+    with open_slide(slide_path) as s:
+        plan = plan_slide(s, config(**masks), spacing_um=SPACING, tile_size_px=TILE, sample_id="s",
+                          mask_path=mask).grid
+    classes = plan.meta["classes"]
+    out = {}
+    for bag in plan_bags(plan):
+        idx = bag_indices(plan, bag)
+        cov = plan.fraction[idx] if bag == "merged" else plan.class_coverage[idx, classes.index(bag)]
+        out[bag] = {(int(x), int(y)): float(c) for (x, y), c in zip(plan.xy[idx], cov)}
+    return out
+
+
+def hs2p_bags(python: Path, slide_path: Path, mask: Path, out: Path, **masks) -> dict:
+    settings = {"spacing": SPACING, "tile_size": TILE, "backend": "tifffile", "mask_backend": "tifffile",
+                "masks": {"pixel_mapping": MAPPING, "min_coverage": COVERAGE, **masks}}
+    result = subprocess.run([str(python), str(MAKE_HS2P), "annotate", str(slide_path), str(mask), str(out),
+                             json.dumps(settings)], capture_output=True, text=True, env=_clean_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    return {bag: {(x, y): f for x, y, f in zip(r["x"], r["y"], r["tissue_fractions"])} for bag, r in theirs.items()}
+
+
+@pytest.mark.parametrize("mask, strategy, output_mode", [
+    ("tif8", "joint", "per_annotation"), ("tif16", "independent", "per_annotation"), ("png", "joint", "merged")])
+def test_bags_are_hs2ps(hs2p_python, slide, masks, tmp_path, mask, strategy, output_mode):
+    ours = bags(slide, masks[mask], strategy=strategy, output_mode=output_mode)
+    theirs = hs2p_bags(hs2p_python, slide, masks.get(f"{mask}-for-hs2p", masks[mask]), tmp_path, strategy=strategy, output_mode=output_mode)
+    assert sorted(ours) == sorted(theirs)
+    for bag in theirs:
+        assert sorted(ours[bag]) == sorted(theirs[bag]), f"{bag}: {len(ours[bag])} tiles, hs2p {len(theirs[bag])}"
+        assert ours[bag] == pytest.approx(theirs[bag], abs=1e-6)
+    assert all(ours.values()), "every bag has tiles (so the comparison tested each class)"
+
+
+def test_geojson_and_label_tiff_give_the_same_bags(slide, masks):
+    raster = bags(slide, masks["tif8"])
+    vector = bags(slide, masks["geojson"])
+    assert raster == vector
+    assert set(raster) == {"tumor", "stroma", "necrosis"} and all(raster.values())
+    # a plain GeoJSON (class in a 'class' property, a bare list of features) reads the same
+    plain = json.loads(masks["geojson"].read_text())["features"]
+    for f in plain:
+        f["properties"] = {"class": f["properties"]["classification"]["name"]}
+    path = masks["geojson"].with_name("plain.json")
+    path.write_text(json.dumps(plain))
+    assert bags(slide, path) == raster
+
+
+def test_coverage_is_exact_at_tile_borders(slide, masks):
+    """The necrosis rectangle ends at y = 1008: tiles of its last row are covered over an exact share."""
+    got = bags(slide, masks["geojson"], min_coverage={"necrosis": 0.0})["necrosis"]
+    with open_slide(slide) as s:
+        tile_lv0 = round(TILE * SPACING / s.spacing)
+    edge = {(x, y): c for (x, y), c in got.items() if 400 <= y < 1008 < y + tile_lv0 and x + tile_lv0 <= 3696}
+    assert edge, "the rectangle's bottom edge runs through a row of tiles"
+    for (x, y), c in edge.items():   # (the tiles start on 16 px, the mask's pixel: the share is exact)
+        assert c == pytest.approx((1008 - y) / tile_lv0, abs=1e-6)
+        assert 0 < c < 1
+
+
+def test_plan_with_bags_saves_and_loads(slide, masks, tmp_path):
+    with open_slide(slide) as s:
+        plan = plan_slide(s, config(), spacing_um=SPACING, tile_size_px=TILE, sample_id="s",
+                          mask_path=masks["tif8"]).grid
+    plan.save(tmp_path / "s.npz")
+    again = load_plan(tmp_path / "s.npz")
+    assert again.matches(plan) and np.array_equal(again.class_coverage, plan.class_coverage)
+    assert plan_bags(again) == ("tumor", "stroma", "necrosis")
+
+
+@pytest.mark.parametrize("masks, message", [
+    ({"pixel_mapping": {"a": 1, "b": 1}, "min_coverage": {"a": 0.1}}, "both claim label value 1"),
+    ({"pixel_mapping": {"a": 300}, "min_coverage": {"a": 0.1}}, "outside the label range"),
+    ({"pixel_mapping": {"a": 1}, "min_coverage": {"b": 0.1}}, "does not declare"),
+    ({"pixel_mapping": {"a": 1}, "min_coverage": {"a": 1.5}}, r"in \[0, 1\]"),
+    ({"pixel_mapping": {"a/b": 1}, "min_coverage": {"a/b": 0.1}}, "safe folder name"),
+    ({"pixel_mapping": {"merged": 1}, "min_coverage": {"merged": 0.1}}, "reserved"),
+    ({"pixel_mapping": {"a": 1}, "min_coverage": {"a": 0.1}, "strategy": "greedy"}, "masks.strategy"),
+    ({"pixel_mapping": {"a": 1}, "min_coverage": {"a": 0.1}, "output_mode": "x"}, "masks.output_mode"),
+    ({"pixel_mapping": {"a": 1, "b": 2}, "min_coverage": {"a": 0.1}, "colors": {"a": [1, 2, 3]}}, "colors"),
+    ({"pixel_mapping": {"a": 1}, "min_coverage": {"a": 0.1}, "extra": 1}, "unknown key"),
+])
+def test_masks_are_validated_as_hs2p_validates_them(masks, message):
+    with pytest.raises(ValueError, match=message):
+        PreprocessingConfig(masks=masks)
+
+
+def test_tissue_only_masks_stay_tissue_tiling():
+    cfg = PreprocessingConfig(masks={"pixel_mapping": {"background": 0, "tissue": 1},
+                                     "min_coverage": {"background": None, "tissue": 0.3}})
+    assert cfg.tissue_threshold == 0.3 and parse_masks(cfg.masks).tissue_only
+    # slide2vec's null-to-drop idiom: a class whose value is None is removed
+    s = parse_masks({"pixel_mapping": {"background": 0, "tissue": None, "tumor": 1},
+                     "min_coverage": {"tissue": 0.1, "tumor": 0.2}})
+    assert s.classes == ("tumor",) and not s.tissue_only
+
+
+def test_bad_annotations_name_the_file(slide, masks, tmp_path):
+    undeclared = tmp_path / "undeclared.tif"
+    tifffile.imwrite(undeclared, label_raster(16) * 2)   # values 2, 4, 6
+    with open_slide(slide) as s:
+        with pytest.raises(ValueError, match=r"undeclared.tif.*\[4, 6\]"):
+            plan_slide(s, config(), spacing_um=SPACING, tile_size_px=TILE, sample_id="s", mask_path=undeclared)
+        unknown = tmp_path / "unknown.geojson"
+        unknown.write_text(json.dumps([{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring(
+            0, 0, 10, 10)]}, "properties": {"classification": {"name": "Immune cells"}}}]))
+        with pytest.raises(ValueError, match="'Immune cells' is not in masks.pixel_mapping"):
+            plan_slide(s, config(), spacing_um=SPACING, tile_size_px=TILE, sample_id="s", mask_path=unknown)
+        with pytest.raises(ValueError, match="needs the slide's annotations"):
+            plan_slide(s, config(), spacing_um=SPACING, tile_size_px=TILE, sample_id="s")
