@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,20 @@ class EmbeddedSlide:
     annotation: str | None = "tissue"
     encoder_input_size_px: int | None = None
     transform: dict | None = None
+    # annotation sampling (PreprocessingConfig(masks=...)): each sampled class's share of each tile
+    class_coverage: np.ndarray | None = None   # (N, C) float32
+    classes: tuple[str, ...] = ()
 
     @property
     def num_tiles(self) -> int:
         return int(len(self.x))
+
+    def bag(self, name: str, index: np.ndarray) -> "EmbeddedSlide":
+        """The tiles ``index`` of this slide as the bag ``name`` (one annotation class, or 'merged')."""
+        return dataclasses.replace(self, tile_embeddings=self.tile_embeddings[index], x=self.x[index],
+                                   y=self.y[index], annotation=name,
+                                   class_coverage=None if self.class_coverage is None else self.class_coverage[index],
+                                   attrs={**self.attrs, "annotation": name})
 
     def as_regions(self) -> "EmbeddedSlide":
         """Hierarchical results as slide2vec 7.x gives them: ``tile_embeddings`` ``(R, T, D)`` and
@@ -64,9 +75,14 @@ class EmbeddedSlide:
             return self._regions_xarray()
         emb = self.tile_embeddings
         values = emb.numpy() if hasattr(emb, "numpy") else np.asarray(emb)
+        variables = {"embedding": (schema.TILE_DIMS, values, schema.TILE_EMBEDDING_ATTRS)}
+        coords = {name: ("tile", getattr(self, name), attrs) for name, attrs in schema.TILE_COORDS.items()}
+        if self.class_coverage is not None:
+            variables["coverage"] = (schema.COVERAGE_DIMS, self.class_coverage, schema.COVERAGE_ATTRS)
+            coords["class"] = ("class", list(self.classes))
         return xr.Dataset(
-            {"embedding": (schema.TILE_DIMS, values, schema.TILE_EMBEDDING_ATTRS)},
-            coords={name: ("tile", getattr(self, name), attrs) for name, attrs in schema.TILE_COORDS.items()},
+            variables,
+            coords=coords,
             attrs={
                 "sample_id": self.sample_id,
                 "image_path": str(self.image_path),

@@ -202,3 +202,48 @@ def test_bad_annotations_name_the_file(slide, masks, tmp_path):
             plan_slide(s, config(), spacing_um=SPACING, tile_size_px=TILE, sample_id="s", mask_path=unknown)
         with pytest.raises(ValueError, match="needs the slide's annotations"):
             plan_slide(s, config(), spacing_um=SPACING, tile_size_px=TILE, sample_id="s")
+
+
+# -- the API: embed_slide(annotation=...), embed_slides(annotations=...), EmbeddedSlide.annotation ----
+@pytest.fixture(scope="module")
+def mean_rgb():
+    import torch
+
+    from slide2vec_dask import Model
+
+    pool = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return Model.from_module(pool, name="mean-rgb", mean=(0, 0, 0), std=(1, 1, 1), spacing_um=SPACING,
+                             tile_size_px=TILE)
+
+
+def test_embed_slides_gives_a_bag_per_class(mean_rgb, slide, masks):
+    from slide2vec_dask import ExecutionOptions
+
+    item = {"sample_id": "s", "image_path": slide, "mask_path": masks["geojson"]}
+    result = mean_rgb.embed_slides([item], preprocessing=config(), execution=ExecutionOptions(num_workers=1))
+    want = bags(slide, masks["geojson"])
+    assert set(result["s"]) == {"tumor", "stroma", "necrosis"}
+    whole = {}
+    for name, bag in result["s"].items():
+        assert bag.annotation == name
+        assert {(int(x), int(y)) for x, y in zip(bag.x, bag.y)} == set(want[name])
+        assert bag.tile_embeddings.shape == (len(want[name]), 3)
+        ds = bag.to_xarray()
+        assert list(ds["class"].values) == ["tumor", "stroma", "necrosis"]
+        np.testing.assert_allclose(ds.coverage.sel({"class": name}).values,
+                                   [want[name][(int(x), int(y))] for x, y in zip(bag.x, bag.y)], atol=1e-6)
+        for x, y, e in zip(bag.x, bag.y, bag.tile_embeddings.numpy()):
+            whole.setdefault((int(x), int(y)), e)
+            np.testing.assert_array_equal(whole[(int(x), int(y))], e)   # a tile in two bags: one embedding
+    only = mean_rgb.embed_slides([item], annotations=["tumor"], preprocessing=config(),
+                                 execution=ExecutionOptions(num_workers=1))
+    assert list(only["s"]) == ["tumor"]
+    tumor = mean_rgb.embed_slide(slide, mask_path=masks["geojson"], sample_id="s", annotation="tumor",
+                                 preprocessing=config(), execution=ExecutionOptions(num_workers=1))
+    assert tumor.annotation == "tumor" and tumor.num_tiles == len(want["tumor"])
+    with pytest.raises(ValueError, match="pass annotation=... to pick one"):
+        mean_rgb.embed_slide(slide, mask_path=masks["geojson"], preprocessing=config(),
+                             execution=ExecutionOptions(num_workers=1))
+    with pytest.raises(ValueError, match="no 'lymph' annotation bag"):
+        mean_rgb.embed_slide(slide, mask_path=masks["geojson"], annotation="lymph", preprocessing=config(),
+                             execution=ExecutionOptions(num_workers=1))

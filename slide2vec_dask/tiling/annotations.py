@@ -30,7 +30,7 @@ import numpy as np
 from slide2vec_dask.compat.masks import MaskSampling, check_class_name, parse_masks
 
 __all__ = ["MaskSampling", "check_class_name", "parse_masks", "read_labels", "rasterise", "read_geojson",
-           "class_masks", "union_mask", "merge_bags", "bag_indices", "plan_bags", "Bags", "Shape"]
+           "class_masks", "union_mask", "merge_bags", "bag_indices", "plan_bags", "bags_of", "Bags", "Shape"]
 
 VECTOR_SUFFIXES = (".geojson", ".json")
 MAX_MASK_PIXELS = 1 << 30       # a label raster's pixels we decode (its header is checked first)
@@ -293,3 +293,10 @@ def bag_indices(plan, bag: str) -> np.ndarray:
 def plan_bags(plan) -> tuple[str, ...]:
     """The bags a plan has: its classes (or 'merged'), else ('tissue',)."""
     return tuple(plan.meta.get("bags") or ("tissue",))
+
+
+def bags_of(slide, plan) -> list:
+    """A slide's result (an `EmbeddedSlide` of every planned tile) as its bags, in the plan's bag order."""
+    if plan is None or getattr(plan, "member", None) is None:
+        return [slide]
+    return [slide.bag(bag, bag_indices(plan, bag)) for bag in plan_bags(plan)]
