@@ -571,7 +571,7 @@ class _ProcessList:
             writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
             writer.writeheader()
             for outcome in self.outcomes.values():
-                writer.writerow(outcome.csv_row())
+                writer.writerows(outcome.csv_rows())
 
 
 def _row_flat(store, level: str, key: str, formats) -> str | None:

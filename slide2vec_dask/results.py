@@ -328,6 +328,7 @@ class SlideOutcome:
     slide_flat_path: str = ""
     patient_flat_path: str = ""
     note: str = ""            # what a user should know about a success: redone because its file changed, 0 tiles
+    bags: dict = field(default_factory=dict)   # annotation sampling: {bag: its tiles}; empty for tissue tiling
 
     @property
     def ok(self) -> bool:
@@ -351,3 +352,22 @@ class SlideOutcome:
                     "coordinates_npz_path": coords[0] if coords else "",
                     "coordinates_meta_path": coords[0].replace(".coordinates.npz", ".coordinates.meta.json") if coords else ""})
         return {c: csv_cell(v) for c, v in row.items()}
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """``process_list.csv``'s rows for the slide: one, or one per annotation bag (slide2vec's
+        ``annotation`` column names the class; ``num_tiles`` and the paths are the bag's)."""
+        row = self.csv_row()
+        if not self.bags:
+            return [row]
+        rows = []
+        for bag, count in self.bags.items():
+            folders = ("tile_embeddings", "tiles") if bag in ("tissue", "merged") else (bag,)   # slide2vec's layout
+            mine = [str(p) for p in self.flat_paths if Path(p).parent.name in folders]
+            coords = [p for p in mine if p.endswith(".coordinates.npz")]
+            features = [p for p in mine if "tile_embeddings" in p and p.endswith((".pt", ".npz"))]
+            rows.append({**row, "annotation": csv_cell(bag), "num_tiles": int(count),
+                         "flat_path": csv_cell(";".join(mine)), "feature_path": csv_cell(features[0] if features else ""),
+                         "coordinates_npz_path": csv_cell(coords[0] if coords else ""),
+                         "coordinates_meta_path": csv_cell(coords[0].replace(".coordinates.npz", ".coordinates.meta.json")
+                                                           if coords else "")})
+        return rows

@@ -247,3 +247,41 @@ def test_embed_slides_gives_a_bag_per_class(mean_rgb, slide, masks):
     with pytest.raises(ValueError, match="no 'lymph' annotation bag"):
         mean_rgb.embed_slide(slide, mask_path=masks["geojson"], annotation="lymph", preprocessing=config(),
                              execution=ExecutionOptions(num_workers=1))
+
+
+def test_pipeline_writes_bags_in_the_store_and_slide2vecs_class_folders(mean_rgb, slide, masks, tmp_path):
+    import csv
+
+    import torch
+    import xarray as xr
+
+    from slide2vec_dask import ExecutionOptions, Pipeline
+
+    out = tmp_path / "run"
+    run = Pipeline(mean_rgb, config(), ExecutionOptions(output_dir=out, output_format="pt", num_workers=1)).run(
+        slides=[{"sample_id": "s", "image_path": slide, "mask_path": masks["tif8"]}])
+    assert run.num_failed == 0
+    want = bags(slide, masks["tif8"])
+    ds = xr.open_zarr(run.store_path, group="tiles/s")
+    assert list(ds["class"].values) == ["tumor", "stroma", "necrosis"] and ds.coverage.dims == ("tile", "class")
+    assert list(ds["bag"].values) == ["tumor", "stroma", "necrosis"] and ds.in_bag.dims == ("tile", "bag")
+    assert ds.sizes["tile"] == len(set().union(*want.values()))   # each tile once
+    memory = mean_rgb.embed_slides([{"sample_id": "s", "image_path": slide, "mask_path": masks["tif8"]}],
+                                   preprocessing=config(), execution=ExecutionOptions(num_workers=1))["s"]
+    with open(run.process_list_path) as f:
+        rows = {r["annotation"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"tumor", "stroma", "necrosis"}
+    for name in ("tumor", "stroma", "necrosis"):
+        inside = ds.in_bag.sel(bag=name).values
+        xy = {(int(x), int(y)) for x, y in zip(ds.x.values[inside], ds.y.values[inside])}
+        assert xy == set(want[name])
+        pt = out / "tile_embeddings" / name / "s.pt"
+        coords = np.load(out / "tiles" / name / "s.coordinates.npz")
+        assert [(int(x), int(y)) for x, y in zip(coords["x"], coords["y"])] == \
+            [(int(x), int(y)) for x, y in zip(memory[name].x, memory[name].y)]
+        np.testing.assert_allclose(coords["tissue_fractions"], [want[name][(int(x), int(y))]
+                                                                for x, y in zip(coords["x"], coords["y"])], atol=1e-6)
+        np.testing.assert_allclose(torch.load(pt).numpy(), memory[name].tile_embeddings.numpy(), atol=1e-6)
+        assert json.loads(pt.with_suffix(".meta.json").read_text())["annotation"] == name
+        assert rows[name]["num_tiles"] == str(len(want[name])) and rows[name]["feature_path"] == str(pt)
+    assert not (out / "tile_embeddings" / "s.pt").exists()

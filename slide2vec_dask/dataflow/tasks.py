@@ -31,6 +31,7 @@ from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
 from slide2vec_dask.tiling.coordinate_files import write_coordinates
+from slide2vec_dask.tiling.annotations import ANNOTATION_ATTRS
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -114,7 +115,9 @@ def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore 
              "slide_spacing_um": float(grid.slide_spacing_um), "read_spacing_um": float(grid.read_spacing_um),
              "requested_tile_size_px": int(grid.requested_tile_size_px),
              "tile_layout": grid.layout,
-             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")}}
+             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")},
+             # annotation bags (masks with classes): the classes, the bags and each bag's tiles
+             **{k: grid.meta[k] for k in ANNOTATION_ATTRS if k in grid.meta}}
     if slide is not None:
         attrs.update(slide_attrs(slide))
     else:   # tiles from an archive: the slide is not opened

@@ -33,6 +33,7 @@ __all__ = ["MaskSampling", "check_class_name", "parse_masks", "read_labels", "ra
            "class_masks", "union_mask", "merge_bags", "bag_indices", "plan_bags", "bags_of", "Bags", "Shape"]
 
 VECTOR_SUFFIXES = (".geojson", ".json")
+ANNOTATION_ATTRS = ("classes", "bags", "bag_tiles", "strategy", "output_mode", "colors")   # a plan's meta, kept
 MAX_MASK_PIXELS = 1 << 30       # a label raster's pixels we decode (its header is checked first)
 MAX_VECTOR_BYTES = 1 << 30      # a GeoJSON file's size we parse
 
