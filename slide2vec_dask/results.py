@@ -329,6 +329,7 @@ class SlideOutcome:
     patient_flat_path: str = ""
     note: str = ""            # what a user should know about a success: redone because its file changed, 0 tiles
     bags: dict = field(default_factory=dict)   # annotation sampling: {bag: its tiles}; empty for tissue tiling
+    bag_colors: dict | None = None             # masks.colors (the QC gallery draws each bag in its class's)
 
     @property
     def ok(self) -> bool:

@@ -285,3 +285,19 @@ def test_pipeline_writes_bags_in_the_store_and_slide2vecs_class_folders(mean_rgb
         assert json.loads(pt.with_suffix(".meta.json").read_text())["annotation"] == name
         assert rows[name]["num_tiles"] == str(len(want[name])) and rows[name]["feature_path"] == str(pt)
     assert not (out / "tile_embeddings" / "s.pt").exists()
+    # the QC gallery: each bag's count on the card, its tiles outlined in its colour on the picture
+    from PIL import Image
+
+    from slide2vec_dask.qc.images import PALETTE, image_name, render, tiling_layers
+
+    page = (out / "qc" / "index.html").read_text()
+    for i, name in enumerate(("tumor", "stroma", "necrosis")):
+        assert f"rgb{PALETTE[i]}\"></span>{name}: {len(want[name])}" in page
+    assert Image.open(out / "qc" / image_name("s")).size[0] >= 512
+    plan = load_plan(out / "coordinates" / "s.npz")
+    layers = tiling_layers(plan)
+    assert [(layer.name, layer.color, len(layer.boxes)) for layer in layers] == \
+        [(name, PALETTE[i], len(want[name])) for i, name in enumerate(("tumor", "stroma", "necrosis"))]
+    drawn = render(np.full((374, 512, 3), 255, np.uint8), 8.0, layers).astype(int)
+    for color in PALETTE[:3]:   # each bag's outlines are on the picture (a tile in two bags shows both)
+        assert (np.abs(drawn - np.array(color)).sum(axis=-1) == 0).sum() > 100, f"no outlines in {color}"
