@@ -258,7 +258,8 @@ def test_pipeline_writes_bags_in_the_store_and_slide2vecs_class_folders(mean_rgb
     from slide2vec_dask import ExecutionOptions, Pipeline
 
     out = tmp_path / "run"
-    run = Pipeline(mean_rgb, config(), ExecutionOptions(output_dir=out, output_format="pt", num_workers=1)).run(
+    run = Pipeline(mean_rgb, config(), ExecutionOptions(output_dir=out, output_format=("pt", "geojson"),
+                                                        num_workers=1)).run(
         slides=[{"sample_id": "s", "image_path": slide, "mask_path": masks["tif8"]}])
     assert run.num_failed == 0
     want = bags(slide, masks["tif8"])
@@ -285,6 +286,14 @@ def test_pipeline_writes_bags_in_the_store_and_slide2vecs_class_folders(mean_rgb
         assert json.loads(pt.with_suffix(".meta.json").read_text())["annotation"] == name
         assert rows[name]["num_tiles"] == str(len(want[name])) and rows[name]["feature_path"] == str(pt)
     assert not (out / "tile_embeddings" / "s.pt").exists()
+    # the GeoJSON export draws the sampled classes' annotations as the slide's tissue
+    from slide2vec_dask.exporters.geojson import tissue_polygons
+    from slide2vec_dask.exporters._base import TileSource
+    from slide2vec_dask.store import EmbeddingStore
+
+    polygons, drawn = tissue_polygons(TileSource.open(EmbeddingStore(out), "s"))
+    assert drawn not in ("tile grid", "none")
+    assert sorted(len(rings) for rings in polygons) == [1, 1, 1, 2]   # 4 rectangles, the stroma's with its hole
     # the QC gallery: each bag's count on the card, its tiles outlined in its colour on the picture
     from PIL import Image
 

@@ -331,13 +331,21 @@ def plan_annotated(slide: Slide, config: PreprocessingConfig, sampling: MaskSamp
 
 def tissue_mask(slide: Slide, segmentation: dict, filtering: dict, *, spacing_um: float,
                 mask_path: str | Path | None = None, sample_id: str = "",
-                tile_size_px: int | None = None, spacing_tolerance: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+                tile_size_px: int | None = None, spacing_tolerance: float = 0.05,
+                masks: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(level image, bool tissue mask) at the segmentation level: the tissue a plan was laid over
-    (inside kept contours, less their holes).  One function, so an export can redraw the very
-    mask a saved plan was made from."""
+    (inside kept contours, less their holes; with annotation ``masks``, the sampled classes'
+    annotations).  One function, so an export can redraw the very mask a saved plan was made from."""
     if tile_size_px is None and filtering.get("ref_tile_size") is None:
         raise ValueError(f"{sample_id or slide.path}: the tile size is needed to know the area filter's "
                          "reference tile (filtering['ref_tile_size'] follows it)")
+    sampling = parse_masks(masks)
+    if sampling is not None and not sampling.tissue_only and mask_path is not None:
+        level = seg_level(slide.level_downsamples, segmentation["downsample"])
+        check_budget(slide, level, sample_id)
+        labels = read_labels(mask_path, slide.level_shapes[level], slide.dimensions, sampling, sample=sample_id)
+        union = union_mask(class_masks(labels, sampling), sampling.classes) if sampling.classes else labels * 0
+        return labels, union > 0
     tissue = find_tissue(slide, segmentation, filtering, spacing_um=spacing_um, tile_size_px=tile_size_px,
                          tolerance=spacing_tolerance, mask_path=mask_path, sample_id=sample_id)
     return tissue.contours.mask, kept_tissue(tissue.contours) > 0
