@@ -239,10 +239,9 @@ def class_folder(bag: str | None) -> str | None:
 
 
 def _bags(src: TileSource) -> list[str] | None:
-    """The slide's annotation bags (None: tissue tiling, one bag)."""
-    if "in_bag" not in src.group:
-        return None
-    return [str(b) for b in np.asarray(src.group["bag"][:])]
+    """The slide's annotation bags (None: tissue tiling, one bag), from its attributes (nothing opened)."""
+    bags = src.attrs.get("bags")
+    return [str(b) for b in bags] if bags else None
 
 
 def _regions_group(src: TileSource):
