@@ -241,13 +241,17 @@ def find_tissue(slide: Slide, seg: dict, filt: dict, *, spacing_um: float, tile_
         mask = read_mask_file(mask_path, slide.level_shapes[level], sample=sample_id)
     else:
         mask = segment_level(slide, level, seg, sample=sample_id)
-    return Tissue(level, contours_on(mask, slide, filt, spacing_um=spacing_um, tile_size_px=tile_size_px,
-                                     tolerance=tolerance))
+    ref = filt["ref_tile_size"] if filt["ref_tile_size"] is not None else tile_size_px
+    min_area = min_contour_area(mask.shape, slide.dimensions, a_t=filt["a_t"], ref_tile_size_px=ref,
+                                requested_spacing_um=spacing_um, spacings=slide.level_spacings,
+                                tolerance=tolerance)
+    return Tissue(level, detect_contours(mask, slide.dimensions, min_area))
 
 
 def contours_on(mask: np.ndarray, slide: Slide, filt: dict, *, spacing_um: float, tile_size_px: int,
                 tolerance: float) -> Contours:
-    """A mask's pieces above ``a_t`` reference tiles (hs2p's contour filter)."""
+    """A mask's pieces above ``a_t`` reference tiles (hs2p's contour filter; `find_tissue`'s last step,
+    for annotation masks)."""
     ref = filt["ref_tile_size"] if filt["ref_tile_size"] is not None else tile_size_px
     min_area = min_contour_area(mask.shape, slide.dimensions, a_t=filt["a_t"], ref_tile_size_px=ref,
                                 requested_spacing_um=spacing_um, spacings=slide.level_spacings,
