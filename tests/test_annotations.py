@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-from test_hs2p_tiling import MAKE_HS2P, SETUP, SPACING, TILE, _clean_env, hs2p_python, synthetic_image  # noqa: F401
+from test_hs2p_tiling import MAKE_HS2P, SPACING, TILE, _clean_env, hs2p_python, synthetic_image  # noqa: F401 (a fixture)
 
 from slide2vec_dask import PreprocessingConfig, testing
 from slide2vec_dask.slide import open_slide
