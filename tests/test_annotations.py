@@ -310,3 +310,27 @@ def test_pipeline_writes_bags_in_the_store_and_slide2vecs_class_folders(mean_rgb
     drawn = render(np.full((374, 512, 3), 255, np.uint8), 8.0, layers).astype(int)
     for color in PALETTE[:3]:   # each bag's outlines are on the picture (a tile in two bags shows both)
         assert (np.abs(drawn - np.array(color)).sum(axis=-1) == 0).sum() > 100, f"no outlines in {color}"
+
+
+def test_tiling_only_writes_hs2ps_coordinate_files_per_class(hs2p_python, mean_rgb, slide, masks, tmp_path):
+    import csv
+
+    from slide2vec_dask import ExecutionOptions, Pipeline
+
+    out = tmp_path / "run"
+    run = Pipeline(mean_rgb, config(), ExecutionOptions(output_dir=out, num_workers=1)).run(
+        slides=[{"sample_id": "s", "image_path": slide, "mask_path": masks["tif8"]}], tiling_only=True)
+    assert run.num_failed == 0
+    want = bags(slide, masks["tif8"])
+    with open(run.process_list_path) as f:
+        rows = {r["annotation"]: r for r in csv.DictReader(f)}
+    for name in ("tumor", "stroma", "necrosis"):
+        npz, meta = out / "tiles" / name / "s.coordinates.npz", out / "tiles" / name / "s.coordinates.meta.json"
+        loaded = subprocess.run([str(hs2p_python), str(MAKE_HS2P), "load", str(npz), str(meta)], capture_output=True,
+                                text=True, env=_clean_env(), timeout=300)
+        assert loaded.returncode == 0, loaded.stderr[-2000:]
+        theirs = json.loads(loaded.stdout.strip().splitlines()[-1])
+        got = {(x, y): f for x, y, f in zip(theirs["x"], theirs["y"], theirs["tissue_fractions"])}
+        assert got == pytest.approx(want[name], abs=1e-6)
+        assert json.loads(meta.read_text())["artifact"]["annotation"] == name
+        assert rows[name]["coordinates_npz_path"] == str(npz) and rows[name]["num_tiles"] == str(len(want[name]))

@@ -19,6 +19,7 @@ tissue tiling; anything else samples annotations, as hs2p decides.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 from slide2vec_dask.compat.masks import MaskSampling, check_class_name, parse_masks
 
 __all__ = ["MaskSampling", "check_class_name", "parse_masks", "read_labels", "rasterise", "read_geojson",
-           "class_masks", "union_mask", "merge_bags", "bag_indices", "plan_bags", "bags_of", "Bags", "Shape"]
+           "class_masks", "union_mask", "merge_bags", "bag_indices", "plan_bags", "bags_of", "bag_plan", "Bags", "Shape"]
 
 VECTOR_SUFFIXES = (".geojson", ".json")
 ANNOTATION_ATTRS = ("classes", "bags", "bag_tiles", "strategy", "output_mode", "colors")   # a plan's meta, kept
@@ -301,3 +302,17 @@ def bags_of(slide, plan) -> list:
     if plan is None or getattr(plan, "member", None) is None:
         return [slide]
     return [slide.bag(bag, bag_indices(plan, bag)) for bag in plan_bags(plan)]
+
+
+def bag_plan(plan, bag: str):
+    """One bag's tiles as a plan of their own (its class's coverage as the fractions, its threshold):
+    what hs2p's per-class coordinate files hold (``tiles/<class>/<id>.coordinates.npz``)."""
+    index = bag_indices(plan, bag)
+    classes = list(plan.meta.get("classes") or ())
+    fraction = plan.class_coverage[index, classes.index(bag)] if bag in classes else plan.fraction[index]
+    threshold = (plan.meta.get("config", {}).get("masks") or {}).get("min_coverage", {}).get(bag, 0.0)
+    meta = {**plan.meta, "annotation": None if bag in ("tissue", "merged") else bag,
+            "output_mode": plan.meta.get("output_mode"),
+            "selection_strategy": f"{plan.meta.get('strategy', 'joint')}_sampling"}
+    return dataclasses.replace(plan, xy=plan.xy[index], fraction=fraction, class_coverage=None, member=None,
+                               meta=meta, tissue_threshold=float(threshold))
