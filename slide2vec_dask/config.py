@@ -312,7 +312,8 @@ class PreprocessingConfig:
     grid: str | None = None
     # slide2vec 7.x's sections (hs2p's config records or dicts), folded into the fields above by
     # `_fold_sections`: tiling -> spacing, tile size, tolerance, overlap, backends; filter ->
-    # filtering; masks (tissue-only) -> tissue_threshold.  Masks are read with tifffile.
+    # filtering; masks: tissue-only -> tissue_threshold, with classes -> annotation bags
+    # (tiling/annotations.py).  Masks are read with tifffile.
     tiling: Any = None
     filter: Any = None
     masks: Any = None

@@ -29,7 +29,8 @@ from slide2vec_dask.clusters.client import resolve_num_gpus
 from slide2vec_dask.compat import identity as feature_ids
 from slide2vec_dask.config import check_bool
 from slide2vec_dask.results import EmbeddedPatient, EmbeddedSlide, EmbeddedSlides, SlideArtifact, SlideOutcome
-from slide2vec_dask.tiling.plan import resolve_request
+from slide2vec_dask.tiling.annotations import bags_of
+from slide2vec_dask.tiling.plan import annotation_sampling, resolve_request
 from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.telemetry import RunTelemetry, write_report
 
@@ -202,18 +203,23 @@ class Model:
                     mask_path: str | Path | None = None, sample_id: str | None = None) -> EmbeddedSlide:
         """Embed every tissue tile of one slide (a path, or a dict with ``image_path``...).
 
-        ``annotation`` (slide2vec 7.x) picks the bag of that class: ``"tissue"`` is the only one
-        here (a list gives a list)."""
+        ``annotation`` (slide2vec 7.x) picks the bag of that class (a list gives a list): with
+        ``PreprocessingConfig(masks=...)`` sampling classes, each class's name (or ``"merged"``),
+        else ``"tissue"``; None returns the one bag, and refuses when there are several."""
         item = SlideInput.parse(slide, spacing_at_level_0=spacing_at_level_0, mask_path=mask_path,
                                 sample_id=sample_id, storage_options=execution and execution.storage_options)
         bags = self.embed_slides([item], preprocessing=preprocessing, execution=execution)[item.sample_id]
         if annotation is None:
+            if len(bags) > 1:
+                raise ValueError(f"embed_slide() made {len(bags)} annotation bags for {item.sample_id} "
+                                 f"({sorted(bags)}); pass annotation=... to pick one, or use embed_slides(...) "
+                                 "for all (each EmbeddedSlide carries its .annotation)")
             return next(iter(bags.values()))
         wanted = [annotation] if isinstance(annotation, str) else list(annotation)
         missing = [a for a in wanted if a not in bags]
         if missing:
             raise ValueError(f"embed_slide() found no {missing[0]!r} annotation bag for {item.sample_id}; "
-                             f"available bags: {sorted(bags)} (tissue-only sampling)")
+                             f"available bags: {sorted(bags)}")
         return bags[annotation] if isinstance(annotation, str) else [bags[a] for a in wanted]
 
     def embed_slides(self, slides: Sequence, *, annotations: list[str] | None = None,
@@ -286,6 +292,11 @@ class Model:
         config = preprocessing or PreprocessingConfig()
         execution = self.resolve_execution(execution)
         self.check_recommended(config, execution)
+        sampling = annotation_sampling(config)
+        if level != "tile" and sampling is not None and len(sampling.bags) > 1:
+            raise ValueError(f"a {level}-level model encodes one bag per slide, and masks samples "
+                             f"{len(sampling.bags)} classes {list(sampling.bags)}: set masks output_mode='merged' "
+                             "(one bag of every sampled tile), sample one class, or use a tile-level model")
         if execution.output_format is not None:
             raise ValueError("output_format writes per-slide files from Pipeline.run; embed_slide(s) "
                              "return embeddings in memory (EmbeddedSlide.to_xarray() to save them yourself)")
@@ -320,7 +331,8 @@ class Model:
                     if spec is not None:
                         release_encoders(spec.key)
         identity = self.feature_identity(config, execution)
-        slides = [self._as_7x(sink.slides[it.sample_id], identity, execution) for it in items]
+        slides = [self._as_7x(bag, identity, execution) for it in items
+                  for bag in bags_of(sink.slides[it.sample_id], sink.plans.get(it.sample_id))]
         return slides, sink.patients
 
     def _as_7x(self, slide: EmbeddedSlide, identity: dict, execution: ExecutionOptions) -> EmbeddedSlide:

@@ -245,9 +245,11 @@ class Pipeline:
                     else:
                         row.status, row.num_tiles, row.note = "success", result["num_tiles"], result["note"]
                         row.plan_seconds, row.coordinates_path = round(result["seconds"], 3), result["plan_path"]
-                        meta = Path(result["coordinates_meta"])   # (hs2p writes no npz for a slide without tiles)
-                        npz = meta.with_name(f"{key[1]}{COORDINATES_SUFFIX}")
-                        row.flat_paths = [str(p) for p in (npz, meta) if p.exists()]
+                        metas = [Path(m) for m in result["coordinates_meta"]]   # one per annotation bag
+                        # (hs2p writes no npz for a slide without tiles)
+                        row.flat_paths = [str(p) for meta in metas for p in
+                                          (meta.with_name(f"{key[1]}{COORDINATES_SUFFIX}"), meta) if p.exists()]
+                        row.bags = result["bags"]
                     writer.maybe_write()
             finally:
                 executor.close()
@@ -571,7 +573,7 @@ class _ProcessList:
             writer = csv.DictWriter(f, fieldnames=PROCESS_LIST_COLUMNS)
             writer.writeheader()
             for outcome in self.outcomes.values():
-                writer.writerow(outcome.csv_row())
+                writer.writerows(outcome.csv_rows())
 
 
 def _row_flat(store, level: str, key: str, formats) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,20 @@ class EmbeddedSlide:
     annotation: str | None = "tissue"
     encoder_input_size_px: int | None = None
     transform: dict | None = None
+    # annotation sampling (PreprocessingConfig(masks=...)): each sampled class's share of each tile
+    class_coverage: np.ndarray | None = None   # (N, C) float32
+    classes: tuple[str, ...] = ()
 
     @property
     def num_tiles(self) -> int:
         return int(len(self.x))
+
+    def bag(self, name: str, index: np.ndarray) -> "EmbeddedSlide":
+        """The tiles ``index`` of this slide as the bag ``name`` (one annotation class, or 'merged')."""
+        return dataclasses.replace(self, tile_embeddings=self.tile_embeddings[index], x=self.x[index],
+                                   y=self.y[index], annotation=name,
+                                   class_coverage=None if self.class_coverage is None else self.class_coverage[index],
+                                   attrs={**self.attrs, "annotation": name})
 
     def as_regions(self) -> "EmbeddedSlide":
         """Hierarchical results as slide2vec 7.x gives them: ``tile_embeddings`` ``(R, T, D)`` and
@@ -64,9 +75,14 @@ class EmbeddedSlide:
             return self._regions_xarray()
         emb = self.tile_embeddings
         values = emb.numpy() if hasattr(emb, "numpy") else np.asarray(emb)
+        variables = {"embedding": (schema.TILE_DIMS, values, schema.TILE_EMBEDDING_ATTRS)}
+        coords = {name: ("tile", getattr(self, name), attrs) for name, attrs in schema.TILE_COORDS.items()}
+        if self.class_coverage is not None:
+            variables["coverage"] = (schema.COVERAGE_DIMS, self.class_coverage, schema.COVERAGE_ATTRS)
+            coords["class"] = ("class", list(self.classes))
         return xr.Dataset(
-            {"embedding": (schema.TILE_DIMS, values, schema.TILE_EMBEDDING_ATTRS)},
-            coords={name: ("tile", getattr(self, name), attrs) for name, attrs in schema.TILE_COORDS.items()},
+            variables,
+            coords=coords,
             attrs={
                 "sample_id": self.sample_id,
                 "image_path": str(self.image_path),
@@ -312,6 +328,8 @@ class SlideOutcome:
     slide_flat_path: str = ""
     patient_flat_path: str = ""
     note: str = ""            # what a user should know about a success: redone because its file changed, 0 tiles
+    bags: dict = field(default_factory=dict)   # annotation sampling: {bag: its tiles}; empty for tissue tiling
+    bag_colors: dict | None = None             # masks.colors (the QC gallery draws each bag in its class's)
 
     @property
     def ok(self) -> bool:
@@ -335,3 +353,22 @@ class SlideOutcome:
                     "coordinates_npz_path": coords[0] if coords else "",
                     "coordinates_meta_path": coords[0].replace(".coordinates.npz", ".coordinates.meta.json") if coords else ""})
         return {c: csv_cell(v) for c, v in row.items()}
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """``process_list.csv``'s rows for the slide: one, or one per annotation bag (slide2vec's
+        ``annotation`` column names the class; ``num_tiles`` and the paths are the bag's)."""
+        row = self.csv_row()
+        if not self.bags:
+            return [row]
+        rows = []
+        for bag, count in self.bags.items():
+            folders = ("tile_embeddings", "tiles") if bag in ("tissue", "merged") else (bag,)   # slide2vec's layout
+            mine = [str(p) for p in self.flat_paths if Path(p).parent.name in folders]
+            coords = [p for p in mine if p.endswith(".coordinates.npz")]
+            features = [p for p in mine if "tile_embeddings" in p and p.endswith((".pt", ".npz"))]
+            rows.append({**row, "annotation": csv_cell(bag), "num_tiles": int(count),
+                         "flat_path": csv_cell(";".join(mine)), "feature_path": csv_cell(features[0] if features else ""),
+                         "coordinates_npz_path": csv_cell(coords[0] if coords else ""),
+                         "coordinates_meta_path": csv_cell(coords[0].replace(".coordinates.npz", ".coordinates.meta.json")
+                                                           if coords else "")})
+        return rows

@@ -23,6 +23,7 @@ import slide2vec_dask
 from slide2vec_dask import ExecutionOptions, Model, Pipeline, PreprocessingConfig
 from slide2vec_dask.compat import slide2vec_config as s2v
 from slide2vec_dask.results import EmbeddedSlides
+from slide2vec_dask.tiling.plan import annotation_sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
@@ -126,9 +127,11 @@ def test_7x_preprocessing_sections_fold_into_our_fields():
         masks={"pixel_mapping": {"background": 0, "tissue": 1}, "min_coverage": {"tissue": 0.25}})
     assert (config.requested_spacing_um, config.requested_tile_size_px, config.backend) == (0.5, 224, "openslide")
     assert config.filtering["a_t"] == 4 and config.tissue_threshold == 0.25
-    with pytest.raises(ValueError, match="annotation-aware sampling"):
-        PreprocessingConfig(masks={"pixel_mapping": {"background": 0, "tissue": 1, "tumor": 2},
-                                   "min_coverage": {"tumor": 0.5}})
+    # classes beyond background / tissue: annotation bags (tests/test_annotations.py), not the tissue threshold
+    annotated = PreprocessingConfig(masks={"pixel_mapping": {"background": 0, "tissue": 1, "tumor": 2},
+                                           "min_coverage": {"tumor": 0.5}})
+    assert annotated.tissue_threshold == PreprocessingConfig().tissue_threshold
+    assert annotation_sampling(annotated).classes == ("tumor",)
     assert PreprocessingConfig(segmentation={"sthresh_up": 200}).segmentation["sthresh_up"] == 200
     with pytest.raises(ValueError, match="segmentation.sthreshold=8: unknown key"):
         PreprocessingConfig(segmentation={"sthreshold": 8})

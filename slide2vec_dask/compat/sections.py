@@ -5,9 +5,8 @@ filter=FilterConfig(...), preview=PreviewConfig(...), masks=MaskSamplingConfig(.
 config records, or plain dicts with their keys.  Their keys carry hs2p's names, which are ours
 too; each section is handed on as a mapping.  A key our engine does not know (yet) is dropped
 when it holds hs2p's default — it then asks for what the engine does anyway — and refused
-otherwise, naming it.  Annotation-aware mask sampling (classes other than background/tissue)
-has no counterpart here and is refused; the tissue class's ``min_coverage`` is the tissue
-threshold.
+otherwise, naming it.  ``masks`` is validated here (`compat.masks`); a tissue-only one gives
+the tissue threshold, one with classes samples annotation bags (`tiling.annotations`).
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import Any, Mapping
+
+from slide2vec_dask.compat.masks import parse_masks
 
 logger = logging.getLogger("slide2vec_dask")
 
@@ -30,7 +31,6 @@ HS2P_DEFAULTS: dict[str, dict[str, Any]] = {
     "preview": {"tissue_contour_color": None, "mask_overlay_alpha": None},
 }
 COSMETIC = {"tissue_contour_color", "mask_overlay_alpha"}
-TISSUE_ONLY_MAPPING = {"background": (0,), "tissue": (1,)}
 
 
 def as_mapping(name: str, record: Any) -> dict[str, Any] | None:
@@ -93,14 +93,9 @@ def tiling_fields(tiling: Any, fields: set[str]) -> dict[str, Any]:
 
 
 def tissue_threshold(masks: Any) -> float | None:
-    """The tissue threshold a tissue-only ``MaskSamplingConfig`` names; annotation sampling is refused."""
-    m = as_mapping("masks", masks)
-    if m is None:
+    """The tissue threshold a tissue-only ``masks`` section names (validated as hs2p does); None for
+    annotation sampling (classes: `tiling.annotations` samples them) or no section."""
+    sampling = parse_masks(masks)
+    if sampling is None or not sampling.tissue_only:
         return None
-    mapping = {str(k): tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in dict(m.get("pixel_mapping") or {}).items()}
-    coverage = {str(k): v for k, v in dict(m.get("min_coverage") or {}).items() if v is not None}
-    if mapping and mapping != TISSUE_ONLY_MAPPING or set(coverage) - {"tissue"}:
-        raise ValueError("masks: annotation-aware sampling (mask classes other than background: 0 / tissue: 1, "
-                         f"got pixel_mapping={dict(m.get('pixel_mapping') or {})}, min_coverage={coverage}) is not "
-                         "supported by this release; give tissue masks (tissue = 1) and a tissue min_coverage")
-    return coverage.get("tissue")
+    return sampling.min_coverage.get("tissue")

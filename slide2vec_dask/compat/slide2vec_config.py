@@ -64,9 +64,6 @@ IGNORED = {
     "tiling.jpeg_backend": "tile archives are written with our JPEG encoder",
     "tiling.gpu_decode": "tiles are decoded on the CPU readers",
     "tiling.adaptive_batching": "batches follow the engine's blocks",
-    "tiling.masks.colors": "previews draw their own colours",
-    "tiling.masks.output_mode": "tissue-only sampling makes one bag per slide",
-    "tiling.masks.strategy": "tissue-only sampling makes one bag per slide",
     "tiling.preview.tissue_contour_color": "previews draw their own colours",
     "tiling.preview.mask_overlay_alpha": "previews draw their own colours",
 }
@@ -228,7 +225,7 @@ def preprocessing(cfg: dict) -> PreprocessingConfig:
                    "tolerance": p["tolerance"], "overlap": p["overlap"]},
         "segmentation": t["seg_params"], "filter": filt,
         "preview": {k: v for k, v in t["preview"].items()},
-        "masks": {k: t["masks"].get(k) for k in ("pixel_mapping", "min_coverage")},
+        "masks": {k: t["masks"].get(k) for k in ("pixel_mapping", "min_coverage", "colors", "output_mode", "strategy")},
         "region_tile_multiple": p["region_tile_multiple"], "requested_region_size_px": p["requested_region_size_px"],
         "use_supertiles": t["use_supertiles"], "read_coordinates_from": t["read_coordinates_from"] or None,
         "read_tiles_from": t["read_tiles_from"] or None, "resume": cfg["resume"],

@@ -135,6 +135,7 @@ class MemorySink:
         self.feature_dim = int(stages.tile_spec.feature_dim)
         self.open: dict[str, _Slide] = {}
         self.slides: dict[str, EmbeddedSlide] = {}
+        self.plans: dict[str, Any] = {}    # each slide's plan (its annotation bags split the result)
         self.patients: dict[str, EmbeddedPatient] = {}
 
     def planned(self, plan: tasks.PlannedSlide) -> None:
@@ -154,6 +155,7 @@ class MemorySink:
             write_archive(Path(self.output_dir) / ARCHIVE_FOLDER, plan.sample_id, grid,
                           in_plan_order(grid, plan.k, slide.jpegs.__getitem__), plan.attrs)
         self.slides[plan.sample_id] = self._embedded(self.items[plan.sample_id], plan, slide)
+        self.plans[plan.sample_id] = grid
         return {"num_tiles": grid.num_tiles, "num_regions": 0 if slide.regions is None else len(slide.regions)}
 
     def finalized(self, sid: str, result: dict, row: SlideOutcome) -> None:
@@ -207,6 +209,7 @@ class MemorySink:
             x=grid.x, y=grid.y, tile_size_lv0=grid.tile_size_lv0,
             image_path=item.image_path, mask_path=item.mask_path,
             mask_preview_path=plan.mask_preview_path, tiling_preview_path=plan.tiling_preview_path,
+            class_coverage=getattr(grid, "class_coverage", None), classes=tuple(grid.meta.get("classes") or ()),
             attrs={
                 "encoder": spec.name,
                 "feature_dim": int(spec.feature_dim),

@@ -32,6 +32,7 @@ from slide2vec_dask.store import EmbeddingStore
 from slide2vec_dask.telemetry import clock
 from slide2vec_dask.tiling.archive import ARCHIVE_FOLDER
 from slide2vec_dask.tiling.coordinate_files import write_coordinates
+from slide2vec_dask.tiling.annotations import ANNOTATION_ATTRS, bag_plan, plan_bags
 from slide2vec_dask.tiling.plan import Plan, plan_for, slide_attrs, why_no_tiles, writes_archive
 
 EXPECTED = (OSError, ValueError, NotImplementedError)
@@ -129,7 +130,9 @@ def plan_task(item, spec, config, output_dir: str | None, store: EmbeddingStore 
              "slide_spacing_um": float(grid.slide_spacing_um), "read_spacing_um": float(grid.read_spacing_um),
              "requested_tile_size_px": int(grid.requested_tile_size_px),
              "tile_layout": grid.layout,
-             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")}}
+             **{k: v for k, v in grid.meta.items() if k.endswith("_fingerprint") or k.endswith("_from")},
+             # annotation bags (masks with classes): the classes, the bags and each bag's tiles
+             **{k: grid.meta[k] for k in ANNOTATION_ATTRS if k in grid.meta}}
     if slide is not None:
         attrs.update(slide_attrs(slide))
     else:   # tiles from an archive: the slide is not opened
@@ -158,14 +161,20 @@ def tiling_task(item, spec, config, output_dir: str) -> dict[str, Any] | BaseExc
         try:
             attrs = {"image_path": str(item.image_path), "mask_path": None if item.mask_path is None
                      else str(item.mask_path), **(slide_attrs(slide) if slide is not None else {})}
-            meta = write_coordinates(Path(output_dir) / ARCHIVE_FOLDER, item.sample_id, plan.grid, attrs)
+            folder = Path(output_dir) / ARCHIVE_FOLDER
+            if plan.grid.layout == "free" and plan.grid.member is not None:   # a file per bag, in its class's folder
+                metas = [write_coordinates(folder if bag in ("tissue", "merged") else folder / bag, item.sample_id,
+                                           bag_plan(plan.grid, bag), attrs) for bag in plan_bags(plan.grid)]
+            else:
+                metas = [write_coordinates(folder, item.sample_id, plan.grid, attrs)]
         finally:
             if slide is not None:
                 slide.close()
     except EXPECTED as exc:
         return exc
     grid = plan.grid
-    return {"num_tiles": grid.num_tiles, "seconds": time.perf_counter() - start, "coordinates_meta": str(meta),
+    return {"num_tiles": grid.num_tiles, "seconds": time.perf_counter() - start,
+            "coordinates_meta": [str(m) for m in metas], "bags": dict(grid.meta.get("bag_tiles") or {}),
             "plan_path": str(Path(output_dir) / "coordinates" / f"{item.sample_id}.npz"),
             "note": "" if grid.num_tiles else why_no_tiles(grid)}
 

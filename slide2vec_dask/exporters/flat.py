@@ -4,6 +4,8 @@
 
     <dest>/tile_embeddings/<sample_id>.pt | .npz   + <sample_id>.meta.json
     <dest>/tiles/<sample_id>.coordinates.npz       + <sample_id>.coordinates.meta.json   (hs2p's)
+    <dest>/tile_embeddings/<class>/<sample_id>...  annotation bags (masks with classes): one folder
+    <dest>/tiles/<class>/<sample_id>.coordinates.* per class, as slide2vec writes them (merged: the root)
     <dest>/hierarchical_embeddings/<sample_id>.pt | .npz + .meta.json    hierarchical runs (R, T, D)
     <dest>/slide_embeddings/<sample_id>.pt | .npz  + .meta.json          slide-level models
     <dest>/slide_latents/<sample_id>.pt | .npz                           when latents are kept
@@ -62,10 +64,12 @@ def _save(path: Path, fmt: str, array: np.ndarray, key: str = "features", **extr
     return atomic(path, lambda tmp: torch.save(torch.from_numpy(np.ascontiguousarray(array)), tmp))
 
 
-def write_coordinates(grid_or_src, item, folder: Path) -> list[Path]:
+def write_coordinates(grid_or_src, item, folder: Path, bag: str | None = None,
+                      index: np.ndarray | None = None, coverage: np.ndarray | None = None) -> list[Path]:
     """hs2p's ``<id>.coordinates.npz`` (tile_index, x, y, tissue_fractions) and its ``.meta.json``,
     from a plan (``tiling_only``) or a finished slide; readable by hs2p, slide2vec and our
-    ``read_coordinates_from``."""
+    ``read_coordinates_from``.  ``bag``: one annotation bag's tiles (``index``), its class's
+    ``coverage`` as the fractions, as hs2p writes a class's coordinates."""
     if isinstance(grid_or_src, TileSource):
         src = grid_or_src
         xy, fraction, attrs = src.xy(), src.tissue_fraction(), src.attrs
@@ -87,6 +91,8 @@ def write_coordinates(grid_or_src, item, folder: Path) -> list[Path]:
         meta = grid.meta
         dims = (meta["level0_width"], meta["level0_height"]) if "level0_width" in meta else None
         backend, downsamples = meta.get("backend"), meta.get("level_downsamples")
+    if index is not None:
+        xy, fraction = xy[index], (fraction[index] if coverage is None else coverage)
     folder = Path(folder)
     npz = folder / f"{sample_id}.coordinates.npz"
     n = len(xy)
@@ -95,7 +101,8 @@ def write_coordinates(grid_or_src, item, folder: Path) -> list[Path]:
     _save(npz, "npz", np.arange(n, dtype=np.int32), key="tile_index", x=xy[:, 0].astype(np.int64),
           y=xy[:, 1].astype(np.int64), tissue_fractions=np.asarray(fraction, np.float32))
     meta_doc = {
-        "artifact": {"annotation": None, "coordinate_space": "level0_px", "output_mode": None,
+        "artifact": {"annotation": class_folder(bag), "coordinate_space": "level0_px",
+                     "output_mode": None if bag is None else ("merged" if bag == "merged" else "per_annotation"),
                      "selection_strategy": None, "tile_order": "as_embedded"},
         "provenance": {"sample_id": sample_id, "image_path": image, "mask_path": mask, "backend": backend,
                        "requested_backend": backend, "mask_backend": None, "requested_mask_backend": None,
@@ -122,6 +129,16 @@ class Flat:
     # -- tiles --------------------------------------------------------------------------------
     def tile_files(self, src: TileSource, dest: Path) -> list[Path]:
         dest = Path(dest)
+        bags = _bags(src)
+        if bags is not None:   # slide2vec's per-class folders: tile_embeddings/<class>/, tiles/<class>/
+            files = []
+            for bag in bags:
+                sub = class_folder(bag)
+                tiles, coords = (dest / "tile_embeddings", dest / "tiles") if sub is None else \
+                    (dest / "tile_embeddings" / sub, dest / "tiles" / sub)
+                files += self._pair(tiles, src.sample_id) + [coords / f"{src.sample_id}.coordinates.npz",
+                                                              coords / f"{src.sample_id}.coordinates.meta.json"]
+            return files
         files = self._pair(dest / "tile_embeddings", src.sample_id) + [
             dest / "tiles" / f"{src.sample_id}.coordinates.npz", dest / "tiles" / f"{src.sample_id}.coordinates.meta.json"]
         if src.store.has_regions(src.sample_id):
@@ -132,6 +149,10 @@ class Flat:
         run = _run(src.store)
         dtype, attrs = _dtype(run), _plain(src.attrs)
         features = np.asarray(src.group["embedding"][:]).astype(dtype)
+        bags = _bags(src)
+        if bags is not None:
+            self._write_bags(src, files, run, attrs, features, bags)
+            return
         _save(files[0], self.fmt, features, tile_index=np.arange(len(features), dtype=np.int64))
         coordinates = write_coordinates(src, None, files[2].parent)
         meta = self._slide_meta(src, run, attrs)
@@ -149,6 +170,26 @@ class Flat:
                          "region_x": np.asarray(group["region_x"][:]).tolist(),
                          "region_y": np.asarray(group["region_y"][:]).tolist()})
             write_json(files[5], meta)
+
+    def _write_bags(self, src: TileSource, files: list[Path], run: dict, attrs: dict, features: np.ndarray,
+                    bags: list[str]) -> None:
+        """One bag's features, coordinates (its class's coverage as the fractions) and sidecar per bag."""
+        member = np.asarray(src.group["in_bag"][:], bool)
+        coverage = np.asarray(src.group["coverage"][:], np.float32)
+        classes = [str(c) for c in np.asarray(src.group["class"][:])]
+        for b, bag in enumerate(bags):
+            index = np.flatnonzero(member[:, b])
+            own = coverage[index, classes.index(bag)] if bag in classes else \
+                np.asarray(src.group["tissue_fraction"][:], np.float32)[index]
+            pt, sidecar, coords = files[4 * b], files[4 * b + 1], files[4 * b + 2]
+            _save(pt, self.fmt, features[index], tile_index=np.arange(len(index), dtype=np.int64))
+            written = write_coordinates(src, None, coords.parent, bag=bag, index=index, coverage=own)
+            meta = self._slide_meta(src, run, attrs)
+            meta.update({"annotation": class_folder(bag), "artifact_type": "tile_embeddings",
+                         "feature_dim": int(features.shape[1]), "num_tiles": int(len(index)),
+                         "coordinates_npz_path": str(written[0].resolve()),
+                         "coordinates_meta_path": str(written[1].resolve())})
+            write_json(sidecar, meta)
 
     def _slide_meta(self, src: TileSource, run: dict, attrs: dict) -> dict[str, Any]:
         identity = dict(run.get("feature_identity") or {})
@@ -190,6 +231,17 @@ class Flat:
             meta.update({"sample_id": src.key, "image_path": attrs.get("image_path"),
                          "latent_path": str(files[2].resolve()) if len(files) > 2 else None})
         write_json(files[1], meta)
+
+
+def class_folder(bag: str | None) -> str | None:
+    """slide2vec's folder for a bag: a class gets ``<kind>/<class>/``; tissue, merged and None the flat root."""
+    return None if bag in (None, "tissue", "merged") else bag
+
+
+def _bags(src: TileSource) -> list[str] | None:
+    """The slide's annotation bags (None: tissue tiling, one bag), from its attributes (nothing opened)."""
+    bags = src.attrs.get("bags")
+    return [str(b) for b in bags] if bags else None
 
 
 def _regions_group(src: TileSource):

@@ -80,7 +80,7 @@ def _plan_mask(grid, sample_id: str, saved: Path | None = None):
     _, mask = tissue_mask(slide, config["segmentation"], config["filtering"], spacing_um=grid.requested_spacing_um,
                           mask_path=grid.meta.get("mask_path"), sample_id=sample_id,
                           tile_size_px=grid.requested_tile_size_px,
-                          spacing_tolerance=config.get("spacing_tolerance", 0.05))
+                          spacing_tolerance=config.get("spacing_tolerance", 0.05), masks=config.get("masks"))
     return mask, slide.level_shapes[0]
 
 

@@ -32,6 +32,7 @@ class Layer:
     cell: float = 0.0
     boxes: np.ndarray | None = None
     size: float = 0.0
+    inset: int = 0     # px the outlines are drawn inside the tile (a tile in two bags shows both)
 
 
 def image_name(sample_id: str) -> str:
@@ -40,8 +41,27 @@ def image_name(sample_id: str) -> str:
     return f"{safe}.jpg" if safe == sample_id else f"{safe}-{digest(sample_id, 4)}.jpg"
 
 
+# annotation classes without a colour of their own (masks.colors): distinct from each other, from the
+# tiles' red and from H&E's pinks and purples
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (23, 190, 207), (188, 189, 34), (0, 0, 0),
+           (255, 215, 0), (127, 127, 127))
+
+
+def bag_colors(bags, colors: dict | None) -> dict[str, tuple[int, int, int]]:
+    """Each bag's colour: its class's ``masks.colors`` entry, else the palette's in bag order."""
+    colors = colors or {}
+    return {bag: tuple(colors[bag]) if colors.get(bag) else PALETTE[i % len(PALETTE)] for i, bag in enumerate(bags)}
+
+
 def tiling_layers(grid) -> list[Layer]:
-    """The tiling's layers: the tissue it saw (per grid cell) and the tiles it kept."""
+    """The tiling's layers: the tissue it saw (per grid cell) and the tiles it kept; with annotation
+    bags, one layer of tile outlines per bag in its class's colour instead."""
+    member = getattr(grid, "member", None)
+    if member is not None:
+        colors = bag_colors(grid.meta["bags"], grid.meta.get("colors"))
+        xy = np.stack([np.asarray(grid.x), np.asarray(grid.y)], axis=1) if grid.num_tiles else np.zeros((0, 2))
+        return [Layer(bag, colors[bag], boxes=xy[member[:, b]], size=float(grid.tile_size_lv0), inset=b)
+                for b, bag in enumerate(grid.meta["bags"])]
     layers = []
     fraction = getattr(grid, "tissue_fraction", None)
     if fraction is not None and getattr(grid, "layout", "grid") == "grid" and np.ndim(fraction) == 2:
@@ -69,8 +89,9 @@ def render(thumbnail: np.ndarray, downsample: float, layers: list[Layer]) -> np.
     for layer in layers:
         if layer.boxes is not None:
             side = max(layer.size / downsample, 1.0)
+            d = min(layer.inset, max(0, int(side // 2) - 1))
             for x, y in layer.boxes / downsample:
-                draw.rectangle([x, y, x + side - 1, y + side - 1], outline=layer.color)
+                draw.rectangle([x + d, y + d, x + side - 1 - d, y + side - 1 - d], outline=layer.color)
     return np.asarray(out)
 
 

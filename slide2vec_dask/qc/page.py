@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from slide2vec_dask.atomic import atomic
-from slide2vec_dask.qc.images import QC_FOLDER, image_name
+from slide2vec_dask.qc.images import QC_FOLDER, bag_colors, image_name
 
 # failed first, then what is still going, then what is done
 ORDER = {"failed": 0, "skipped": 3, "success": 2}
@@ -83,6 +83,11 @@ class QcGallery:
                  f'<div><span class="st">{status}</span> {o.num_tiles} tiles'
                  + (f", {o.num_regions} regions" if o.num_regions else "")
                  + (f", planned in {o.plan_seconds:.1f} s" if o.plan_seconds else "") + "</div>"]
+        if o.bags:   # annotation bags: each class's tiles, in the colour its outlines have
+            colors = bag_colors(list(o.bags), o.bag_colors)
+            lines.append('<div class="legend">' + "".join(
+                f'<span style="border:2px solid rgb{colors[b]}"></span>{html.escape(b)}: {n}' for b, n in o.bags.items())
+                + "</div>")
         if o.status == "failed":
             lines.append(f'<div class="err">{html.escape(o.error_type)}: {html.escape(o.error[:500])}</div>')
         if o.note:

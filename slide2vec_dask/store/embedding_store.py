@@ -5,7 +5,9 @@ Layout (Zarr v3, readable with plain xarray)::
     <output_dir>/embeddings.zarr          what users open: only finished things;
                             attrs: run (the settings), layout (`schema.LAYOUT_VERSION`)
       tiles/<sample_id>     embedding (tile, feature); coords x, y (tile), level-0 px;
-                            tissue_fraction (tile); attrs: provenance
+                            tissue_fraction (tile); attrs: provenance; with annotation bags
+                            (masks with classes) also coverage (tile, class), in_bag (tile, bag)
+                            and the class / bag names (each tile once, however many bags)
       regions/<sample_id>   hierarchical mode: embedding (region, tile_in_region, feature),
                             region_x, region_y, tile_mask; one region = one block = one chunk
       slides                slide-level models: embedding (slide, feature), coord sample_id;
@@ -459,6 +461,8 @@ class EmbeddingStore:
         _vector(group, "x", grid.x, schema.TILE_COORDS["x"])
         _vector(group, "y", grid.y, schema.TILE_COORDS["y"])
         _vector(group, "tissue_fraction", grid.kept_tissue_fraction, schema.TISSUE_FRACTION_ATTRS)
+        if getattr(grid, "member", None) is not None:
+            _bag_tables(group, grid)
         group.update_attributes({**attrs, "num_tiles": n, "tile_size_lv0": grid.tile_size_lv0,
                                  "tile_size_lv0_units": schema.LEVEL0_PX, "build_id": uuid.uuid4().hex,
                                  "requested_spacing_um": grid.requested_spacing_um, "spacing_units": "µm/px",
@@ -806,6 +810,21 @@ def _write_json(path: Path, doc: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
+
+
+def _bag_tables(group, grid) -> None:
+    """Annotation sampling: ``coverage (tile, class)``, ``in_bag (tile, bag)`` and the ``class`` / ``bag`` names."""
+    for dim, names in (("class", grid.meta["classes"]), ("bag", grid.meta["bags"])):
+        arr = group.create_array(dim, shape=(len(names),), dtype=str, dimension_names=[dim], fill_value="")
+        if names:
+            arr[:] = np.asarray(names, dtype=str)
+    for name, values, dims, attributes in (("coverage", grid.class_coverage, schema.COVERAGE_DIMS, schema.COVERAGE_ATTRS),
+                                           ("in_bag", grid.member, schema.BAG_DIMS, schema.BAG_ATTRS)):
+        arr = group.create_array(name, shape=values.shape, chunks=(max(1, len(values)), max(1, values.shape[1])),
+                                 dtype=values.dtype, dimension_names=list(dims), attributes=attributes,
+                                 fill_value=0)
+        if values.size:
+            arr[:] = values
 
 
 def _vector(group, name: str, values: np.ndarray, attributes: dict, dim: str = "tile") -> None:

@@ -44,3 +44,11 @@ DENSE_EMBEDDING_ATTRS = {"long_name": "patch-token embedding (after the final no
 REGION_EMBEDDING_ATTRS = {"long_name": "sub-tile embedding"}
 TILE_MASK_ATTRS = {"long_name": "sub-tile is a kept tissue tile"}
 TISSUE_FRACTION_ATTRS = {"units": "1", "long_name": "tissue fraction of the tile"}
+
+# Annotation sampling (masks with classes): each sampled class's share of each tile, and which
+# tiles each bag (a class, or "merged") holds; the class / bag names are the coordinates.
+COVERAGE_DIMS = ("tile", "class")
+COVERAGE_ATTRS = {"long_name": "share of the tile's footprint on the mask each annotation class covers",
+                  "units": "1"}
+BAG_DIMS = ("tile", "bag")
+BAG_ATTRS = {"long_name": "whether the tile is in the bag (an annotation class, or 'merged')"}

@@ -86,8 +86,8 @@ def hs2p_meta(sample_id: str, plan, attrs: dict, order: str = "x_then_y") -> dic
             "ref_tile_size_px": ref, "tissue_mask_tissue_value": None if segmented else 1,
             "mask_level": None, "mask_spacing_um": None},
         "filtering": {key: filt.get(key, default) for key, default in _HS2P_FILTERING.items()},
-        "artifact": {"coordinate_space": "level0_px", "tile_order": order, "annotation": None,
-                     "selection_strategy": None, "output_mode": None},
+        "artifact": {"coordinate_space": "level0_px", "tile_order": order,   # (an annotation bag's: its class)
+                     **{k: plan.meta.get(k) for k in ("annotation", "selection_strategy", "output_mode")}},
     }
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from slide2vec_dask.inputs import SlideInput, current_fingerprints, fingerprint, slide_fingerprints, why_stale
 from slide2vec_dask.slide import Slide, open_slide
+from slide2vec_dask.tiling.annotations import MaskSampling, class_masks, merge_bags, parse_masks, read_labels, \
+    union_mask
 from slide2vec_dask.tiling.contours import Contours, contour_tiles, coverage, detect_contours, kept_tissue, \
     min_contour_area, tile_stride
 from slide2vec_dask.tiling.grid import TileGrid, choose_level
@@ -170,6 +172,10 @@ def plan_slide(slide: Slide, config: PreprocessingConfig, *, spacing_um: float, 
     choice = choose_level(slide.level_spacings, slide.level_downsamples, spacing_um, tile_size_px,
                           config.spacing_tolerance, sample=sample_id)
     filt = config.filtering
+    sampling = annotation_sampling(config)
+    if sampling is not None:
+        return plan_annotated(slide, config, sampling, choice, spacing_um=spacing_um, tile_size_px=tile_size_px,
+                              sample_id=sample_id, mask_path=mask_path, preview_dir=preview_dir)
     tissue = find_tissue(slide, config.segmentation, filt, spacing_um=spacing_um, tile_size_px=tile_size_px,
                          tolerance=config.spacing_tolerance, mask_path=mask_path, sample_id=sample_id)
     geometry = dict(level=choice.level, level_downsample=float(slide.level_downsamples[choice.level]),
@@ -251,15 +257,108 @@ def find_tissue(slide: Slide, seg: dict, filt: dict, *, spacing_um: float, tile_
     return Tissue(level, detect_contours(mask, slide.dimensions, min_area))
 
 
+def contours_on(mask: np.ndarray, slide: Slide, filt: dict, *, spacing_um: float, tile_size_px: int,
+                tolerance: float) -> Contours:
+    """A mask's pieces above ``a_t`` reference tiles (hs2p's contour filter; `find_tissue`'s last step,
+    for annotation masks)."""
+    ref = filt["ref_tile_size"] if filt["ref_tile_size"] is not None else tile_size_px
+    min_area = min_contour_area(mask.shape, slide.dimensions, a_t=filt["a_t"], ref_tile_size_px=ref,
+                                requested_spacing_um=spacing_um, spacings=slide.level_spacings,
+                                tolerance=tolerance)
+    return detect_contours(mask, slide.dimensions, min_area)
+
+
+def annotation_sampling(config: PreprocessingConfig) -> MaskSampling | None:
+    """The config's annotation sampling (``masks`` with classes), None for plain tissue tiling."""
+    sampling = parse_masks(config.masks)
+    return None if sampling is None or sampling.tissue_only else sampling
+
+
+def plan_annotated(slide: Slide, config: PreprocessingConfig, sampling: MaskSampling, choice, *, spacing_um: float,
+                   tile_size_px: int, sample_id: str, mask_path, preview_dir) -> Plan:
+    """One plan of every sampled tile, with each class's coverage and bag, as hs2p samples annotations:
+    ``joint``, the union of the sampled classes tiled once (its contours, its tile filters), each class
+    keeping the tiles it covers at least ``min_coverage``; ``independent``, each class tiled alone."""
+    if mask_path is None:
+        raise ValueError(f"{sample_id}: masks samples annotation classes {list(sampling.classes)}, which needs the "
+                         "slide's annotations: give the slide a mask_path (a label TIFF / PNG or a GeoJSON)")
+    if config.grid_for(tile_size_px) != "contours":
+        raise ValueError(f"{sample_id}: annotation sampling (masks) lays hs2p's grid per annotated region; "
+                         "drop grid='slide' and the hierarchical region options")
+    filt = config.filtering
+    level = seg_level(slide.level_downsamples, config.segmentation["downsample"])
+    check_budget(slide, level, sample_id)
+    shape = slide.level_shapes[level]
+    labels = read_labels(mask_path, shape, slide.dimensions, sampling, sample=sample_id)
+    masks = class_masks(labels, sampling)
+    step = tile_stride(choice.read_tile_size_px, choice.tile_size_lv0, config.overlap)
+    size = (shape[1], shape[0])
+
+    def tiles_on(mask: np.ndarray, threshold: float) -> np.ndarray:
+        contours = contours_on(mask, slide, filt, spacing_um=spacing_um, tile_size_px=tile_size_px,
+                               tolerance=config.spacing_tolerance)
+        xy, _ = contour_tiles(contours, tile_size_lv0=choice.tile_size_lv0, step_lv0=step, tissue_threshold=threshold)
+        return xy[filter_tiles(slide, xy, filt, requested_tile_size_px=tile_size_px, requested_spacing_um=spacing_um,
+                               tolerance=config.spacing_tolerance)]
+
+    def coverage_of(name: str, xy: np.ndarray) -> np.ndarray:
+        return coverage(xy, masks[name], choice.tile_size_lv0, slide.dimensions, size, (0, 0))
+
+    if not sampling.classes:
+        per_class = {}
+    elif sampling.strategy == "joint":
+        base = tiles_on(union_mask(masks, sampling.classes), 0.0)
+        per_class = {c: base[coverage_of(c, base) >= sampling.min_coverage[c]] for c in sampling.classes}
+    else:
+        per_class = {c: tiles_on(masks[c], sampling.min_coverage[c]) for c in sampling.classes}
+    bags = merge_bags(per_class, coverage_of, sampling)
+    meta = {"sample_id": sample_id, "image_path": str(slide.path), "mask_path": str(mask_path),
+            "config": selection_config(config), "seg_level": level, "step_px_lv0": step, "overlap": config.overlap,
+            "classes": list(bags.classes), "bags": list(bags.bags), "strategy": sampling.strategy,
+            "output_mode": sampling.output_mode,
+            "colors": None if sampling.colors is None else {k: None if v is None else list(v)
+                                                            for k, v in sampling.colors.items()},
+            "bag_tiles": {b: int(n) for b, n in zip(bags.bags, bags.member.sum(axis=0).tolist())}}
+    grid = TileList(level=choice.level, level_downsample=float(slide.level_downsamples[choice.level]),
+                    slide_spacing_um=float(slide.spacing), read_spacing_um=float(choice.read_spacing_um),
+                    requested_spacing_um=float(spacing_um), requested_tile_size_px=int(tile_size_px),
+                    read_tile_size_px=int(choice.read_tile_size_px), tile_size_lv0=int(choice.tile_size_lv0),
+                    xy=bags.xy, fraction=bags.fraction, meta=meta, tissue_threshold=0.0,
+                    class_coverage=bags.coverage, member=bags.member)
+    plan = Plan(grid)
+    prev = config.preview
+    if prev["save_mask_preview"] or prev["save_tiling_preview"]:
+        if preview_dir is None:
+            raise ValueError(f"{sample_id}: previews were requested but no output_dir is set; "
+                             "pass ExecutionOptions(output_dir=...) to say where they go")
+        image = slide.thumbnail(prev["downsample"])
+        if prev["save_mask_preview"]:
+            plan.mask_preview_path = save_mask_preview(image, union_mask(masks, sampling.classes) > 0
+                                                       if sampling.classes else labels > 0,
+                                                       Path(preview_dir) / "mask" / f"{sample_id}.png")
+        if prev["save_tiling_preview"]:
+            plan.tiling_preview_path = save_tiling_preview(
+                image, grid, slide.level_shapes[0], Path(preview_dir) / "tiling" / f"{sample_id}.png")
+    return plan
+
+
 def tissue_mask(slide: Slide, segmentation: dict, filtering: dict, *, spacing_um: float,
                 mask_path: str | Path | None = None, sample_id: str = "",
-                tile_size_px: int | None = None, spacing_tolerance: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+                tile_size_px: int | None = None, spacing_tolerance: float = 0.05,
+                masks: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(level image, bool tissue mask) at the segmentation level: the tissue a plan was laid over
-    (inside kept contours, less their holes).  One function, so an export can redraw the very
-    mask a saved plan was made from."""
+    (inside kept contours, less their holes; with annotation ``masks``, the sampled classes'
+    annotations).  One function, so an export can redraw the very mask a saved plan was made from."""
     if tile_size_px is None and filtering.get("ref_tile_size") is None:
         raise ValueError(f"{sample_id or slide.path}: the tile size is needed to know the area filter's "
                          "reference tile (filtering['ref_tile_size'] follows it)")
+    sampling = parse_masks(masks)
+    if sampling is not None and not sampling.tissue_only and mask_path is not None:
+        level = seg_level(slide.level_downsamples, segmentation["downsample"])
+        check_budget(slide, level, sample_id)
+        labels = read_labels(mask_path, slide.level_shapes[level], slide.dimensions, sampling, sample=sample_id)
+        union = union_mask(class_masks(labels, sampling), sampling.classes) if sampling.classes else labels * 0
+        return labels, union > 0
     tissue = find_tissue(slide, segmentation, filtering, spacing_um=spacing_um, tile_size_px=tile_size_px,
                          tolerance=spacing_tolerance, mask_path=mask_path, sample_id=sample_id)
     return tissue.contours.mask, kept_tissue(tissue.contours) > 0
@@ -267,7 +366,8 @@ def tissue_mask(slide: Slide, segmentation: dict, filtering: dict, *, spacing_um
 
 def selection_config(config: PreprocessingConfig) -> dict:
     """The config fields that decide which tiles are kept (what makes a saved plan reusable)."""
-    return {
+    sampling = annotation_sampling(config)
+    return {**({} if sampling is None else {"masks": sampling.record()}),
         "backend": config.backend,
         "tissue_threshold": config.tissue_threshold,
         "segmentation": dict(config.segmentation),

@@ -105,6 +105,10 @@ class TileList(TileGeometry):
     member_size: np.ndarray | None = None     # (n,) its length in bytes
     region_tile_multiple: None = None     # (free positions have no regions)
     tissue_threshold: float = 0.0
+    # annotation bags (tiling/annotations.py): each sampled class's coverage of each tile, and
+    # which tiles each bag holds; their names are meta["classes"] / meta["bags"]
+    class_coverage: np.ndarray | None = None  # (n, C) float32
+    member: np.ndarray | None = None          # (n, B) bool
 
     layout = "free"                       # (a `TileGrid`'s is "grid")
 
@@ -119,6 +123,9 @@ class TileList(TileGeometry):
         if self.member_offset is not None:
             self.member_offset = np.asarray(self.member_offset, dtype=np.int64)[order]
             self.member_size = np.asarray(self.member_size, dtype=np.int64)[order]
+        if self.member is not None:
+            self.class_coverage = np.asarray(self.class_coverage, dtype=np.float32).reshape(len(xy), -1)[order]
+            self.member = np.asarray(self.member, dtype=bool).reshape(len(xy), -1)[order]
 
     @property
     def num_tiles(self) -> int:
@@ -195,7 +202,7 @@ class TileList(TileGeometry):
 
     # -- persistence -------------------------------------------------------------------------
     def _params(self) -> dict:
-        skip = ("xy", "fraction", "member_offset", "member_size")
+        skip = ("xy", "fraction", "member_offset", "member_size", "class_coverage", "member")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def save(self, path: str | Path) -> Path:
@@ -204,6 +211,8 @@ class TileList(TileGeometry):
                   "params": json.dumps(self._params())}
         if self.member_offset is not None:
             arrays.update(member_offset=self.member_offset, member_size=self.member_size)
+        if self.member is not None:
+            arrays.update(class_coverage=self.class_coverage, bag_member=self.member)
         return save_plan(path, arrays, {**self._params(), "layout": "list", "num_tiles": self.num_tiles})
 
     @classmethod
@@ -212,11 +221,18 @@ class TileList(TileGeometry):
         members = {k: data[k] for k in ("member_offset", "member_size") if k in data}
         x, y, *_ = columns(data, ("x", "y", "tissue_fraction", *members), where)
         xy = checked_positions(np.stack([x, y], axis=1), where)
+        if "bag_member" in data:
+            bags = {"class_coverage": data["class_coverage"], "member": data["bag_member"]}
+            if bags["member"].shape != (len(xy), len(params["meta"].get("bags") or ())) or \
+                    bags["class_coverage"].shape != (len(xy), len(params["meta"].get("classes") or ())):
+                raise ValueError(f"{where}: its bag tables do not match its tiles and classes; plan the slide again")
+            members.update(bags)
         return cls(xy=xy, fraction=data["tissue_fraction"], **members, **params)
 
     def matches(self, other) -> bool:
         return isinstance(other, TileList) and self._params() == other._params() and \
-            np.array_equal(self.xy, other.xy)
+            np.array_equal(self.xy, other.xy) and (self.member is None) == (other.member is None) and \
+            (self.member is None or np.array_equal(self.member, other.member))
 
 
 def bands(blocks: list[tuple[int, int]], members: list[np.ndarray]):

@@ -15,6 +15,12 @@
         list of such objects (one run each, into OUTPUT_DIR/<i>), and prints the coordinates
         it wrote: x, y, tissue_fractions, num_tiles and the meta (a list for a list).
 
+    python make_hs2p.py annotate SLIDE MASK OUTPUT_DIR SETTINGS_JSON
+        Annotation-aware sampling: hs2p.tile_slide on SLIDE with the label mask MASK and
+        SETTINGS_JSON's "masks" ({"pixel_mapping", "min_coverage", "strategy", "output_mode"}, hs2p's
+        MaskSamplingConfig) plus the "tile" settings above; prints {annotation or "merged": {x, y,
+        tissue_fractions}}.
+
     python make_hs2p.py load NPZ META
         Reads a ``<sample_id>.coordinates.npz`` + ``.coordinates.meta.json`` pair (ours or
         hs2p's) with hs2p's public loader ``hs2p.load_tiling_result`` (which validates the
@@ -100,6 +106,26 @@ def tile_one(slide: str, sample_id: str, output_dir: Path, settings: dict) -> di
             "meta_path": str(art.coordinates_meta_path), "seconds": round(seconds, 3)}
 
 
+def annotate(args) -> dict:
+    import hs2p
+    from hs2p import FilterConfig, SegmentationConfig, SlideSpec, TilingConfig
+    from hs2p.configs.models import MaskSamplingConfig
+
+    settings = json.loads(args.settings)
+    tile_size = int(settings.get("tile_size", 224))
+    tiling = TilingConfig(requested_spacing_um=float(settings.get("spacing", 0.5)), requested_tile_size_px=tile_size,
+                          tolerance=float(settings.get("tolerance", 0.05)), overlap=float(settings.get("overlap", 0.0)),
+                          backend=settings.get("backend", "openslide"), mask_backend=settings.get("mask_backend", "auto"))
+    filtering = FilterConfig(**{"ref_tile_size": tile_size, **settings.get("filtering", {})})
+    masks = MaskSamplingConfig(**settings["masks"])
+    results = hs2p.tile_slide(SlideSpec(sample_id="s", image_path=Path(args.slide), mask_path=Path(args.mask)),
+                              tiling=tiling, segmentation=SegmentationConfig(method="hsv"), filtering=filtering,
+                              masks=masks, num_workers=1)
+    return {("merged" if name is None else name): {"x": [int(v) for v in r.x], "y": [int(v) for v in r.y],
+                                                   "tissue_fractions": [float(v) for v in r.tissue_fractions]}
+            for name, r in results.items()}
+
+
 def load(args) -> dict:
     import hs2p
 
@@ -129,11 +155,14 @@ def main(argv=None) -> int:
     t.add_argument("sample_id")
     t.add_argument("output_dir")
     t.add_argument("settings")
+    a = sub.add_parser("annotate")
+    for name in ("slide", "mask", "output_dir", "settings"):
+        a.add_argument(name)
     ld = sub.add_parser("load")
     ld.add_argument("npz")
     ld.add_argument("meta")
     args = parser.parse_args(argv)
-    out = {"make": make, "tile": tile, "load": load}[args.command](args)
+    out = {"make": make, "tile": tile, "annotate": annotate, "load": load}[args.command](args)
     json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0
