@@ -139,7 +139,7 @@ def tiling_task(item, spec, config, output_dir: str) -> dict[str, Any] | BaseExc
         try:
             attrs = {"image_path": str(item.image_path), "mask_path": None if item.mask_path is None
                      else str(item.mask_path), **(slide_attrs(slide) if slide is not None else {})}
-            meta = write_coordinates(Path(output_dir) / ARCHIVE_FOLDER, item.sample_id, plan.grid, attrs)
+            meta = write_coordinates(Path(output_dir) / ARCHIVE_FOLDER, item.sample_id, plan.grid, attrs)[1]
         finally:
             if slide is not None:
                 slide.close()
