@@ -77,6 +77,7 @@ def _png_claiming(path: Path, width: int, height: int) -> Path:
 
 @pytest.mark.parametrize("side", [10_000, 1_000_000])   # over our limit; over Pillow's bomb error too
 def test_a_huge_header_is_refused_before_decoding(side, tmp_path):
+    assert side * side > plain_image.MAX_PIXELS
     path = _png_claiming(tmp_path / "huge.png", side, side)
     with pytest.raises(UnreadableSlideError, match="huge.png.*(pyramidal TIFF)"):
         open_slide(path, spacing_at_level_0=0.5)
