@@ -88,9 +88,10 @@ def hs2p_meta(sample_id: str, plan, attrs: dict, order: str = "x_then_y", num_ti
         "tiling": {"requested_tile_size_px": plan.requested_tile_size_px,
                    "requested_spacing_um": plan.requested_spacing_um, "read_level": plan.level,
                    "read_tile_size_px": plan.read_tile_size_px, "read_spacing_um": plan.read_spacing_um,
-                   "tile_size_lv0": plan.tile_size_lv0, "tolerance": cfg.get("spacing_tolerance", 0.05),
+                   "tile_size_lv0": plan.tile_size_lv0,
+                   "tolerance": cfg.get("spacing_tolerance", None if isinstance(plan, _AttrsPlan) else 0.05),
                    "step_px_lv0": int(plan.meta.get("step_px_lv0", plan.tile_size_lv0)),
-                   "overlap": float(cfg.get("overlap", 0.0)), "min_tissue_fraction": float(plan.tissue_threshold),
+                   "overlap": float(cfg.get("overlap", 0.0)), "min_tissue_fraction": None if plan.tissue_threshold is None else float(plan.tissue_threshold),
                    "is_within_tolerance": not plan.resize_needed, "n_tiles": num_tiles},
         "segmentation": {
             "tissue_method": seg.get("method", "hsv") if segmented else "precomputed_mask",
@@ -127,5 +128,5 @@ class _AttrsPlan:
         self.read_tile_size_px = int(attrs.get("read_tile_size_px", self.requested_tile_size_px))
         self.read_spacing_um = float(attrs.get("read_spacing_um", self.requested_spacing_um))
         self.resize_needed = self.read_tile_size_px != self.requested_tile_size_px
-        self.tissue_threshold = float(attrs.get("tissue_threshold", 0.0))
+        self.tissue_threshold = attrs.get("tissue_threshold")   # None: not recorded (nor the tolerance)
         self.num_tiles = int(attrs.get("num_tiles", 0))
