@@ -321,6 +321,24 @@ def test_pt_coordinates_are_the_tilings_files_in_embedded_order(hs2p_python, run
     assert without["segmentation"]["mthresh"] is None   # unknown without the plan: not made up
 
 
+
+def test_a_slide_without_tiles_exports_no_coordinates_npz(cluster, tmp_path):
+    """As hs2p: a slide without tiles has a coordinates meta and no npz; its export is still current."""
+    blank = testing.write_tiff(tmp_path / "blank.tif", testing.tissue_image(600, 600, []), spacing_um=MPP,
+                               downsamples=(1,), compression="zlib")
+    out = tmp_path / "run"
+    result = Pipeline(linear_model(), PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out, output_format="npz"),
+                      client=cluster).run(slides=[{"sample_id": "b", "image_path": str(blank)}])
+    assert [(o.status, o.num_tiles) for o in result.outcomes] == [("success", 0)]
+    meta = json.loads((out / "tile_embeddings" / "b.meta.json").read_text())
+    assert meta["coordinates_npz_path"] is None and not (out / "tiles" / "b.coordinates.npz").exists()
+    assert json.loads((out / "tiles" / "b.coordinates.meta.json").read_text())["tiling"]["n_tiles"] == 0
+    written = (out / "tile_embeddings" / "b.npz").stat().st_mtime_ns
+    assert export(out, "npz") == [out / "tile_embeddings" / f for f in ("b.npz", "b.meta.json")] + [
+        out / "tiles" / "b.coordinates.meta.json"]
+    assert (out / "tile_embeddings" / "b.npz").stat().st_mtime_ns == written   # current: not rewritten
+
+
 # -- the up-to-date rule, errors -----------------------------------------------------------------------
 def test_current_files_are_skipped_deleted_and_stale_ones_rewritten(slides, cluster, tmp_path):
     h5py = pytest.importorskip("h5py")
