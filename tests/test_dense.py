@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from slide2vec_dask import (DenseImageOptions, DenseOptions, ExecutionOptions, ImageSpec, Model,
-                            PreprocessingConfig, SlideRegions, testing)
+                            PreprocessingConfig, SlideRegions)
 from slide2vec_dask.encoders.presets import get_tile_preset
 from slide2vec_dask.testing import checkpoints as ck
 

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from slide2vec_dask import testing
-
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "peers" / "slide2vec_user_dense.py"
 SETUP = "tests/peers/setup-slide2vec.sh"

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from test_hs2p_tiling import MAKE_HS2P, _clean_env, hs2p_python  # noqa: F401  (a fixture)
+
 from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig, export, testing
 
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5, "grid": "slide"}   # (the tile-grid fallback below needs one grid)
@@ -284,6 +286,57 @@ def test_pt_and_npz_match_the_store(run, slides, tmp_path):
         meta = json.loads((tmp_path / "tile_embeddings" / f"{sid}.meta.json").read_text())
         with np.load(meta["coordinates_npz_path"]) as coords:   # slide2vec's coordinates file, row for row
             assert coords["x"].tolist() == ds.x.values.tolist() and coords["y"].tolist() == ds.y.values.tolist()
+
+
+
+def test_pt_coordinates_are_the_tilings_files_in_embedded_order(hs2p_python, run, tmp_path):
+    """One writer (tiling/coordinate_files.py): the export's coordinates meta states the run's settings
+    from its saved plan, or, with the plan gone, the geometry from the tile attrs; hs2p's loader reads both."""
+    import shutil
+
+    export(run, "npz", dest=tmp_path / "with-plan")
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    shutil.rmtree(moved / "coordinates")   # a store moved away from its saved plans
+    export(moved, "npz", dest=tmp_path / "without-plan")
+    sid = "a"
+    metas = {}
+    for name in ("with-plan", "without-plan"):
+        tiles = tmp_path / name / "tiles"
+        metas[name] = json.loads((tiles / f"{sid}.coordinates.meta.json").read_text())
+        done = subprocess.run([str(hs2p_python), str(MAKE_HS2P), "load", str(tiles / f"{sid}.coordinates.npz"),
+                               str(tiles / f"{sid}.coordinates.meta.json")], capture_output=True, text=True,
+                              env=_clean_env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        loaded = json.loads(done.stdout.strip().splitlines()[-1])
+        ds = stored(run, sid)
+        assert (loaded["x"], loaded["y"]) == (ds.x.values.tolist(), ds.y.values.tolist())   # the embedded order
+    with_plan, without = metas["with-plan"], metas["without-plan"]
+    assert with_plan["artifact"]["tile_order"] == without["artifact"]["tile_order"] == "as_embedded"
+    unknown = {"min_tissue_fraction", "tolerance"}   # settings the tile attrs do not record: None, not made up
+    assert {k: v for k, v in with_plan["tiling"].items() if k not in unknown} == {
+        k: v for k, v in without["tiling"].items() if k not in unknown}   # the tile attrs state the plan's geometry
+    assert with_plan["tiling"]["min_tissue_fraction"] == 0.5 and all(without["tiling"][k] is None for k in unknown)
+    assert with_plan["segmentation"]["mthresh"] == 0 and with_plan["segmentation"]["seg_level"] is not None
+    assert without["segmentation"]["mthresh"] is None   # unknown without the plan: not made up
+
+
+
+def test_a_slide_without_tiles_exports_no_coordinates_npz(cluster, tmp_path):
+    """As hs2p: a slide without tiles has a coordinates meta and no npz; its export is still current."""
+    blank = testing.write_tiff(tmp_path / "blank.tif", testing.tissue_image(600, 600, []), spacing_um=MPP,
+                               downsamples=(1,), compression="zlib")
+    out = tmp_path / "run"
+    result = Pipeline(linear_model(), PreprocessingConfig(**EXACT), ExecutionOptions(output_dir=out, output_format="npz"),
+                      client=cluster).run(slides=[{"sample_id": "b", "image_path": str(blank)}])
+    assert [(o.status, o.num_tiles) for o in result.outcomes] == [("success", 0)]
+    meta = json.loads((out / "tile_embeddings" / "b.meta.json").read_text())
+    assert meta["coordinates_npz_path"] is None and not (out / "tiles" / "b.coordinates.npz").exists()
+    assert json.loads((out / "tiles" / "b.coordinates.meta.json").read_text())["tiling"]["n_tiles"] == 0
+    written = (out / "tile_embeddings" / "b.npz").stat().st_mtime_ns
+    assert export(out, "npz") == [out / "tile_embeddings" / f for f in ("b.npz", "b.meta.json")] + [
+        out / "tiles" / "b.coordinates.meta.json"]
+    assert (out / "tile_embeddings" / "b.npz").stat().st_mtime_ns == written   # current: not rewritten
 
 
 # -- the up-to-date rule, errors -----------------------------------------------------------------------

@@ -47,8 +47,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "slide2vec_dask"
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -365,6 +365,13 @@ def test_a_mask_at_a_url_is_read_in_place(folder, http, mean_rgb):
     assert local.num_tiles > 0 and local.num_tiles != unmasked.num_tiles   # the mask, not the HSV threshold
     np.testing.assert_array_equal(remote_run.y, local.y)
     np.testing.assert_array_equal(remote_run.tile_embeddings.numpy(), local.tile_embeddings.numpy())
+    from PIL import Image   # a PNG label mask at a URL (the pil backend's `read_labels`) masks the same tiles
+
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8)).save(folder / "small.mask.png")
+    png_run = mean_rgb.embed_slide(f"{http.url}/small.svs", mask_path=f"{http.url}/small.mask.png",
+                                   preprocessing=config)
+    np.testing.assert_array_equal(png_run.x, local.x)
+    np.testing.assert_array_equal(png_run.y, local.y)
 
 
 @pytest.mark.slow

@@ -164,9 +164,9 @@ def tiling_task(item, spec, config, output_dir: str) -> dict[str, Any] | BaseExc
             folder = Path(output_dir) / ARCHIVE_FOLDER
             if plan.grid.layout == "free" and plan.grid.member is not None:   # a file per bag, in its class's folder
                 metas = [write_coordinates(folder if bag in ("tissue", "merged") else folder / bag, item.sample_id,
-                                           bag_plan(plan.grid, bag), attrs) for bag in plan_bags(plan.grid)]
+                                           bag_plan(plan.grid, bag), attrs)[1] for bag in plan_bags(plan.grid)]
             else:
-                metas = [write_coordinates(folder, item.sample_id, plan.grid, attrs)]
+                metas = [write_coordinates(folder, item.sample_id, plan.grid, attrs)[1]]
         finally:
             if slide is not None:
                 slide.close()

@@ -396,7 +396,6 @@ def encode_normalized(trunk, x, plan: DensePlan):
 def normalize_and_pad(x, mean, std, plan: DensePlan):
     """``(B, 3, h, w)`` float in [0, 255] -> normalised and padded bottom/right to the encoded size."""
     import torch
-    import torch.nn.functional as F
 
     mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)

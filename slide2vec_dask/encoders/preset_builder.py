@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slide2vec_dask.encoders.base import materialize_buffers, read_state_dict, state_dict_mismatch
 from slide2vec_dask.encoders.key_layouts import resample_pos_embed, to_timm_layout
 
-# `TilePreset` is named in annotations only (strings, PEP 563), never imported: `presets` imports this module.
+if TYPE_CHECKING:   # annotations only (strings, PEP 563): `presets` imports this module at run time
+    from slide2vec_dask.encoders.presets import TilePreset
 
 CONCH_INSTALL = "pip install git+https://github.com/mahmoodlab/CONCH.git"
 CONCH_V15_TRUNK = "vit_large_patch16_224"  # CONCH v1.5's trunk: timm's ViT-L/16 layout (ls1/ls2 LayerScale)

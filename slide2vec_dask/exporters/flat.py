@@ -29,6 +29,8 @@ import numpy as np
 from slide2vec_dask.exporters._base import RowSource, TileSource, write_json
 from slide2vec_dask.exporters.registry import ExportFormat
 from slide2vec_dask.store.output_dir import atomic
+from slide2vec_dask.tiling import coordinate_files
+from slide2vec_dask.tiling.annotations import bag_plan
 
 LEVEL_FOLDERS = ("tile_embeddings", "tiles", "hierarchical_embeddings", "slide_embeddings", "slide_latents",
                  "patient_embeddings")
@@ -64,57 +66,25 @@ def _save(path: Path, fmt: str, array: np.ndarray, key: str = "features", **extr
     return atomic(path, lambda tmp: torch.save(torch.from_numpy(np.ascontiguousarray(array)), tmp))
 
 
-def write_coordinates(grid_or_src, item, folder: Path, bag: str | None = None,
-                      index: np.ndarray | None = None, coverage: np.ndarray | None = None) -> list[Path]:
-    """hs2p's ``<id>.coordinates.npz`` (tile_index, x, y, tissue_fractions) and its ``.meta.json``,
-    from a plan (``tiling_only``) or a finished slide; readable by hs2p, slide2vec and our
-    ``read_coordinates_from``.  ``bag``: one annotation bag's tiles (``index``), its class's
-    ``coverage`` as the fractions, as hs2p writes a class's coordinates."""
-    if isinstance(grid_or_src, TileSource):
-        src = grid_or_src
-        xy, fraction, attrs = src.xy(), src.tissue_fraction(), src.attrs
-        spacing, tile, lv0 = src.requested_spacing_um, src.tile_size_px, src.tile_size_lv0
-        read_spacing = float(attrs.get("read_spacing_um", spacing))
-        sample_id, image, mask = src.sample_id, attrs.get("image_path", ""), attrs.get("mask_path") or None
-        dims = src.level0_size
-        base, level = float(src.slide_spacing_um), int(attrs.get("read_level", 0))
-        read_tile = int(attrs.get("read_tile_size_px", tile))
-        backend, downsamples = attrs.get("backend"), attrs.get("level_downsamples")
-    else:
-        grid = grid_or_src
-        xy = np.stack([grid.x, grid.y], axis=1).astype(np.int64)
-        fraction = np.asarray(getattr(grid, "tissue_fraction", np.full(len(xy), np.nan)), np.float32).reshape(-1)
-        spacing, tile, lv0 = grid.requested_spacing_um, grid.requested_tile_size_px, grid.tile_size_lv0
-        read_spacing, base, level, read_tile = grid.read_spacing_um, grid.slide_spacing_um, grid.level, grid.read_tile_size_px
-        sample_id, image = item.sample_id, str(item.image_path)
-        mask = None if item.mask_path is None else str(item.mask_path)
-        meta = grid.meta
-        dims = (meta["level0_width"], meta["level0_height"]) if "level0_width" in meta else None
-        backend, downsamples = meta.get("backend"), meta.get("level_downsamples")
+def write_coordinates(src: TileSource, folder: Path, bag: str | None = None, index: np.ndarray | None = None,
+                      coverage: np.ndarray | None = None) -> list[Path]:
+    """hs2p's ``<id>.coordinates.npz`` and ``.meta.json`` for a finished slide, by the tiling's one
+    writer: its tiles in the order they were embedded, its saved plan's settings where the plan is
+    still there (its tile attrs otherwise); readable by hs2p, slide2vec and ``read_coordinates_from``.
+    ``bag``: one annotation bag's tiles (``index``), its class's ``coverage`` as the fractions, as
+    hs2p writes a class's coordinates."""
+    try:
+        plan = src.plan()
+    except FileNotFoundError:   # a store moved away from its run folder: the attrs state the geometry
+        plan = None
+    xy, fraction = src.xy(), src.tissue_fraction()
     if index is not None:
-        xy, fraction = xy[index], (fraction[index] if coverage is None else coverage)
-    folder = Path(folder)
-    npz = folder / f"{sample_id}.coordinates.npz"
-    n = len(xy)
-    if len(fraction) != n:
-        fraction = np.full(n, np.nan, np.float32)
-    _save(npz, "npz", np.arange(n, dtype=np.int32), key="tile_index", x=xy[:, 0].astype(np.int64),
-          y=xy[:, 1].astype(np.int64), tissue_fractions=np.asarray(fraction, np.float32))
-    meta_doc = {
-        "artifact": {"annotation": class_folder(bag), "coordinate_space": "level0_px",
-                     "output_mode": None if bag is None else ("merged" if bag == "merged" else "per_annotation"),
-                     "selection_strategy": None, "tile_order": "as_embedded"},
-        "provenance": {"sample_id": sample_id, "image_path": image, "mask_path": mask, "backend": backend,
-                       "requested_backend": backend, "mask_backend": None, "requested_mask_backend": None,
-                       "spacing_at_level_0": None},
-        "slide": {"base_spacing_um": float(base), "dimensions": None if dims is None else [int(dims[0]), int(dims[1])],
-                  "level_downsamples": list(downsamples or [1.0])},
-        "tiling": {"n_tiles": n, "read_level": int(level), "read_spacing_um": float(read_spacing),
-                   "read_tile_size_px": int(read_tile), "requested_spacing_um": float(spacing),
-                   "requested_tile_size_px": int(tile), "tile_size_lv0": int(lv0), "step_px_lv0": int(lv0),
-                   "overlap": 0.0},
-    }
-    return [npz, write_json(folder / f"{sample_id}.coordinates.meta.json", meta_doc)]
+        xy = xy[index]
+        fraction = (fraction[index] if len(fraction) == len(src.xy()) else fraction) if coverage is None else coverage
+        if plan is not None and getattr(plan, "member", None) is not None:
+            plan = bag_plan(plan, bag)
+    return coordinate_files.write_coordinates(folder, src.sample_id, plan, src.attrs, order="as_embedded",
+                                              tiles=(xy[:, 0], xy[:, 1], fraction))
 
 
 class Flat:
@@ -128,6 +98,8 @@ class Flat:
 
     # -- tiles --------------------------------------------------------------------------------
     def tile_files(self, src: TileSource, dest: Path) -> list[Path]:
+        """Features + sidecar, the coordinates meta, the coordinates npz (hs2p writes none for a
+        slide without tiles), then the hierarchical pair for a hierarchical run."""
         dest = Path(dest)
         bags = _bags(src)
         if bags is not None:   # slide2vec's per-class folders: tile_embeddings/<class>/, tiles/<class>/
@@ -140,7 +112,9 @@ class Flat:
                                                               coords / f"{src.sample_id}.coordinates.meta.json"]
             return files
         files = self._pair(dest / "tile_embeddings", src.sample_id) + [
-            dest / "tiles" / f"{src.sample_id}.coordinates.npz", dest / "tiles" / f"{src.sample_id}.coordinates.meta.json"]
+            dest / "tiles" / f"{src.sample_id}{coordinate_files.META_SUFFIX}"]
+        if int(src.attrs.get("num_tiles", 1)):
+            files.append(dest / "tiles" / f"{src.sample_id}{coordinate_files.COORDINATES_SUFFIX}")
         if src.store.has_regions(src.sample_id):
             files += self._pair(dest / "hierarchical_embeddings", src.sample_id)
         return files
@@ -154,22 +128,24 @@ class Flat:
             self._write_bags(src, files, run, attrs, features, bags)
             return
         _save(files[0], self.fmt, features, tile_index=np.arange(len(features), dtype=np.int64))
-        coordinates = write_coordinates(src, None, files[2].parent)
+        npz, coordinates_meta = write_coordinates(src, files[2].parent)
         meta = self._slide_meta(src, run, attrs)
         meta.update({"artifact_type": "tile_embeddings", "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
-                     "num_tiles": int(len(features)), "coordinates_npz_path": str(coordinates[0].resolve()),
-                     "coordinates_meta_path": str(coordinates[1].resolve())})
+                     "num_tiles": int(len(features)),
+                     "coordinates_npz_path": str(npz.resolve()) if len(features) else None,
+                     "coordinates_meta_path": str(coordinates_meta.resolve())})
         write_json(files[1], meta)
-        if len(files) > 4:
+        hierarchical = [f for f in files if f.parent.name == "hierarchical_embeddings"]
+        if hierarchical:
             group = _regions_group(src)
             emb = np.asarray(group["embedding"][:]).astype(dtype)
-            _save(files[4], self.fmt, emb)
+            _save(hierarchical[0], self.fmt, emb)
             meta = self._slide_meta(src, run, attrs)
             meta.update({"artifact_type": "hierarchical_embeddings", "feature_dim": int(emb.shape[2]),
                          "num_regions": int(emb.shape[0]), "tiles_per_region": int(emb.shape[1]),
                          "region_x": np.asarray(group["region_x"][:]).tolist(),
                          "region_y": np.asarray(group["region_y"][:]).tolist()})
-            write_json(files[5], meta)
+            write_json(hierarchical[1], meta)
 
     def _write_bags(self, src: TileSource, files: list[Path], run: dict, attrs: dict, features: np.ndarray,
                     bags: list[str]) -> None:
@@ -183,7 +159,7 @@ class Flat:
                 np.asarray(src.group["tissue_fraction"][:], np.float32)[index]
             pt, sidecar, coords = files[4 * b], files[4 * b + 1], files[4 * b + 2]
             _save(pt, self.fmt, features[index], tile_index=np.arange(len(index), dtype=np.int64))
-            written = write_coordinates(src, None, coords.parent, bag=bag, index=index, coverage=own)
+            written = write_coordinates(src, coords.parent, bag=bag, index=index, coverage=own)
             meta = self._slide_meta(src, run, attrs)
             meta.update({"annotation": class_folder(bag), "artifact_type": "tile_embeddings",
                          "feature_dim": int(features.shape[1]), "num_tiles": int(len(index)),

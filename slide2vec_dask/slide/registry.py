@@ -32,6 +32,7 @@ _BUILTIN = {
     "asap": "slide2vec_dask.slide.asap_backend",
     "dicomweb": "slide2vec_dask.slide.dicomweb",
     "omezarr": "slide2vec_dask.slide.omezarr",
+    "pil": "slide2vec_dask.slide.plain_image",
 }
 ENTRY_POINT_GROUP = "slide2vec_dask.readers"
 #: A claim this high ends the search (the tifffile backend on the TIFFs it decodes natively).

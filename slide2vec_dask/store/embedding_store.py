@@ -135,7 +135,7 @@ class EmbeddingStore:
         found = _attrs(self.path).get(schema.LAYOUT_ATTR)
         if found == schema.LAYOUT_VERSION:
             return
-        todo = (f"rerun with ExecutionOptions(overwrite=True) (CLI: execution.overwrite=true) to replace it, "
+        todo = ("rerun with ExecutionOptions(overwrite=True) (CLI: execution.overwrite=true) to replace it, "
                 "or use a new output_dir")
         if found is not None:
             raise StoreLayoutError(

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
+from slide2vec_dask.slide import plain_image
 from slide2vec_dask.slide.remote import RemoteFile, RemotePath, location
 
 HSV_LOWER = np.array((90, 8, 103))     # hs2p's `_segment_hsv` bounds (OpenCV units: H 0..180, S and V 0..255)
@@ -101,7 +102,7 @@ def check_budget(slide, level: int, sample: str = "") -> None:
 
 
 def read_mask_file(path: str | Path, shape: tuple[int, int], sample: str = "") -> np.ndarray:
-    """A user's label TIFF (any resolution, tissue > 0) resampled to ``shape``, as a 255 / 0 mask.
+    """A user's label TIFF, PNG or JPEG (any resolution, tissue > 0) resampled to ``shape``, as a 255 / 0 mask.
 
     The file is assumed to cover the whole slide; its coarsest level that is
     still at least ``shape`` is read, then nearest-neighbour resampled.
@@ -116,12 +117,16 @@ def read_mask_file(path: str | Path, shape: tuple[int, int], sample: str = "") -
     else:
         handle = path
     try:
-        with tifffile.TiffFile(handle) as tif:
-            levels = tif.series[0].levels
-            fitting = [lv for lv in levels if lv.shape[0] >= shape[0] and lv.shape[1] >= shape[1]]
-            labels = (fitting[-1] if fitting else levels[0]).asarray()
+        if plain_image.image_format(handle):   # a PNG / JPEG label image
+            labels = plain_image.read_labels(handle)
+        else:
+            with tifffile.TiffFile(handle) as tif:
+                levels = tif.series[0].levels
+                fitting = [lv for lv in levels if lv.shape[0] >= shape[0] and lv.shape[1] >= shape[1]]
+                labels = (fitting[-1] if fitting else levels[0]).asarray()
     except Exception as exc:
-        raise ValueError(f"{sample or 'slide'}: cannot read mask file {path} as a label TIFF ({exc})") from exc
+        raise ValueError(f"{sample or 'slide'}: cannot read mask file {path} as a label TIFF, PNG or JPEG "
+                         f"({exc})") from exc
     if labels.ndim == 3:  # (H, W, C) label images: any non-zero channel is tissue
         labels = labels.max(axis=-1)
     rows = (np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]

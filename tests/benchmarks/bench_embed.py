@@ -218,7 +218,7 @@ def run_phase(phase: str, args: list[str], max_seconds: float | None = None) -> 
         sampler = TreeRSS(proc.pid)
         capped = False
         try:
-            rc = proc.wait(timeout=max_seconds)
+            proc.wait(timeout=max_seconds)
         except subprocess.TimeoutExpired:
             capped = True
             hwm_kb, cpu_s = _status_kb(proc.pid, "VmHWM:"), _cpu_of(proc.pid)

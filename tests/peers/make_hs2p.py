@@ -11,7 +11,8 @@
         Tiles SLIDE with hs2p.tile_slides under slide2vec 7.1.4's defaults (hsv, a_t 4,
         ref_tile_size = the tile size, tissue coverage >= 0.01), each replaced by what
         SETTINGS_JSON gives: {"spacing", "tile_size", "overlap", "tolerance", "min_coverage",
-        "backend", "segmentation": {...}, "filtering": {...}} (hs2p's own key names), or a
+        "backend", "mask_path", "spacing_at_level_0", "segmentation": {...}, "filtering": {...}}
+        (hs2p's own key names), or a
         list of such objects (one run each, into OUTPUT_DIR/<i>), and prints the coordinates
         it wrote: x, y, tissue_fractions, num_tiles and the meta (a list for a list).
 
@@ -91,7 +92,10 @@ def tile_one(slide: str, sample_id: str, output_dir: Path, settings: dict) -> di
     filtering = FilterConfig(**{"ref_tile_size": tile_size, **settings.get("filtering", {})})
     masks = replace(DEFAULT_MASK_SAMPLING, min_coverage={"tissue": float(settings.get("min_coverage", 0.01))})
     start = time.perf_counter()
-    (art,) = hs2p.tile_slides([SlideSpec(sample_id=sample_id, image_path=Path(slide))], tiling=tiling,
+    mask = settings.get("mask_path")
+    spec = SlideSpec(sample_id=sample_id, image_path=Path(slide), mask_path=None if mask is None else Path(mask),
+                     spacing_at_level_0=settings.get("spacing_at_level_0"))
+    (art,) = hs2p.tile_slides([spec], tiling=tiling,
                               segmentation=segmentation, filtering=filtering, masks=masks,
                               output_dir=output_dir, num_workers=1)
     seconds = time.perf_counter() - start
