@@ -213,7 +213,8 @@ class Driver:
             return
         plan: tasks.PlannedSlide = result
         row.status, row.num_tiles, row.plan_seconds = "running", plan.num_tiles, round(plan.seconds, 3)
-        row.bags, row.bag_colors = dict(plan.attrs.get("bag_tiles") or {}), plan.attrs.get("colors")
+        attrs = getattr(plan, "attrs", None) or {}   # (regions and images have no bags)
+        row.bags, row.bag_colors = dict(attrs.get("bag_tiles") or {}), attrs.get("colors")
         if not plan.num_tiles:
             row.note = plan.empty_note
         row.coordinates_path = plan.plan_path
