@@ -193,7 +193,7 @@ class Model:
             feature_dim = int(out.shape[1])
         spec = EncoderSpec(name=name, build=ModuleBuilder(module), spacing_um=spacing_um,
                            tile_size_px=tile_size_px, mean=tuple(mean), std=tuple(std), feature_dim=feature_dim,
-                           key=_module_key(module, name, spacing_um, tile_size_px, mean, std))
+                           key=_module_key(module, name, spacing_um, tile_size_px, mean, std, feature_dim))
         return cls(spec)
 
     # -- embedding --------------------------------------------------------
@@ -571,13 +571,15 @@ def coordinates_folder(tiling_results) -> Path | None:
 
 
 def _module_key(module, *contract) -> str:
-    """A key that names the module's class, weights and contract: the same model in a
-    later process gets the same key, so a run resumes into its store instead of refusing it."""
+    """A key that names the module's class, architecture (its printout: two weightless modules
+    differ there), weights and contract: the same model in a later process gets the same key, so a
+    run resumes into its store instead of refusing it, and another model never shares a cached one."""
     import hashlib
 
     import torch
 
-    digest = hashlib.blake2b(repr((type(module).__qualname__, contract)).encode(), digest_size=16)
+    kind = (type(module).__module__, type(module).__qualname__, repr(module))
+    digest = hashlib.blake2b(repr((kind, contract)).encode(), digest_size=16)
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(str((tensor.dtype, tuple(tensor.shape))).encode())

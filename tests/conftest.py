@@ -74,8 +74,12 @@ def vit_tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def reference_embeddings(checkpoint: Path, tiles: np.ndarray, mean, std, size: int = 224):
-    """The bare timm model on independently read tiles: what embed_slide must reproduce."""
+def reference_embeddings(checkpoint: Path, tiles: np.ndarray, mean, std, size: int = 224, resize: str = "uint8"):
+    """The bare timm model on independently read tiles: what embed_slide must reproduce.
+
+    Tiles of another size are resized (antialiased bilinear) by torch in uint8, as our CPU path
+    does (README: within one grey level of the float resize slide2vec runs); ``resize="float"``
+    is slide2vec's, to bound the difference."""
     import timm
     import torch
     import torch.nn.functional as F
@@ -84,9 +88,11 @@ def reference_embeddings(checkpoint: Path, tiles: np.ndarray, mean, std, size: i
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
     model.load_state_dict(load_file(str(checkpoint)))
     model.eval()
-    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2)
     if x.shape[-1] != size:
+        x = x if resize == "uint8" else x.float()
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x.float()
     x = (x / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
         return model(x)

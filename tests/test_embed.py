@@ -31,6 +31,9 @@ def test_between_levels_reads_finer_and_resizes(tiny, syn_svs, vit_tiny_checkpoi
     tiles = openslide_tiles(syn_svs, emb.x, emb.y, 448)
     expected = reference_embeddings(vit_tiny_checkpoint, tiles, tiny.spec.mean, tiny.spec.std)
     torch.testing.assert_close(emb.tile_embeddings, expected, atol=1e-4, rtol=0)
+    # slide2vec resizes in float; the uint8 resize stays within rounding of it
+    in_float = reference_embeddings(vit_tiny_checkpoint, tiles, tiny.spec.mean, tiny.spec.std, resize="float")
+    assert torch.nn.functional.cosine_similarity(emb.tile_embeddings, in_float).min() > 0.9999
 
 
 def test_coarser_level_reads_that_level(tiny, syn_svs, vit_tiny_checkpoint):
@@ -74,6 +77,20 @@ def test_from_module_and_to_xarray(syn_svs, syn_image):
     np.testing.assert_array_equal(ds.x.values, emb.x)
     assert ds.x.attrs["units"].startswith("pixels") and ds.attrs["encoder"] == "mean-rgb"
     assert ds.attrs["requested_spacing_um"] == 0.5 and ds.attrs["tile_size_lv0"] == 224
+
+
+def test_two_weightless_modules_under_one_name_each_embed_with_their_own(syn_svs):
+    """A notebook cell re-run with another parameter-free module under the same name (the worker
+    caches built encoders by key) gets the new module, not the first one's outputs."""
+    def pool(cells):
+        return Model.from_module(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(cells), torch.nn.Flatten()),
+                                 name="mean-rgb", mean=(0, 0, 0), std=(1, 1, 1))
+
+    one, four = pool(1), pool(2)
+    assert (one.feature_dim, four.feature_dim) == (3, 12)
+    config = PreprocessingConfig(**EXACT)
+    assert one.embed_slide(syn_svs, preprocessing=config).tile_embeddings.shape[1] == 3
+    assert four.embed_slide(syn_svs, preprocessing=config).tile_embeddings.shape[1] == 12
 
 
 def test_spacing_override_changes_the_geometry(tiny, syn_svs):
