@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow   # (a plain-script run; the cohort quickstart, the README's command, stays in the default suite)
 def test_local_quickstart(tmp_path):
     done = subprocess.run([sys.executable, str(EXAMPLES / "local_quickstart.py"), "--output-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)

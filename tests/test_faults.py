@@ -27,6 +27,8 @@ import xarray as xr
 from slide2vec_dask import ExecutionOptions, Pipeline, PreprocessingConfig, open_embeddings, testing
 from slide2vec_dask.store.output_dir import LOCK_NAME
 
+pytestmark = pytest.mark.slow   # (CI runs the slow tests after the default suite: .ci/run)
+
 EXACT = {"segmentation": {"mthresh": 0}, "tissue_threshold": 0.5}
 IDS = ["s0", "s1", "s2"]
 

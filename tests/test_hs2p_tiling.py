@@ -26,6 +26,8 @@ from slide2vec_dask import PreprocessingConfig, testing
 from slide2vec_dask.slide import open_slide
 from slide2vec_dask.tiling.plan import find_tissue, plan_slide
 
+pytestmark = pytest.mark.slow   # (CI runs the slow tests after the default suite: .ci/run)
+
 MAKE_HS2P = REPO / "tests" / "peers" / "make_hs2p.py"
 SETUP = "tests/peers/setup-hs2p.sh"
 CMU = Path(os.environ.get("CMU_SVS", "/work/shared/data/CMU-1-Small-Region.svs"))

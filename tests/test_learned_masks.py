@@ -189,6 +189,7 @@ def test_sam2_checkpoint_loads_strictly_and_matches_hs2p(tmp_path):
 TIATOOLBOX_SRC = Path(os.environ.get("TIATOOLBOX_SRC", "/tmp/tiatoolbox-grandqc"))
 
 
+@pytest.mark.slow
 @needs_smp
 def test_grandqc_matches_tiatoolbox_own_model(tmp_path, monkeypatch):
     """TIAToolbox's own GrandQC code (its UNet++ and encoder, its JPEG q80 + ImageNet preprocessing, its

@@ -102,6 +102,7 @@ MOMENTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_a_worker_killed_mid_stage_loses_nothing(moment, titan, cohort, cluster, tmp_path):
     method, when, keep_tiles = MOMENTS[moment]

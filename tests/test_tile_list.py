@@ -192,6 +192,7 @@ def test_archives_that_are_missing_or_damaged_fail_their_own_slide_only(tiny, sy
     assert "absent" in rows["absent"].error and "read_tiles_from" in rows["absent"].error
 
 
+@pytest.mark.slow
 def test_embed_slide_on_a_cluster_writes_the_archive_there_too(tiny, syn_svs, tmp_path):
     """The archive's reads and JPEG encoding run as cluster tasks; the result is the local one's."""
     from distributed import LocalCluster
