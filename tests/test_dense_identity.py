@@ -193,3 +193,26 @@ def test_a_registered_slide_encoder_pools_its_tile_encoders_features(plugins, sy
     torch.testing.assert_close(emb.slide_embedding.float(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="dense outputs come from a tile-level encoder"):
         model.dense_identity_differences({}, dense=DenseOptions(spacing_um=0.5, target_size=32))
+
+
+def test_a_registered_dense_encoder_runs_on_a_dask_cluster(syn_svs, tmp_path):
+    """The class travels to the worker processes by value (it is local here) and each builds its own."""
+    from distributed import LocalCluster
+
+    with isolated_encoder_registry():
+        class LocalPatchMean(PatchMean):   # defined here: cloudpickle sends it by value
+            pass
+
+        register_encoder("test-local-patch-mean", encode_dim=3, input_size=32, patch_size=8,
+                         supports_variable_input_size=True, supported_spacing_um=0.5, precision="fp32")(LocalPatchMean)
+        model = Model.from_preset("test-local-patch-mean", device="cpu")
+        regions = [SlideRegions(sample_id="syn", image_path=syn_svs, coordinates=[(448, 448), (2240, 2240)])]
+        dense = DenseOptions(spacing_um=0.5, target_size=64, window_size=32, overlap=0.5)
+        local = model.embed_regions_dense(regions, dense=dense)
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
+            remote = model.embed_regions_dense(regions, dense=dense, execution=ExecutionOptions(
+                scheduler_address=cluster.scheduler_address, output_dir=tmp_path, **FP32))
+        for a, b in zip(local, remote):
+            torch.testing.assert_close(b.load(), a.load(), atol=1e-6, rtol=0)
+            assert model.dense_identity_differences(_sidecar(b), dense=dense, execution=ExecutionOptions(**FP32)) == {}
+        assert remote[0].load().shape == (3, 8, 8)
