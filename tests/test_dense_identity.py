@@ -195,16 +195,24 @@ def test_a_registered_slide_encoder_pools_its_tile_encoders_features(plugins, sy
         model.dense_identity_differences({}, dense=DenseOptions(spacing_um=0.5, target_size=32))
 
 
-def test_a_registered_dense_encoder_runs_on_a_dask_cluster(syn_svs, tmp_path):
-    """The class travels to the worker processes by value (it is local here) and each builds its own."""
+def test_registered_dense_and_slide_encoders_run_on_a_dask_cluster(syn_svs, tmp_path):
+    """The classes travel to the worker processes by value (they are local here) and each builds its own."""
     from distributed import LocalCluster
 
     with isolated_encoder_registry():
         class LocalPatchMean(PatchMean):   # defined here: cloudpickle sends it by value
             pass
 
+        class LocalWeightedSlide(WeightedSlide):
+            pass
+
         register_encoder("test-local-patch-mean", encode_dim=3, input_size=32, patch_size=8,
                          supports_variable_input_size=True, supported_spacing_um=0.5, precision="fp32")(LocalPatchMean)
+        register_encoder("test-local-slide", level="slide", tile_encoder="test-local-patch-mean", encode_dim=3,
+                         supported_spacing_um=0.5, precision="fp32")(LocalWeightedSlide)
+        slide_model = Model.from_preset("test-local-slide", device="cpu")
+        config = PreprocessingConfig(requested_spacing_um=0.5, requested_tile_size_px=32, **EXACT)
+        local_slide = slide_model.embed_slide(syn_svs, preprocessing=config).slide_embedding
         model = Model.from_preset("test-local-patch-mean", device="cpu")
         regions = [SlideRegions(sample_id="syn", image_path=syn_svs, coordinates=[(448, 448), (2240, 2240)])]
         dense = DenseOptions(spacing_um=0.5, target_size=64, window_size=32, overlap=0.5)
@@ -212,6 +220,9 @@ def test_a_registered_dense_encoder_runs_on_a_dask_cluster(syn_svs, tmp_path):
         with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None) as cluster:
             remote = model.embed_regions_dense(regions, dense=dense, execution=ExecutionOptions(
                 scheduler_address=cluster.scheduler_address, output_dir=tmp_path, **FP32))
+            remote_slide = slide_model.embed_slide(syn_svs, preprocessing=config, execution=ExecutionOptions(
+                scheduler_address=cluster.scheduler_address)).slide_embedding
+        torch.testing.assert_close(remote_slide, local_slide, atol=1e-6, rtol=0)
         for a, b in zip(local, remote):
             torch.testing.assert_close(b.load(), a.load(), atol=1e-6, rtol=0)
             assert model.dense_identity_differences(_sidecar(b), dense=dense, execution=ExecutionOptions(**FP32)) == {}
