@@ -517,10 +517,11 @@ class ExecutionOptions:
                              "on the CPU, use Model(..., device='cpu') (command line: --run-on-cpu or --num-gpus 0)")
         check_choice("precision", self.precision, PRECISIONS, optional=True)
         check_choice("output_dtype", self.output_dtype, ("fp16", "fp32"), optional=True)
-        check_int("num_workers_per_gpu", self.num_workers_per_gpu, 1, optional=True)
+        check_int("num_workers_per_gpu", self.num_workers_per_gpu, 0, optional=True)
         if self.num_workers is None and self.num_workers_per_gpu is not None:
-            # one reading pool per worker process, and the embedded cluster has one process per GPU
-            object.__setattr__(self, "num_workers", self.num_workers_per_gpu)
+            # one reading pool per worker process, and the embedded cluster has one process per GPU;
+            # slide2vec's 0 (read in the main process) is one reading thread here
+            object.__setattr__(self, "num_workers", max(1, self.num_workers_per_gpu))
         for name in ("persistent_workers", "save_tile_embeddings", "save_slide_embeddings", "save_latents",
                      "channels_last", "overwrite", "gpu_decode", "save_telemetry"):
             check_bool(name, getattr(self, name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from slide2vec_dask.compat import identity as feature_ids
 from slide2vec_dask.config import ExecutionOptions, PreprocessingConfig
 from slide2vec_dask.dataflow.blocks import EmbedSettings
 from slide2vec_dask.dataflow.dense_tasks import DenseRequest, ImageUnit, RegionUnit
@@ -20,17 +21,21 @@ from slide2vec_dask.dataflow.executors import executor_for
 from slide2vec_dask.dataflow.sinks import DenseSink
 from slide2vec_dask.dataflow.worker import release_encoders
 from slide2vec_dask.dense_options import DenseImageOptions, DenseOptions, ImageSpec, SlideRegions
+from slide2vec_dask.encoders.aggregators.base import AggregatorSpec
 from slide2vec_dask.encoders.base import EncoderSpec
 from slide2vec_dask.encoders.dense import DenseEncodeKit, DensePlan
+from slide2vec_dask.encoders.plugins import PluginBuilder
+from slide2vec_dask.encoders.registry import get_preset
 from slide2vec_dask.encoders.runtime import resolve_precision
 from slide2vec_dask.progress import get_progress_reporter
 from slide2vec_dask.results import SlideOutcome
 
 
 def embed_regions_dense(spec: EncoderSpec, regions: Sequence[SlideRegions], *, dense: DenseOptions,
-                        execution: ExecutionOptions) -> list:
+                        execution: ExecutionOptions, allow_non_recommended: bool = False) -> list:
     if not isinstance(dense, DenseOptions):
         raise TypeError(f"embed_regions_dense(dense=...) takes DenseOptions, got {type(dense).__name__}")
+    request = dense_request(spec, dense, execution, allow_non_recommended)
     regions = list(regions)
     for r in regions:
         if not isinstance(r, SlideRegions):
@@ -42,18 +47,55 @@ def embed_regions_dense(spec: EncoderSpec, regions: Sequence[SlideRegions], *, d
             raise ValueError(f"{uid}: given twice; put all of a slide's regions (per annotation) in one SlideRegions")
         seen.add(uid)
         units.append(RegionUnit(uid, r))
-    request = _request(spec, "regions", dense, dense.target_size, dense.spacing_um, execution)
     results = _run(spec, units, request, execution, f"{sum(len(r.coordinates) for r in regions)} regions")
     return [results[(u.sample_id, i)] for u in units for i in range(len(u.regions.coordinates))]
 
 
 def embed_images_dense(spec: EncoderSpec, images: Sequence, *, dense: DenseImageOptions,
-                       execution: ExecutionOptions) -> list:
+                       execution: ExecutionOptions, allow_non_recommended: bool = False) -> list:
     if not isinstance(dense, DenseImageOptions):
         raise TypeError(f"embed_images_dense(dense=...) takes DenseImageOptions, got {type(dense).__name__}")
-    request = _request(spec, "dense_images", dense, dense.size, dense.spacing_um, execution)
-    request = dataclasses.replace(request, default_spacing_um=spec.spacing_um)
+    request = dense_request(spec, dense, execution, allow_non_recommended)
     return _images(spec, images, request, execution)
+
+
+def dense_request(spec, dense, execution: ExecutionOptions, allow_non_recommended: bool = False,
+                  isolated_transform: bool = False) -> DenseRequest:
+    """Everything a dense call checks and records before reading a pixel: the request, or the ValueError
+    extraction raises (`Model.dense_identity_differences` goes through here too, with
+    ``isolated_transform``: the transform is then read from `isolated_spec`, once the request is valid)."""
+    if not isinstance(dense, (DenseOptions, DenseImageOptions)):
+        raise TypeError(f"dense=... takes DenseOptions or DenseImageOptions, got {type(dense).__name__}")
+    if isinstance(spec, AggregatorSpec):
+        raise ValueError(f"dense outputs come from a tile-level encoder; {spec.name!r} is a {spec.level}-level "
+                         f"model: use its tile encoder, Model.from_preset({spec.tile_encoder.name!r})")
+    dense.validate()
+    if dense.spacing_um is not None and not allow_non_recommended:
+        _check_spacing(spec, float(dense.spacing_um))
+    source = (lambda: isolated_spec(spec)) if isolated_transform else (lambda: spec)
+    if isinstance(dense, DenseOptions):
+        return _request(spec, "regions", dense, dense.target_size, dense.spacing_um, execution, source)
+    request = _request(spec, "dense_images", dense, dense.size, dense.spacing_um, execution, source)
+    return dataclasses.replace(request, default_spacing_um=spec.spacing_um)
+
+
+def _check_spacing(spec, spacing_um: float) -> None:
+    """A spacing the publisher (or the registration) does not list is refused, as for pooled runs."""
+    listed = [float(v) for v in ((spec.info or {}).get("recommended") or {}).get("spacing_um") or []]
+    if listed and not any(abs(spacing_um - v) <= 1e-8 for v in listed):
+        raise ValueError(f"{spec.name!r}: spacing_um={spacing_um:g} is not a spacing its publisher recommends "
+                         f"({listed}); use one of them, or pass allow_non_recommended_settings=True to Model / "
+                         "Model.from_preset")
+
+
+def isolated_spec(spec: EncoderSpec) -> EncoderSpec:
+    """A spec whose transform can be read without touching ``spec``'s backend: a registered class is built
+    once more, on the CPU; any other spec states its mean / std as data and is its own."""
+    if not isinstance(spec.build, PluginBuilder):
+        return spec
+    isolated = get_preset(spec.name)(output_variant=(spec.info or {}).get("output_variant"))
+    isolated.build.instance().to("cpu")
+    return isolated
 
 
 def embed_images(spec: EncoderSpec, images: Sequence, *, execution: ExecutionOptions) -> list:
@@ -68,6 +110,7 @@ def prepare_dense_encoder(spec: EncoderSpec, *, dense, execution: ExecutionOptio
     if not isinstance(dense, (DenseOptions, DenseImageOptions)):
         raise TypeError(f"prepare_dense_encoder(dense=...) takes DenseImageOptions or DenseOptions, "
                         f"got {type(dense).__name__}")
+    dense.validate()
     size = dense.size if isinstance(dense, DenseImageOptions) else dense.target_size
     if device is None:   # num_gpus None: a GPU when this process sees one, as everywhere else
         device = "cuda" if execution.num_gpus or (execution.num_gpus is None and _cuda_available()) else "cpu"
@@ -131,13 +174,16 @@ def _output_dtype(execution: ExecutionOptions, precision: str) -> str:
     return "fp16" if precision == "fp16" else "fp32"
 
 
-def _request(spec, kind: str, dense, target_size, spacing_um, execution: ExecutionOptions) -> DenseRequest:
+def _request(spec, kind: str, dense, target_size, spacing_um, execution: ExecutionOptions,
+             transform_source=None) -> DenseRequest:
     precision = _precision(spec, execution)
     plan = DensePlan.resolve(spec, dense, target_size, _output_dtype(execution, precision))
-    compatibility = {"encoder": spec.name, "encoder_key": spec.key, "precision": precision, **plan.record(),
-                     "spacing_um": spacing_um, "tolerance": float(dense.tolerance)}
+    # slide2vec's request-wide identity (compared by dense_identity_differences), then what resume also matches
+    identity = feature_ids.dense_identity(spec, plan, precision, images=kind == "dense_images",
+                                          transform_spec=None if transform_source is None else transform_source())
+    compatibility = {**identity, "encoder_key": spec.key, "spacing_um": spacing_um, "tolerance": float(dense.tolerance)}
     return DenseRequest(kind, plan, spacing_um, float(dense.tolerance), dense.backend, _output_dir(execution),
-                        compatibility, execution.batch_size)
+                        compatibility, execution.batch_size, identity=identity)
 
 
 def _run(spec: EncoderSpec, units: list, request: DenseRequest, execution: ExecutionOptions, label: str) -> dict:

@@ -5,7 +5,9 @@
 * `DenseOptions` (regions) / `DenseImageOptions` (images): the grid's geometry and what
   it holds (see `encoders.dense` for each ``feature_kind``).
 
-Checked when made: a bad value fails where it is written, naming the field.
+The options are checked where they are used (every embed method, `Model.dense_identity_differences`,
+`Model.prepare_dense_encoder`), as slide2vec 7.1.4 checks them: a bad value fails there, naming the
+field; ``dataclasses.replace`` of a request is free to build one first.
 """
 
 from __future__ import annotations
@@ -112,7 +114,15 @@ class _DenseFields:
     attention_blocks: tuple[int, ...] = (-1,)
     attention_include_registers: bool = False
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:   # coercions only: the checks run where the options are used
+        blocks = self.attention_blocks
+        if isinstance(blocks, (int, np.integer)) and not isinstance(blocks, bool):
+            object.__setattr__(self, "attention_blocks", (int(blocks),))
+        elif isinstance(blocks, list):
+            object.__setattr__(self, "attention_blocks", tuple(blocks))
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the first bad field."""
         if self.feature_kind not in FEATURE_KINDS:
             raise ValueError(f"unknown feature_kind {self.feature_kind!r}: choose one of {list(FEATURE_KINDS)} "
                              "(patch_features: the patch tokens after the final norm; patch_features_prenorm: "
@@ -148,12 +158,12 @@ class DenseOptions(_DenseFields):
     spacing_um: float
     target_size: int
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _spacing(self.spacing_um, "DenseOptions.spacing_um")
         if isinstance(self.target_size, bool) or not isinstance(self.target_size, (int, np.integer)) \
                 or self.target_size <= 0:
             raise ValueError(f"DenseOptions.target_size must be a positive int, got {self.target_size!r}")
-        self._check()
+        super().validate()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,13 +175,17 @@ class DenseImageOptions(_DenseFields):
     target_size: int | tuple[int, int]
     spacing_um: float | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         _spacing(self.spacing_um, "DenseImageOptions.spacing_um")
         size = self.target_size
-        pair = (size, size) if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else tuple(size)
-        if len(pair) != 2 or any(isinstance(v, bool) or int(v) != v or int(v) <= 0 for v in pair):
+        try:
+            pair = (size, size) if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else tuple(size)
+            bad = len(pair) != 2 or any(isinstance(v, bool) or int(v) != v or int(v) <= 0 for v in pair)
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
             raise ValueError(f"DenseImageOptions.target_size must be a positive int or (height, width), got {size!r}")
-        self._check()
+        super().validate()
 
     @property
     def size(self) -> tuple[int, int]:

@@ -507,16 +507,36 @@ class Model:
         """The ``(K, gh, gw)`` grid of each image (`DenseImageOptions`: what ``K`` holds, geometry,
         windows); ``dense_image_embeddings/<sample_id>.pt`` with an output directory.  One
         `DenseImageArtifact` per image, in order."""
-        return dense_api.embed_images_dense(self.tile_spec, images, dense=dense,
-                                            execution=self.resolve_execution(execution))
+        return dense_api.embed_images_dense(self.spec, images, dense=dense, execution=self.resolve_execution(execution),
+                                            allow_non_recommended=self.allow_non_recommended_settings)
 
     def embed_regions_dense(self, regions: Sequence, *, dense, execution: ExecutionOptions | None = None) -> list:
         """The ``(K, gh, gw)`` grid of each region of interest (`SlideRegions`: level-0 ``(x, y)``),
         read at ``dense.spacing_um`` as ``dense.target_size`` pixels; written to
         ``dense_embeddings/[<annotation>/]<sample_id>/<x>_<y>.pt`` with an output directory.
         One `DenseRegionArtifact` per region, in order."""
-        return dense_api.embed_regions_dense(self.tile_spec, regions, dense=dense,
-                                             execution=self.resolve_execution(execution))
+        return dense_api.embed_regions_dense(self.spec, regions, dense=dense, execution=self.resolve_execution(execution),
+                                             allow_non_recommended=self.allow_non_recommended_settings)
+
+    def dense_identity_differences(self, recorded: dict, *, dense, execution: ExecutionOptions | None = None) -> dict:
+        """``{field: (recorded, current)}`` for each request-wide field of a dense sidecar's ``compatibility``
+        block (or that block's parent record) that differs from what this dense request (`DenseOptions` for
+        regions, `DenseImageOptions` for images) would record now, `MISSING_FIELD` where it is not recorded;
+        empty when the record proves the same identity.  Per-sample fields (the sample, its path, its read
+        plan) are not compared.  An invalid request raises as the embed methods do.  An unset precision is
+        the model's recommended one (slide2vec 7.1.4's rule; a CPU extraction left unset runs fp32: pass
+        it).  The transform is read from an isolated CPU copy of a registered encoder class; this model's
+        backend is not touched, no pixels are encoded, no files are written."""
+        if not isinstance(dense, (dense_api.DenseOptions, dense_api.DenseImageOptions)):
+            raise TypeError(f"Model.dense_identity_differences(dense=...) expects DenseOptions or DenseImageOptions, "
+                            f"got {type(dense).__name__}")
+        execution = self.resolve_execution(execution)
+        if execution.precision is None:
+            execution = execution.replace(precision=self.tile_spec.default_precision)
+        current = dense_api.dense_request(self.spec, dense, execution, self.allow_non_recommended_settings,
+                                          isolated_transform=True).identity
+        record = recorded.get("compatibility", recorded) if isinstance(recorded.get("compatibility"), dict) else recorded
+        return feature_ids.differences(dict(record), current)
 
     def prepare_dense_encoder(self, *, dense, execution: ExecutionOptions | None = None):
         """A live `DenseEncodeKit` for augmented tensors (training): ``kit.preprocessor()`` per item,
@@ -541,8 +561,10 @@ class Model:
         execution = execution or ExecutionOptions()
         if execution.precision is None and self.precision is not None:
             execution = execution.replace(precision=self.precision)
-        if execution.num_gpus is None and self.device is not None:
-            execution = execution.with_gpus(0 if self.device == "cpu" else 1)
+        if self.device == "cpu" and execution.num_gpus != 0:   # a model placed on the CPU runs there (slide2vec)
+            execution = execution.with_gpus(0)
+        elif execution.num_gpus is None and self.device is not None:
+            execution = execution.with_gpus(1)
         return execution
 
     def _require_level(self, level: str, what: str) -> None:

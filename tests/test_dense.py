@@ -349,13 +349,20 @@ def test_presets_without_a_token_grid_are_refused_by_name(name):
         model.embed_images_dense([_pixels(1, 224, 224)[0]], dense=DenseImageOptions(target_size=224, spacing_um=None))
 
 
-def test_unknown_feature_kind_and_bad_options_are_named():
+def test_unknown_feature_kind_and_bad_options_are_named_where_used(vits, syn_svs):
+    """Options are checked where they are used (slide2vec 7.1.4: ``dataclasses.replace`` may build a bad one)."""
+    model, _ = vits
+    regions = [SlideRegions(sample_id="syn", image_path=syn_svs, coordinates=[(0, 0)])]
+    bad = DenseImageOptions(target_size=224, feature_kind="tokens")   # made: not yet checked
     with pytest.raises(ValueError, match="unknown feature_kind 'tokens'"):
-        DenseImageOptions(target_size=224, feature_kind="tokens")
+        model.embed_images_dense([_pixels(1, 224, 224)[0]], dense=bad)
     with pytest.raises(ValueError, match="unknown pad_mode"):
-        DenseOptions(spacing_um=0.5, target_size=224, pad_mode="wrap")
+        model.embed_regions_dense(regions, dense=DenseOptions(spacing_um=0.5, target_size=224, pad_mode="wrap"))
     with pytest.raises(ValueError, match="overlap"):
-        DenseOptions(spacing_um=0.5, target_size=224, window_size=112, overlap=1.0)
+        model.embed_regions_dense(regions, dense=DenseOptions(spacing_um=0.5, target_size=224, window_size=112,
+                                                              overlap=1.0))
+    with pytest.raises(ValueError, match="DenseOptions.spacing_um"):
+        model.embed_regions_dense(regions, dense=DenseOptions(spacing_um=-1.0, target_size=224))
     with pytest.raises(ValueError, match="sample_id"):
         ImageSpec(sample_id="a/b", image_path="x.png")
 

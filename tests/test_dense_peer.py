@@ -25,6 +25,11 @@ SETUP = "tests/peers/setup-slide2vec.sh"
 SAME = ("feature_dim", "grid_shape", "target_size", "patch_size", "encoded_size", "pad", "feature_kind",
         "pad_mode", "window_size", "overlap", "attention_blocks", "attention_include_registers", "x", "y",
         "sample_id", "annotation", "dtype", "artifact_type")
+#: The request-wide identity both record under ``compatibility`` (the encoder's name and code differ by
+#: construction: a registered class there, Model.from_timm here); image grids add their geometry.
+IDENTITY = ("output_variant", "precision", "pad_mode", "image_pad_value", "window_size", "overlap", "feature_kind",
+            "attention_blocks", "attention_include_registers", "dtype", "transform")
+IMAGE_IDENTITY = IDENTITY + ("target_size", "patch_size", "encoded_size", "pad", "grid_shape")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]   # two runs of nine calls, each its own process
 
@@ -84,5 +89,8 @@ def test_user_script_gives_slide2vecs_files(peer_python, inputs):
             meta = rel.with_name(rel.name[:-3] + ".meta.json")
             mine, peer = (json.loads((root_ / meta).read_text()) for root_ in (ours, theirs))
             assert {k: mine.get(k) for k in SAME if k in peer} == {k: peer[k] for k in SAME if k in peer}, rel
+            fields = IMAGE_IDENTITY if rel.parts[0].startswith("dense_images") else IDENTITY
+            assert set(fields) <= set(peer["compatibility"]), rel
+            assert {k: mine["compatibility"].get(k) for k in fields} == {k: peer["compatibility"][k] for k in fields}, rel
     grid = torch.load(ours / "windows" / "dense_embeddings" / "syn" / "448_448.pt", weights_only=True)
     assert grid.shape == (384, 28, 28) and np.isfinite(grid.numpy()).all()

@@ -45,15 +45,13 @@ class CompatTiny(TimmTileEncoder):
 @pytest.fixture(scope="module")
 def plugin():
     """A user's TimmTileEncoder subclass registered by name (slide2vec 7.x's plug-in API)."""
-    from slide2vec_dask.encoders import registry
+    from slide2vec_dask.testing.registry import isolated_encoder_registry
 
-    before = {d: dict(getattr(registry, d)) for d in ("_PRESETS", "_LEVEL", "_ABOUT")}
-    namespace: dict = {}
-    exec(compile(PLUGIN, "compat_plugin", "exec"), namespace)
-    yield Model(name="compat-tiny", device="cpu")
-    for d, saved in before.items():   # (later test modules see the package's registry, as a fresh process does)
-        getattr(registry, d).clear()
-        getattr(registry, d).update(saved)
+    # (later test modules see the package's registry, as a fresh process does)
+    with isolated_encoder_registry():
+        namespace: dict = {}
+        exec(compile(PLUGIN, "compat_plugin", "exec"), namespace)
+        yield Model(name="compat-tiny", device="cpu")
 
 
 # -- names ---------------------------------------------------------------------------------------

@@ -74,6 +74,24 @@ def feature_identity(model, tile_size_px: int, precision: str, dtype: str | None
     return identity
 
 
+def dense_identity(spec, plan, precision: str, images: bool, transform_spec=None) -> dict[str, Any]:
+    """The request-wide identity of a dense request, by slide2vec 7.1.4's field names: what every dense
+    sidecar records under ``compatibility`` and `Model.dense_identity_differences` compares.  Image grids
+    also state their geometry (one per request); a region's read plan is per sample, recorded beside it.
+    ``transform_spec`` (default ``spec``) is the spec the normalisation is read from."""
+    request = plan.record()
+    geometry = {k: request.pop(k) for k in ("target_size", "patch_size", "encoded_size", "pad", "grid_shape")}
+    identity: dict[str, Any] = {
+        "encoder_name": spec.name, "encoder_code": encoder_code(spec),
+        "output_variant": (spec.info or {}).get("output_variant") or "default", "precision": precision,
+    }
+    if images:
+        identity.update(geometry)
+    identity.update(request)   # pad_mode, image_pad_value, window_size, overlap, feature_kind, attention_*, dtype
+    identity["transform"] = transform_record(spec if transform_spec is None else transform_spec)
+    return identity
+
+
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any],
                 encoded_pixels: bool = True) -> dict[str, tuple[Any, Any]]:
     """``{field: (recorded, current)}`` for each field of ``current`` the record holds otherwise or not at all

@@ -51,6 +51,7 @@ class DenseRequest:
     compatibility: dict             # encoder and request: what a resumed item must match
     batch_size: int
     default_spacing_um: float | None = None   # images without a spacing asked: the encoder's, if they have one
+    identity: dict | None = None    # the request-wide part of compatibility (`compat.identity.dense_identity`)
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,8 @@ def dense_block(pixels, records: list[dict], indices: list[int], *, spec, settin
     try:
         for index, record, array in zip(indices, records, arrays):
             if plan is not None:
-                record = {**record, "grid_shape": list(array.shape[1:]), "dtype": str(array.dtype)}
+                record = {**record, "feature_dim": int(array.shape[0]), "grid_shape": list(array.shape[1:]),
+                          "dtype": str(array.dtype)}
             else:
                 record = {**record, "dtype": str(array.dtype)}
             if request.output_dir is None:

@@ -106,7 +106,7 @@ def run_on_device(num_gpus: int, fn):
 def get_encoder(spec: EncoderSpec, device: str, precision: str | None, channels_last: bool):
     """The encoder built on ``device``; built on first use in this process, then reused."""
     precision = resolve_precision(spec, precision, device.split(":")[0])
-    key = (spec.key, device, precision, channels_last)
+    key = (spec.key, device, precision, channels_last, _token(spec))
     with _LOCK:
         encoder = _ENCODERS.get(key)
     if encoder is None:
@@ -138,6 +138,11 @@ def warm_encoder(spec: EncoderSpec, num_gpus: int, precision: str | None, channe
     thread.submit(build)
 
 
+def _token(spec) -> str:
+    """A registered class's registration (`plugins.PluginBuilder.token`): the spec key names its source only."""
+    return getattr(spec.build, "token", "")
+
+
 def _build_once(key: tuple, build):
     """Build a model; a refusal (bad checkpoint, missing weights) is remembered, not retried per block."""
     with _LOCK:
@@ -155,7 +160,7 @@ def _build_once(key: tuple, build):
 def get_aggregator(spec, device: str, precision: str | None):
     """The slide/patient-level module built on ``device``, cached like the tile encoders."""
     precision = resolve_precision(spec, precision, device.split(":")[0])
-    key = (spec.key, device, precision, False)
+    key = (spec.key, device, precision, False, _token(spec))
     with _LOCK:
         built = _ENCODERS.get(key)
     if built is None:

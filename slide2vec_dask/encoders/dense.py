@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from slide2vec_dask.encoders.base import EncoderSpec, ModuleBuilder, TimmBuilder
+from slide2vec_dask.encoders.plugins import DENSE_METHODS, PluginBuilder, TileEncoder, implements
 from slide2vec_dask.encoders.runtime import LoadedEncoder
 
 FEATURE_KINDS = ("patch_features", "patch_features_prenorm", "cls_attention")
@@ -89,6 +90,8 @@ def token_layout(spec: EncoderSpec) -> TokenLayout:
     import torch
 
     build = spec.build
+    if isinstance(build, PluginBuilder):
+        return _plugin_layout(spec)
     preset = getattr(build, "preset", None)
     if preset is not None and preset.layout == "conch":
         raise NoTokenGridError(
@@ -115,6 +118,31 @@ def token_layout(spec: EncoderSpec) -> TokenLayout:
             "(CNNs such as resnet50 and the Swin of ctranspath are refused). Use a ViT preset, e.g. "
             "'uni', 'virchow2', 'h-optimus-0', 'phikon' or 'dinov3-vitb16'.")
     return layout_of(trunk)
+
+
+def _plugin_layout(spec: EncoderSpec) -> TokenLayout:
+    """A registered class's grid, from what it declared (``patch_size``): nothing is instantiated."""
+    patch = (spec.info or {}).get("patch_size")
+    if patch is None or not implements(spec.build.cls, "encode_tiles_dense"):
+        raise NoTokenGridError(f"{spec.name!r} has no dense outputs: a registered encoder needs to declare "
+                               "patch_size in register_encoder(...) and implement encode_tiles_dense")
+    return TokenLayout((int(patch[0]), int(patch[1])), 0, int(spec.feature_dim or 0), 0, 0)
+
+
+def _check_plugin(spec: EncoderSpec, plan: "DensePlan") -> None:
+    """A registered class must implement the feature kind asked, and take the inputs the plan encodes."""
+    method = DENSE_METHODS[plan.feature_kind]
+    if not implements(spec.build.cls, method):
+        raise ValueError(f"{spec.name!r} does not implement {method}, so it has no "
+                         f"feature_kind={plan.feature_kind!r} outputs; choose another feature_kind")
+    if not (spec.info or {}).get("supports_variable_input_size", True):
+        (wh, ww), _, _ = plan.windows()
+        side = int(spec.tile_size_px)
+        if (wh, ww) != (side, side):
+            raise ValueError(f"{spec.name!r} takes only {side} x {side} px inputs (registered with "
+                             f"supports_variable_input_size=False), but this request encodes {wh} x {ww} px "
+                             f"(target_size {plan.geometry.target_size}, window_size {plan.window_size}); "
+                             f"ask for target_size {side} without window_size")
 
 
 # -- what a request asks for --------------------------------------------------------------------
@@ -203,7 +231,7 @@ class DensePlan:
             if not 0.0 <= float(options.overlap) < 1.0:
                 raise ValueError(f"overlap must be in [0, 1), got {options.overlap!r}")
         blocks = tuple(options.attention_blocks)
-        if kind == "cls_attention":
+        if kind == "cls_attention" and layout.depth:
             if not blocks or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in blocks):
                 raise ValueError(f"attention_blocks must be a non-empty tuple of ints, got {options.attention_blocks!r}")
             for b in blocks:
@@ -212,10 +240,13 @@ class DensePlan:
                                      f"{layout.depth} blocks (use 0..{layout.depth - 1} or -1 for the last)")
         if not isinstance(options.attention_include_registers, bool):
             raise ValueError("attention_include_registers must be True or False")
-        return cls(geometry, layout, kind, options.pad_mode,
+        plan = cls(geometry, layout, kind, options.pad_mode,
                    None if options.image_pad_value is None else float(options.image_pad_value),
                    None if window is None else int(window), float(options.overlap),
                    tuple(int(b) for b in blocks), bool(options.attention_include_registers), output_dtype)
+        if isinstance(spec.build, PluginBuilder):
+            _check_plugin(spec, plan)
+        return plan
 
     @property
     def channels(self) -> int:
@@ -329,6 +360,8 @@ def grid_forward(trunk, x, plan: DensePlan):
     """One forward of ``x`` (normalised ``(B, 3, h, w)``, a patch multiple) -> ``(B, K, h/ph, w/pw)`` float32."""
     import torch
 
+    if isinstance(trunk, TileEncoder):   # a registered class computes its own grid
+        return _plugin_forward(trunk, x, plan)
     layout = plan.layout
     gh, gw = x.shape[-2] // layout.patch_size[0], x.shape[-1] // layout.patch_size[1]
     npt = layout.num_prefix_tokens
@@ -361,6 +394,26 @@ def grid_forward(trunk, x, plan: DensePlan):
         rows = probs[:, :, :queries, npt:]                                    # (B, heads, q, patches)
         maps.append(rows.permute(0, 2, 1, 3).reshape(x.shape[0], -1, gh, gw))  # channel = q * heads + head
     return torch.cat(maps, dim=1)
+
+
+def _plugin_forward(encoder: TileEncoder, x, plan: DensePlan):
+    if plan.feature_kind == "cls_attention":
+        out = encoder.encode_tiles_attention(x, blocks=plan.attention_blocks,
+                                             include_registers=plan.attention_include_registers)
+    else:
+        out = getattr(encoder, DENSE_METHODS[plan.feature_kind])(x)
+    grid = (x.shape[-2] // plan.geometry.patch_size[0], x.shape[-1] // plan.geometry.patch_size[1])
+    if out.ndim != 4 or out.shape[0] != x.shape[0] or tuple(out.shape[-2:]) != grid:
+        raise ValueError(f"{type(encoder).__name__}.{DENSE_METHODS[plan.feature_kind]} returned shape "
+                         f"{tuple(out.shape)} for a {tuple(x.shape)} batch; a ({x.shape[0]}, K, {grid[0]}, "
+                         f"{grid[1]}) grid was expected (patch_size {plan.geometry.patch_size})")
+    return out.float()
+
+
+def dense_trunk(module):
+    """What computes a built encoder's grid: a registered class's instance, or the timm ViT inside it."""
+    inner = getattr(module, "inner", None)
+    return inner if isinstance(inner, TileEncoder) else find_trunk(module)
 
 
 def _fold(patch_tokens, gh: int, gw: int):
@@ -420,7 +473,7 @@ def encode_dense(encoder, pixels: np.ndarray, plan: DensePlan, batch_size: int) 
     ``encoder``'s device (a `runtime.LoadedEncoder`; its module holds the trunk)."""
     import torch
 
-    trunk = find_trunk(encoder.module)
+    trunk = dense_trunk(encoder.module)
     if trunk is None:
         raise NoTokenGridError(f"{encoder.spec.name!r} has no patch-token grid")
     if pixels.shape[1:3] != plan.geometry.target_size:
@@ -500,7 +553,7 @@ class DenseEncodeKit:
 
     def __init__(self, spec: EncoderSpec, plan: DensePlan, device: str, precision: str):
         encoder = LoadedEncoder(spec, device, precision, channels_last=False)
-        trunk = find_trunk(encoder.module)
+        trunk = dense_trunk(encoder.module)
         if trunk is None:
             raise NoTokenGridError(f"{spec.name!r} has no patch-token grid")
         self._encoder, self._trunk, self._plan = encoder, trunk, plan
