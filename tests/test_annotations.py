@@ -114,6 +114,7 @@ def hs2p_bags(python: Path, slide_path: Path, mask: Path, out: Path, **masks) ->
     return {bag: {(x, y): f for x, y, f in zip(r["x"], r["y"], r["tissue_fractions"])} for bag, r in theirs.items()}
 
 
+@pytest.mark.slow   # (hs2p in its own venv, per case)
 @pytest.mark.parametrize("mask, strategy, output_mode", [
     ("tif8", "joint", "per_annotation"), ("tif16", "independent", "per_annotation"), ("png", "joint", "merged")])
 def test_bags_are_hs2ps(hs2p_python, slide, masks, tmp_path, mask, strategy, output_mode):

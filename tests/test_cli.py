@@ -95,6 +95,7 @@ def test_no_command_is_a_usage_error():
     assert "usage:" in result.stderr
 
 
+@pytest.mark.slow   # (six CLI processes)
 def test_models_lists_presets():
     result = cli("models")
     assert result.returncode == 0, output(result)

@@ -334,6 +334,7 @@ RUN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # (a process killed mid-run, then rerun)
 def test_a_killed_run_rerun_reports_the_rerun(slides, tmp_path):
     """A run killed mid-way leaves a report saying it was running; the rerun's report is its own."""
     import csv
