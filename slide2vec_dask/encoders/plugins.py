@@ -31,12 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import threading
 
 from slide2vec_dask.encoders.aggregators.base import AggregatorSpec, SlideEncoding
 from slide2vec_dask.encoders.base import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
@@ -45,8 +44,8 @@ from slide2vec_dask.encoders.registry import get_preset, preset_level, register_
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 
-class TileEncoder(ABC):
-    """A tile encoder: ``encode_tiles((B, 3, H, W) float) -> (B, D)`` plus its transform."""
+class _Encoder(ABC):
+    """What slide2vec's tile and slide encoder classes both declare: a dimension, a device, a move."""
 
     @property
     @abstractmethod
@@ -57,7 +56,11 @@ class TileEncoder(ABC):
     def device(self): ...
 
     @abstractmethod
-    def to(self, device) -> "TileEncoder": ...
+    def to(self, device) -> "_Encoder": ...
+
+
+class TileEncoder(_Encoder):
+    """A tile encoder: ``encode_tiles((B, 3, H, W) float) -> (B, D)`` plus its transform."""
 
     @abstractmethod
     def get_transform(self) -> Callable: ...
@@ -100,24 +103,13 @@ def implements(cls: type, method: str) -> bool:
     return getattr(cls, method, None) is not getattr(TileEncoder, method)
 
 
-class SlideEncoder(ABC):
+class SlideEncoder(_Encoder):
     """A slide encoder: pools a slide's tile features (of its registered ``tile_encoder``) into one vector.
 
     ``encode_slide(tile_features (N, D_tile), coordinates (N, 2) level-0 x, y, *, tile_size_lv0)``
     -> ``(D,)``; ``encode_slide_with_latents`` may also return latents (default: none)."""
 
     tile_encoder = None   # slide2vec attaches its tile encoder here; the tile stage runs apart in ours
-
-    @property
-    @abstractmethod
-    def encode_dim(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def device(self): ...
-
-    @abstractmethod
-    def to(self, device) -> "SlideEncoder": ...
 
     @abstractmethod
     def encode_slide(self, tile_features, coordinates=None, *, tile_size_lv0: int | None = None): ...
